@@ -1,0 +1,104 @@
+//! Counters: per drop reason, per instance, and for the cache.
+
+use crate::reason::DropReason;
+
+/// What happened to one instance's traffic on this host.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PortCounters {
+    /// Packets the instance sent that were forwarded.
+    pub sent: u64,
+    /// Packets the instance sent that were dropped.
+    pub sent_dropped: u64,
+    /// Packets delivered to the instance.
+    pub received: u64,
+    /// Packets for the instance that were dropped here.
+    pub received_dropped: u64,
+}
+
+/// All counters of one pipeline.
+#[derive(Debug, Clone)]
+pub struct Counters {
+    drops: [u64; DropReason::COUNT],
+    ports: Vec<PortCounters>,
+    /// Decisions served from the flow cache.
+    pub cache_hits: u64,
+    /// Decisions that took the full path.
+    pub cache_misses: u64,
+    /// Packets delivered to a local instance.
+    pub delivered: u64,
+    /// Packets encapsulated towards another host.
+    pub encapsulated: u64,
+    /// ICMP errors vpcd itself sent back to an instance.
+    pub replied: u64,
+}
+
+impl Counters {
+    pub(crate) fn new(instances: usize) -> Counters {
+        Counters {
+            drops: [0; DropReason::COUNT],
+            ports: vec![PortCounters::default(); instances],
+            cache_hits: 0,
+            cache_misses: 0,
+            delivered: 0,
+            encapsulated: 0,
+            replied: 0,
+        }
+    }
+
+    /// Packets dropped for `reason`.
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops[reason.index()]
+    }
+
+    /// Every reason with a non-zero count.
+    pub fn nonzero_drops(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
+        DropReason::ALL
+            .iter()
+            .map(|&r| (r, self.drops[r.index()]))
+            .filter(|(_, n)| *n > 0)
+    }
+
+    /// Total drops.
+    pub fn total_drops(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+
+    /// One instance's counters (by instance index).
+    pub fn port(&self, instance: usize) -> PortCounters {
+        self.ports.get(instance).copied().unwrap_or_default()
+    }
+
+    pub(crate) fn drop(&mut self, reason: DropReason) {
+        self.drops[reason.index()] += 1;
+    }
+
+    pub(crate) fn port_mut(&mut self, instance: usize) -> Option<&mut PortCounters> {
+        self.ports.get_mut(instance)
+    }
+
+    pub(crate) fn resize(&mut self, instances: usize) {
+        self.ports = vec![PortCounters::default(); instances];
+    }
+
+    /// Adds another pipeline's counters (workers of one daemon).
+    pub fn merge(&mut self, other: &Counters) {
+        for (a, b) in self.drops.iter_mut().zip(other.drops.iter()) {
+            *a += b;
+        }
+        if self.ports.len() < other.ports.len() {
+            self.ports
+                .resize(other.ports.len(), PortCounters::default());
+        }
+        for (a, b) in self.ports.iter_mut().zip(other.ports.iter()) {
+            a.sent += b.sent;
+            a.sent_dropped += b.sent_dropped;
+            a.received += b.received;
+            a.received_dropped += b.received_dropped;
+        }
+        self.cache_hits += other.cache_hits;
+        self.cache_misses += other.cache_misses;
+        self.delivered += other.delivered;
+        self.encapsulated += other.encapsulated;
+        self.replied += other.replied;
+    }
+}

@@ -1,0 +1,168 @@
+//! The flow cache: the first packet of a flow takes the full path, later packets reuse its
+//! decision.
+//!
+//! A 2-way set-associative table of fixed size, indexed by a randomly seeded hash of the flow
+//! key: bounded memory, no allocation per packet, no eviction logic. A topology change bumps
+//! the generation and so invalidates every entry at once. The key holds every field the
+//! decision read, so two packets that differ in any of them never share a decision.
+
+use std::hash::{BuildHasher, Hash};
+
+use super::Decision;
+use crate::policy::conntrack::{ConnRef, Zone};
+use crate::wire::ipv4::{Ipv4Packet, L4};
+
+/// Everything the decision reads from a packet and its arrival.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Where it came from: an instance id, or a host id with the top bit set.
+    pub ingress: u32,
+    /// Its zone (the VPC's key).
+    pub zone: Zone,
+    /// Source address.
+    pub src: u32,
+    /// Destination address.
+    pub dst: u32,
+    /// Source port, or ICMP identifier.
+    pub sport: u16,
+    /// Destination port, or ICMP identifier.
+    pub dport: u16,
+    /// IP protocol.
+    pub protocol: u8,
+    /// ICMP type (0 for other protocols).
+    pub icmp_type: u8,
+    /// ICMP code (0 for other protocols).
+    pub icmp_code: u8,
+}
+
+/// Marks a host id in [`FlowKey::ingress`].
+pub const FROM_UNDERLAY: u32 = 1 << 31;
+
+impl FlowKey {
+    /// The key of a packet.
+    pub fn new(ingress: u32, zone: Zone, ip: &Ipv4Packet) -> FlowKey {
+        let (sport, dport, icmp_type, icmp_code) = match ip.l4 {
+            L4::Tcp { sport, dport, .. } | L4::Udp { sport, dport } => (sport, dport, 0, 0),
+            L4::Icmp { kind, code, ident } => (ident, ident, kind, code),
+            L4::Other | L4::None => (0, 0, 0, 0),
+        };
+        FlowKey {
+            ingress,
+            zone,
+            src: ip.src.into(),
+            dst: ip.dst.into(),
+            sport,
+            dport,
+            protocol: ip.protocol,
+            icmp_type,
+            icmp_code,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    key: FlowKey,
+    generation: u64,
+    decision: Decision,
+    conn: Option<ConnRef>,
+    stamp: u32,
+}
+
+/// The cache.
+pub struct FlowCache {
+    slots: Box<[Option<Slot>]>,
+    mask: usize,
+    hasher: foldhash::fast::RandomState,
+    clock: u32,
+}
+
+/// A cache hit: the decision and, for tracked flows, the connection to update.
+#[derive(Debug, Clone, Copy)]
+pub struct Hit {
+    /// The cached decision.
+    pub decision: Decision,
+    /// The tracked connection behind it.
+    pub conn: Option<ConnRef>,
+}
+
+impl FlowCache {
+    /// A cache of `slots` entries (rounded up to a power of two, at least 2).
+    pub fn new(slots: usize) -> FlowCache {
+        let n = slots.max(2).next_power_of_two();
+        FlowCache {
+            slots: vec![None; n].into_boxed_slice(),
+            mask: n - 1,
+            hasher: foldhash::fast::RandomState::default(),
+            clock: 0,
+        }
+    }
+
+    #[inline]
+    fn set(&self, key: &FlowKey) -> usize {
+        let mut h = self.hasher.build_hasher();
+        key.hash(&mut h);
+        (std::hash::Hasher::finish(&h) as usize) & self.mask & !1
+    }
+
+    /// The decision cached for `key` in this generation.
+    #[inline]
+    pub fn get(&mut self, key: &FlowKey, generation: u64) -> Option<Hit> {
+        let i = self.set(key);
+        self.clock = self.clock.wrapping_add(1);
+        let clock = self.clock;
+        for s in self.slots[i..i + 2].iter_mut().flatten() {
+            if s.key == *key && s.generation == generation {
+                s.stamp = clock;
+                return Some(Hit {
+                    decision: s.decision,
+                    conn: s.conn,
+                });
+            }
+        }
+        None
+    }
+
+    /// Caches a decision, replacing the least recently used entry of the set.
+    pub fn insert(
+        &mut self,
+        key: FlowKey,
+        generation: u64,
+        decision: Decision,
+        conn: Option<ConnRef>,
+    ) {
+        let i = self.set(&key);
+        let pair = &mut self.slots[i..i + 2];
+        let victim = match (&pair[0], &pair[1]) {
+            (Some(a), _) if a.key == key => 0,
+            (_, Some(b)) if b.key == key => 1,
+            (None, _) => 0,
+            (_, None) => 1,
+            (Some(a), Some(b)) => {
+                if a.generation != generation
+                    || (b.generation == generation && a.stamp.wrapping_sub(b.stamp) > u32::MAX / 2)
+                {
+                    0
+                } else {
+                    1
+                }
+            }
+        };
+        self.clock = self.clock.wrapping_add(1);
+        pair[victim] = Some(Slot {
+            key,
+            generation,
+            decision,
+            conn,
+            stamp: self.clock,
+        });
+    }
+}
+
+impl std::fmt::Debug for FlowCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlowCache")
+            .field("slots", &self.slots.len())
+            .finish()
+    }
+}

@@ -1,0 +1,107 @@
+//! Fragments: the later fragments of a datagram follow its first fragment's decision.
+//!
+//! Only the first fragment carries ports, so only it can be matched by port rules. vpcd
+//! remembers the decision taken for an admitted first fragment, keyed by the datagram
+//! (zone, source, destination, protocol, IP identification), and applies it to the later
+//! fragments. A later fragment with no remembered decision (its first fragment was dropped,
+//! not seen yet, or expired) is dropped: no fragment ever bypasses a port rule. Entries live
+//! 30 s, as Linux's ipfrag_time, and the table is bounded (oldest out first).
+
+use std::collections::VecDeque;
+
+use hashbrown::HashMap;
+
+use super::Decision;
+use crate::policy::conntrack::Zone;
+use crate::time::Timestamp;
+use crate::wire::ipv4::Ipv4Packet;
+
+/// How long a first fragment's decision is remembered (ms).
+pub const FRAGMENT_TIMEOUT_MS: u64 = 30_000;
+/// Datagrams remembered at most.
+pub const FRAGMENT_TABLE_SIZE: usize = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct DatagramKey {
+    ingress: u32,
+    zone: Zone,
+    src: u32,
+    dst: u32,
+    protocol: u8,
+    ident: u16,
+}
+
+impl DatagramKey {
+    fn new(ingress: u32, zone: Zone, ip: &Ipv4Packet) -> Self {
+        DatagramKey {
+            ingress,
+            zone,
+            src: ip.src.into(),
+            dst: ip.dst.into(),
+            protocol: ip.protocol,
+            ident: ip.ident,
+        }
+    }
+}
+
+/// Decisions of admitted first fragments.
+#[derive(Debug)]
+pub struct FragTable {
+    map: HashMap<DatagramKey, (Decision, Timestamp), foldhash::fast::RandomState>,
+    order: VecDeque<DatagramKey>,
+}
+
+impl Default for FragTable {
+    fn default() -> Self {
+        FragTable {
+            map: HashMap::with_hasher(Default::default()),
+            order: VecDeque::new(),
+        }
+    }
+}
+
+impl FragTable {
+    /// Remembers the decision of a first fragment.
+    pub fn admit(
+        &mut self,
+        ingress: u32,
+        zone: Zone,
+        ip: &Ipv4Packet,
+        d: Decision,
+        now: Timestamp,
+    ) {
+        let key = DatagramKey::new(ingress, zone, ip);
+        if self.map.insert(key, (d, now)).is_none() {
+            self.order.push_back(key);
+        }
+        while self.map.len() > FRAGMENT_TABLE_SIZE {
+            match self.order.pop_front() {
+                Some(old) => {
+                    self.map.remove(&old);
+                }
+                None => break,
+            }
+        }
+        if self.order.len() > 2 * FRAGMENT_TABLE_SIZE {
+            let map = &self.map;
+            self.order.retain(|k| map.contains_key(k));
+        }
+    }
+
+    /// The decision for a later fragment, if its first fragment was admitted recently.
+    pub fn follow(
+        &mut self,
+        ingress: u32,
+        zone: Zone,
+        ip: &Ipv4Packet,
+        now: Timestamp,
+    ) -> Option<Decision> {
+        let key = DatagramKey::new(ingress, zone, ip);
+        let (d, at) = *self.map.get(&key)?;
+        if now.millis().saturating_sub(at.millis()) > FRAGMENT_TIMEOUT_MS {
+            self.map.remove(&key);
+            return None;
+        }
+        Some(d)
+    }
+}

@@ -1,0 +1,1413 @@
+//! Validation and compilation: the file as written becomes a [`Topology`], or every problem
+//! found is reported with its line and column.
+//!
+//! Names are registered first, for every kind, so that references may point forward; items are
+//! then checked in file order. Nothing is compiled unless the whole file is valid.
+
+use std::collections::BTreeMap;
+use std::fmt::Display;
+use std::net::Ipv4Addr;
+use std::ops::Range;
+use std::sync::Arc;
+
+use hashbrown::HashMap;
+use ipnet::Ipv4Net;
+use toml::Spanned;
+
+use super::error::TopologyError;
+use super::file::{self, PortSpec, Text};
+use super::model::*;
+use crate::policy::route::{NextHop, Route, Routes};
+use crate::policy::rules::{Action, Peer, PortRange, Protocol, Rule, RuleList};
+
+/// Default size of the connection table (the figure).
+pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
+/// Default per-instance connection cap.
+pub const DEFAULT_CONNTRACK_PER_INSTANCE: u32 = 65_536;
+/// Default flow-cache slots.
+pub const DEFAULT_FLOW_CACHE: u32 = 65_536;
+/// Auto-assigned GRE keys start here, away from small hand-picked keys.
+const AUTO_KEY_BASE: u32 = 0x0100_0000;
+
+pub(super) fn compile(text: &str, file: &str) -> Result<Topology, Vec<TopologyError>> {
+    let mut cx = Cx::new(text, file);
+    let parsed: file::File = match toml::from_str(text) {
+        Ok(f) => f,
+        Err(e) => {
+            let span = e.span().unwrap_or(0..0);
+            cx.err(span, "", e.message().trim_end().to_string());
+            return Err(cx.errors);
+        }
+    };
+    let topo = cx.build(&parsed);
+    if cx.errors.is_empty() {
+        Ok(topo.expect("a topology is built whenever no error was found"))
+    } else {
+        cx.errors.sort_by_key(|e| (e.line, e.column));
+        Err(cx.errors)
+    }
+}
+
+/// Names of one kind of item, mapped to their index.
+type Names = HashMap<String, u32>;
+
+struct Cx<'a> {
+    file: &'a str,
+    line_starts: Vec<usize>,
+    errors: Vec<TopologyError>,
+}
+
+impl<'a> Cx<'a> {
+    fn new(text: &'a str, file: &'a str) -> Self {
+        let mut line_starts = vec![0];
+        line_starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
+        Cx {
+            file,
+            line_starts,
+            errors: Vec::new(),
+        }
+    }
+
+    fn position(&self, offset: usize) -> (usize, usize) {
+        let line = self.line_starts.partition_point(|&s| s <= offset);
+        let column = offset - self.line_starts[line.saturating_sub(1)] + 1;
+        (line.max(1), column)
+    }
+
+    fn line(&self, span: &Range<usize>) -> usize {
+        self.position(span.start).0
+    }
+
+    fn err(&mut self, span: Range<usize>, item: impl Display, message: impl Into<String>) {
+        let (line, column) = self.position(span.start);
+        self.errors.push(TopologyError {
+            file: self.file.to_string(),
+            line,
+            column,
+            item: item.to_string(),
+            message: message.into(),
+        });
+    }
+
+    /// Registers the names of one kind; duplicates and bad names are errors.
+    fn names<T>(&mut self, kind: &str, items: &[Spanned<T>], name: impl Fn(&T) -> &Text) -> Names {
+        let mut names = Names::new();
+        for (i, item) in items.iter().enumerate() {
+            let n = name(item.get_ref());
+            if n.get_ref().trim().is_empty() {
+                self.err(n.span(), format!("{kind} #{}", i + 1), "name is empty");
+                continue;
+            }
+            if names.insert(n.get_ref().clone(), i as u32).is_some() {
+                self.err(
+                    n.span(),
+                    label(kind, n),
+                    format!("duplicate {kind} name \"{}\"", n.get_ref()),
+                );
+            }
+        }
+        names
+    }
+
+    fn resolve(&mut self, names: &Names, kind: &str, r: &Text, item: &str) -> Option<u32> {
+        let found = names.get(r.get_ref()).copied();
+        if found.is_none() {
+            self.err(
+                r.span(),
+                item,
+                format!("unknown {kind} \"{}\"", r.get_ref()),
+            );
+        }
+        found
+    }
+
+    fn address(&mut self, t: &Text, item: &str, what: &str) -> Option<Ipv4Addr> {
+        match t.get_ref().trim().parse::<Ipv4Addr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.err(
+                    t.span(),
+                    item,
+                    format!("{what} \"{}\" is not an IPv4 address", t.get_ref()),
+                );
+                None
+            }
+        }
+    }
+
+    /// A CIDR with its host bits clear; with `bare_address`, a plain address means /32.
+    fn cidr(&mut self, t: &Text, item: &str, what: &str, bare_address: bool) -> Option<Ipv4Net> {
+        let s = t.get_ref().trim();
+        let parsed = if bare_address && !s.contains('/') {
+            s.parse::<Ipv4Addr>().ok().map(Ipv4Net::from)
+        } else {
+            s.parse::<Ipv4Net>().ok()
+        };
+        match parsed {
+            None => {
+                let form = if bare_address {
+                    "a CIDR or an address"
+                } else {
+                    "a CIDR"
+                };
+                self.err(
+                    t.span(),
+                    item,
+                    format!("{what} \"{s}\" is not {form}, like 10.0.0.0/16"),
+                );
+                None
+            }
+            Some(n) if n.trunc() != n => {
+                self.err(
+                    t.span(),
+                    item,
+                    format!(
+                        "{what} \"{s}\" has host bits set: did you mean {}?",
+                        n.trunc()
+                    ),
+                );
+                None
+            }
+            Some(n) => Some(n),
+        }
+    }
+
+    fn int_in(
+        &mut self,
+        v: &Spanned<i64>,
+        item: &str,
+        what: &str,
+        range: Range<i64>,
+    ) -> Option<i64> {
+        let x = *v.get_ref();
+        if range.contains(&x) {
+            Some(x)
+        } else {
+            self.err(
+                v.span(),
+                item,
+                format!(
+                    "{what} {x} is out of range {}..={}",
+                    range.start,
+                    range.end - 1
+                ),
+            );
+            None
+        }
+    }
+
+    fn build(&mut self, f: &file::File) -> Option<Topology> {
+        let underlay = self.underlay(f);
+        let conntrack = self.conntrack(f);
+        let limits = self.limits(f);
+        for (what, present) in [
+            ("[basic]", f.basic.as_ref().map(|b| b.span())),
+            ("[internet]", f.internet.as_ref().map(|b| b.span())),
+        ] {
+            if let Some(span) = present {
+                self.err(
+                    span,
+                    what,
+                    "the basic network and the internet are not supported yet",
+                );
+            }
+        }
+        for ic in &f.interconnects {
+            self.err(
+                ic.span(),
+                "interconnect",
+                "basic-network interconnects are not supported yet",
+            );
+        }
+
+        // Names first, so that references may point forward.
+        let host_names = self.names("host", &f.hosts, |h| &h.name);
+        let vpc_names = self.names("vpc", &f.vpcs, |v| &v.name);
+        let subnet_names = self.names("subnet", &f.subnets, |s| &s.name);
+        let table_names = self.names("route_table", &f.route_tables, |t| &t.name);
+        let acl_names = self.names("acl", &f.acls, |a| &a.name);
+        let sg_names = self.names("security_group", &f.security_groups, |g| &g.name);
+        let instance_names = self.names("instance", &f.instances, |i| &i.name);
+        let peering_names = self.names("peering", &f.peerings, |p| &p.name);
+
+        let hosts = self.hosts(f);
+        let mut vpcs = self.vpcs(f);
+        let peerings = self.peerings(f, &vpc_names, &vpcs);
+        let acls = self.acls(f, &vpc_names, &limits);
+        let groups = self.security_groups(f, &sg_names, &limits);
+        let table_vpcs: Vec<Option<u32>> = f
+            .route_tables
+            .iter()
+            .map(|t| {
+                let t = t.get_ref();
+                self.resolve(&vpc_names, "vpc", &t.vpc, &label("route_table", &t.name))
+            })
+            .collect();
+        let subnets = self.subnets(
+            f,
+            &vpc_names,
+            &vpcs,
+            &table_names,
+            &table_vpcs,
+            &acl_names,
+            &acls,
+        );
+        let instances = self.instances(
+            f,
+            &host_names,
+            &subnet_names,
+            &subnets,
+            &sg_names,
+            &limits,
+            &hosts,
+            &vpcs,
+        );
+        let tables = self.route_tables(
+            f,
+            &table_vpcs,
+            &vpcs,
+            &instance_names,
+            &instances,
+            &peering_names,
+            &peerings,
+            &limits,
+        );
+        let expects = self.expects(f, &instance_names);
+
+        if !self.errors.is_empty() {
+            return None;
+        }
+        // Everything below is valid by construction.
+        let hosts: Vec<Host> = hosts.into_iter().map(Option::unwrap).collect();
+        let peerings: Vec<Peering> = peerings.into_iter().map(Option::unwrap).collect();
+        let mut route_tables: Vec<RouteTable> = tables.into_iter().map(Option::unwrap).collect();
+        for (i, v) in vpcs.iter_mut().enumerate() {
+            let v = v.as_mut().unwrap();
+            v.default_route_table = RouteTableId(route_tables.len() as u32);
+            route_tables.push(RouteTable {
+                name: format!("{}/default", v.name),
+                vpc: VpcId(i as u32),
+                implicit: true,
+                routes: Routes::new(Vec::new()),
+            });
+        }
+        let vpcs: Vec<Vpc> = vpcs.into_iter().map(Option::unwrap).collect();
+        let subnets: Vec<Subnet> = subnets
+            .into_iter()
+            .map(|s| {
+                let mut s = s.unwrap();
+                if s.route_table.0 == u32::MAX {
+                    s.route_table = vpcs[s.vpc.index()].default_route_table;
+                }
+                s
+            })
+            .collect();
+        let acls: Vec<Acl> = acls.into_iter().map(Option::unwrap).collect();
+        let security_groups: Vec<SecurityGroup> = groups.into_iter().map(Option::unwrap).collect();
+        let mut instances: Vec<Instance> = instances.into_iter().map(Option::unwrap).collect();
+        let expects: Vec<Expect> = expects.into_iter().map(Option::unwrap).collect();
+
+        compile_instance_rules(&mut instances, &security_groups);
+        let mut index = Index::default();
+        for (i, h) in hosts.iter().enumerate() {
+            index.host_by_address.insert(h.address, HostId(i as u32));
+        }
+        for (i, v) in vpcs.iter().enumerate() {
+            index.vpc_by_key.insert(v.key, VpcId(i as u32));
+        }
+        for (i, inst) in instances.iter().enumerate() {
+            index
+                .instance_by_address
+                .insert((inst.vpc(), inst.ip), InstanceId(i as u32));
+        }
+        Some(Topology {
+            file: self.file.to_string(),
+            underlay: underlay?,
+            conntrack: conntrack?,
+            limits,
+            hosts,
+            vpcs,
+            subnets,
+            route_tables,
+            acls,
+            security_groups,
+            instances,
+            peerings,
+            expects,
+            index,
+        })
+    }
+
+    fn underlay(&mut self, f: &file::File) -> Option<Underlay> {
+        let mut u = Underlay {
+            transport: Transport::Gre,
+            mtu: 1500,
+            checksum: false,
+        };
+        let Some(raw) = &f.underlay else {
+            return Some(u);
+        };
+        let raw = raw.get_ref();
+        let item = "[underlay]";
+        if let Some(t) = &raw.transport {
+            u.transport = match t.get_ref().as_str() {
+                "gre" => Transport::Gre,
+                "gre-udp" => Transport::GreUdp,
+                other => {
+                    self.err(
+                        t.span(),
+                        item,
+                        format!("transport \"{other}\" is neither \"gre\" nor \"gre-udp\""),
+                    );
+                    return None;
+                }
+            };
+        }
+        u.checksum = raw.checksum.unwrap_or(false);
+        if let Some(m) = &raw.mtu {
+            let min = i64::from(u.overhead()) + 576;
+            u.mtu = self.int_in(m, item, "mtu", min..65_536)? as u16;
+        }
+        Some(u)
+    }
+
+    fn conntrack(&mut self, f: &file::File) -> Option<ConntrackLimits> {
+        let mut c = ConntrackLimits {
+            max_entries: DEFAULT_CONNTRACK_ENTRIES,
+            max_per_instance: DEFAULT_CONNTRACK_PER_INSTANCE,
+            flow_cache: DEFAULT_FLOW_CACHE,
+        };
+        if let Some(raw) = &f.conntrack {
+            let raw = raw.get_ref();
+            let item = "[conntrack]";
+            if let Some(v) = &raw.max_entries {
+                c.max_entries = self.int_in(v, item, "max_entries", 16..(1 << 26))? as u32;
+            }
+            if let Some(v) = &raw.max_per_instance {
+                c.max_per_instance = self.int_in(v, item, "max_per_instance", 1..(1 << 26))? as u32;
+            }
+            if let Some(v) = &raw.flow_cache {
+                c.flow_cache = self.int_in(v, item, "flow_cache", 16..(1 << 24))? as u32;
+            }
+        }
+        c.max_per_instance = c.max_per_instance.min(c.max_entries);
+        c.flow_cache = c.flow_cache.next_power_of_two();
+        Some(c)
+    }
+
+    fn limits(&mut self, f: &file::File) -> Limits {
+        let mut l = Limits::default();
+        let Some(raw) = &f.limits else { return l };
+        let raw = raw.get_ref();
+        let item = "[limits]";
+        let fields: [(&Option<Spanned<i64>>, &mut usize, &str); 5] = [
+            (
+                &raw.security_groups_per_instance,
+                &mut l.security_groups_per_instance,
+                "security_groups_per_instance",
+            ),
+            (
+                &raw.rules_per_security_group,
+                &mut l.rules_per_security_group,
+                "rules_per_security_group",
+            ),
+            (&raw.rules_per_acl, &mut l.rules_per_acl, "rules_per_acl"),
+            (
+                &raw.routes_per_table,
+                &mut l.routes_per_table,
+                "routes_per_table",
+            ),
+            (
+                &raw.route_tables_per_vpc,
+                &mut l.route_tables_per_vpc,
+                "route_tables_per_vpc",
+            ),
+        ];
+        let mut errors = Vec::new();
+        for (v, slot, what) in fields {
+            if let Some(v) = v {
+                if (1..=1_000_000).contains(v.get_ref()) {
+                    *slot = *v.get_ref() as usize;
+                } else {
+                    errors.push((
+                        v.span(),
+                        format!("{what} {} is out of range 1..=1000000", v.get_ref()),
+                    ));
+                }
+            }
+        }
+        for (span, m) in errors {
+            self.err(span, item, m);
+        }
+        l
+    }
+
+    fn hosts(&mut self, f: &file::File) -> Vec<Option<Host>> {
+        let mut seen: HashMap<Ipv4Addr, String> = HashMap::new();
+        f.hosts
+            .iter()
+            .map(|h| {
+                let h = h.get_ref();
+                let item = label("host", &h.name);
+                let address = self.address(&h.address, &item, "address")?;
+                if address.is_unspecified() || address.is_broadcast() || address.is_multicast() {
+                    self.err(
+                        h.address.span(),
+                        &item,
+                        format!("address {address} cannot be a host's"),
+                    );
+                    return None;
+                }
+                if let Some(other) = seen.insert(address, h.name.get_ref().clone()) {
+                    self.err(
+                        h.address.span(),
+                        &item,
+                        format!("address {address} is already host \"{other}\"'s"),
+                    );
+                    return None;
+                }
+                Some(Host {
+                    name: h.name.get_ref().clone(),
+                    address,
+                    region: h
+                        .region
+                        .as_ref()
+                        .map_or_else(|| "default".to_string(), |r| r.get_ref().clone()),
+                })
+            })
+            .collect()
+    }
+
+    fn vpcs(&mut self, f: &file::File) -> Vec<Option<Vpc>> {
+        let mut keys: HashMap<u32, String> = HashMap::new();
+        let mut out: Vec<Option<Vpc>> = f
+            .vpcs
+            .iter()
+            .map(|v| {
+                let v = v.get_ref();
+                let item = label("vpc", &v.name);
+                if v.tenant.get_ref().trim().is_empty() {
+                    self.err(v.tenant.span(), &item, "tenant is empty");
+                }
+                let cidr = self.cidr(&v.cidr, &item, "cidr", false)?;
+                if let Err(m) = private_vpc_cidr(cidr) {
+                    self.err(v.cidr.span(), &item, m);
+                    return None;
+                }
+                let key = match &v.key {
+                    Some(k) => {
+                        let key = self.int_in(k, &item, "key", 0..(1 << 32))? as u32;
+                        if let Some(other) = keys.insert(key, v.name.get_ref().clone()) {
+                            self.err(
+                                k.span(),
+                                &item,
+                                format!("key {key} is already vpc \"{other}\"'s"),
+                            );
+                            return None;
+                        }
+                        Some(key)
+                    }
+                    None => None,
+                };
+                Some(Vpc {
+                    name: v.name.get_ref().clone(),
+                    tenant: v.tenant.get_ref().clone(),
+                    cidr,
+                    key: key.unwrap_or(0),
+                    key_assigned: key.is_none(),
+                    region: v.region.as_ref().map(|r| r.get_ref().clone()),
+                    default_route_table: RouteTableId(u32::MAX),
+                })
+            })
+            .collect();
+        // Keys not written are derived from the name, so that adding a VPC never renumbers the
+        // others; collisions probe upwards in file order.
+        for v in out.iter_mut().flatten().filter(|v| v.key_assigned) {
+            let mut key = AUTO_KEY_BASE | (fnv1a(v.name.as_bytes()) & 0x00ff_ffff);
+            while keys.contains_key(&key) {
+                key = key.wrapping_add(1).max(AUTO_KEY_BASE);
+            }
+            keys.insert(key, v.name.clone());
+            v.key = key;
+        }
+        out.shrink_to_fit();
+        out
+    }
+
+    fn peerings(
+        &mut self,
+        f: &file::File,
+        vpc_names: &Names,
+        vpcs: &[Option<Vpc>],
+    ) -> Vec<Option<Peering>> {
+        let mut pairs: HashMap<(u32, u32), String> = HashMap::new();
+        f.peerings
+            .iter()
+            .map(|p| {
+                let p = p.get_ref();
+                let item = label("peering", &p.name);
+                let list = p.vpcs.get_ref();
+                if list.len() != 2 {
+                    self.err(
+                        p.vpcs.span(),
+                        &item,
+                        format!(
+                            "vpcs names {} VPCs; a peering joins exactly two",
+                            list.len()
+                        ),
+                    );
+                    return None;
+                }
+                let a = self.resolve(vpc_names, "vpc", &list[0], &item);
+                let b = self.resolve(vpc_names, "vpc", &list[1], &item);
+                let (a, b) = (a?, b?);
+                if a == b {
+                    self.err(p.vpcs.span(), &item, "a VPC cannot peer with itself");
+                    return None;
+                }
+                let (va, vb) = (vpcs[a as usize].as_ref()?, vpcs[b as usize].as_ref()?);
+                if overlaps(va.cidr, vb.cidr) {
+                    self.err(
+                        p.vpcs.span(),
+                        &item,
+                        format!(
+                            "vpc \"{}\" ({}) and vpc \"{}\" ({}) overlap: peered CIDRs must not",
+                            va.name, va.cidr, vb.name, vb.cidr
+                        ),
+                    );
+                    return None;
+                }
+                if let Some(other) = pairs.insert((a.min(b), a.max(b)), p.name.get_ref().clone()) {
+                    self.err(
+                        p.vpcs.span(),
+                        &item,
+                        format!("these VPCs are already peered by \"{other}\""),
+                    );
+                    return None;
+                }
+                Some(Peering {
+                    name: p.name.get_ref().clone(),
+                    vpcs: [VpcId(a), VpcId(b)],
+                })
+            })
+            .collect()
+    }
+
+    fn acls(&mut self, f: &file::File, vpc_names: &Names, limits: &Limits) -> Vec<Option<Acl>> {
+        f.acls
+            .iter()
+            .enumerate()
+            .map(|(id, a)| {
+                let a = a.get_ref();
+                let item = label("acl", &a.name);
+                let vpc = self.resolve(vpc_names, "vpc", &a.vpc, &item);
+                let mut lists = [Vec::new(), Vec::new()];
+                for (dir, rules, list) in [("ingress", &a.ingress, 0), ("egress", &a.egress, 1)] {
+                    if rules.len() > limits.rules_per_acl {
+                        self.err(
+                            a.name.span(),
+                            &item,
+                            format!("{} {dir} rules exceed the limit of {} (raise [limits] rules_per_acl)", rules.len(), limits.rules_per_acl),
+                        );
+                    }
+                    for (i, r) in rules.iter().enumerate() {
+                        let line = self.line(&r.span());
+                        let r = r.get_ref();
+                        let ritem = format!("{item} {dir} rule {}", i + 1);
+                        if let Some(rule) = self.rule(&ritem, &r.action, &r.protocol, &r.port, &r.cidr, None, line) {
+                            lists[list].push(rule);
+                        }
+                    }
+                }
+                let [ingress, egress] = lists;
+                let owner = id as u32;
+                Some(Acl {
+                    name: a.name.get_ref().clone(),
+                    vpc: VpcId(vpc?),
+                    ingress_list: RuleList::build([(owner, &ingress[..])], |_| Vec::new()),
+                    egress_list: RuleList::build([(owner, &egress[..])], |_| Vec::new()),
+                    ingress,
+                    egress,
+                })
+            })
+            .collect()
+    }
+
+    fn security_groups(
+        &mut self,
+        f: &file::File,
+        sg_names: &Names,
+        limits: &Limits,
+    ) -> Vec<Option<SecurityGroup>> {
+        f.security_groups
+            .iter()
+            .map(|g| {
+                let g = g.get_ref();
+                let item = label("security_group", &g.name);
+                let mut ok = true;
+                for (dir, n) in [("ingress", g.ingress.len()), ("egress", g.egress.len())] {
+                    if n > limits.rules_per_security_group {
+                        self.err(
+                            g.name.span(),
+                            &item,
+                            format!("{n} {dir} rules exceed the limit of {} (raise [limits] rules_per_security_group)", limits.rules_per_security_group),
+                        );
+                        ok = false;
+                    }
+                }
+                let mut ingress = Vec::new();
+                for (i, r) in g.ingress.iter().enumerate() {
+                    let line = self.line(&r.span());
+                    let r = r.get_ref();
+                    let ritem = format!("{item} ingress rule {}", i + 1);
+                    match self.rule(&ritem, &r.action, &r.protocol, &r.port, &r.source, Some(sg_names), line) {
+                        Some(rule) => ingress.push(rule),
+                        None => ok = false,
+                    }
+                }
+                let mut egress = Vec::new();
+                for (i, r) in g.egress.iter().enumerate() {
+                    let line = self.line(&r.span());
+                    let r = r.get_ref();
+                    let ritem = format!("{item} egress rule {}", i + 1);
+                    match self.rule(&ritem, &r.action, &r.protocol, &r.port, &r.destination, Some(sg_names), line) {
+                        Some(rule) => egress.push(rule),
+                        None => ok = false,
+                    }
+                }
+                ok.then(|| SecurityGroup {
+                    name: g.name.get_ref().clone(),
+                    ingress,
+                    egress,
+                })
+            })
+            .collect()
+    }
+
+    /// One ACL or security-group rule. `groups` is given for security groups, whose peers may
+    /// be `sg:NAME`.
+    #[allow(clippy::too_many_arguments)]
+    fn rule(
+        &mut self,
+        item: &str,
+        action: &Text,
+        protocol: &Text,
+        port: &Option<Spanned<PortSpec>>,
+        peer: &Text,
+        groups: Option<&Names>,
+        line: usize,
+    ) -> Option<Rule> {
+        let act = match action.get_ref().to_ascii_lowercase().as_str() {
+            "accept" => Some(Action::Accept),
+            "drop" => Some(Action::Drop),
+            other => {
+                self.err(
+                    action.span(),
+                    item,
+                    format!("action \"{other}\" is neither \"accept\" nor \"drop\""),
+                );
+                None
+            }
+        };
+        let proto = match protocol.get_ref().to_ascii_lowercase().as_str() {
+            "all" => Some(Protocol::All),
+            "tcp" => Some(Protocol::Tcp),
+            "udp" => Some(Protocol::Udp),
+            "icmp" => Some(Protocol::Icmp),
+            "icmpv6" => {
+                self.err(
+                    protocol.span(),
+                    item,
+                    "icmpv6 needs IPv6, which vpcd does not carry yet",
+                );
+                None
+            }
+            other => {
+                self.err(
+                    protocol.span(),
+                    item,
+                    format!("protocol \"{other}\" is not one of all, tcp, udp, icmp"),
+                );
+                None
+            }
+        };
+        let ports = match proto {
+            Some(p) => self.ports(item, p, port)?,
+            None => Vec::new(),
+        };
+        let peer = match peer.get_ref().strip_prefix("sg:") {
+            Some(name) => match groups {
+                Some(groups) => match groups.get(name) {
+                    Some(&g) => Some(Peer::Group(g)),
+                    None => {
+                        self.err(
+                            peer.span(),
+                            item,
+                            format!("unknown security_group \"{name}\""),
+                        );
+                        None
+                    }
+                },
+                None => {
+                    self.err(
+                        peer.span(),
+                        item,
+                        "network ACL rules take a CIDR; sg: peers belong to security groups",
+                    );
+                    None
+                }
+            },
+            None => self.cidr(peer, item, "peer", true).map(Peer::Cidr),
+        };
+        Some(Rule {
+            action: act?,
+            protocol: proto?,
+            ports,
+            peer: peer?,
+            line,
+        })
+    }
+
+    fn ports(
+        &mut self,
+        item: &str,
+        proto: Protocol,
+        port: &Option<Spanned<PortSpec>>,
+    ) -> Option<Vec<PortRange>> {
+        let Some(port) = port else {
+            return Some(Vec::new());
+        };
+        let text = match port.get_ref() {
+            PortSpec::Number(n) => n.to_string(),
+            PortSpec::Text(s) => s.trim().to_ascii_lowercase(),
+        };
+        if text == "all" {
+            return Some(Vec::new());
+        }
+        if !proto.has_ports() {
+            self.err(
+                port.span(),
+                item,
+                format!(
+                    "port must be \"all\" (or absent) when the protocol is {}",
+                    proto.word()
+                ),
+            );
+            return None;
+        }
+        let mut out = Vec::new();
+        for part in text.split(',') {
+            let part = part.trim();
+            let (a, b) = part.split_once('-').unwrap_or((part, part));
+            let parse = |s: &str| {
+                s.trim()
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|p| (1..=65535).contains(p))
+            };
+            match (parse(a), parse(b)) {
+                (Some(first), Some(last)) if first <= last => out.push(PortRange {
+                    first: first as u16,
+                    last: last as u16,
+                }),
+                (Some(first), Some(last)) => {
+                    self.err(
+                        port.span(),
+                        item,
+                        format!("port range {first}-{last} is out of order"),
+                    );
+                    return None;
+                }
+                _ => {
+                    self.err(
+                        port.span(),
+                        item,
+                        format!(
+                            "port \"{part}\" is not a port (1-65535), a range a-b, or a list a,b"
+                        ),
+                    );
+                    return None;
+                }
+            }
+        }
+        Some(out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn subnets(
+        &mut self,
+        f: &file::File,
+        vpc_names: &Names,
+        vpcs: &[Option<Vpc>],
+        table_names: &Names,
+        table_vpcs: &[Option<u32>],
+        acl_names: &Names,
+        acls: &[Option<Acl>],
+    ) -> Vec<Option<Subnet>> {
+        let mut placed: Vec<(u32, Ipv4Net, String)> = Vec::new();
+        f.subnets
+            .iter()
+            .map(|s| {
+                let s = s.get_ref();
+                let item = label("subnet", &s.name);
+                let vpc = self.resolve(vpc_names, "vpc", &s.vpc, &item);
+                let cidr = self.cidr(&s.cidr, &item, "cidr", false);
+                let route_table = match &s.route_table {
+                    None => Some(RouteTableId(u32::MAX)),
+                    Some(t) => {
+                        let id = self.resolve(table_names, "route_table", t, &item)?;
+                        if let (Some(tv), Some(v)) = (table_vpcs[id as usize], vpc)
+                            && tv != v
+                        {
+                            self.err(
+                                t.span(),
+                                &item,
+                                format!("route_table \"{}\" belongs to another VPC", t.get_ref()),
+                            );
+                            return None;
+                        }
+                        Some(RouteTableId(id))
+                    }
+                };
+                let acl = match &s.acl {
+                    None => Some(None),
+                    Some(a) => {
+                        let id = self.resolve(acl_names, "acl", a, &item)?;
+                        if let (Some(Some(acl)), Some(v)) = (acls.get(id as usize), vpc)
+                            && acl.vpc.0 != v
+                        {
+                            self.err(
+                                a.span(),
+                                &item,
+                                format!("acl \"{}\" belongs to another VPC", a.get_ref()),
+                            );
+                            return None;
+                        }
+                        Some(Some(AclId(id)))
+                    }
+                };
+                let (vpc, cidr, route_table, acl) = (vpc?, cidr?, route_table?, acl?);
+                let v = vpcs[vpc as usize].as_ref()?;
+                if !v.cidr.contains(&cidr) {
+                    self.err(
+                        s.cidr.span(),
+                        &item,
+                        format!("cidr {cidr} lies outside vpc \"{}\" ({})", v.name, v.cidr),
+                    );
+                    return None;
+                }
+                if cidr.prefix_len() > 28 {
+                    self.err(
+                        s.cidr.span(),
+                        &item,
+                        format!("cidr {cidr} is smaller than /28, the smallest subnet"),
+                    );
+                    return None;
+                }
+                if let Some((_, other, name)) = placed
+                    .iter()
+                    .find(|(pv, c, _)| *pv == vpc && overlaps(*c, cidr))
+                {
+                    self.err(
+                        s.cidr.span(),
+                        &item,
+                        format!("cidr {cidr} overlaps subnet \"{name}\" ({other})"),
+                    );
+                    return None;
+                }
+                placed.push((vpc, cidr, s.name.get_ref().clone()));
+                Some(Subnet {
+                    name: s.name.get_ref().clone(),
+                    vpc: VpcId(vpc),
+                    cidr,
+                    route_table,
+                    acl,
+                    gateway: nth(cidr, 1),
+                })
+            })
+            .collect()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn instances(
+        &mut self,
+        f: &file::File,
+        host_names: &Names,
+        subnet_names: &Names,
+        subnets: &[Option<Subnet>],
+        sg_names: &Names,
+        limits: &Limits,
+        hosts: &[Option<Host>],
+        vpcs: &[Option<Vpc>],
+    ) -> Vec<Option<Instance>> {
+        let mut addresses: HashMap<(u32, Ipv4Addr), String> = HashMap::new();
+        let mut namespaces: HashMap<String, String> = HashMap::new();
+        f.instances
+            .iter()
+            .map(|raw| {
+                let i = raw.get_ref();
+                let item = label("instance", &i.name);
+                let name = i.name.get_ref();
+                if !valid_ifname(name) {
+                    self.err(
+                        i.name.span(),
+                        &item,
+                        "name must be 1-15 characters of a-z A-Z 0-9 . _ - (it names the TUN device)",
+                    );
+                }
+                let host = self.resolve(host_names, "host", &i.host, &item);
+                if let Some(n) = &i.network
+                    && n.get_ref() != "vpc"
+                {
+                    let msg = if n.get_ref() == "basic" {
+                        "the basic network is not supported yet".to_string()
+                    } else {
+                        format!("network \"{}\" is neither \"vpc\" nor \"basic\"", n.get_ref())
+                    };
+                    self.err(n.span(), &item, msg);
+                    return None;
+                }
+                for (field, present) in [("tenant", i.tenant.as_ref().map(|t| t.span())), ("eip", i.eip.as_ref().map(|t| t.span()))] {
+                    if let Some(span) = present {
+                        let msg = if field == "tenant" {
+                            "a VPC instance takes its tenant from its VPC: remove tenant"
+                        } else {
+                            "Elastic IPs are not supported yet"
+                        };
+                        self.err(span, &item, msg);
+                    }
+                }
+                let Some(subnet_ref) = &i.subnet else {
+                    self.err(raw.span(), &item, "a VPC instance needs a subnet");
+                    return None;
+                };
+                let subnet = self.resolve(subnet_names, "subnet", subnet_ref, &item);
+                let ip = match &i.ip {
+                    Some(t) => self.address(t, &item, "ip"),
+                    None => {
+                        self.err(raw.span(), &item, "a VPC instance needs an ip");
+                        None
+                    }
+                };
+                let groups = self.instance_groups(i, raw.span(), &item, sg_names, limits);
+                if let Some(ns) = &i.netns {
+                    let n = ns.get_ref();
+                    if n.is_empty() || n.len() > 64 || n.contains('/') || n.contains(char::is_whitespace) {
+                        self.err(ns.span(), &item, format!("netns \"{n}\" is not a valid namespace name"));
+                    } else if let Some(other) = namespaces.insert(n.clone(), name.clone()) {
+                        self.err(ns.span(), &item, format!("netns \"{n}\" is already instance \"{other}\"'s"));
+                    }
+                }
+                let (host, subnet_id, ip, groups) = (host?, subnet?, ip?, groups?);
+                let s = subnets[subnet_id as usize].as_ref()?;
+                let ip_span = i.ip.as_ref().map(|t| t.span()).unwrap_or(raw.span());
+                if !s.cidr.contains(&ip) {
+                    self.err(ip_span.clone(), &item, format!("ip {ip} lies outside subnet \"{}\" ({})", s.name, s.cidr));
+                    return None;
+                }
+                if let Some(why) = reserved(s.cidr, ip) {
+                    self.err(ip_span, &item, format!("ip {ip} is reserved in subnet \"{}\": {why}", s.name));
+                    return None;
+                }
+                if let Some(other) = addresses.insert((s.vpc.0, ip), name.clone()) {
+                    self.err(ip_span, &item, format!("ip {ip} is already instance \"{other}\"'s in this VPC"));
+                    return None;
+                }
+                if let (Some(h), Some(v)) = (&hosts[host as usize], &vpcs[s.vpc.index()])
+                    && let Some(region) = &v.region
+                    && *region != h.region
+                {
+                    self.err(
+                        i.host.span(),
+                        &item,
+                        format!("host \"{}\" is in region \"{}\", vpc \"{}\" in \"{region}\"", h.name, h.region, v.name),
+                    );
+                    return None;
+                }
+                Some(Instance {
+                    name: name.clone(),
+                    host: HostId(host),
+                    network: Network::Vpc {
+                        vpc: s.vpc,
+                        subnet: SubnetId(subnet_id),
+                    },
+                    ip,
+                    security_groups: groups,
+                    netns: i.netns.as_ref().map(|n| n.get_ref().clone()),
+                    ingress_rules: Arc::default(),
+                    egress_rules: Arc::default(),
+                })
+            })
+            .collect()
+    }
+
+    fn instance_groups(
+        &mut self,
+        i: &file::Instance,
+        span: Range<usize>,
+        item: &str,
+        sg_names: &Names,
+        limits: &Limits,
+    ) -> Option<Vec<SgId>> {
+        let Some(list) = &i.security_groups else {
+            self.err(
+                span,
+                item,
+                "an instance needs at least one security group (the cloud always binds one)",
+            );
+            return None;
+        };
+        if list.get_ref().is_empty() {
+            self.err(
+                list.span(),
+                item,
+                "an instance needs at least one security group (the cloud always binds one)",
+            );
+            return None;
+        }
+        if list.get_ref().len() > limits.security_groups_per_instance {
+            self.err(
+                list.span(),
+                item,
+                format!(
+                    "{} security groups exceed the limit of {} per instance",
+                    list.get_ref().len(),
+                    limits.security_groups_per_instance
+                ),
+            );
+            return None;
+        }
+        let mut out = Vec::new();
+        let mut ok = true;
+        for g in list.get_ref() {
+            match self.resolve(sg_names, "security_group", g, item) {
+                Some(id) if out.contains(&SgId(id)) => {
+                    self.err(
+                        g.span(),
+                        item,
+                        format!("security_group \"{}\" is listed twice", g.get_ref()),
+                    );
+                    ok = false;
+                }
+                Some(id) => out.push(SgId(id)),
+                None => ok = false,
+            }
+        }
+        ok.then_some(out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn route_tables(
+        &mut self,
+        f: &file::File,
+        table_vpcs: &[Option<u32>],
+        vpcs: &[Option<Vpc>],
+        instance_names: &Names,
+        instances: &[Option<Instance>],
+        peering_names: &Names,
+        peerings: &[Option<Peering>],
+        limits: &Limits,
+    ) -> Vec<Option<RouteTable>> {
+        let mut per_vpc: BTreeMap<u32, usize> = BTreeMap::new();
+        f.route_tables
+            .iter()
+            .zip(table_vpcs)
+            .map(|(t, &vpc)| {
+                let t = t.get_ref();
+                let item = label("route_table", &t.name);
+                let vpc = vpc?;
+                let v = vpcs[vpc as usize].as_ref()?;
+                let count = per_vpc.entry(vpc).or_default();
+                *count += 1;
+                if *count > limits.route_tables_per_vpc {
+                    self.err(
+                        t.name.span(),
+                        &item,
+                        format!("vpc \"{}\" has more than {} route tables", v.name, limits.route_tables_per_vpc),
+                    );
+                }
+                if t.routes.len() > limits.routes_per_table {
+                    self.err(
+                        t.name.span(),
+                        &item,
+                        format!("{} routes exceed the limit of {} (raise [limits] routes_per_table)", t.routes.len(), limits.routes_per_table),
+                    );
+                }
+                let mut routes = Vec::new();
+                let mut seen: HashMap<Ipv4Net, usize> = HashMap::new();
+                let mut ok = true;
+                for (n, r) in t.routes.iter().enumerate() {
+                    let r = r.get_ref();
+                    let ritem = format!("{item} route {}", n + 1);
+                    let dest = self.cidr(&r.destination, &ritem, "destination", false);
+                    let hop = self.next_hop(&r.next_hop, &ritem, vpc, vpcs, instance_names, instances, peering_names, peerings);
+                    let (Some(dest), Some(hop)) = (dest, hop) else {
+                        ok = false;
+                        continue;
+                    };
+                    if v.cidr.contains(&dest) {
+                        self.err(
+                            r.destination.span(),
+                            &ritem,
+                            format!("destination {dest} lies inside the VPC's CIDR {}: the local route always wins", v.cidr),
+                        );
+                        ok = false;
+                        continue;
+                    }
+                    if let Some(prev) = seen.insert(dest, n + 1) {
+                        self.err(r.destination.span(), &ritem, format!("destination {dest} is already route {prev}'s"));
+                        ok = false;
+                        continue;
+                    }
+                    routes.push(Route {
+                        destination: dest,
+                        next_hop: hop,
+                    });
+                }
+                ok.then(|| RouteTable {
+                    name: t.name.get_ref().clone(),
+                    vpc: VpcId(vpc),
+                    implicit: false,
+                    routes: Routes::new(routes),
+                })
+            })
+            .collect()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn next_hop(
+        &mut self,
+        t: &Text,
+        item: &str,
+        vpc: u32,
+        vpcs: &[Option<Vpc>],
+        instance_names: &Names,
+        instances: &[Option<Instance>],
+        peering_names: &Names,
+        peerings: &[Option<Peering>],
+    ) -> Option<NextHop> {
+        let s = t.get_ref().as_str();
+        if s == "drop" {
+            return Some(NextHop::Drop);
+        }
+        if s == "internet" {
+            return Some(NextHop::Internet);
+        }
+        if let Some(name) = s.strip_prefix("instance:") {
+            let Some(&id) = instance_names.get(name) else {
+                self.err(t.span(), item, format!("unknown instance \"{name}\""));
+                return None;
+            };
+            let inst = instances[id as usize].as_ref()?;
+            if inst.vpc().0 != vpc {
+                let other = vpcs[inst.vpc().index()]
+                    .as_ref()
+                    .map_or("?", |v| v.name.as_str());
+                self.err(
+                    t.span(),
+                    item,
+                    format!("next hop instance \"{name}\" is in another VPC (\"{other}\")"),
+                );
+                return None;
+            }
+            return Some(NextHop::Instance(id));
+        }
+        if let Some(name) = s.strip_prefix("peering:") {
+            let Some(&id) = peering_names.get(name) else {
+                self.err(t.span(), item, format!("unknown peering \"{name}\""));
+                return None;
+            };
+            let p = peerings[id as usize].as_ref()?;
+            if !p.vpcs.contains(&VpcId(vpc)) {
+                self.err(
+                    t.span(),
+                    item,
+                    format!("peering \"{name}\" does not join this route table's VPC"),
+                );
+                return None;
+            }
+            return Some(NextHop::Peering(id));
+        }
+        self.err(
+            t.span(),
+            item,
+            format!("next_hop \"{s}\" is not one of drop, internet, instance:NAME, peering:NAME"),
+        );
+        None
+    }
+
+    fn expects(&mut self, f: &file::File, instance_names: &Names) -> Vec<Option<Expect>> {
+        f.expects
+            .iter()
+            .enumerate()
+            .map(|(n, e)| {
+                let line = self.line(&e.span());
+                let e = e.get_ref();
+                let item = format!(
+                    "expect #{} ({} -> {})",
+                    n + 1,
+                    e.from.get_ref(),
+                    e.to.get_ref()
+                );
+                let from = self.resolve(instance_names, "instance", &e.from, &item);
+                let to = match instance_names.get(e.to.get_ref()) {
+                    Some(&id) => Some(ExpectTarget::Instance(InstanceId(id))),
+                    None => match e.to.get_ref().parse::<Ipv4Addr>() {
+                        Ok(a) => Some(ExpectTarget::Address(a)),
+                        Err(_) => {
+                            self.err(
+                                e.to.span(),
+                                &item,
+                                format!(
+                                    "to \"{}\" is neither an instance nor an address",
+                                    e.to.get_ref()
+                                ),
+                            );
+                            None
+                        }
+                    },
+                };
+                let protocol = match e.protocol.get_ref().to_ascii_lowercase().as_str() {
+                    "icmp" => Some(Protocol::Icmp),
+                    "tcp" => Some(Protocol::Tcp),
+                    "udp" => Some(Protocol::Udp),
+                    other => {
+                        self.err(
+                            e.protocol.span(),
+                            &item,
+                            format!("protocol \"{other}\" is not one of icmp, tcp, udp"),
+                        );
+                        None
+                    }
+                };
+                let port = match (protocol, &e.port) {
+                    (Some(p), Some(port)) if p.has_ports() => self
+                        .int_in(port, &item, "port", 1..65_536)
+                        .map(|p| Some(p as u16)),
+                    (Some(p), None) if p.has_ports() => {
+                        self.err(
+                            e.protocol.span(),
+                            &item,
+                            format!("{} needs a port", p.word()),
+                        );
+                        None
+                    }
+                    (Some(_), Some(port)) => {
+                        self.err(port.span(), &item, "icmp takes no port");
+                        None
+                    }
+                    (_, _) => Some(None),
+                };
+                Some(Expect {
+                    from: InstanceId(from?),
+                    to: to?,
+                    protocol: protocol?,
+                    port: port?,
+                    reach: e.reach,
+                    line,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Flattens each instance's groups into its rule lists. Instances with the same groups in the
+/// same VPC share one list.
+fn compile_instance_rules(instances: &mut [Instance], groups: &[SecurityGroup]) {
+    type Lists = (Arc<RuleList>, Arc<RuleList>);
+    let mut cache: HashMap<(VpcId, Vec<SgId>), Lists> = HashMap::new();
+    let members: Vec<(VpcId, Ipv4Addr, Vec<SgId>)> = instances
+        .iter()
+        .map(|i| (i.vpc(), i.ip, i.security_groups.clone()))
+        .collect();
+    for inst in instances.iter_mut() {
+        let vpc = inst.vpc();
+        let lists = cache
+            .entry((vpc, inst.security_groups.clone()))
+            .or_insert_with(|| {
+                let in_vpc = |g: u32| {
+                    members
+                        .iter()
+                        .filter(|(v, _, gs)| *v == vpc && gs.contains(&SgId(g)))
+                        .map(|(_, ip, _)| *ip)
+                        .collect()
+                };
+                let ingress = RuleList::build(
+                    inst.security_groups
+                        .iter()
+                        .map(|g| (g.0, &groups[g.index()].ingress[..])),
+                    in_vpc,
+                );
+                let egress = RuleList::build(
+                    inst.security_groups
+                        .iter()
+                        .map(|g| (g.0, &groups[g.index()].egress[..])),
+                    in_vpc,
+                );
+                (Arc::new(ingress), Arc::new(egress))
+            })
+            .clone();
+        inst.ingress_rules = lists.0;
+        inst.egress_rules = lists.1;
+    }
+}
+
+fn label(kind: &str, name: &Text) -> String {
+    format!("{kind} \"{}\"", name.get_ref())
+}
+
+/// The cloud's VPC ranges: 10/8 and 172.16/12 from /12, 192.168/16 from /16, down to /28.
+fn private_vpc_cidr(c: Ipv4Net) -> Result<(), String> {
+    let ranges: [(Ipv4Net, u8); 3] = [
+        ("10.0.0.0/8".parse().unwrap(), 12),
+        ("172.16.0.0/12".parse().unwrap(), 12),
+        ("192.168.0.0/16".parse().unwrap(), 16),
+    ];
+    match ranges.iter().find(|(r, _)| r.contains(&c.network())) {
+        None => Err(format!(
+            "cidr {c} is not private: a VPC takes 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16"
+        )),
+        Some((r, min)) if c.prefix_len() < *min || !r.contains(&c) => Err(format!(
+            "cidr {c} is too large: within {r} a VPC is at most /{min}"
+        )),
+        Some(_) if c.prefix_len() > 28 => {
+            Err(format!("cidr {c} is too small: a VPC is at least /28"))
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+fn overlaps(a: Ipv4Net, b: Ipv4Net) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+fn nth(net: Ipv4Net, n: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(net.network()) + n)
+}
+
+/// Why `ip` is reserved in `subnet`: the network address, the gateway (first usable) and the
+/// broadcast address (CLOUD-SEMANTICS: the first two addresses and the last one).
+fn reserved(subnet: Ipv4Net, ip: Ipv4Addr) -> Option<&'static str> {
+    if ip == subnet.network() {
+        Some("the network address")
+    } else if ip == nth(subnet, 1) {
+        Some("the gateway address")
+    } else if ip == subnet.broadcast() {
+        Some("the broadcast address")
+    } else {
+        None
+    }
+}
+
+fn valid_ifname(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5u32, |h, &b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}

@@ -1,0 +1,407 @@
+//! The validated topology: plain data with dense ids, plus the indexes the pipeline looks up.
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use hashbrown::HashMap;
+use ipnet::Ipv4Net;
+
+use crate::policy::route::Routes;
+use crate::policy::rules::{Protocol, Rule, RuleList};
+
+macro_rules! ids {
+    ($($(#[$doc:meta])* $name:ident;)*) => {$(
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(pub u32);
+        impl $name {
+            /// The id as an index into its vector.
+            #[inline]
+            pub const fn index(self) -> usize { self.0 as usize }
+        }
+    )*};
+}
+
+ids! {
+    /// Index of a host in [`Topology::hosts`].
+    HostId;
+    /// Index of a VPC in [`Topology::vpcs`].
+    VpcId;
+    /// Index of a subnet in [`Topology::subnets`].
+    SubnetId;
+    /// Index of a route table in [`Topology::route_tables`].
+    RouteTableId;
+    /// Index of a network ACL in [`Topology::acls`].
+    AclId;
+    /// Index of a security group in [`Topology::security_groups`].
+    SgId;
+    /// Index of an instance in [`Topology::instances`]; also the port the pipeline delivers to.
+    InstanceId;
+    /// Index of a peering in [`Topology::peerings`].
+    PeeringId;
+}
+
+/// How packets cross the underlay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// GRE directly over IPv4 (IP protocol 47).
+    Gre,
+    /// GRE-in-UDP (RFC 8086), UDP port 4754.
+    GreUdp,
+}
+
+impl Transport {
+    /// The word used in the topology file.
+    pub const fn word(self) -> &'static str {
+        match self {
+            Transport::Gre => "gre",
+            Transport::GreUdp => "gre-udp",
+        }
+    }
+}
+
+/// `[underlay]`, validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Underlay {
+    /// Transport.
+    pub transport: Transport,
+    /// Underlay MTU.
+    pub mtu: u16,
+    /// Emit GRE checksums.
+    pub checksum: bool,
+}
+
+impl Underlay {
+    /// Bytes the encapsulation adds: outer IPv4, UDP for gre-udp, GRE with key (and checksum).
+    pub const fn overhead(&self) -> u16 {
+        let udp = match self.transport {
+            Transport::Gre => 0,
+            Transport::GreUdp => 8,
+        };
+        20 + udp + 8 + if self.checksum { 4 } else { 0 }
+    }
+
+    /// The MTU every instance gets: the underlay MTU minus the overhead.
+    pub const fn instance_mtu(&self) -> u16 {
+        self.mtu - self.overhead()
+    }
+}
+
+/// `[conntrack]`, validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConntrackLimits {
+    /// Tracked connections per host.
+    pub max_entries: u32,
+    /// Tracked connections per instance.
+    pub max_per_instance: u32,
+    /// Flow-cache slots (a power of two).
+    pub flow_cache: u32,
+}
+
+/// `[limits]`, validated: the cloud's quotas unless raised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Security groups per instance (cloud: 5).
+    pub security_groups_per_instance: usize,
+    /// Rules per security group and direction (cloud: 100).
+    pub rules_per_security_group: usize,
+    /// Rules per ACL and direction (cloud: 20).
+    pub rules_per_acl: usize,
+    /// Routes per table (cloud: 50).
+    pub routes_per_table: usize,
+    /// Route tables per VPC (cloud: 10).
+    pub route_tables_per_vpc: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            security_groups_per_instance: 5,
+            rules_per_security_group: 100,
+            rules_per_acl: 20,
+            routes_per_table: 50,
+            route_tables_per_vpc: 10,
+        }
+    }
+}
+
+/// A host: one vpcd process.
+#[derive(Debug, Clone)]
+pub struct Host {
+    /// Name.
+    pub name: String,
+    /// Underlay address.
+    pub address: Ipv4Addr,
+    /// Region.
+    pub region: String,
+}
+
+/// A VPC.
+#[derive(Debug, Clone)]
+pub struct Vpc {
+    /// Name.
+    pub name: String,
+    /// Owning tenant.
+    pub tenant: String,
+    /// CIDR.
+    pub cidr: Ipv4Net,
+    /// GRE key.
+    pub key: u32,
+    /// True when the key was assigned, not written.
+    pub key_assigned: bool,
+    /// Region, when given.
+    pub region: Option<String>,
+    /// The table of subnets that name none (local route only).
+    pub default_route_table: RouteTableId,
+}
+
+/// A subnet.
+#[derive(Debug, Clone)]
+pub struct Subnet {
+    /// Name.
+    pub name: String,
+    /// Its VPC.
+    pub vpc: VpcId,
+    /// CIDR.
+    pub cidr: Ipv4Net,
+    /// Route table.
+    pub route_table: RouteTableId,
+    /// Network ACL.
+    pub acl: Option<AclId>,
+    /// The gateway address (first usable): source of the ICMP errors vpcd sends.
+    pub gateway: Ipv4Addr,
+}
+
+/// A route table.
+#[derive(Debug, Clone)]
+pub struct RouteTable {
+    /// Name (`default` tables are named after their VPC).
+    pub name: String,
+    /// Its VPC.
+    pub vpc: VpcId,
+    /// True for a VPC's implicit default table.
+    pub implicit: bool,
+    /// Custom routes, indexed.
+    pub routes: Routes,
+}
+
+/// A network ACL.
+#[derive(Debug, Clone)]
+pub struct Acl {
+    /// Name.
+    pub name: String,
+    /// Its VPC.
+    pub vpc: VpcId,
+    /// Inbound rules as written.
+    pub ingress: Vec<Rule>,
+    /// Outbound rules as written.
+    pub egress: Vec<Rule>,
+    /// Inbound rules flattened.
+    pub ingress_list: RuleList,
+    /// Outbound rules flattened.
+    pub egress_list: RuleList,
+}
+
+/// A security group.
+#[derive(Debug, Clone)]
+pub struct SecurityGroup {
+    /// Name.
+    pub name: String,
+    /// Inbound rules as written.
+    pub ingress: Vec<Rule>,
+    /// Outbound rules as written.
+    pub egress: Vec<Rule>,
+}
+
+/// Which network an instance lives in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Network {
+    /// A VPC subnet.
+    Vpc {
+        /// The VPC.
+        vpc: VpcId,
+        /// The subnet.
+        subnet: SubnetId,
+    },
+}
+
+/// An instance: one TUN device.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    /// Name, also its TUN device's.
+    pub name: String,
+    /// Host.
+    pub host: HostId,
+    /// Network.
+    pub network: Network,
+    /// Private address.
+    pub ip: Ipv4Addr,
+    /// Security groups, in order.
+    pub security_groups: Vec<SgId>,
+    /// Namespace of its TUN device.
+    pub netns: Option<String>,
+    /// Its groups' inbound rules, flattened, `sg:` peers resolved in its VPC.
+    pub ingress_rules: Arc<RuleList>,
+    /// Its groups' outbound rules, flattened.
+    pub egress_rules: Arc<RuleList>,
+}
+
+impl Instance {
+    /// The VPC of a VPC instance.
+    pub fn vpc(&self) -> VpcId {
+        match self.network {
+            Network::Vpc { vpc, .. } => vpc,
+        }
+    }
+
+    /// The subnet of a VPC instance.
+    pub fn subnet(&self) -> SubnetId {
+        match self.network {
+            Network::Vpc { subnet, .. } => subnet,
+        }
+    }
+}
+
+/// A peering connection.
+#[derive(Debug, Clone)]
+pub struct Peering {
+    /// Name.
+    pub name: String,
+    /// The two VPCs.
+    pub vpcs: [VpcId; 2],
+}
+
+/// What an `[[expect]]` sends to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExpectTarget {
+    /// An instance, by id.
+    Instance(InstanceId),
+    /// An address.
+    Address(Ipv4Addr),
+}
+
+/// One expectation the lab checks with real traffic.
+#[derive(Debug, Clone)]
+pub struct Expect {
+    /// Sender.
+    pub from: InstanceId,
+    /// Target.
+    pub to: ExpectTarget,
+    /// ICMP, TCP or UDP.
+    pub protocol: Protocol,
+    /// Port for TCP and UDP.
+    pub port: Option<u16>,
+    /// Whether the traffic must get through.
+    pub reach: bool,
+    /// Line in the file.
+    pub line: usize,
+}
+
+/// A validated topology.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    /// The file it came from (for messages).
+    pub file: String,
+    /// `[underlay]`.
+    pub underlay: Underlay,
+    /// `[conntrack]`.
+    pub conntrack: ConntrackLimits,
+    /// `[limits]`.
+    pub limits: Limits,
+    /// Hosts.
+    pub hosts: Vec<Host>,
+    /// VPCs.
+    pub vpcs: Vec<Vpc>,
+    /// Subnets.
+    pub subnets: Vec<Subnet>,
+    /// Route tables, the implicit default ones included.
+    pub route_tables: Vec<RouteTable>,
+    /// Network ACLs.
+    pub acls: Vec<Acl>,
+    /// Security groups.
+    pub security_groups: Vec<SecurityGroup>,
+    /// Instances.
+    pub instances: Vec<Instance>,
+    /// Peerings.
+    pub peerings: Vec<Peering>,
+    /// Expectations.
+    pub expects: Vec<Expect>,
+    pub(crate) index: Index,
+}
+
+/// Lookups the pipeline makes per packet (slow path) or per flow.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Index {
+    pub host_by_address: HashMap<Ipv4Addr, HostId>,
+    pub vpc_by_key: HashMap<u32, VpcId>,
+    pub instance_by_address: HashMap<(VpcId, Ipv4Addr), InstanceId>,
+}
+
+impl Topology {
+    /// The host with this underlay address.
+    #[inline]
+    pub fn host_by_address(&self, a: Ipv4Addr) -> Option<HostId> {
+        self.index.host_by_address.get(&a).copied()
+    }
+
+    /// The VPC with this GRE key.
+    #[inline]
+    pub fn vpc_by_key(&self, key: u32) -> Option<VpcId> {
+        self.index.vpc_by_key.get(&key).copied()
+    }
+
+    /// The instance of `vpc` with address `ip`.
+    #[inline]
+    pub fn instance_at(&self, vpc: VpcId, ip: Ipv4Addr) -> Option<InstanceId> {
+        self.index.instance_by_address.get(&(vpc, ip)).copied()
+    }
+
+    /// The host with this name.
+    pub fn host_named(&self, name: &str) -> Option<HostId> {
+        self.hosts
+            .iter()
+            .position(|h| h.name == name)
+            .map(|i| HostId(i as u32))
+    }
+
+    /// The instance with this name.
+    pub fn instance_named(&self, name: &str) -> Option<InstanceId> {
+        self.instances
+            .iter()
+            .position(|i| i.name == name)
+            .map(|i| InstanceId(i as u32))
+    }
+
+    /// An instance.
+    #[inline]
+    pub fn instance(&self, id: InstanceId) -> &Instance {
+        &self.instances[id.index()]
+    }
+
+    /// A host.
+    #[inline]
+    pub fn host(&self, id: HostId) -> &Host {
+        &self.hosts[id.index()]
+    }
+
+    /// A VPC.
+    #[inline]
+    pub fn vpc(&self, id: VpcId) -> &Vpc {
+        &self.vpcs[id.index()]
+    }
+
+    /// A subnet.
+    #[inline]
+    pub fn subnet(&self, id: SubnetId) -> &Subnet {
+        &self.subnets[id.index()]
+    }
+
+    /// Instances placed on `host`.
+    pub fn instances_on(&self, host: HostId) -> impl Iterator<Item = InstanceId> + '_ {
+        self.instances
+            .iter()
+            .enumerate()
+            .filter(move |(_, i)| i.host == host)
+            .map(|(n, _)| InstanceId(n as u32))
+    }
+}

@@ -1,0 +1,255 @@
+//! GRE (RFC 2784, with the key and sequence extensions of RFC 2890) and GRE-in-UDP (RFC 8086).
+//!
+//! ```text
+//!  0                   1                   2                   3
+//!  0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
+//! +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+//! |C|R|K|S|s|Recur| Reserved0       | Ver |         Protocol Type |
+//! +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+//! |      Checksum (optional)      |       Reserved1 (optional)    |
+//! |                         Key (optional)                        |
+//! |                 Sequence Number (optional)                    |
+//! +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+//! ```
+//! Bit 1 (R, routing present in RFC 1701) and bits 4 and 5 (strict source route, recursion in
+//! RFC 1701) must be zero for an RFC 2784 receiver; bits 6–12 are ignored (RFC 2784 §2.3).
+
+use std::net::Ipv4Addr;
+
+use super::buf::{NoHeadroom, PacketBuf};
+use super::ipv4;
+use crate::reason::DropReason;
+
+/// UDP destination port of GRE-in-UDP (RFC 8086 §3.1).
+pub const UDP_PORT: u16 = 4754;
+/// EtherType of IPv4, the only payload vpcd carries.
+pub const PROTO_IPV4: u16 = 0x0800;
+/// EtherType of IPv6 (recognised to give a precise drop reason).
+pub const PROTO_IPV6: u16 = 0x86dd;
+
+mod flag {
+    pub const CHECKSUM: u16 = 0x8000;
+    pub const ROUTING: u16 = 0x4000;
+    pub const KEY: u16 = 0x2000;
+    pub const SEQUENCE: u16 = 0x1000;
+    /// Bits 4 and 5: strict source route and the first recursion bit of RFC 1701.
+    pub const RESERVED_4_5: u16 = 0x0c00;
+    pub const VERSION: u16 = 0x0007;
+}
+
+/// A parsed GRE header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GreHeader {
+    /// The C bit was set and the checksum verified.
+    pub checksum_present: bool,
+    /// The key, when the K bit is set.
+    pub key: Option<u32>,
+    /// The sequence number, when the S bit is set (tolerated, not enforced).
+    pub sequence: Option<u32>,
+    /// The protocol type (an EtherType).
+    pub protocol: u16,
+    /// Header length in bytes: 4 + 4·C + 4·K + 4·S.
+    pub len: usize,
+}
+
+/// Parses and checks the GRE header at the start of `bytes` (which runs to the end of the GRE
+/// payload, as the checksum covers it).
+pub fn parse(bytes: &[u8]) -> Result<GreHeader, DropReason> {
+    let Some(base) = bytes.get(..4) else {
+        return Err(DropReason::GreTruncated);
+    };
+    let flags = u16::from_be_bytes([base[0], base[1]]);
+    if flags & flag::VERSION != 0 {
+        return Err(DropReason::GreBadVersion);
+    }
+    if flags & (flag::ROUTING | flag::RESERVED_4_5) != 0 {
+        return Err(DropReason::GreReservedBits);
+    }
+    let c = flags & flag::CHECKSUM != 0;
+    let k = flags & flag::KEY != 0;
+    let s = flags & flag::SEQUENCE != 0;
+    let len = 4 + 4 * (c as usize + k as usize + s as usize);
+    if bytes.len() < len {
+        return Err(DropReason::GreTruncated);
+    }
+    if c && ipv4::checksum(bytes) != 0 {
+        return Err(DropReason::GreBadChecksum);
+    }
+    let word =
+        |at: usize| u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+    let mut at = 4 + 4 * c as usize;
+    let key = k.then(|| word(at));
+    at += 4 * k as usize;
+    let sequence = s.then(|| word(at));
+    Ok(GreHeader {
+        checksum_present: c,
+        key,
+        sequence,
+        protocol: u16::from_be_bytes([base[2], base[3]]),
+        len,
+    })
+}
+
+/// GRE header length vpcd emits: base + key, plus 4 with a checksum.
+pub const fn header_len(key: bool, checksum: bool) -> usize {
+    4 + 4 * key as usize + 4 * checksum as usize
+}
+
+/// Prepends a GRE header (protocol IPv4, key when given, checksum when asked) in place.
+pub fn push_header(
+    buf: &mut PacketBuf,
+    key: Option<u32>,
+    checksum: bool,
+) -> Result<(), NoHeadroom> {
+    let len = header_len(key.is_some(), checksum);
+    let h = buf.push_front(len)?;
+    let mut flags = 0u16;
+    if checksum {
+        flags |= flag::CHECKSUM;
+    }
+    if key.is_some() {
+        flags |= flag::KEY;
+    }
+    h[0..2].copy_from_slice(&flags.to_be_bytes());
+    h[2..4].copy_from_slice(&PROTO_IPV4.to_be_bytes());
+    let mut at = 4;
+    if checksum {
+        h[4..8].fill(0);
+        at = 8;
+    }
+    if let Some(k) = key {
+        h[at..at + 4].copy_from_slice(&k.to_be_bytes());
+    }
+    if checksum {
+        // RFC 2784 §2.5: the checksum covers the GRE header and the payload.
+        let c = ipv4::checksum(buf.as_slice());
+        buf.as_mut_slice()[4..6].copy_from_slice(&c.to_be_bytes());
+    }
+    Ok(())
+}
+
+/// Encapsulates the inner IPv4 packet in `buf` for the `gre` transport: prepends GRE and an
+/// outer IPv4 header (protocol 47, TOS copied from the inner packet) in place.
+pub fn encapsulate_ip(
+    buf: &mut PacketBuf,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    key: Option<u32>,
+    checksum: bool,
+) -> Result<(), NoHeadroom> {
+    let tos = buf.as_slice().get(1).copied().unwrap_or(0);
+    push_header(buf, key, checksum)?;
+    let total = (buf.len() + ipv4::HEADER_LEN) as u16;
+    let h = buf.push_front(ipv4::HEADER_LEN)?;
+    ipv4::emit_header(h, src, dst, ipv4::proto::GRE, tos, total);
+    Ok(())
+}
+
+/// The UDP source port of a GRE-in-UDP flow: from the flow's hash, in the ephemeral range
+/// 49152–65535 (RFC 8086 §3.2.1) so that ECMP in the underlay spreads flows.
+pub const fn udp_source_port(flow_hash: u32) -> u16 {
+    0xc000 | (flow_hash as u16 & 0x3fff)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gre(flags: u16, proto: u16, rest: &[u8]) -> Vec<u8> {
+        let mut v = flags.to_be_bytes().to_vec();
+        v.extend_from_slice(&proto.to_be_bytes());
+        v.extend_from_slice(rest);
+        v
+    }
+
+    #[test]
+    fn key_and_sequence_are_read() {
+        let h = parse(&gre(0x3000, PROTO_IPV4, &[0, 0, 3, 0xe9, 0, 0, 0, 7])).unwrap();
+        assert_eq!(h.key, Some(1001));
+        assert_eq!(h.sequence, Some(7));
+        assert_eq!(h.len, 12);
+        assert!(!h.checksum_present);
+    }
+
+    #[test]
+    fn length_must_cover_the_announced_fields() {
+        assert_eq!(parse(&[0x20, 0]), Err(DropReason::GreTruncated));
+        assert_eq!(
+            parse(&gre(0x2000, PROTO_IPV4, &[0, 0])),
+            Err(DropReason::GreTruncated)
+        );
+        assert_eq!(
+            parse(&gre(0xa000, PROTO_IPV4, &[0; 4])),
+            Err(DropReason::GreTruncated)
+        );
+        assert_eq!(
+            parse(&gre(0x3000, PROTO_IPV4, &[0; 4])),
+            Err(DropReason::GreTruncated)
+        );
+    }
+
+    #[test]
+    fn version_routing_and_reserved_bits() {
+        assert_eq!(
+            parse(&gre(0x2001, PROTO_IPV4, &[0; 4])),
+            Err(DropReason::GreBadVersion)
+        );
+        assert_eq!(
+            parse(&gre(0x6000, PROTO_IPV4, &[0; 4])),
+            Err(DropReason::GreReservedBits)
+        );
+        assert_eq!(
+            parse(&gre(0x2800, PROTO_IPV4, &[0; 4])),
+            Err(DropReason::GreReservedBits)
+        );
+        assert_eq!(
+            parse(&gre(0x2400, PROTO_IPV4, &[0; 4])),
+            Err(DropReason::GreReservedBits)
+        );
+        // Bits 6-12 are ignored (RFC 2784 §2.3).
+        assert!(parse(&gre(0x23f8, PROTO_IPV4, &[0; 4])).is_ok());
+    }
+
+    #[test]
+    fn emitted_checksum_verifies_and_corruption_is_caught() {
+        let mut b = PacketBuf::from_packet(&[0x45, 1, 2, 3, 4, 5, 6]);
+        push_header(&mut b, Some(42), true).unwrap();
+        let h = parse(b.as_slice()).unwrap();
+        assert!(h.checksum_present);
+        assert_eq!(h.key, Some(42));
+        b.as_mut_slice()[13] ^= 0xff;
+        assert_eq!(parse(b.as_slice()), Err(DropReason::GreBadChecksum));
+    }
+
+    #[test]
+    fn encapsulation_prepends_in_place() {
+        let inner = ipv4::tests::packet([10, 0, 1, 10], [10, 0, 2, 20], ipv4::proto::UDP, &[0; 8]);
+        let mut b = PacketBuf::from_packet(&inner);
+        let at = b.as_slice().as_ptr();
+        encapsulate_ip(
+            &mut b,
+            Ipv4Addr::new(192, 0, 2, 1),
+            Ipv4Addr::new(192, 0, 2, 2),
+            Some(1001),
+            false,
+        )
+        .unwrap();
+        assert_eq!(b.len(), inner.len() + 28);
+        assert_eq!(
+            b.as_slice()[28..].as_ptr(),
+            at,
+            "the inner packet did not move"
+        );
+        assert_eq!(&b.as_slice()[28..], &inner[..]);
+        assert_eq!(ipv4::checksum(&b.as_slice()[..20]), 0);
+        assert_eq!(b.as_slice()[9], ipv4::proto::GRE);
+        assert_eq!(parse(&b.as_slice()[20..]).unwrap().key, Some(1001));
+    }
+
+    #[test]
+    fn udp_source_ports_are_ephemeral() {
+        for h in [0, 1, 0x3fff, 0xffff_ffff] {
+            assert!(udp_source_port(h) >= 49152);
+        }
+    }
+}

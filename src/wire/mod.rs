@@ -1,0 +1,10 @@
+//! Packet formats: checked views over borrowed bytes and in-place builders.
+//!
+//! Nothing here allocates per packet or reads a clock.
+
+pub mod buf;
+pub mod gre;
+pub mod icmp;
+pub mod ipv4;
+
+pub use buf::{HEADROOM, PacketBuf};
