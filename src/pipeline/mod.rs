@@ -605,10 +605,10 @@ fn decide_flow(
 ) -> Decision {
     let ingress = origin.ingress();
     if let Fragment::Later { .. } = ip.fragment {
-        return st
-            .frags
-            .follow(ingress, zone, ip, now)
-            .unwrap_or(Decision::drop(DropReason::FragmentWithoutFirst));
+        return match st.frags.follow(ingress, zone, ip, now) {
+            Some(d) => with_strip(d, strip),
+            None => Decision::drop(DropReason::FragmentWithoutFirst),
+        };
     }
     let icmp_error = matches!(ip.l4, L4::Icmp { kind, .. } if icmp_type::is_error(kind));
     let key = FlowKey::new(ingress, zone, ip);

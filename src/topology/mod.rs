@@ -5,6 +5,8 @@ mod compile;
 mod error;
 pub mod file;
 mod model;
+#[cfg(test)]
+mod tests;
 
 pub use error::{LoadError, TopologyError};
 pub use model::*;

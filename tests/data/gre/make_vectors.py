@@ -216,9 +216,9 @@ def build():
          note="outer IPv4 protocol 17 (not 47) carrying key-icmp's GRE bytes")
     drop("inner-bad-version", "InnerNotIpv4", raw(gre() / inner_icmp(version=5)),
          note="K, key 1001, inner ICMP packet with version nibble 5 (header checksum correct)")
-    drop("inner-ihl-4", "InnerMalformed", raw(gre() / inner_icmp(ihl=4)),
+    drop("inner-ihl-4", "InnerBadIhl", raw(gre() / inner_icmp(ihl=4)),
          note="K, key 1001, inner ICMP packet with IHL 4 (20 header bytes present, checksum over 20 bytes)")
-    drop("inner-length-mismatch", "InnerMalformed", raw(gre() / inner_icmp(len=84 + 10)),
+    drop("inner-length-mismatch", "InnerLengthMismatch", raw(gre() / inner_icmp(len=84 + 10)),
          note="K, key 1001, inner total length 94 but only 84 bytes present (header checksum correct)")
     loop_inner = (inner_ip(dst=LOCAL, proto=IPPROTO_GRE) / gre() / inner_icmp())
     drop("inner-gre-loop", "TunnelLoop", raw(gre() / loop_inner),
