@@ -53,6 +53,7 @@ type Names = HashMap<String, u32>;
 
 struct Cx<'a> {
     file: &'a str,
+    text: &'a str,
     line_starts: Vec<usize>,
     errors: Vec<TopologyError>,
 }
@@ -63,6 +64,7 @@ impl<'a> Cx<'a> {
         line_starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
         Cx {
             file,
+            text,
             line_starts,
             errors: Vec::new(),
         }
@@ -70,7 +72,13 @@ impl<'a> Cx<'a> {
 
     fn position(&self, offset: usize) -> (usize, usize) {
         let line = self.line_starts.partition_point(|&s| s <= offset);
-        let column = offset - self.line_starts[line.saturating_sub(1)] + 1;
+        let start = self.line_starts[line.saturating_sub(1)];
+        // Columns count characters, as editors do, not bytes.
+        let column = self
+            .text
+            .get(start..offset)
+            .map_or(offset - start, |s| s.chars().count())
+            + 1;
         (line.max(1), column)
     }
 
@@ -98,12 +106,15 @@ impl<'a> Cx<'a> {
                 self.err(n.span(), format!("{kind} #{}", i + 1), "name is empty");
                 continue;
             }
-            if names.insert(n.get_ref().clone(), i as u32).is_some() {
+            // The first definition keeps the name: references must not move to a duplicate.
+            if names.contains_key(n.get_ref()) {
                 self.err(
                     n.span(),
                     label(kind, n),
                     format!("duplicate {kind} name \"{}\"", n.get_ref()),
                 );
+            } else {
+                names.insert(n.get_ref().clone(), i as u32);
             }
         }
         names
@@ -380,14 +391,37 @@ impl<'a> Cx<'a> {
         if let Some(raw) = &f.conntrack {
             let raw = raw.get_ref();
             let item = "[conntrack]";
-            if let Some(v) = &raw.max_entries {
-                c.max_entries = self.int_in(v, item, "max_entries", 16..(1 << 26))? as u32;
+            // Every bad value is reported, not only the first.
+            let mut ok = true;
+            for (v, slot, what, range) in [
+                (
+                    &raw.max_entries,
+                    &mut c.max_entries,
+                    "max_entries",
+                    16..(1 << 26),
+                ),
+                (
+                    &raw.max_per_instance,
+                    &mut c.max_per_instance,
+                    "max_per_instance",
+                    1..(1 << 26),
+                ),
+                (
+                    &raw.flow_cache,
+                    &mut c.flow_cache,
+                    "flow_cache",
+                    16..(1 << 24),
+                ),
+            ] {
+                if let Some(v) = v {
+                    match self.int_in(v, item, what, range) {
+                        Some(x) => *slot = x as u32,
+                        None => ok = false,
+                    }
+                }
             }
-            if let Some(v) = &raw.max_per_instance {
-                c.max_per_instance = self.int_in(v, item, "max_per_instance", 1..(1 << 26))? as u32;
-            }
-            if let Some(v) = &raw.flow_cache {
-                c.flow_cache = self.int_in(v, item, "flow_cache", 16..(1 << 24))? as u32;
+            if !ok {
+                return None;
             }
         }
         c.max_per_instance = c.max_per_instance.min(c.max_entries);
@@ -731,9 +765,10 @@ impl<'a> Cx<'a> {
                 None
             }
         };
+        // A bad port does not hide a bad peer.
         let ports = match proto {
-            Some(p) => self.ports(item, p, port)?,
-            None => Vec::new(),
+            Some(p) => self.ports(item, p, port),
+            None => Some(Vec::new()),
         };
         let peer = match peer.get_ref().strip_prefix("sg:") {
             Some(name) => match groups {
@@ -762,7 +797,7 @@ impl<'a> Cx<'a> {
         Some(Rule {
             action: act?,
             protocol: proto?,
-            ports,
+            ports: ports?,
             peer: peer?,
             line,
         })
@@ -852,39 +887,35 @@ impl<'a> Cx<'a> {
                 let item = label("subnet", &s.name);
                 let vpc = self.resolve(vpc_names, "vpc", &s.vpc, &item);
                 let cidr = self.cidr(&s.cidr, &item, "cidr", false);
+                // The route table and the ACL are both checked: one bad reference does not
+                // hide the other.
                 let route_table = match &s.route_table {
                     None => Some(RouteTableId(u32::MAX)),
-                    Some(t) => {
-                        let id = self.resolve(table_names, "route_table", t, &item)?;
-                        if let (Some(tv), Some(v)) = (table_vpcs[id as usize], vpc)
-                            && tv != v
-                        {
+                    Some(t) => match self.resolve(table_names, "route_table", t, &item) {
+                        Some(id) if matches!((table_vpcs[id as usize], vpc), (Some(tv), Some(v)) if tv != v) => {
                             self.err(
                                 t.span(),
                                 &item,
                                 format!("route_table \"{}\" belongs to another VPC", t.get_ref()),
                             );
-                            return None;
+                            None
                         }
-                        Some(RouteTableId(id))
-                    }
+                        id => id.map(RouteTableId),
+                    },
                 };
                 let acl = match &s.acl {
                     None => Some(None),
-                    Some(a) => {
-                        let id = self.resolve(acl_names, "acl", a, &item)?;
-                        if let (Some(Some(acl)), Some(v)) = (acls.get(id as usize), vpc)
-                            && acl.vpc.0 != v
-                        {
+                    Some(a) => match self.resolve(acl_names, "acl", a, &item) {
+                        Some(id) if matches!((acls.get(id as usize), vpc), (Some(Some(acl)), Some(v)) if acl.vpc.0 != v) => {
                             self.err(
                                 a.span(),
                                 &item,
                                 format!("acl \"{}\" belongs to another VPC", a.get_ref()),
                             );
-                            return None;
+                            None
                         }
-                        Some(Some(AclId(id)))
-                    }
+                        id => id.map(|id| Some(AclId(id))),
+                    },
                 };
                 let (vpc, cidr, route_table, acl) = (vpc?, cidr?, route_table?, acl?);
                 let v = vpcs[vpc as usize].as_ref()?;
@@ -977,11 +1008,14 @@ impl<'a> Cx<'a> {
                         self.err(span, &item, msg);
                     }
                 }
-                let Some(subnet_ref) = &i.subnet else {
-                    self.err(raw.span(), &item, "a VPC instance needs a subnet");
-                    return None;
+                // A missing subnet does not hide the other problems of the instance.
+                let subnet = match &i.subnet {
+                    Some(t) => self.resolve(subnet_names, "subnet", t, &item),
+                    None => {
+                        self.err(raw.span(), &item, "a VPC instance needs a subnet");
+                        None
+                    }
                 };
-                let subnet = self.resolve(subnet_names, "subnet", subnet_ref, &item);
                 let ip = match &i.ip {
                     Some(t) => self.address(t, &item, "ip"),
                     None => {

@@ -187,13 +187,38 @@ pub struct Route {
 }
 
 /// A port field: an integer or a string (`"22"`, `"80,443"`, `"1000-2000"`, `"all"`).
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub enum PortSpec {
     /// A single port as an integer.
     Number(i64),
     /// The string form.
     Text(String),
+}
+
+// Written by hand rather than `#[serde(untagged)]`, whose error ("data did not match any
+// variant of untagged enum PortSpec") tells the user nothing about what a port looks like.
+impl<'de> Deserialize<'de> for PortSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = PortSpec;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "a port: an integer, or a string like \"80,443\", \"1000-2000\" or \"all\"",
+                )
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<PortSpec, E> {
+                Ok(PortSpec::Number(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<PortSpec, E> {
+                Ok(PortSpec::Number(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PortSpec, E> {
+                Ok(PortSpec::Text(v.to_string()))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// One network ACL rule.
