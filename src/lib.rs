@@ -14,6 +14,8 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod daemon;
+pub mod io;
 pub mod pipeline;
 pub mod policy;
 pub mod reason;

@@ -33,7 +33,8 @@ pub struct Counters {
 }
 
 impl Counters {
-    pub(crate) fn new(instances: usize) -> Counters {
+    /// Zeroed counters for a topology of `instances` instances.
+    pub fn new(instances: usize) -> Counters {
         Counters {
             drops: [0; DropReason::COUNT],
             ports: vec![PortCounters::default(); instances],

@@ -326,11 +326,24 @@ impl Pipeline {
     /// Decides what to do with `packet`, which arrived from `from` at `now`. Counts the
     /// outcome. Never panics, whatever the bytes.
     pub fn decide(&mut self, packet: &[u8], from: Ingress, now: Timestamp) -> Decision {
+        self.decide_offloaded(packet, from, false, now)
+    }
+
+    /// [`Pipeline::decide`] for a packet that may be a TSO/USO super-packet from a TUN device
+    /// (`segmented`): one decision for all its segments, and no MTU check, since the kernel
+    /// cut its segment size to the device's MTU.
+    pub fn decide_offloaded(
+        &mut self,
+        packet: &[u8],
+        from: Ingress,
+        segmented: bool,
+        now: Timestamp,
+    ) -> Decision {
         let t = &*self.topo;
         let v = &self.view;
         let st = &mut self.state;
         let d = match from {
-            Ingress::Instance(id) => from_instance(t, v, st, id, packet, now),
+            Ingress::Instance(id) => from_instance(t, v, st, id, packet, segmented, now),
             Ingress::UnderlayIp => match ipv4::parse_outer(packet) {
                 Err(r) => Decision::drop(r),
                 Ok(o) if o.dst != v.address => Decision::drop(DropReason::NotAddressedToHost),
@@ -430,6 +443,7 @@ fn from_instance(
     st: &mut State,
     id: InstanceId,
     pkt: &[u8],
+    segmented: bool,
     now: Timestamp,
 ) -> Decision {
     if !v.is_local(id) {
@@ -446,7 +460,7 @@ fn from_instance(
     if let Err(r) = check_destination(t, &ip) {
         return Decision::drop(r);
     }
-    if pkt.len() > usize::from(v.instance_mtu) {
+    if !segmented && pkt.len() > usize::from(v.instance_mtu) {
         return if ip.dont_fragment {
             Decision::FragNeeded {
                 to: id,

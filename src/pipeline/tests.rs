@@ -248,7 +248,11 @@ fn routing_table() {
     let web1 = l.from("web1");
     let db1_host = l.t.host_named("b").unwrap();
     let cases: Vec<(&str, Vec<u8>, Decision)> = vec![
-        ("same subnet, same host", tcp(WEB1, 40000, WEB2, 80, SYN), l.deliver("web2")),
+        (
+            "same subnet, same host",
+            tcp(WEB1, 40000, WEB2, 80, SYN),
+            l.deliver("web2"),
+        ),
         (
             "other subnet, other host",
             tcp(WEB1, 40000, DB1, 5432, SYN),
@@ -257,9 +261,21 @@ fn routing_table() {
                 key: 1001,
             },
         ),
-        ("inside the VPC, no instance", tcp(WEB1, 1, [10, 0, 9, 9], 80, SYN), drop(DropReason::NoSuchInstance)),
-        ("gateway address", tcp(WEB1, 1, [10, 0, 1, 1], 80, SYN), drop(DropReason::NoSuchInstance)),
-        ("route to drop", tcp(WEB1, 1, [198, 51, 100, 7], 80, SYN), drop(DropReason::RouteDrop)),
+        (
+            "inside the VPC, no instance",
+            tcp(WEB1, 1, [10, 0, 9, 9], 80, SYN),
+            drop(DropReason::NoSuchInstance),
+        ),
+        (
+            "gateway address",
+            tcp(WEB1, 1, [10, 0, 1, 1], 80, SYN),
+            drop(DropReason::NoSuchInstance),
+        ),
+        (
+            "route to drop",
+            tcp(WEB1, 1, [198, 51, 100, 7], 80, SYN),
+            drop(DropReason::RouteDrop),
+        ),
         (
             "route to internet, not yet available",
             tcp(WEB1, 1, [203, 0, 113, 7], 80, SYN),
@@ -278,12 +294,36 @@ fn routing_table() {
                 key: 1001,
             },
         ),
-        ("broadcast", udp(WEB1, 68, [255, 255, 255, 255], 67), drop(DropReason::NotUnicast)),
-        ("multicast", udp(WEB1, 5000, [224, 0, 0, 251], 5353), drop(DropReason::NotUnicast)),
-        ("an underlay address", udp(WEB1, 5000, HOST_B, 53), drop(DropReason::InnerDstUnderlay)),
-        ("GRE-in-UDP into the underlay", udp(WEB1, 5000, HOST_B, 4754), drop(DropReason::TunnelLoop)),
-        ("GRE into the underlay", ip(WEB1, HOST_A, proto::GRE, &[0; 8]), drop(DropReason::TunnelLoop)),
-        ("spoofed source", tcp([10, 0, 1, 99], 1, WEB2, 80, SYN), drop(DropReason::SourceSpoofed)),
+        (
+            "broadcast",
+            udp(WEB1, 68, [255, 255, 255, 255], 67),
+            drop(DropReason::NotUnicast),
+        ),
+        (
+            "multicast",
+            udp(WEB1, 5000, [224, 0, 0, 251], 5353),
+            drop(DropReason::NotUnicast),
+        ),
+        (
+            "an underlay address",
+            udp(WEB1, 5000, HOST_B, 53),
+            drop(DropReason::InnerDstUnderlay),
+        ),
+        (
+            "GRE-in-UDP into the underlay",
+            udp(WEB1, 5000, HOST_B, 4754),
+            drop(DropReason::TunnelLoop),
+        ),
+        (
+            "GRE into the underlay",
+            ip(WEB1, HOST_A, proto::GRE, &[0; 8]),
+            drop(DropReason::TunnelLoop),
+        ),
+        (
+            "spoofed source",
+            tcp([10, 0, 1, 99], 1, WEB2, 80, SYN),
+            drop(DropReason::SourceSpoofed),
+        ),
         (
             "the other tenant's address of the same instance",
             tcp([10, 0, 1, 20], 1, WEB2, 80, SYN),
@@ -301,7 +341,10 @@ fn a_route_back_to_the_sender_is_a_loop() {
     let mut b = Pipeline::new(t.clone(), t.host_named("b").unwrap());
     // nat is in subnet db, whose table is the default one: no route for 8.8.8.8.
     let nat = Ingress::Instance(t.instance_named("nat").unwrap());
-    assert_eq!(b.decide(&udp(NAT, 1, [8, 8, 8, 8], 53), nat, now(0)), drop(DropReason::NoRoute));
+    assert_eq!(
+        b.decide(&udp(NAT, 1, [8, 8, 8, 8], 53), nat, now(0)),
+        drop(DropReason::NoRoute)
+    );
     let mut custom = TOPOLOGY.replace(
         "[[subnet]]\nname = \"db\"\nvpc = \"alice\"\ncidr = \"10.0.2.0/24\"",
         "[[subnet]]\nname = \"db\"\nvpc = \"alice\"\ncidr = \"10.0.2.0/24\"\nroute_table = \"rt-db\"",
@@ -312,7 +355,10 @@ fn a_route_back_to_the_sender_is_a_loop() {
     let t = Arc::new(Topology::parse(&custom, "custom.toml").unwrap());
     let mut b = Pipeline::new(t.clone(), t.host_named("b").unwrap());
     let nat = Ingress::Instance(t.instance_named("nat").unwrap());
-    assert_eq!(b.decide(&udp(NAT, 1, [8, 8, 8, 8], 53), nat, now(0)), drop(DropReason::RouteLoop));
+    assert_eq!(
+        b.decide(&udp(NAT, 1, [8, 8, 8, 8], 53), nat, now(0)),
+        drop(DropReason::RouteLoop)
+    );
 }
 
 #[test]
@@ -384,7 +430,9 @@ fn security_group_rules_name_the_rule() {
         d,
         Decision::Drop(Dropped {
             reason: DropReason::SgIngress,
-            rule: Some(RuleRef::SecurityGroupsEnd { instance: l.id("web2") })
+            rule: Some(RuleRef::SecurityGroupsEnd {
+                instance: l.id("web2")
+            })
         })
     );
 }
@@ -393,7 +441,8 @@ fn security_group_rules_name_the_rule() {
 fn sg_peers_are_members_of_the_group() {
     let mut l = Lab::new();
     // sg-web admits ICMP from members of sg-db only; db-local is in sg-out-only.
-    let from_db_local = l.a.decide(&icmp(DB_LOCAL, WEB1, 8, 1), l.from("db-local"), now(0));
+    let from_db_local =
+        l.a.decide(&icmp(DB_LOCAL, WEB1, 8, 1), l.from("db-local"), now(0));
     assert_eq!(reason(from_db_local), Some(DropReason::SgIngress));
     // db1 (sg-db, on host b) pinging web1: host a checks web1's ingress.
     let wire = gre_from(HOST_B, HOST_A, 1001, &icmp(DB1, WEB1, 8, 1));
@@ -425,10 +474,12 @@ fn stateful_replies_pass_without_rules() {
         l.deliver("web1")
     );
     // A new connection from web1 to db-local is judged by the rules: dropped.
-    let d = l.a.decide(&tcp(WEB1, 80, DB_LOCAL, 40001, SYN), web1, now(1));
+    let d =
+        l.a.decide(&tcp(WEB1, 80, DB_LOCAL, 40001, SYN), web1, now(1));
     assert_eq!(reason(d), Some(DropReason::SgIngress));
     // Reply traffic with no connection behind it is not a new connection either.
-    let d = l.a.decide(&tcp(WEB1, 80, DB_LOCAL, 40002, SYNACK), web1, now(1));
+    let d =
+        l.a.decide(&tcp(WEB1, 80, DB_LOCAL, 40002, SYNACK), web1, now(1));
     assert_eq!(reason(d), Some(DropReason::TcpNoConnection));
 }
 
@@ -438,8 +489,14 @@ fn stateful_replies_across_hosts() {
     let web1 = l.from("web1");
     let db1 = l.from("db1");
     let b_host = l.t.host_named("b").unwrap();
-    let enc = Decision::Encapsulate { host: b_host, key: 1001 };
-    assert_eq!(l.a.decide(&tcp(WEB1, 40000, DB1, 5432, SYN), web1, now(0)), enc);
+    let enc = Decision::Encapsulate {
+        host: b_host,
+        key: 1001,
+    };
+    assert_eq!(
+        l.a.decide(&tcp(WEB1, 40000, DB1, 5432, SYN), web1, now(0)),
+        enc
+    );
     let wire = gre_from(HOST_A, HOST_B, 1001, &tcp(WEB1, 40000, DB1, 5432, SYN));
     assert_eq!(
         l.b.decide(&wire, Ingress::UnderlayIp, now(0)),
@@ -450,7 +507,10 @@ fn stateful_replies_across_hosts() {
     );
     // db1 replies; host b lets it out, host a lets it in: neither SG has a rule for it.
     let reply = tcp(DB1, 5432, WEB1, 40000, SYNACK);
-    assert!(matches!(l.b.decide(&reply, db1, now(0)), Decision::Encapsulate { key: 1001, .. }));
+    assert!(matches!(
+        l.b.decide(&reply, db1, now(0)),
+        Decision::Encapsulate { key: 1001, .. }
+    ));
     let wire = gre_from(HOST_B, HOST_A, 1001, &reply);
     assert_eq!(
         l.a.decide(&wire, Ingress::UnderlayIp, now(0)),
@@ -487,7 +547,8 @@ fn acls_are_stateless_and_skip_traffic_inside_a_subnet() {
     let d = l.a.decide(&udp(WEB1, 1, WEB2, 9999), web1, now(0));
     assert_eq!(reason(d), Some(DropReason::SgIngress));
     // Ingress ACL of web drops telnet from db-local, whatever the groups say.
-    let d = l.a.decide(&tcp(DB_LOCAL, 1, WEB1, 23, SYN), l.from("db-local"), now(0));
+    let d =
+        l.a.decide(&tcp(DB_LOCAL, 1, WEB1, 23, SYN), l.from("db-local"), now(0));
     assert_eq!(
         d,
         Decision::Drop(Dropped {
@@ -504,7 +565,10 @@ fn acls_are_stateless_and_skip_traffic_inside_a_subnet() {
     let d = l.a.decide(&wire, Ingress::UnderlayIp, now(0));
     assert_eq!(reason(d), Some(DropReason::SgIngress));
     let wire = gre_from(HOST_B, HOST_A, 1001, &tcp(NAT, 1, WEB1, 23, SYN));
-    assert_eq!(reason(l.a.decide(&wire, Ingress::UnderlayIp, now(0))), Some(DropReason::AclIngress));
+    assert_eq!(
+        reason(l.a.decide(&wire, Ingress::UnderlayIp, now(0))),
+        Some(DropReason::AclIngress)
+    );
 }
 
 #[test]
@@ -557,17 +621,26 @@ fn too_big_with_df_gets_frag_needed_from_the_gateway() {
         }
     );
     let mut buf = PacketBuf::from_packet(&big);
-    assert_eq!(l.a.process(&mut buf, web1, now(0)), Action::Reply(l.id("web1")));
+    assert_eq!(
+        l.a.process(&mut buf, web1, now(0)),
+        Action::Reply(l.id("web1"))
+    );
     let reply = ipv4::parse(buf.as_slice()).unwrap();
     assert_eq!(reply.src, Ipv4Addr::new(10, 0, 1, 1));
     assert_eq!(reply.dst, Ipv4Addr::from(WEB1));
-    assert_eq!(u16::from_be_bytes([buf.as_slice()[26], buf.as_slice()[27]]), 1472);
+    assert_eq!(
+        u16::from_be_bytes([buf.as_slice()[26], buf.as_slice()[27]]),
+        1472
+    );
     // Without DF: refused and counted, not fragmented.
     big[6] = 0;
     big[10..12].fill(0);
     let c = ipv4::checksum(&big[..20]);
     big[10..12].copy_from_slice(&c.to_be_bytes());
-    assert_eq!(l.a.decide(&big, web1, now(0)), drop(DropReason::OversizeNoDf));
+    assert_eq!(
+        l.a.decide(&big, web1, now(0)),
+        drop(DropReason::OversizeNoDf)
+    );
     // Exactly the MTU passes.
     big.truncate(1472);
     big[2..4].copy_from_slice(&1472u16.to_be_bytes());
@@ -588,21 +661,36 @@ fn later_fragments_follow_the_first_and_never_bypass_a_port_rule() {
     // A datagram to an admitted port: its later fragments follow.
     let first = fragment(udp(WEB1, 5000, DB_LOCAL, 53), 7, 0, true);
     let later = fragment(ip(WEB1, DB_LOCAL, proto::UDP, &[0; 16]), 7, 3, false);
-    assert_eq!(reason(l.a.decide(&later, web1, now(0))), Some(DropReason::FragmentWithoutFirst));
+    assert_eq!(
+        reason(l.a.decide(&later, web1, now(0))),
+        Some(DropReason::FragmentWithoutFirst)
+    );
     // db-local admits nothing inbound: first fragment dropped by its group...
-    assert_eq!(reason(l.a.decide(&first, web1, now(0))), Some(DropReason::SgIngress));
+    assert_eq!(
+        reason(l.a.decide(&first, web1, now(0))),
+        Some(DropReason::SgIngress)
+    );
     // ...so the later one, which has no ports, is dropped too.
-    assert_eq!(reason(l.a.decide(&later, web1, now(0))), Some(DropReason::FragmentWithoutFirst));
+    assert_eq!(
+        reason(l.a.decide(&later, web1, now(0))),
+        Some(DropReason::FragmentWithoutFirst)
+    );
     // To web2 on TCP 80 (admitted): the first fragment opens, the later follows.
     let first = fragment(tcp(WEB1, 5000, WEB2, 80, SYN), 9, 0, true);
     let later = fragment(ip(WEB1, WEB2, proto::TCP, &[0; 16]), 9, 3, false);
     assert_eq!(l.a.decide(&first, web1, now(0)), l.deliver("web2"));
     assert_eq!(l.a.decide(&later, web1, now(1)), l.deliver("web2"));
     // 30 s later the memory is gone.
-    assert_eq!(reason(l.a.decide(&later, web1, now(40))), Some(DropReason::FragmentWithoutFirst));
+    assert_eq!(
+        reason(l.a.decide(&later, web1, now(40))),
+        Some(DropReason::FragmentWithoutFirst)
+    );
     // A different datagram id does not follow.
     let other = fragment(ip(WEB1, WEB2, proto::TCP, &[0; 16]), 10, 3, false);
-    assert_eq!(reason(l.a.decide(&other, web1, now(1))), Some(DropReason::FragmentWithoutFirst));
+    assert_eq!(
+        reason(l.a.decide(&other, web1, now(1))),
+        Some(DropReason::FragmentWithoutFirst)
+    );
 }
 
 #[test]
@@ -611,7 +699,11 @@ fn tcp_flags_no_connection_sends_are_invalid() {
     let web1 = l.from("web1");
     for flags in [0x03u8, 0x06, 0x00, 0x01, 0x29] {
         assert_eq!(
-            reason(l.a.decide(&tcp(WEB1, 40000 + u16::from(flags), WEB2, 80, flags), web1, now(0))),
+            reason(l.a.decide(
+                &tcp(WEB1, 40000 + u16::from(flags), WEB2, 80, flags),
+                web1,
+                now(0)
+            )),
             Some(DropReason::TcpInvalid),
             "{flags:#x}"
         );
@@ -620,8 +712,14 @@ fn tcp_flags_no_connection_sends_are_invalid() {
     // does not hide it.
     l.a.decide(&tcp(WEB1, 41000, WEB2, 80, SYN), web1, now(0));
     l.a.decide(&tcp(WEB2, 80, WEB1, 41000, SYNACK), l.from("web2"), now(0));
-    assert_eq!(l.a.decide(&tcp(WEB1, 41000, WEB2, 80, ACK), web1, now(0)), l.deliver("web2"));
-    assert_eq!(l.a.decide(&tcp(WEB1, 41000, WEB2, 80, ACK), web1, now(0)), l.deliver("web2"));
+    assert_eq!(
+        l.a.decide(&tcp(WEB1, 41000, WEB2, 80, ACK), web1, now(0)),
+        l.deliver("web2")
+    );
+    assert_eq!(
+        l.a.decide(&tcp(WEB1, 41000, WEB2, 80, ACK), web1, now(0)),
+        l.deliver("web2")
+    );
     assert_eq!(
         reason(l.a.decide(&tcp(WEB1, 41000, WEB2, 80, SYN), web1, now(0))),
         Some(DropReason::TcpInvalid)
@@ -646,15 +744,25 @@ fn icmp_errors_are_related_only_to_a_tracked_connection_of_the_same_vpc() {
     let syn = tcp(DB_LOCAL, 40000, WEB1, 80, SYN);
     // Unrelated: no connection yet.
     let err = icmp_error_about(WEB1, DB_LOCAL, &syn);
-    assert_eq!(reason(l.a.decide(&err, web1, now(0))), Some(DropReason::IcmpErrorUnrelated));
+    assert_eq!(
+        reason(l.a.decide(&err, web1, now(0))),
+        Some(DropReason::IcmpErrorUnrelated)
+    );
     assert_eq!(l.a.decide(&syn, db_local, now(0)), l.deliver("web1"));
     // Related: port unreachable about db-local's SYN reaches db-local, whose group admits
     // nothing inbound.
     assert_eq!(l.a.decide(&err, web1, now(1)), l.deliver("db-local"));
     // The same error inside bob's VPC relates to nothing: zones differ.
     let bob1 = l.from("bob1");
-    let bob_err = icmp_error_about(WEB1, [10, 0, 1, 20], &tcp([10, 0, 1, 20], 40000, WEB1, 80, SYN));
-    assert_eq!(reason(l.a.decide(&bob_err, bob1, now(1))), Some(DropReason::IcmpErrorUnrelated));
+    let bob_err = icmp_error_about(
+        WEB1,
+        [10, 0, 1, 20],
+        &tcp([10, 0, 1, 20], 40000, WEB1, 80, SYN),
+    );
+    assert_eq!(
+        reason(l.a.decide(&bob_err, bob1, now(1))),
+        Some(DropReason::IcmpErrorUnrelated)
+    );
 }
 
 #[test]
@@ -663,9 +771,15 @@ fn echo_is_tracked_by_identifier() {
     let db_local = l.from("db-local");
     let web1 = l.from("web1");
     // web1 pings db-local: sg-out-only admits no inbound ICMP.
-    assert_eq!(reason(l.a.decide(&icmp(WEB1, DB_LOCAL, 8, 5), web1, now(0))), Some(DropReason::SgIngress));
+    assert_eq!(
+        reason(l.a.decide(&icmp(WEB1, DB_LOCAL, 8, 5), web1, now(0))),
+        Some(DropReason::SgIngress)
+    );
     // db-local pings web1 (sg-web admits ICMP only from sg-db members: db-local is not).
-    assert_eq!(reason(l.a.decide(&icmp(DB_LOCAL, WEB1, 8, 5), db_local, now(0))), Some(DropReason::SgIngress));
+    assert_eq!(
+        reason(l.a.decide(&icmp(DB_LOCAL, WEB1, 8, 5), db_local, now(0))),
+        Some(DropReason::SgIngress)
+    );
     // Through a group that admits it, the reply with the same id comes back; another id not.
     let bob1 = l.from("bob1");
     let bob2_host = l.t.host_named("b").unwrap();
@@ -677,7 +791,10 @@ fn echo_is_tracked_by_identifier() {
         }
     );
     let reply = gre_from(HOST_B, HOST_A, 2002, &icmp(BOB2, WEB1, 0, 5));
-    assert!(matches!(l.a.decide(&reply, Ingress::UnderlayIp, now(1)), Decision::Deliver { .. }));
+    assert!(matches!(
+        l.a.decide(&reply, Ingress::UnderlayIp, now(1)),
+        Decision::Deliver { .. }
+    ));
 }
 
 #[test]
@@ -692,18 +809,53 @@ fn the_flow_cache_key_holds_every_field_the_decision_reads() {
     let hits = l.a.counters().cache_hits;
     assert!(hits >= 1);
     let variants: Vec<(&str, Vec<u8>, Ingress, Decision)> = vec![
-        ("dport", tcp(WEB1, 40000, WEB2, 81, SYN), web1, drop(DropReason::SgIngress)),
-        ("sport", tcp(WEB1, 40001, WEB2, 80, SYN), web1, l.deliver("web2")),
-        ("dst", tcp(WEB1, 40000, DB_LOCAL, 80, SYN), web1, drop(DropReason::SgIngress)),
-        ("src (and ingress)", tcp(DB_LOCAL, 40000, WEB2, 80, SYN), l.from("db-local"), l.deliver("web2")),
-        ("protocol", udp(WEB1, 40000, WEB2, 80), web1, drop(DropReason::SgIngress)),
-        ("vpc (same addresses in bob)", tcp(WEB1, 40000, BOB2, 80, SYN), l.from("bob1"), {
-            Decision::Encapsulate {
-                host: l.t.host_named("b").unwrap(),
-                key: 2002,
-            }
-        }),
-        ("ingress (spoofed from another port)", base.clone(), l.from("web2"), drop(DropReason::SourceSpoofed)),
+        (
+            "dport",
+            tcp(WEB1, 40000, WEB2, 81, SYN),
+            web1,
+            drop(DropReason::SgIngress),
+        ),
+        (
+            "sport",
+            tcp(WEB1, 40001, WEB2, 80, SYN),
+            web1,
+            l.deliver("web2"),
+        ),
+        (
+            "dst",
+            tcp(WEB1, 40000, DB_LOCAL, 80, SYN),
+            web1,
+            drop(DropReason::SgIngress),
+        ),
+        (
+            "src (and ingress)",
+            tcp(DB_LOCAL, 40000, WEB2, 80, SYN),
+            l.from("db-local"),
+            l.deliver("web2"),
+        ),
+        (
+            "protocol",
+            udp(WEB1, 40000, WEB2, 80),
+            web1,
+            drop(DropReason::SgIngress),
+        ),
+        (
+            "vpc (same addresses in bob)",
+            tcp(WEB1, 40000, BOB2, 80, SYN),
+            l.from("bob1"),
+            {
+                Decision::Encapsulate {
+                    host: l.t.host_named("b").unwrap(),
+                    key: 2002,
+                }
+            },
+        ),
+        (
+            "ingress (spoofed from another port)",
+            base.clone(),
+            l.from("web2"),
+            drop(DropReason::SourceSpoofed),
+        ),
     ];
     for (what, pkt, from, want) in variants {
         let got = l.a.decide(&pkt, from, now(0));
@@ -725,9 +877,18 @@ fn the_flow_cache_key_holds_every_field_the_decision_reads() {
     let k2 = FlowKey::new(1, Zone(1), &ipv4::parse(&code).unwrap());
     let k3 = FlowKey::new(1, Zone(1), &ipv4::parse(&icmp(WEB1, WEB2, 0, 1)).unwrap());
     let k4 = FlowKey::new(1, Zone(1), &ipv4::parse(&icmp(WEB1, WEB2, 8, 2)).unwrap());
-    assert!(k1 != k2 && k1 != k3 && k1 != k4, "ICMP code, type and id are in the key");
-    assert_ne!(k1, FlowKey::new(1, Zone(2), &ipv4::parse(&icmp(WEB1, WEB2, 8, 1)).unwrap()));
-    assert_ne!(k1, FlowKey::new(2, Zone(1), &ipv4::parse(&icmp(WEB1, WEB2, 8, 1)).unwrap()));
+    assert!(
+        k1 != k2 && k1 != k3 && k1 != k4,
+        "ICMP code, type and id are in the key"
+    );
+    assert_ne!(
+        k1,
+        FlowKey::new(1, Zone(2), &ipv4::parse(&icmp(WEB1, WEB2, 8, 1)).unwrap())
+    );
+    assert_ne!(
+        k1,
+        FlowKey::new(2, Zone(1), &ipv4::parse(&icmp(WEB1, WEB2, 8, 1)).unwrap())
+    );
 }
 
 #[test]
@@ -763,17 +924,29 @@ fn a_new_generation_invalidates_cached_decisions_but_keeps_connections() {
     let mut l = Lab::new();
     let web1 = l.from("web1");
     let dns = udp(WEB1, 5000, [198, 51, 100, 53], 53);
-    assert_eq!(reason(l.a.decide(&dns, web1, now(0))), Some(DropReason::RouteDrop));
-    assert_eq!(reason(l.a.decide(&dns, web1, now(0))), Some(DropReason::RouteDrop));
+    assert_eq!(
+        reason(l.a.decide(&dns, web1, now(0))),
+        Some(DropReason::RouteDrop)
+    );
+    assert_eq!(
+        reason(l.a.decide(&dns, web1, now(0))),
+        Some(DropReason::RouteDrop)
+    );
     let t3 = Arc::new(
         Topology::parse(
-            &TOPOLOGY.replace("{ destination = \"198.51.100.0/24\", next_hop = \"drop\" },", ""),
+            &TOPOLOGY.replace(
+                "{ destination = \"198.51.100.0/24\", next_hop = \"drop\" },",
+                "",
+            ),
             "t3.toml",
         )
         .unwrap(),
     );
     l.a.set_topology(t3);
-    assert!(matches!(l.a.decide(&dns, web1, now(0)), Decision::Encapsulate { .. }));
+    assert!(matches!(
+        l.a.decide(&dns, web1, now(0)),
+        Decision::Encapsulate { .. }
+    ));
 }
 
 #[test]
@@ -781,8 +954,16 @@ fn an_instance_that_leaves_ends_its_connections() {
     let mut l = Lab::new();
     let web1 = l.from("web1");
     l.a.decide(&tcp(WEB1, 40000, WEB2, 80, SYN), web1, now(0));
-    l.a.decide(&udp(DB_LOCAL, 1, [10, 0, 1, 20], 5), l.from("db-local"), now(0));
-    assert_eq!(l.a.conntrack().len(), 1, "db-local's UDP to a nonexistent address was not tracked");
+    l.a.decide(
+        &udp(DB_LOCAL, 1, [10, 0, 1, 20], 5),
+        l.from("db-local"),
+        now(0),
+    );
+    assert_eq!(
+        l.a.conntrack().len(),
+        1,
+        "db-local's UDP to a nonexistent address was not tracked"
+    );
     // web2 moves to host b: connections with web2 as an endpoint end on host a.
     let moved = TOPOLOGY.replace(
         "name = \"web2\"\nhost = \"a\"",
@@ -876,7 +1057,11 @@ fn process_encapsulates_and_decapsulates_in_place() {
     };
     assert_eq!((to, key), (Ipv4Addr::from(HOST_B), 1001));
     assert_eq!(buf.len(), inner.len() + 28);
-    assert_eq!(buf.as_slice()[28..].as_ptr(), payload, "the inner packet did not move");
+    assert_eq!(
+        buf.as_slice()[28..].as_ptr(),
+        payload,
+        "the inner packet did not move"
+    );
     // Host b receives exactly these bytes and hands db1 the original packet, again in place.
     let action = l.b.process(&mut buf, Ingress::UnderlayIp, now(0));
     assert_eq!(action, Action::Deliver(l.id("db1")));
@@ -886,7 +1071,13 @@ fn process_encapsulates_and_decapsulates_in_place() {
 
 #[test]
 fn gre_udp_transport_pushes_only_gre() {
-    let t = Arc::new(Topology::parse(&TOPOLOGY.replace("transport = \"gre\"", "transport = \"gre-udp\""), "u.toml").unwrap());
+    let t = Arc::new(
+        Topology::parse(
+            &TOPOLOGY.replace("transport = \"gre\"", "transport = \"gre-udp\""),
+            "u.toml",
+        )
+        .unwrap(),
+    );
     let mut a = Pipeline::new(t.clone(), t.host_named("a").unwrap());
     let inner = tcp(WEB1, 40000, DB1, 5432, SYN);
     let mut buf = PacketBuf::from_packet(&inner);
@@ -964,7 +1155,9 @@ fn no_panic_on_short_or_garbage_input_from_either_side() {
         for from in [
             web1,
             Ingress::UnderlayIp,
-            Ingress::UnderlayUdp { from: HOST_B.into() },
+            Ingress::UnderlayUdp {
+                from: HOST_B.into(),
+            },
             Ingress::Instance(InstanceId(999)),
         ] {
             let mut buf = PacketBuf::from_packet(&bytes);
@@ -972,7 +1165,11 @@ fn no_panic_on_short_or_garbage_input_from_either_side() {
         }
     }
     assert_eq!(
-        l.a.decide(&tcp(WEB1, 1, WEB2, 80, SYN), Ingress::Instance(InstanceId(999)), now(0)),
+        l.a.decide(
+            &tcp(WEB1, 1, WEB2, 80, SYN),
+            Ingress::Instance(InstanceId(999)),
+            now(0)
+        ),
         drop(DropReason::UnknownPort)
     );
 }

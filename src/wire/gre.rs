@@ -95,14 +95,26 @@ pub const fn header_len(key: bool, checksum: bool) -> usize {
     4 + 4 * key as usize + 4 * checksum as usize
 }
 
-/// Prepends a GRE header (protocol IPv4, key when given, checksum when asked) in place.
-pub fn push_header(
-    buf: &mut PacketBuf,
+/// Bytes of encapsulation in front of an inner packet: outer IPv4 (for the `gre` transport;
+/// GRE-in-UDP's IPv4 and UDP headers are the socket's) plus GRE.
+pub const fn encap_len(outer_ip: bool, key: bool, checksum: bool) -> usize {
+    header_len(key, checksum) + if outer_ip { ipv4::HEADER_LEN } else { 0 }
+}
+
+/// Writes the encapsulation into the front of `frame`, which holds
+/// [`encap_len`]`(outer.is_some(), key.is_some(), checksum)` free bytes followed by the inner
+/// packet: the outer IPv4 header when `outer` gives (source, destination), then GRE (protocol
+/// IPv4, the key when given, the checksum when asked).
+pub fn write_encap(
+    frame: &mut [u8],
+    outer: Option<(Ipv4Addr, Ipv4Addr)>,
     key: Option<u32>,
     checksum: bool,
-) -> Result<(), NoHeadroom> {
+) {
+    let ip_len = if outer.is_some() { ipv4::HEADER_LEN } else { 0 };
     let len = header_len(key.is_some(), checksum);
-    let h = buf.push_front(len)?;
+    let tos = frame.get(ip_len + len + 1).copied().unwrap_or(0);
+    let g = &mut frame[ip_len..];
     let mut flags = 0u16;
     if checksum {
         flags |= flag::CHECKSUM;
@@ -110,21 +122,35 @@ pub fn push_header(
     if key.is_some() {
         flags |= flag::KEY;
     }
-    h[0..2].copy_from_slice(&flags.to_be_bytes());
-    h[2..4].copy_from_slice(&PROTO_IPV4.to_be_bytes());
+    g[0..2].copy_from_slice(&flags.to_be_bytes());
+    g[2..4].copy_from_slice(&PROTO_IPV4.to_be_bytes());
     let mut at = 4;
     if checksum {
-        h[4..8].fill(0);
+        g[4..8].fill(0);
         at = 8;
     }
     if let Some(k) = key {
-        h[at..at + 4].copy_from_slice(&k.to_be_bytes());
+        g[at..at + 4].copy_from_slice(&k.to_be_bytes());
     }
     if checksum {
         // RFC 2784 §2.5: the checksum covers the GRE header and the payload.
-        let c = ipv4::checksum(buf.as_slice());
-        buf.as_mut_slice()[4..6].copy_from_slice(&c.to_be_bytes());
+        let c = ipv4::checksum(g);
+        g[4..6].copy_from_slice(&c.to_be_bytes());
     }
+    if let Some((src, dst)) = outer {
+        let total = frame.len() as u16;
+        ipv4::emit_header(frame, src, dst, ipv4::proto::GRE, tos, total);
+    }
+}
+
+/// Prepends a GRE header (protocol IPv4, key when given, checksum when asked) in place.
+pub fn push_header(
+    buf: &mut PacketBuf,
+    key: Option<u32>,
+    checksum: bool,
+) -> Result<(), NoHeadroom> {
+    buf.push_front(header_len(key.is_some(), checksum))?;
+    write_encap(buf.as_mut_slice(), None, key, checksum);
     Ok(())
 }
 
@@ -137,11 +163,8 @@ pub fn encapsulate_ip(
     key: Option<u32>,
     checksum: bool,
 ) -> Result<(), NoHeadroom> {
-    let tos = buf.as_slice().get(1).copied().unwrap_or(0);
-    push_header(buf, key, checksum)?;
-    let total = (buf.len() + ipv4::HEADER_LEN) as u16;
-    let h = buf.push_front(ipv4::HEADER_LEN)?;
-    ipv4::emit_header(h, src, dst, ipv4::proto::GRE, tos, total);
+    buf.push_front(encap_len(true, key.is_some(), checksum))?;
+    write_encap(buf.as_mut_slice(), Some((src, dst)), key, checksum);
     Ok(())
 }
 

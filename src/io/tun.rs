@@ -1,0 +1,178 @@
+//! Instance TUN devices, with virtio-net offloads (TSO/USO super-packets) through tun-rs.
+//!
+//! tun-rs rather than tun-tap: it opens the device with IFF_VNET_HDR and the TUNSETOFFLOAD
+//! flags (so one read can carry a 64 KB TCP super-packet), supports multi-queue, and its
+//! `send_multiple` coalesces TCP segments (GRO) before writing them.
+
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use tun_rs::{DeviceBuilder, ExpandBuffer, GROTable, SyncDevice};
+
+use super::netns;
+use crate::wire::PacketBuf;
+use crate::wire::buf::HEADROOM;
+use crate::wire::gso::{VNET_HDR_LEN, VnetHdr};
+
+/// How to set up an instance's device.
+#[derive(Debug, Clone)]
+pub struct TunConfig {
+    /// Device name (the instance's name).
+    pub name: String,
+    /// Namespace to create it in; `None` for the daemon's own.
+    pub netns: Option<String>,
+    /// The instance's address.
+    pub address: Ipv4Addr,
+    /// The subnet's prefix length (the device gets address/prefix).
+    pub prefix: u8,
+    /// MTU.
+    pub mtu: u16,
+    /// Transmit queue length (the default 500 drops bursts of super-packets).
+    pub txqueuelen: u32,
+}
+
+/// An open instance device.
+pub struct Tun {
+    dev: SyncDevice,
+    config: TunConfig,
+}
+
+impl Tun {
+    /// Creates the device inside its namespace (setns on this thread: the device never
+    /// appears in the daemon's namespace), sets address, MTU and queue length, brings it up
+    /// and routes everything through it.
+    pub fn open(config: TunConfig) -> io::Result<Tun> {
+        let ns = config.netns.as_deref();
+        let dev = netns::within(ns, || {
+            DeviceBuilder::new()
+                .name(&config.name)
+                .ipv4(config.address, config.prefix, None)
+                .mtu(config.mtu)
+                .offload(true)
+                .tx_queue_len(config.txqueuelen)
+                .build_sync()
+                .inspect(|_| {
+                    // vpcd carries IPv4 only: keep the instance from sending IPv6 (router
+                    // solicitations, MLD) that would only be counted as drops. /proc/sys/net
+                    // belongs to the namespace of the thread that opens it.
+                    let knob = format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", config.name);
+                    let _ = std::fs::write(knob, "1");
+                })
+        })
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "TUN {} in {}: {e}",
+                    config.name,
+                    ns.unwrap_or("this namespace")
+                ),
+            )
+        })?;
+        netns::ip_in(ns, &["route", "replace", "default", "dev", &config.name])?;
+        dev.set_nonblocking(true)?;
+        Ok(Tun { dev, config })
+    }
+
+    /// The device's configuration.
+    pub fn config(&self) -> &TunConfig {
+        &self.config
+    }
+
+    /// Waits until a read would not block, at most `timeout`.
+    pub fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
+        let mut fds = [PollFd::new(self.dev.as_fd(), PollFlags::POLLIN)];
+        let ms = PollTimeout::try_from(timeout.as_millis().min(60_000) as u16)
+            .unwrap_or(PollTimeout::MAX);
+        match poll(&mut fds, ms) {
+            Ok(n) => Ok(n > 0),
+            Err(nix::errno::Errno::EINTR) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Reads one packet (or super-packet) into `buf`: the virtio-net header lands just before
+    /// [`HEADROOM`], the packet at it. `None` when nothing is waiting.
+    pub fn read(&self, buf: &mut PacketBuf) -> io::Result<Option<VnetHdr>> {
+        let at = HEADROOM - VNET_HDR_LEN;
+        match self.dev.recv(buf.read_area(at)) {
+            Ok(n) if n >= VNET_HDR_LEN => {
+                buf.set_filled(at, n);
+                let h = VnetHdr::parse(buf.as_slice()).unwrap_or_default();
+                buf.pull_front(VNET_HDR_LEN);
+                Ok(Some(h))
+            }
+            Ok(_) => Ok(Some(VnetHdr::default())),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes one packet with the given virtio-net header (a super-packet keeps its GSO
+    /// header: the instance's kernel takes it whole).
+    pub fn write_with(&self, buf: &mut PacketBuf, h: &VnetHdr) -> io::Result<()> {
+        match buf.push_front(VNET_HDR_LEN) {
+            Ok(front) => h.write(front),
+            Err(e) => return Err(io::Error::other(e)),
+        }
+        let r = self.dev.send(buf.as_slice()).map(|_| ());
+        buf.pull_front(VNET_HDR_LEN);
+        r
+    }
+
+    /// Writes a batch of plain packets, coalescing consecutive TCP segments of a flow into
+    /// super-packets first (GRO).
+    pub fn write_batch(&self, gro: &mut GROTable, bufs: &mut [TunFrame<'_>]) -> io::Result<()> {
+        if bufs.is_empty() {
+            return Ok(());
+        }
+        self.dev.send_multiple(gro, bufs, VNET_HDR_LEN).map(|_| ())
+    }
+}
+
+/// A packet on its way to a TUN device, with [`VNET_HDR_LEN`] bytes in front of it for the
+/// header tun-rs writes; tun-rs appends coalesced payloads at its end.
+pub struct TunFrame<'a>(&'a mut PacketBuf);
+
+impl<'a> TunFrame<'a> {
+    /// Wraps a packet; fails when the buffer has no room for the header.
+    pub fn new(buf: &'a mut PacketBuf) -> io::Result<TunFrame<'a>> {
+        buf.push_front(VNET_HDR_LEN).map_err(io::Error::other)?;
+        Ok(TunFrame(buf))
+    }
+}
+
+impl Drop for TunFrame<'_> {
+    fn drop(&mut self) {
+        self.0.pull_front(VNET_HDR_LEN);
+    }
+}
+
+impl AsRef<[u8]> for TunFrame<'_> {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_slice()
+    }
+}
+
+impl AsMut<[u8]> for TunFrame<'_> {
+    fn as_mut(&mut self) -> &mut [u8] {
+        self.0.as_mut_slice()
+    }
+}
+
+impl ExpandBuffer for TunFrame<'_> {
+    fn buf_capacity(&self) -> usize {
+        self.0.capacity_from_start()
+    }
+
+    fn buf_resize(&mut self, new_len: usize, value: u8) {
+        self.0.resize(new_len, value);
+    }
+
+    fn buf_extend_from_slice(&mut self, src: &[u8]) {
+        self.0.extend_from_slice(src);
+    }
+}

@@ -1,0 +1,390 @@
+//! The underlay sockets: raw IP protocol 47 for `gre`, UDP port 4754 for `gre-udp`.
+//!
+//! Batches everywhere: `recvmmsg`/`sendmmsg` move up to [`BATCH`] packets per system call, and
+//! GRE-in-UDP sends the segments of a super-packet in one `sendmsg` with UDP GSO
+//! (`UDP_SEGMENT`) and receives trains of datagrams with UDP GRO (quinn-udp sets the socket
+//! options and parses the control messages). Raw sockets have neither, so raw GRE relies on
+//! batching alone.
+//!
+//! No kernel GRE module is needed: a raw socket for protocol 47 receives GRE whole, outer IPv4
+//! header included. Sending goes through a separate `IPPROTO_RAW` socket (vpcd writes the
+//! outer header itself, IP_HDRINCL implied), which receives nothing, so that only one socket
+//! gets a copy of each incoming GRE packet.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::{AsFd, AsRawFd};
+use std::time::Duration;
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrIn, recvmmsg, sendmmsg};
+use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+use crate::topology::Transport;
+use crate::wire::PacketBuf;
+use crate::wire::buf::HEADROOM;
+use crate::wire::gre::UDP_PORT;
+use crate::wire::gso::Segments;
+
+/// Packets per batch (recvmmsg, sendmmsg, handoff between threads).
+pub const BATCH: usize = 64;
+/// GRE-in-UDP senders per worker: the flow hash picks one, and its port is the flow's UDP
+/// source port (RFC 8086 §3.2.1 entropy).
+pub const UDP_SOURCES: usize = 4;
+/// Socket buffer sizes asked for.
+const SOCKET_BUFFER: usize = 8 << 20;
+/// The most a single UDP datagram train may carry (65535 minus IPv4 and UDP headers).
+const MAX_UDP_GSO_BYTES: usize = 65_507;
+/// The most segments one UDP GSO send may carry.
+const MAX_UDP_GSO_SEGMENTS: usize = 64;
+
+/// One received underlay packet: its bytes, and who sent it.
+pub struct Received {
+    /// The bytes: a whole IPv4 packet (`gre`) or a UDP payload (`gre-udp`).
+    pub buf: PacketBuf,
+    /// The sender's underlay address.
+    pub from: Ipv4Addr,
+}
+
+enum RxKind {
+    Raw(Socket),
+    Udp(Socket, UdpSocketState),
+}
+
+/// The receiving side.
+pub struct UnderlayRx {
+    kind: RxKind,
+    headers: MultiHeaders<SockaddrIn>,
+    spare: Vec<PacketBuf>,
+    trains: Vec<Vec<u8>>,
+}
+
+fn raw_socket(protocol: i32) -> io::Result<Socket> {
+    let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(protocol)))?;
+    s.set_nonblocking(true)?;
+    Ok(s)
+}
+
+fn buffers(s: &Socket) {
+    // Best effort: the kernel caps them at rmem_max/wmem_max.
+    let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+}
+
+impl UnderlayRx {
+    /// Opens the receiving socket of `transport` on `local`.
+    pub fn open(transport: Transport, local: Ipv4Addr) -> io::Result<UnderlayRx> {
+        let kind = match transport {
+            Transport::Gre => {
+                let s = raw_socket(47)?;
+                s.bind(&SockAddr::from(SocketAddrV4::new(local, 0)))
+                    .map_err(|e| {
+                        io::Error::new(e.kind(), format!("raw GRE socket on {local}: {e}"))
+                    })?;
+                buffers(&s);
+                RxKind::Raw(s)
+            }
+            Transport::GreUdp => {
+                let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+                s.set_reuse_address(true)?;
+                s.bind(&SockAddr::from(SocketAddrV4::new(local, UDP_PORT)))
+                    .map_err(|e| {
+                        io::Error::new(e.kind(), format!("UDP {local}:{UDP_PORT}: {e}"))
+                    })?;
+                buffers(&s);
+                let state = UdpSocketState::new(UdpSockRef::from(&s))?;
+                RxKind::Udp(s, state)
+            }
+        };
+        Ok(UnderlayRx {
+            kind,
+            headers: MultiHeaders::preallocate(BATCH, None),
+            spare: Vec::new(),
+            trains: Vec::new(),
+        })
+    }
+
+    fn socket(&self) -> &Socket {
+        match &self.kind {
+            RxKind::Raw(s) | RxKind::Udp(s, _) => s,
+        }
+    }
+
+    /// Waits until a receive would not block, at most `timeout`.
+    pub fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
+        wait(self.socket(), timeout)
+    }
+
+    /// Receives what is waiting, up to a batch, into `out`. `take` supplies empty buffers.
+    pub fn recv(
+        &mut self,
+        take: &mut impl FnMut() -> PacketBuf,
+        out: &mut Vec<Received>,
+    ) -> io::Result<()> {
+        match &self.kind {
+            RxKind::Raw(s) => {
+                while self.spare.len() < BATCH {
+                    self.spare.push(take());
+                }
+                let fd = s.as_raw_fd();
+                let got: Vec<(usize, Option<Ipv4Addr>)> = {
+                    let mut iovs: Vec<[IoSliceMut<'_>; 1]> = self
+                        .spare
+                        .iter_mut()
+                        .map(|b| [IoSliceMut::new(b.read_area(HEADROOM))])
+                        .collect();
+                    match recvmmsg(
+                        fd,
+                        &mut self.headers,
+                        iovs.iter_mut(),
+                        MsgFlags::MSG_DONTWAIT,
+                        None,
+                    ) {
+                        Ok(results) => results
+                            .map(|m| (m.bytes, m.address.map(|a: SockaddrIn| a.ip())))
+                            .collect(),
+                        Err(nix::errno::Errno::EAGAIN) => Vec::new(),
+                        Err(e) => return Err(e.into()),
+                    }
+                };
+                let n = got.len();
+                for (mut buf, (len, from)) in self.spare.drain(..n).zip(got) {
+                    buf.set_filled(HEADROOM, len);
+                    // The outer header names the sender too; the pipeline checks it.
+                    out.push(Received {
+                        buf,
+                        from: from.unwrap_or(Ipv4Addr::UNSPECIFIED),
+                    });
+                }
+                Ok(())
+            }
+            RxKind::Udp(s, state) => {
+                const TRAINS: usize = 8;
+                if self.trains.len() < TRAINS {
+                    self.trains = (0..TRAINS).map(|_| vec![0u8; 65_536]).collect();
+                }
+                let mut metas = [RecvMeta::default(); TRAINS];
+                let n = {
+                    let mut iovs: Vec<IoSliceMut<'_>> =
+                        self.trains.iter_mut().map(|t| IoSliceMut::new(t)).collect();
+                    match state.recv(UdpSockRef::from(s), &mut iovs, &mut metas) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                        Err(e) => return Err(e),
+                    }
+                };
+                for (meta, train) in metas.iter().zip(&self.trains).take(n) {
+                    let from = match meta.addr {
+                        SocketAddr::V4(a) => *a.ip(),
+                        SocketAddr::V6(a) => {
+                            a.ip().to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED)
+                        }
+                    };
+                    let stride = meta.stride.max(1);
+                    for dgram in train[..meta.len].chunks(stride) {
+                        // A GRO train is split into one buffer per datagram: the one copy on
+                        // this path.
+                        let mut buf = take();
+                        let area = buf.read_area(HEADROOM);
+                        let len = dgram.len().min(area.len());
+                        area[..len].copy_from_slice(&dgram[..len]);
+                        buf.set_filled(HEADROOM, len);
+                        out.push(Received { buf, from });
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+enum TxKind {
+    Raw(Socket),
+    Udp(Vec<(Socket, UdpSocketState)>),
+}
+
+/// The sending side (one per worker).
+pub struct UnderlayTx {
+    kind: TxKind,
+    headers: MultiHeaders<SockaddrIn>,
+}
+
+impl UnderlayTx {
+    /// Opens the sending sockets of `transport` from `local`.
+    pub fn open(transport: Transport, local: Ipv4Addr) -> io::Result<UnderlayTx> {
+        let kind = match transport {
+            Transport::Gre => {
+                let s = raw_socket(libc_ipproto_raw())?;
+                s.set_header_included_v4(true)?;
+                buffers(&s);
+                TxKind::Raw(s)
+            }
+            Transport::GreUdp => {
+                let mut pool = Vec::with_capacity(UDP_SOURCES);
+                for _ in 0..UDP_SOURCES {
+                    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+                    s.bind(&SockAddr::from(SocketAddrV4::new(local, 0)))?;
+                    buffers(&s);
+                    let state = UdpSocketState::new(UdpSockRef::from(&s))?;
+                    pool.push((s, state));
+                }
+                TxKind::Udp(pool)
+            }
+        };
+        Ok(UnderlayTx {
+            kind,
+            headers: MultiHeaders::preallocate(BATCH, None),
+        })
+    }
+
+    /// Sends a batch of datagrams: (bytes, receiving host, flow hash). Returns how many left.
+    pub fn send(&mut self, msgs: &[(&[u8], Ipv4Addr, u32)]) -> io::Result<usize> {
+        match &self.kind {
+            TxKind::Raw(s) => send_mmsg(s, &mut self.headers, msgs, 0),
+            TxKind::Udp(pool) => {
+                let mut sent = 0;
+                for (i, (s, _)) in pool.iter().enumerate() {
+                    let mine: Vec<(&[u8], Ipv4Addr, u32)> = msgs
+                        .iter()
+                        .filter(|m| m.2 as usize % pool.len() == i)
+                        .copied()
+                        .collect();
+                    if !mine.is_empty() {
+                        sent += send_mmsg(s, &mut self.headers, &mine, UDP_PORT)?;
+                    }
+                }
+                Ok(sent)
+            }
+        }
+    }
+
+    /// Sends the segments of a super-packet laid out at `stride` intervals in `frames`.
+    /// GRE-in-UDP: UDP GSO, at most 64 segments and 65,507 bytes per send; raw GRE: one
+    /// message per segment.
+    pub fn send_segments(
+        &mut self,
+        frames: &[u8],
+        segs: &Segments,
+        stride: usize,
+        to: Ipv4Addr,
+        hash: u32,
+    ) -> io::Result<()> {
+        match &self.kind {
+            TxKind::Raw(_) => {
+                let msgs: Vec<(&[u8], Ipv4Addr, u32)> = (0..segs.count)
+                    .map(|i| (&frames[i * stride..i * stride + segs.len_of(i)], to, hash))
+                    .collect();
+                for chunk in msgs.chunks(BATCH) {
+                    self.send(chunk)?;
+                }
+                Ok(())
+            }
+            TxKind::Udp(pool) => {
+                let (s, state) = &pool[hash as usize % pool.len()];
+                let per_send = (MAX_UDP_GSO_BYTES / stride)
+                    .clamp(1, MAX_UDP_GSO_SEGMENTS)
+                    .min(state.max_gso_segments().max(1));
+                let mut first = 0;
+                while first < segs.count {
+                    let last = (first + per_send).min(segs.count) - 1;
+                    let end = last * stride + segs.len_of(last);
+                    let contents = &frames[first * stride..end];
+                    let t = Transmit {
+                        destination: SocketAddr::V4(SocketAddrV4::new(to, UDP_PORT)),
+                        ecn: None,
+                        contents,
+                        segment_size: (last > first).then_some(stride),
+                        src_ip: None,
+                    };
+                    match state.try_send(UdpSockRef::from(s), &t) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            wait_writable(s)?;
+                            state.try_send(UdpSockRef::from(s), &t)?;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                    first = last + 1;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// IPPROTO_RAW: a send-only raw socket whose packets carry their own IPv4 header.
+const fn libc_ipproto_raw() -> i32 {
+    255
+}
+
+fn send_mmsg(
+    s: &Socket,
+    headers: &mut MultiHeaders<SockaddrIn>,
+    msgs: &[(&[u8], Ipv4Addr, u32)],
+    port: u16,
+) -> io::Result<usize> {
+    let mut done = 0;
+    while done < msgs.len() {
+        let batch = &msgs[done..(done + BATCH).min(msgs.len())];
+        let iovs: Vec<[IoSlice<'_>; 1]> = batch.iter().map(|m| [IoSlice::new(m.0)]).collect();
+        let addrs: Vec<Option<SockaddrIn>> = batch
+            .iter()
+            .map(|m| Some(SockaddrIn::from(SocketAddrV4::new(m.1, port))))
+            .collect();
+        match sendmmsg(
+            s.as_raw_fd(),
+            headers,
+            iovs.iter(),
+            &addrs,
+            [],
+            MsgFlags::empty(),
+        ) {
+            Ok(results) => {
+                let n = results.count();
+                done += n.max(1);
+            }
+            Err(nix::errno::Errno::EAGAIN) => wait_writable(s)?,
+            // An unreachable or oversized datagram must not stall the batch behind it.
+            Err(_) => done += 1,
+        }
+    }
+    Ok(done)
+}
+
+fn wait(s: &impl AsFd, timeout: Duration) -> io::Result<bool> {
+    let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLIN)];
+    let ms =
+        PollTimeout::try_from(timeout.as_millis().min(60_000) as u16).unwrap_or(PollTimeout::MAX);
+    match poll(&mut fds, ms) {
+        Ok(n) => Ok(n > 0),
+        Err(nix::errno::Errno::EINTR) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn wait_writable(s: &impl AsFd) -> io::Result<()> {
+    let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLOUT)];
+    match poll(&mut fds, PollTimeout::from(100u16)) {
+        Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Where the inner packet of an underlay frame starts, if the headers are plausible (the
+/// pipeline checks them properly; this only picks the worker).
+pub fn peek_inner(frame: &[u8], transport: Transport) -> &[u8] {
+    let gre_at = match transport {
+        Transport::Gre => frame.first().map_or(0, |b| usize::from(b & 0x0f) * 4),
+        Transport::GreUdp => 0,
+    };
+    let Some(flags) = frame.get(gre_at..gre_at + 2) else {
+        return &[];
+    };
+    let f = u16::from_be_bytes([flags[0], flags[1]]);
+    let len = 4
+        + 4 * ((f >> 15) & 1) as usize
+        + 4 * ((f >> 13) & 1) as usize
+        + 4 * ((f >> 12) & 1) as usize;
+    frame.get(gre_at + len..).unwrap_or(&[])
+}

@@ -1,0 +1,430 @@
+//! Offloads: the virtio-net header a TUN device with IFF_VNET_HDR puts in front of every
+//! packet, completing partial checksums, and segmenting TCP/UDP super-packets.
+//!
+//! With offloads on, one read from a TUN device can return a 64 KB TCP "super-packet" (the
+//! kernel's TSO/GSO left undone): vpcd decides once for it, then either hands it verbatim to a
+//! local TUN device (that kernel segments or delivers it whole) or cuts it here into
+//! MTU-sized segments for the underlay, each with its own headers and checksums. Even small
+//! packets may arrive with a partial checksum (CHECKSUM_PARTIAL): the field holds only the
+//! pseudo-header sum and must be finished before the packet leaves the host.
+//!
+//! The segmenter is vpcd's own: tun-rs has one, but it is not part of its documented API, and
+//! vpcd writes the segments directly into the stride layout that UDP GSO sends and that leaves
+//! room for the outer headers in front of each segment.
+
+use super::ipv4::{self, proto};
+
+/// Size of `struct virtio_net_hdr` (no `num_buffers`: tun-rs does not set TUNSETVNETHDRSZ).
+pub const VNET_HDR_LEN: usize = 10;
+
+/// `flags`: the checksum at `csum_start + csum_offset` must be completed.
+pub const F_NEEDS_CSUM: u8 = 1;
+/// `flags`: the checksum has been verified.
+pub const F_DATA_VALID: u8 = 2;
+
+/// `gso_type` values.
+pub mod gso_type {
+    /// Not a GSO packet.
+    pub const NONE: u8 = 0;
+    /// TCP over IPv4.
+    pub const TCPV4: u8 = 1;
+    /// UDP segmentation (USO).
+    pub const UDP_L4: u8 = 5;
+    /// The ECN bit, or-ed with the type.
+    pub const ECN: u8 = 0x80;
+}
+
+/// The virtio-net header (fields in the host's byte order: little-endian on x86 and arm).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct VnetHdr {
+    /// `F_NEEDS_CSUM`, `F_DATA_VALID`.
+    pub flags: u8,
+    /// One of [`gso_type`].
+    pub gso_type: u8,
+    /// Length of the headers (not trusted: recomputed where needed).
+    pub hdr_len: u16,
+    /// Payload bytes per segment.
+    pub gso_size: u16,
+    /// Where the checksummed part starts (the transport header).
+    pub csum_start: u16,
+    /// Offset of the checksum field from `csum_start`.
+    pub csum_offset: u16,
+}
+
+impl VnetHdr {
+    /// Reads the header at the start of `b`.
+    pub fn parse(b: &[u8]) -> Option<VnetHdr> {
+        let b = b.get(..VNET_HDR_LEN)?;
+        let u = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+        Some(VnetHdr {
+            flags: b[0],
+            gso_type: b[1],
+            hdr_len: u(2),
+            gso_size: u(4),
+            csum_start: u(6),
+            csum_offset: u(8),
+        })
+    }
+
+    /// Writes the header into the first [`VNET_HDR_LEN`] bytes of `out`.
+    pub fn write(&self, out: &mut [u8]) {
+        let out = &mut out[..VNET_HDR_LEN];
+        out[0] = self.flags;
+        out[1] = self.gso_type;
+        out[2..4].copy_from_slice(&self.hdr_len.to_le_bytes());
+        out[4..6].copy_from_slice(&self.gso_size.to_le_bytes());
+        out[6..8].copy_from_slice(&self.csum_start.to_le_bytes());
+        out[8..10].copy_from_slice(&self.csum_offset.to_le_bytes());
+    }
+
+    /// True for a super-packet to be segmented.
+    pub fn is_gso(&self) -> bool {
+        self.gso_type & !gso_type::ECN != gso_type::NONE
+    }
+}
+
+/// Why a super-packet could not be segmented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum GsoError {
+    /// The header and the packet disagree (type, offsets, lengths).
+    #[error("virtio-net header does not match the packet")]
+    Inconsistent,
+    /// The output buffer cannot hold the segments.
+    #[error("segment buffer too small")]
+    NoRoom,
+}
+
+/// Completes a partial checksum in place: the field at `start + offset` holds the
+/// pseudo-header sum; the sum over `pkt[start..]` replaces it.
+pub fn finish_checksum(pkt: &mut [u8], start: usize, offset: usize) -> Result<(), GsoError> {
+    let field = start.checked_add(offset).ok_or(GsoError::Inconsistent)?;
+    if field + 2 > pkt.len() {
+        return Err(GsoError::Inconsistent);
+    }
+    // The field's current value (the pseudo-header sum, not complemented) takes part.
+    let mut c = ipv4::checksum(&pkt[start..]);
+    if c == 0 && offset == 6 {
+        // UDP transmits a computed zero as all ones (RFC 768).
+        c = 0xffff;
+    }
+    pkt[field..field + 2].copy_from_slice(&c.to_be_bytes());
+    Ok(())
+}
+
+/// A segmentation result: `count` segments at `stride` intervals; all but the last hold
+/// `full_len` bytes (prefix included), the last `last_len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segments {
+    /// Number of segments.
+    pub count: usize,
+    /// Length of every segment but the last, prefix included.
+    pub full_len: usize,
+    /// Length of the last segment, prefix included.
+    pub last_len: usize,
+}
+
+impl Segments {
+    /// Length of segment `i`.
+    pub fn len_of(&self, i: usize) -> usize {
+        if i + 1 == self.count {
+            self.last_len
+        } else {
+            self.full_len
+        }
+    }
+}
+
+/// Cuts the IPv4 TCP or UDP super-packet `pkt` into segments of `hdr.gso_size` payload bytes,
+/// written into `out` at `stride` intervals, each after `prefix` free bytes (for the outer
+/// headers). Each segment gets its own IPv4 header (total length, identification + i,
+/// checksum) and transport header (TCP: sequence number, FIN/PSH only on the last segment,
+/// CWR only on the first; UDP: length), and a complete transport checksum.
+pub fn segment(
+    pkt: &[u8],
+    hdr: &VnetHdr,
+    out: &mut [u8],
+    stride: usize,
+    prefix: usize,
+) -> Result<Segments, GsoError> {
+    let (ip_len, headers) = header_lengths(pkt, hdr)?;
+    let protocol = pkt[9];
+    let mss = usize::from(hdr.gso_size);
+    let payload = &pkt[headers..];
+    let count = payload.len().div_ceil(mss).max(1);
+    let full_len = prefix + headers + mss;
+    if stride < full_len
+        || out.len() < (count - 1) * stride + prefix + headers + payload.len().min(mss)
+    {
+        return Err(GsoError::NoRoom);
+    }
+    let ident = u16::from_be_bytes([pkt[4], pkt[5]]);
+    let seq = if protocol == proto::TCP {
+        u32::from_be_bytes([
+            pkt[ip_len + 4],
+            pkt[ip_len + 5],
+            pkt[ip_len + 6],
+            pkt[ip_len + 7],
+        ])
+    } else {
+        0
+    };
+    let mut last_len = full_len;
+    for (i, chunk) in payload.chunks(mss).enumerate() {
+        let seg = &mut out[i * stride + prefix..i * stride + prefix + headers + chunk.len()];
+        seg[..headers].copy_from_slice(&pkt[..headers]);
+        seg[headers..].copy_from_slice(chunk);
+        let total = (headers + chunk.len()) as u16;
+        seg[2..4].copy_from_slice(&total.to_be_bytes());
+        seg[4..6].copy_from_slice(&ident.wrapping_add(i as u16).to_be_bytes());
+        seg[10..12].fill(0);
+        let c = ipv4::checksum(&seg[..ip_len]);
+        seg[10..12].copy_from_slice(&c.to_be_bytes());
+        let first = i == 0;
+        let last = i + 1 == count;
+        let l4 = &mut seg[ip_len..];
+        let check_at = if protocol == proto::TCP {
+            l4[4..8].copy_from_slice(&seq.wrapping_add((i * mss) as u32).to_be_bytes());
+            const FIN_PSH: u8 = 0x09;
+            const CWR: u8 = 0x80;
+            if !last {
+                l4[13] &= !FIN_PSH;
+            }
+            if !first {
+                l4[13] &= !CWR;
+            }
+            16
+        } else {
+            l4[4..6].copy_from_slice(&((8 + chunk.len()) as u16).to_be_bytes());
+            6
+        };
+        l4[check_at..check_at + 2].fill(0);
+        let c = transport_checksum(&seg[12..20], protocol, &seg[ip_len..]);
+        let c = if protocol == proto::UDP && c == 0 {
+            0xffff
+        } else {
+            c
+        };
+        seg[ip_len + check_at..ip_len + check_at + 2].copy_from_slice(&c.to_be_bytes());
+        if last {
+            last_len = prefix + headers + chunk.len();
+        }
+    }
+    Ok(Segments {
+        count,
+        full_len,
+        last_len,
+    })
+}
+
+/// The length of one full segment of `pkt` (IPv4 and transport headers plus `gso_size`):
+/// the stride of a UDP GSO train, less the outer headers.
+pub fn segment_len(pkt: &[u8], hdr: &VnetHdr) -> Result<usize, GsoError> {
+    Ok(header_lengths(pkt, hdr)?.1 + usize::from(hdr.gso_size))
+}
+
+/// (IPv4 header length, IPv4 + transport header length), checked against the header.
+fn header_lengths(pkt: &[u8], hdr: &VnetHdr) -> Result<(usize, usize), GsoError> {
+    let ip = pkt.first().ok_or(GsoError::Inconsistent)?;
+    if ip >> 4 != 4 || pkt.len() < ipv4::HEADER_LEN {
+        return Err(GsoError::Inconsistent);
+    }
+    let ip_len = usize::from(ip & 0x0f) * 4;
+    let l4_len = match (hdr.gso_type & !gso_type::ECN, pkt[9]) {
+        (gso_type::TCPV4, proto::TCP) => {
+            usize::from(pkt.get(ip_len + 12).ok_or(GsoError::Inconsistent)? >> 4) * 4
+        }
+        (gso_type::UDP_L4, proto::UDP) => 8,
+        _ => return Err(GsoError::Inconsistent),
+    };
+    let headers = ip_len + l4_len;
+    if ip_len < ipv4::HEADER_LEN || l4_len < 8 || hdr.gso_size == 0 || pkt.len() < headers {
+        return Err(GsoError::Inconsistent);
+    }
+    Ok((ip_len, headers))
+}
+
+/// The TCP/UDP checksum over the pseudo-header (`addrs`: source and destination) and `l4`.
+fn transport_checksum(addrs: &[u8], protocol: u8, l4: &[u8]) -> u16 {
+    etherparse::checksum::Sum16BitWords::new()
+        .add_slice(addrs)
+        .add_2bytes([0, protocol])
+        .add_2bytes((l4.len() as u16).to_be_bytes())
+        .add_slice(l4)
+        .ones_complement()
+        .to_be()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etherparse::{Ipv4HeaderSlice, TcpHeaderSlice, UdpHeaderSlice};
+
+    fn super_tcp(payload: usize, flags: u8) -> Vec<u8> {
+        let mut t = ipv4::tests::tcp(40000, 80, flags);
+        t[4..8].copy_from_slice(&1000u32.to_be_bytes());
+        t.extend((0..payload).map(|i| i as u8));
+        let mut p = ipv4::tests::packet([10, 0, 1, 10], [10, 0, 2, 20], proto::TCP, &t);
+        p[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
+        p[10..12].fill(0);
+        let c = ipv4::checksum(&p[..20]);
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+        p
+    }
+
+    fn verify_tcp(seg: &[u8]) -> (u32, u8, usize) {
+        let ip = Ipv4HeaderSlice::from_slice(seg).unwrap();
+        assert_eq!(ip.total_len() as usize, seg.len());
+        assert_eq!(ipv4::checksum(&seg[..20]), 0);
+        let tcp = TcpHeaderSlice::from_slice(&seg[20..]).unwrap();
+        let want = tcp.calc_checksum_ipv4(&ip, &seg[40..]).unwrap();
+        assert_eq!(tcp.checksum(), want, "TCP checksum");
+        (tcp.sequence_number(), seg[33], seg.len() - 40)
+    }
+
+    #[test]
+    fn vnet_header_round_trips() {
+        let h = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: gso_type::TCPV4,
+            hdr_len: 52,
+            gso_size: 1448,
+            csum_start: 20,
+            csum_offset: 16,
+        };
+        let mut b = [0u8; 10];
+        h.write(&mut b);
+        assert_eq!(b, [1, 1, 52, 0, 0xa8, 5, 20, 0, 16, 0]);
+        assert_eq!(VnetHdr::parse(&b), Some(h));
+        assert!(h.is_gso());
+        assert!(VnetHdr::parse(&b[..9]).is_none());
+    }
+
+    #[test]
+    fn tcp_super_packet_is_cut_with_sequence_flags_and_checksums() {
+        let pkt = super_tcp(3000, 0x18 | 0x01 | 0x80); // PSH ACK FIN CWR
+        let hdr = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: gso_type::TCPV4,
+            hdr_len: 40,
+            gso_size: 1400,
+            csum_start: 20,
+            csum_offset: 16,
+        };
+        let stride = 8 + 40 + 1400;
+        let mut out = vec![0u8; stride * 3];
+        let s = segment(&pkt, &hdr, &mut out, stride, 8).unwrap();
+        assert_eq!(
+            s,
+            Segments {
+                count: 3,
+                full_len: stride,
+                last_len: 8 + 40 + 200
+            }
+        );
+        let mut payload = Vec::new();
+        for i in 0..3 {
+            let seg = &out[i * stride + 8..i * stride + s.len_of(i)];
+            let (seq, flags, n) = verify_tcp(seg);
+            assert_eq!(seq, 1000 + 1400 * i as u32);
+            assert_eq!(u16::from_be_bytes([seg[4], seg[5]]), 0x1234 + i as u16);
+            assert_eq!(flags & 0x80 != 0, i == 0, "CWR only on the first");
+            assert_eq!(flags & 0x09 != 0, i == 2, "FIN and PSH only on the last");
+            assert_eq!(flags & 0x10, 0x10);
+            payload.extend_from_slice(&seg[40..40 + n]);
+        }
+        assert_eq!(payload, pkt[40..]);
+    }
+
+    #[test]
+    fn udp_super_packet_gets_one_datagram_per_segment() {
+        let mut u = vec![0u8; 8];
+        u[0..2].copy_from_slice(&5000u16.to_be_bytes());
+        u[2..4].copy_from_slice(&53u16.to_be_bytes());
+        u.extend(std::iter::repeat_n(7u8, 2500));
+        let pkt = ipv4::tests::packet([10, 0, 1, 10], [10, 0, 2, 20], proto::UDP, &u);
+        let hdr = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: gso_type::UDP_L4,
+            hdr_len: 28,
+            gso_size: 1000,
+            csum_start: 20,
+            csum_offset: 6,
+        };
+        let stride = 1028;
+        let mut out = vec![0u8; stride * 3];
+        let s = segment(&pkt, &hdr, &mut out, stride, 0).unwrap();
+        assert_eq!(s.count, 3);
+        for i in 0..3 {
+            let seg = &out[i * stride..i * stride + s.len_of(i)];
+            let ip = Ipv4HeaderSlice::from_slice(seg).unwrap();
+            let udp = UdpHeaderSlice::from_slice(&seg[20..]).unwrap();
+            assert_eq!(udp.length() as usize, seg.len() - 20);
+            assert_eq!(
+                udp.checksum(),
+                udp.to_header()
+                    .calc_checksum_ipv4(&ip.to_header(), &seg[28..])
+                    .unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn inconsistent_headers_and_small_buffers_are_refused() {
+        let pkt = super_tcp(3000, 0x10);
+        let udp_hdr = VnetHdr {
+            gso_type: gso_type::UDP_L4,
+            gso_size: 1000,
+            ..Default::default()
+        };
+        let mut out = vec![0u8; 10_000];
+        assert_eq!(
+            segment(&pkt, &udp_hdr, &mut out, 1100, 0),
+            Err(GsoError::Inconsistent)
+        );
+        let zero = VnetHdr {
+            gso_type: gso_type::TCPV4,
+            gso_size: 0,
+            ..Default::default()
+        };
+        assert_eq!(
+            segment(&pkt, &zero, &mut out, 1100, 0),
+            Err(GsoError::Inconsistent)
+        );
+        let tcp = VnetHdr {
+            gso_type: gso_type::TCPV4,
+            gso_size: 1000,
+            ..Default::default()
+        };
+        assert_eq!(
+            segment(&pkt, &tcp, &mut out[..2000], 1040, 0),
+            Err(GsoError::NoRoom)
+        );
+        assert_eq!(
+            segment(&pkt, &tcp, &mut out, 1000, 0),
+            Err(GsoError::NoRoom)
+        );
+        assert_eq!(
+            segment(&[0x45], &tcp, &mut out, 1040, 0),
+            Err(GsoError::Inconsistent)
+        );
+    }
+
+    #[test]
+    fn partial_checksum_is_finished() {
+        let mut pkt = super_tcp(100, 0x10);
+        // What the kernel hands over: the pseudo-header sum, not complemented.
+        let pseudo = etherparse::checksum::Sum16BitWords::new()
+            .add_slice(&pkt[12..20])
+            .add_2bytes([0, proto::TCP])
+            .add_2bytes(120u16.to_be_bytes())
+            .ones_complement()
+            .to_be();
+        pkt[36..38].copy_from_slice(&(!pseudo).to_be_bytes());
+        finish_checksum(&mut pkt, 20, 16).unwrap();
+        verify_tcp(&pkt);
+        assert_eq!(
+            finish_checksum(&mut pkt, 20, 200),
+            Err(GsoError::Inconsistent)
+        );
+    }
+}
