@@ -3,7 +3,10 @@
 use std::path::Path;
 use std::process::ExitCode;
 
+use std::path::PathBuf;
+
 use vpcd::Topology;
+use vpcd::lab::{DEFAULT_TOPOLOGY, Lab};
 use vpcd::topology::{ExpectTarget, Network};
 
 /// `vpcd check FILE`.
@@ -131,4 +134,166 @@ pub fn summary(t: &Topology) -> String {
         );
     }
     s
+}
+
+/// A `vpcd lab` subcommand.
+pub enum LabCmd {
+    /// `lab up`.
+    Up {
+        file: Option<PathBuf>,
+        name: String,
+        workers: Option<usize>,
+    },
+    /// `lab down`.
+    Down { name: String },
+    /// `lab exec`.
+    Exec {
+        name: String,
+        target: String,
+        command: Vec<String>,
+    },
+    /// `lab check`.
+    Check { name: String },
+    /// `lab status`.
+    Status { name: String },
+    /// `lab demo`.
+    Demo { workers: Option<usize> },
+}
+
+fn say(line: &str) {
+    println!("[lab] {line}");
+}
+
+fn fail(e: anyhow::Error) -> ExitCode {
+    eprintln!("vpcd lab: {e:#}");
+    ExitCode::FAILURE
+}
+
+/// `vpcd lab ...`.
+pub fn lab(cmd: LabCmd) -> ExitCode {
+    match cmd {
+        LabCmd::Up {
+            file,
+            name,
+            workers,
+        } => {
+            let lab = match Lab::new(&name) {
+                Ok(l) => l,
+                Err(e) => return fail(e),
+            };
+            let (text, source) = match &file {
+                Some(f) => match std::fs::read_to_string(f) {
+                    Ok(t) => (t, f.display().to_string()),
+                    Err(e) => return fail(anyhow::anyhow!("{}: {e}", f.display())),
+                },
+                None => (
+                    DEFAULT_TOPOLOGY.to_string(),
+                    "(embedded lab topology)".to_string(),
+                ),
+            };
+            match lab.up(&text, &source, workers, &mut say) {
+                Ok(()) => {
+                    say(&format!(
+                        "lab \"{name}\" is up: `vpcd lab check`, `vpcd lab exec INSTANCE -- CMD`, `vpcd lab down`"
+                    ));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+        LabCmd::Down { name } => match Lab::new(&name).and_then(|l| l.down(&mut say)) {
+            Ok(()) => {
+                say(&format!("lab \"{name}\" is down"));
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        LabCmd::Exec {
+            name,
+            target,
+            command,
+        } => match Lab::new(&name).and_then(|l| l.exec(&target, &command)) {
+            Ok(status) => ExitCode::from(status.code().unwrap_or(1).clamp(0, 255) as u8),
+            Err(e) => fail(e),
+        },
+        LabCmd::Check { name } => {
+            let lab = match Lab::new(&name) {
+                Ok(l) => l,
+                Err(e) => return fail(e),
+            };
+            match vpcd::lab::check(&lab, &mut std::io::stdout()) {
+                Ok(r) if r.failures() == 0 => ExitCode::SUCCESS,
+                Ok(_) => ExitCode::FAILURE,
+                Err(e) => fail(e),
+            }
+        }
+        LabCmd::Status { name } => {
+            let lab = match Lab::new(&name) {
+                Ok(l) => l,
+                Err(e) => return fail(e),
+            };
+            let t = match lab.topology() {
+                Ok(t) => t,
+                Err(e) => return fail(e),
+            };
+            lab.refresh_stats();
+            for h in &t.hosts {
+                println!("== {} ({})", h.name, h.address);
+                for (k, v) in lab.read_stats(&h.name) {
+                    if v > 0 && k != "seq" {
+                        println!("  {k:<48} {v}");
+                    }
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        LabCmd::Demo { workers } => demo(workers),
+    }
+}
+
+/// `vpcd lab demo`: up, check, down, on the embedded topology.
+fn demo(workers: Option<usize>) -> ExitCode {
+    let lab = match Lab::new("demo") {
+        Ok(l) => l,
+        Err(e) => return fail(e),
+    };
+    say(
+        "vpcd lab demo: two hosts, two tenants with the same 10.0.0.0/16 and the same instance addresses",
+    );
+    match Topology::parse(DEFAULT_TOPOLOGY, "lab.toml") {
+        Ok(t) => print!("{}", summary(&t)),
+        Err(e) => return fail(e.into()),
+    }
+    if lab.dir().exists() {
+        say("a previous demo was left behind: removing it");
+        let _ = lab.down(&mut say);
+    }
+    if let Err(e) = lab.up(
+        DEFAULT_TOPOLOGY,
+        "(embedded lab topology)",
+        workers,
+        &mut say,
+    ) {
+        return fail(e);
+    }
+    say("checking every expectation with real traffic (ping, TCP, UDP):");
+    let result = vpcd::lab::check(&lab, &mut std::io::stdout());
+    say("tearing down");
+    if let Err(e) = lab.down(&mut say) {
+        eprintln!("vpcd lab: {e:#}");
+    }
+    match result {
+        Ok(r) if r.failures() == 0 => {
+            say("demo passed: every expectation holds");
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            say(&format!(
+                "demo FAILED: {} expectation(s) do not hold",
+                r.failures()
+            ));
+            ExitCode::FAILURE
+        }
+        Err(e) => fail(e),
+    }
 }

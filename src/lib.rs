@@ -16,6 +16,7 @@
 
 pub mod daemon;
 pub mod io;
+pub mod lab;
 pub mod pipeline;
 pub mod policy;
 pub mod reason;

@@ -31,7 +31,7 @@ use tracing::{error, info, warn};
 use crate::io::netns;
 use crate::io::tun::{Tun, TunConfig};
 use crate::io::underlay::{BATCH, Received, UnderlayRx, UnderlayTx, peek_inner};
-use crate::pipeline::{Counters, Ingress, Pipeline};
+use crate::pipeline::{Counters, Ingress, Pipeline, RuleRef};
 use crate::reason::DropReason;
 use crate::time::MonotonicClock;
 use crate::topology::{HostId, InstanceId, Topology, Transport};
@@ -57,6 +57,8 @@ pub struct Options {
     pub workers: usize,
     /// Where to write statistics every second (default: /run/vpcd/HOST.stats).
     pub stats: Option<PathBuf>,
+    /// A network namespace to enter first (the lab's host namespaces).
+    pub netns: Option<String>,
 }
 
 /// The default number of workers: one per core, at most 4.
@@ -85,10 +87,14 @@ struct Daemon {
     seed: u32,
     created_netns: Vec<String>,
     stats_path: PathBuf,
+    stats_seq: u64,
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
 pub fn run(opts: Options) -> Result<()> {
+    if let Some(ns) = &opts.netns {
+        netns::enter_for_good(ns)?;
+    }
     let topo = Arc::new(Topology::load(&opts.topology)?);
     let host = topo.host_named(&opts.host).ok_or_else(|| {
         anyhow!(
@@ -119,6 +125,7 @@ pub fn run(opts: Options) -> Result<()> {
         seed: rand_seed(),
         created_netns: Vec::new(),
         stats_path,
+        stats_seq: 0,
     };
     let result = d.start(workers).and_then(|()| d.control());
     d.cleanup();
@@ -240,6 +247,7 @@ impl Daemon {
             let mut term = signal(SignalKind::terminate())?;
             let mut int = signal(SignalKind::interrupt())?;
             let mut hup = signal(SignalKind::hangup())?;
+            let mut usr1 = signal(SignalKind::user_defined1())?;
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tokio::select! {
@@ -247,6 +255,8 @@ impl Daemon {
                     _ = int.recv() => { info!("SIGINT: stopping"); break; }
                     _ = hup.recv() => self.reload(),
                     _ = tick.tick() => self.tick(),
+                    // The lab asks for fresh statistics around each probe.
+                    _ = usr1.recv() => self.tick(),
                 }
             }
             self.tick();
@@ -346,7 +356,14 @@ impl Daemon {
                 Err(_) => break,
             }
         }
-        let text = stats_text(&self.topo, &self.opts.host, &total, connections);
+        self.stats_seq += 1;
+        let text = stats_text(
+            &self.topo,
+            &self.opts.host,
+            self.stats_seq,
+            &total,
+            connections,
+        );
         let tmp = self.stats_path.with_extension("tmp");
         if let Some(dir) = self.stats_path.parent() {
             let _ = std::fs::create_dir_all(dir);
@@ -539,9 +556,10 @@ fn rand_seed() -> u32 {
 }
 
 /// The statistics file: one `name value` line per counter.
-pub fn stats_text(t: &Topology, host: &str, c: &Counters, connections: usize) -> String {
+pub fn stats_text(t: &Topology, host: &str, seq: u64, c: &Counters, connections: usize) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "host {host}");
+    let _ = writeln!(s, "seq {seq}");
     let _ = writeln!(s, "delivered {}", c.delivered);
     let _ = writeln!(s, "encapsulated {}", c.encapsulated);
     let _ = writeln!(s, "replied {}", c.replied);
@@ -550,6 +568,9 @@ pub fn stats_text(t: &Topology, host: &str, c: &Counters, connections: usize) ->
     let _ = writeln!(s, "connections {connections}");
     for r in DropReason::ALL {
         let _ = writeln!(s, "drop.{} {}", r.name(), c.drops(*r));
+    }
+    for (rule, n) in c.rule_drops() {
+        let _ = writeln!(s, "rule.{}.{} {n}", rule.0.name(), rule_label(t, rule));
     }
     for (i, inst) in t.instances.iter().enumerate() {
         let p = c.port(i);
@@ -562,6 +583,40 @@ pub fn stats_text(t: &Topology, host: &str, c: &Counters, connections: usize) ->
         }
     }
     s
+}
+
+/// A policy rule as people name it: `acl-web:ingress#2` (rules count from 1), `sg-web:egress#1`,
+/// `[sg-web,sg-ssh]:ingress#no-match` (the implicit drop after an instance's groups).
+pub fn rule_label(t: &Topology, (reason, rule): (DropReason, RuleRef)) -> String {
+    let dir = match reason {
+        DropReason::AclIngress | DropReason::SgIngress => "ingress",
+        _ => "egress",
+    };
+    match rule {
+        RuleRef::Acl { acl, rule } => {
+            let name = t.acls.get(acl.index()).map_or("?", |a| a.name.as_str());
+            match rule {
+                Some(i) => format!("{name}:{dir}#{}", i + 1),
+                None => format!("{name}:{dir}#no-match"),
+            }
+        }
+        RuleRef::SecurityGroup { group, rule } => {
+            let name = t
+                .security_groups
+                .get(group.index())
+                .map_or("?", |g| g.name.as_str());
+            format!("{name}:{dir}#{}", rule + 1)
+        }
+        RuleRef::SecurityGroupsEnd { instance } => {
+            let groups: Vec<&str> = t.instances.get(instance.index()).map_or(Vec::new(), |i| {
+                i.security_groups
+                    .iter()
+                    .map(|g| t.security_groups[g.index()].name.as_str())
+                    .collect()
+            });
+            format!("[{}]:{dir}#no-match", groups.join(","))
+        }
+    }
 }
 
 /// Reads a statistics file back into `name -> value`.

@@ -46,6 +46,14 @@ impl Drop for NetnsGuard {
     }
 }
 
+/// Moves the current thread into namespace `name` for good (a daemon started for a lab
+/// host, before it spawns any thread: threads inherit it).
+pub fn enter_for_good(name: &str) -> io::Result<()> {
+    let target = File::open(path(name))
+        .map_err(|e| io::Error::new(e.kind(), format!("network namespace {name}: {e}")))?;
+    setns(&target, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
+}
+
 /// Runs `f` with the current thread in namespace `name` (or where it is, for `None`).
 pub fn within<T>(name: Option<&str>, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
     let _guard = match name {

@@ -1,5 +1,8 @@
 //! Counters: per drop reason, per instance, and for the cache.
 
+use std::collections::BTreeMap;
+
+use super::RuleRef;
 use crate::reason::DropReason;
 
 /// What happened to one instance's traffic on this host.
@@ -20,6 +23,7 @@ pub struct PortCounters {
 pub struct Counters {
     drops: [u64; DropReason::COUNT],
     ports: Vec<PortCounters>,
+    rules: BTreeMap<(DropReason, RuleRef), u64>,
     /// Decisions served from the flow cache.
     pub cache_hits: u64,
     /// Decisions that took the full path.
@@ -38,6 +42,7 @@ impl Counters {
         Counters {
             drops: [0; DropReason::COUNT],
             ports: vec![PortCounters::default(); instances],
+            rules: BTreeMap::new(),
             cache_hits: 0,
             cache_misses: 0,
             delivered: 0,
@@ -59,6 +64,11 @@ impl Counters {
             .filter(|(_, n)| *n > 0)
     }
 
+    /// Policy drops per deciding rule.
+    pub fn rule_drops(&self) -> impl Iterator<Item = ((DropReason, RuleRef), u64)> + '_ {
+        self.rules.iter().map(|(k, v)| (*k, *v))
+    }
+
     /// Total drops.
     pub fn total_drops(&self) -> u64 {
         self.drops.iter().sum()
@@ -73,12 +83,21 @@ impl Counters {
         self.drops[reason.index()] += 1;
     }
 
+    pub(crate) fn rule_drop(&mut self, reason: DropReason, rule: RuleRef) {
+        *self.rules.entry((reason, rule)).or_default() += 1;
+    }
+
     pub(crate) fn port_mut(&mut self, instance: usize) -> Option<&mut PortCounters> {
         self.ports.get_mut(instance)
     }
 
     pub(crate) fn resize(&mut self, instances: usize) {
         self.ports = vec![PortCounters::default(); instances];
+    }
+
+    /// Rule ids belong to one topology: forget them when it changes.
+    pub(crate) fn forget_rules(&mut self) {
+        self.rules.clear();
     }
 
     /// Adds another pipeline's counters (workers of one daemon).
@@ -95,6 +114,9 @@ impl Counters {
             a.sent_dropped += b.sent_dropped;
             a.received += b.received;
             a.received_dropped += b.received_dropped;
+        }
+        for (k, v) in &other.rules {
+            *self.rules.entry(*k).or_default() += v;
         }
         self.cache_hits += other.cache_hits;
         self.cache_misses += other.cache_misses;

@@ -59,7 +59,7 @@ pub enum Ingress {
 }
 
 /// Which rule dropped a packet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum RuleRef {
     /// A network ACL's rule; `None` is the ACL's final deny (no rule matched).
     Acl {
@@ -315,6 +315,7 @@ impl Pipeline {
         if topo.instances.len() != self.topo.instances.len() {
             self.state.counters.resize(topo.instances.len());
         }
+        self.state.counters.forget_rules();
         self.topo = topo;
     }
 
@@ -359,6 +360,9 @@ impl Pipeline {
         match d {
             Decision::Drop(x) => {
                 c.drop(x.reason);
+                if let Some(rule) = x.rule {
+                    c.rule_drop(x.reason, rule);
+                }
                 if let Some(p) = sender.and_then(|s| c.port_mut(s)) {
                     p.sent_dropped += 1;
                 }

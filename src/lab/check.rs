@@ -1,0 +1,344 @@
+//! `vpcd lab check`: every `[[expect]]` tried with real traffic, and a matrix of what reached
+//! what, and why not.
+//!
+//! TCP and UDP probes are made in-process: one thread enters the sender's namespace and
+//! connects (or sends), other threads enter the namespace of *every* instance that has the
+//! destination address, in any VPC, and answer with their name. So a probe proves both that
+//! the right instance answered and that no instance of another tenant saw anything. ICMP uses
+//! `ping`. Around each probe the daemons rewrite their statistics (SIGUSR1), and the drop
+//! reasons that moved, with the deciding rule, are the "why".
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+
+use super::Lab;
+use crate::io::netns::NetnsGuard;
+use crate::policy::rules::Protocol;
+use crate::topology::{Expect, ExpectTarget, Topology};
+
+/// One row of the matrix.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// Sender.
+    pub from: String,
+    /// Target as written.
+    pub to: String,
+    /// `tcp:80`, `icmp`, ...
+    pub what: String,
+    /// Expected to reach.
+    pub expected: bool,
+    /// Observed to reach.
+    pub observed: bool,
+    /// Instances of another VPC that saw the probe (must be none).
+    pub leaked_to: Vec<String>,
+    /// Drop reasons (and rules) counted during the probe.
+    pub why: Vec<String>,
+}
+
+impl Row {
+    /// As expected, and nothing leaked.
+    pub fn ok(&self) -> bool {
+        self.expected == self.observed && self.leaked_to.is_empty()
+    }
+}
+
+/// The matrix.
+#[derive(Debug, Clone, Default)]
+pub struct CheckReport {
+    /// One row per expectation, in file order.
+    pub rows: Vec<Row>,
+}
+
+impl CheckReport {
+    /// Rows that differ from the expectation.
+    pub fn failures(&self) -> usize {
+        self.rows.iter().filter(|r| !r.ok()).count()
+    }
+}
+
+/// Tries every expectation of the lab's topology; prints the matrix to `out` row by row.
+pub fn check(lab: &Lab, out: &mut dyn Write) -> Result<CheckReport> {
+    let t = lab.topology()?;
+    let mut report = CheckReport::default();
+    writeln!(
+        out,
+        "{:<14} {:<14} {:<10} {:<9} {:<9} {:<6} why",
+        "from", "to", "traffic", "expected", "observed", ""
+    )?;
+    for (n, e) in t.expects.iter().enumerate() {
+        let before = snapshot(lab, &t);
+        let (observed, leaked_to) = probe(&t, e, n as u16)?;
+        let after = snapshot(lab, &t);
+        let why = moved(&before, &after);
+        let row = Row {
+            from: t.instance(e.from).name.clone(),
+            to: match &e.to {
+                ExpectTarget::Instance(id) => t.instance(*id).name.clone(),
+                ExpectTarget::Address(a) => a.to_string(),
+            },
+            what: match e.port {
+                Some(p) => format!("{}:{p}", e.protocol.word()),
+                None => e.protocol.word().to_string(),
+            },
+            expected: e.reach,
+            observed,
+            leaked_to,
+            why,
+        };
+        let word = |b: bool| if b { "reach" } else { "blocked" };
+        let mut why = row.why.join(", ");
+        if !row.leaked_to.is_empty() {
+            why = format!("LEAKED to {} {why}", row.leaked_to.join(", "));
+        }
+        writeln!(
+            out,
+            "{:<14} {:<14} {:<10} {:<9} {:<9} {:<6} {}",
+            row.from,
+            row.to,
+            row.what,
+            word(row.expected),
+            word(row.observed),
+            if row.ok() { "ok" } else { "FAIL" },
+            why
+        )?;
+        report.rows.push(row);
+    }
+    let bad = report.failures();
+    writeln!(
+        out,
+        "{} of {} expectations hold{}",
+        report.rows.len() - bad,
+        report.rows.len(),
+        if bad > 0 {
+            format!("; {bad} do not")
+        } else {
+            String::new()
+        }
+    )?;
+    Ok(report)
+}
+
+type Snapshot = BTreeMap<String, u64>;
+
+/// Drop and rule counters of every host, freshly written.
+fn snapshot(lab: &Lab, t: &Topology) -> Snapshot {
+    lab.refresh_stats();
+    let mut all = Snapshot::new();
+    for h in &t.hosts {
+        for (k, v) in lab.read_stats(&h.name) {
+            if k.starts_with("drop.") || k.starts_with("rule.") {
+                all.insert(format!("{}@{}", k, h.name), v);
+            }
+        }
+    }
+    all
+}
+
+/// The reasons that moved, as `Reason (rule) on host`; IPv6 chatter is left out.
+fn moved(before: &Snapshot, after: &Snapshot) -> Vec<String> {
+    let grew =
+        |k: &String| after.get(k).copied().unwrap_or(0) > before.get(k).copied().unwrap_or(0);
+    let mut out = Vec::new();
+    for k in after.keys().filter(|k| grew(k)) {
+        let Some((name, host)) = k.strip_prefix("drop.").and_then(|r| r.rsplit_once('@')) else {
+            continue;
+        };
+        if name == "Ipv6Unsupported" {
+            continue;
+        }
+        let prefix = format!("rule.{name}.");
+        let rules: Vec<&str> = after
+            .keys()
+            .filter(|r| grew(r))
+            .filter_map(|r| {
+                let (rule, h) = r.rsplit_once('@')?;
+                if h == host {
+                    rule.strip_prefix(&prefix)
+                } else {
+                    None
+                }
+            })
+            .collect();
+        if rules.is_empty() {
+            out.push(format!("{name} on {host}"));
+        } else {
+            out.push(format!("{name} ({}) on {host}", rules.join(", ")));
+        }
+    }
+    out
+}
+
+/// Sends the probe of `e`; returns whether the intended instance answered, and which
+/// instances of other VPCs saw it.
+fn probe(t: &Topology, e: &Expect, n: u16) -> Result<(bool, Vec<String>)> {
+    let src = t.instance(e.from);
+    let src_ns = src.netns.clone().unwrap_or_default();
+    let (dst, intended) = match &e.to {
+        ExpectTarget::Instance(id) => (t.instance(*id).ip, Some(t.instance(*id).name.clone())),
+        ExpectTarget::Address(a) => (
+            *a,
+            t.instance_at(src.vpc(), *a)
+                .map(|id| t.instance(id).name.clone()),
+        ),
+    };
+    if e.protocol == Protocol::Icmp {
+        let tries = if e.reach { 3 } else { 1 };
+        let ok = (0..tries).any(|_| ping(&src_ns, dst));
+        return Ok((ok, Vec::new()));
+    }
+    let port = e.port.unwrap_or(0);
+    let tcp = e.protocol == Protocol::Tcp;
+    // Every instance that has the address, in any VPC, listens.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut listeners = Vec::new();
+    for i in t.instances.iter().filter(|i| i.ip == dst) {
+        let (ns, name, stop) = (
+            i.netns.clone().unwrap_or_default(),
+            i.name.clone(),
+            stop.clone(),
+        );
+        let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+        let h = thread::spawn(move || listen(&ns, &name, tcp, port, &stop, ready_tx));
+        let _ = ready_rx.recv_timeout(Duration::from_secs(2));
+        listeners.push((i.name.clone(), h));
+    }
+    let token = format!("vpcd-probe-{n}-{}", std::process::id());
+    let tries = if e.reach { 3 } else { 1 };
+    let answer = {
+        let (ns, token) = (src_ns.clone(), token.clone());
+        thread::spawn(move || {
+            (0..tries).find_map(|_| {
+                if tcp {
+                    tcp_probe(&ns, dst, port, &token)
+                } else {
+                    udp_probe(&ns, dst, port, &token)
+                }
+            })
+        })
+        .join()
+        .unwrap_or(None)
+    };
+    thread::sleep(Duration::from_millis(100));
+    stop.store(true, Ordering::Relaxed);
+    let mut leaked = Vec::new();
+    for (name, h) in listeners {
+        let seen = h.join().unwrap_or(false);
+        if seen && Some(&name) != intended.as_ref() {
+            leaked.push(name);
+        }
+    }
+    let reached = match (&answer, &intended) {
+        (Some(who), Some(want)) => who == want,
+        _ => false,
+    };
+    Ok((reached, leaked))
+}
+
+fn ping(ns: &str, dst: Ipv4Addr) -> bool {
+    Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "1",
+            "-q",
+            &dst.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Listens in `ns` until `stop`; answers every probe with `name token`. True if any probe
+/// arrived.
+fn listen(
+    ns: &str,
+    name: &str,
+    tcp: bool,
+    port: u16,
+    stop: &AtomicBool,
+    ready: crossbeam_channel::Sender<()>,
+) -> bool {
+    let Ok(_guard) = NetnsGuard::enter(ns) else {
+        return false;
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = false;
+    if tcp {
+        let Ok(l) = TcpListener::bind(("0.0.0.0", port)) else {
+            return false;
+        };
+        let _ = l.set_nonblocking(true);
+        let _ = ready.send(());
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            match l.accept() {
+                Ok((mut s, _)) => {
+                    seen = true;
+                    let _ = s.set_nonblocking(false);
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+                    let mut line = String::new();
+                    if BufReader::new(&mut s).read_line(&mut line).is_ok() {
+                        let _ = writeln!(s, "{name} {}", line.trim());
+                    }
+                }
+                Err(_) => thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    } else {
+        let Ok(u) = UdpSocket::bind(("0.0.0.0", port)) else {
+            return false;
+        };
+        let _ = u.set_read_timeout(Some(Duration::from_millis(20)));
+        let _ = ready.send(());
+        let mut buf = [0u8; 512];
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            if let Ok((n, from)) = u.recv_from(&mut buf) {
+                seen = true;
+                let msg = format!("{name} {}", String::from_utf8_lossy(&buf[..n]).trim());
+                let _ = u.send_to(msg.as_bytes(), from);
+            }
+        }
+    }
+    seen
+}
+
+/// Connects from `ns`; returns the name of whoever answered with our token.
+fn tcp_probe(ns: &str, dst: Ipv4Addr, port: u16, token: &str) -> Option<String> {
+    let _guard = NetnsGuard::enter(ns).ok()?;
+    let mut s =
+        TcpStream::connect_timeout(&SocketAddr::from((dst, port)), Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    writeln!(s, "{token}").ok()?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).ok();
+    answerer(&reply, token)
+}
+
+/// Sends a datagram from `ns`; returns the name of whoever echoed our token.
+fn udp_probe(ns: &str, dst: Ipv4Addr, port: u16, token: &str) -> Option<String> {
+    let _guard = NetnsGuard::enter(ns).ok()?;
+    let u = UdpSocket::bind(("0.0.0.0", 0)).ok()?;
+    u.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    u.send_to(token.as_bytes(), (dst, port)).ok()?;
+    let mut buf = [0u8; 512];
+    let (n, _) = u.recv_from(&mut buf).ok()?;
+    answerer(&String::from_utf8_lossy(&buf[..n]), token)
+}
+
+fn answerer(reply: &str, token: &str) -> Option<String> {
+    let (name, echoed) = reply.trim().split_once(' ')?;
+    (echoed == token).then(|| name.to_string())
+}
