@@ -106,7 +106,11 @@ fn manifest_covers_every_reason_it_names() {
     assert!(all.len() >= 29);
     for (v, _) in &all {
         if let Some(name) = &v.drop {
-            assert!(DropReason::from_name(name).is_some(), "{}: unknown reason {name}", v.name);
+            assert!(
+                DropReason::from_name(name).is_some(),
+                "{}: unknown reason {name}",
+                v.name
+            );
         }
     }
 }
@@ -147,10 +151,18 @@ fn we_emit_what_scapy_emits() {
         let mut buf = PacketBuf::from_packet(inner);
         let key = g.key;
         match v.framing.as_str() {
-            "ip" => gre::encapsulate_ip(&mut buf, v.outer_src, v.outer_dst, key, g.checksum_present).unwrap(),
+            "ip" => {
+                gre::encapsulate_ip(&mut buf, v.outer_src, v.outer_dst, key, g.checksum_present)
+                    .unwrap()
+            }
             _ => gre::push_header(&mut buf, key, g.checksum_present).unwrap(),
         }
-        assert_eq!(buf.as_slice(), &bytes[..], "{}: our bytes differ from scapy's", v.name);
+        assert_eq!(
+            buf.as_slice(),
+            &bytes[..],
+            "{}: our bytes differ from scapy's",
+            v.name
+        );
         checked += 1;
     }
     assert!(checked >= 7, "only {checked} vectors compared");
@@ -188,7 +200,12 @@ fn the_pipeline_delivers_decap_vectors_and_drops_hostile_ones_for_their_reason()
             }
             (other, _) => panic!("{}: expect = {other}", v.name),
         }
-        assert_eq!(p.counters().total_drops(), u64::from(matches!(d, Decision::Drop(_))), "{}", v.name);
+        assert_eq!(
+            p.counters().total_drops(),
+            u64::from(matches!(d, Decision::Drop(_))),
+            "{}",
+            v.name
+        );
         checked += 1;
     }
     assert!(checked >= 29);
