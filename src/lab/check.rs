@@ -5,19 +5,19 @@
 //! connects (or sends), other threads enter the namespace of *every* instance that has the
 //! destination address, in any VPC, and answer with their name. So a probe proves both that
 //! the right instance answered and that no instance of another tenant saw anything. ICMP uses
-//! `ping`. Around each probe the daemons rewrite their statistics (SIGUSR1), and the drop
+//! a raw ICMP echo (vpcd's own ping, so the lab needs no iputils). Around each probe the daemons rewrite their statistics (SIGUSR1), and the drop
 //! reasons that moved, with the deciding rule, are the "why".
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
 
 use super::Lab;
 use crate::io::netns::NetnsGuard;
@@ -191,7 +191,11 @@ fn probe(t: &Topology, e: &Expect, n: u16) -> Result<(bool, Vec<String>)> {
     };
     if e.protocol == Protocol::Icmp {
         let tries = if e.reach { 3 } else { 1 };
-        let ok = (0..tries).any(|_| ping(&src_ns, dst));
+        let ident = 0x7000 | n;
+        let ns = src_ns.clone();
+        let ok = thread::spawn(move || (0..tries).any(|_| ping(&ns, dst, ident)))
+            .join()
+            .unwrap_or(false);
         return Ok((ok, Vec::new()));
     }
     let port = e.port.unwrap_or(0);
@@ -242,24 +246,46 @@ fn probe(t: &Topology, e: &Expect, n: u16) -> Result<(bool, Vec<String>)> {
     Ok((reached, leaked))
 }
 
-fn ping(ns: &str, dst: Ipv4Addr) -> bool {
-    Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            ns,
-            "ping",
-            "-c",
-            "1",
-            "-W",
-            "1",
-            "-q",
-            &dst.to_string(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+/// One ICMP echo from `ns` to `dst` on a raw socket; true when the matching reply comes back
+/// within a second.
+fn ping(ns: &str, dst: Ipv4Addr, ident: u16) -> bool {
+    let Ok(_guard) = NetnsGuard::enter(ns) else {
+        return false;
+    };
+    let Ok(s) = Socket::new(Domain::IPV4, Type::RAW, Some(SockProtocol::ICMPV4)) else {
+        return false;
+    };
+    let mut req = [
+        8u8, 0, 0, 0, 0, 0, 0, 1, b'v', b'p', b'c', b'd', b'-', b'l', b'a', b'b',
+    ];
+    req[4..6].copy_from_slice(&ident.to_be_bytes());
+    let c = crate::wire::ipv4::checksum(&req);
+    req[2..4].copy_from_slice(&c.to_be_bytes());
+    if s.send_to(&req, &SocketAddr::from((dst, 0)).into()).is_err() {
+        return false;
+    }
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut buf = [0u8; 1500];
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        if s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .is_err()
+        {
+            return false;
+        }
+        let Ok(n) = (&s).read(&mut buf) else {
+            return false;
+        };
+        // A raw ICMP socket receives the IPv4 header too.
+        let got = &buf[..n];
+        let Ok(ip) = crate::wire::ipv4::parse(got) else {
+            continue;
+        };
+        let icmp = &got[ip.l4_offset()..];
+        if ip.src == dst && icmp.len() >= 8 && icmp[0] == 0 && icmp[4..6] == ident.to_be_bytes() {
+            return true;
+        }
+    }
+    false
 }
 
 /// Listens in `ns` until `stop`; answers every probe with `name token`. True if any probe
