@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use vpcd::Topology;
 use vpcd::lab::{DEFAULT_TOPOLOGY, Lab};
-use vpcd::topology::{ExpectTarget, Network};
+use vpcd::topology::{ExpectSource, ExpectTarget, Network};
 
 /// `vpcd check FILE`.
 pub fn check(file: &Path) -> ExitCode {
@@ -78,22 +78,54 @@ pub fn summary(t: &Topology) -> String {
             );
         }
     }
+    if let Some(b) = &t.basic {
+        let _ = writeln!(
+            s,
+            "basic network: pool {} (addresses allocated by the provider)",
+            b.cidr
+        );
+    }
+    if let Some(i) = &t.internet {
+        let _ = writeln!(
+            s,
+            "internet: {} through host {} (its side: {}{})",
+            i.cidr,
+            t.host(i.gateway).name,
+            i.client,
+            i.netns
+                .as_ref()
+                .map(|n| format!(", netns {n}"))
+                .unwrap_or_default()
+        );
+    }
     let _ = writeln!(s, "instances ({}):", t.instances.len());
-    for i in &t.instances {
-        let Network::Vpc { vpc, subnet } = &i.network;
+    for (n, i) in t.instances.iter().enumerate() {
         let groups: Vec<&str> = i
             .security_groups
             .iter()
             .map(|g| t.security_groups[g.index()].name.as_str())
             .collect();
+        let place = match &i.network {
+            Network::Vpc { vpc, subnet } => {
+                format!("{}/{}", t.vpc(*vpc).name, t.subnet(*subnet).name)
+            }
+            Network::Basic { tenant } => {
+                let link = t
+                    .linked_vpc(vpcd::topology::InstanceId(n as u32))
+                    .map(|v| format!(", linked to {}", t.vpc(v).name))
+                    .unwrap_or_default();
+                format!("basic ({tenant}{link})")
+            }
+        };
+        let eip = i.eip.map(|e| format!(", eip {e}")).unwrap_or_default();
         let _ = writeln!(
             s,
-            "  {:<12} {:<15} {}/{} on {}, groups [{}]",
+            "  {:<12} {:<15} {} on {}{}, groups [{}]",
             i.name,
             i.ip.to_string(),
-            t.vpc(*vpc).name,
-            t.subnet(*subnet).name,
+            place,
             t.host(i.host).name,
+            eip,
             groups.join(", ")
         );
     }
@@ -126,7 +158,10 @@ pub fn summary(t: &Topology) -> String {
         let _ = writeln!(
             s,
             "  {} -> {} {}{} {}",
-            t.instance(e.from).name,
+            match e.from {
+                ExpectSource::Instance(id) => t.instance(id).name.as_str(),
+                ExpectSource::Internet => "internet",
+            },
             to,
             e.protocol.word(),
             port,

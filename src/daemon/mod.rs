@@ -197,7 +197,7 @@ impl Daemon {
                 name: inst.name.clone(),
                 netns: inst.netns.clone(),
                 address: inst.ip,
-                prefix: t.subnet(inst.subnet()).cidr.prefix_len(),
+                prefix: inst.prefix,
                 mtu: t.underlay.instance_mtu(),
                 txqueuelen: TXQUEUELEN,
             };
@@ -297,7 +297,7 @@ impl Daemon {
             match wanted.get(&r.name) {
                 Some(&id) => {
                     let inst = t.instance(id);
-                    let prefix = t.subnet(inst.subnet()).cidr.prefix_len();
+                    let prefix = inst.prefix;
                     if r.address != (inst.ip, prefix) {
                         match readdress(&r.tun, inst.ip, prefix) {
                             Ok(()) => {

@@ -134,7 +134,7 @@ impl Worker {
                 Action::Transmit { to, flow_hash, .. } => {
                     self.transmits.push((p.buf, to, flow_hash))
                 }
-                Action::Drop(_) => self.pool.put(p.buf),
+                Action::Drop(_) | Action::ToInternet => self.pool.put(p.buf),
             }
         }
         self.flush();
@@ -152,7 +152,7 @@ impl Worker {
                     let _ = dev.write_with(&mut p.buf, &p.vnet);
                 }
             }
-            Decision::Encapsulate { host, key } => {
+            Decision::Encapsulate { host, key, nat: _ } => {
                 let t = self.pipeline.topology().clone();
                 let u = t.underlay;
                 let to = t.host(host).address;
@@ -173,12 +173,12 @@ impl Worker {
                     let outer = outer_ip.then_some((self.local, to));
                     for i in 0..segs.count {
                         let frame = &mut self.frames[i * stride..i * stride + segs.len_of(i)];
-                        gre::write_encap(frame, outer, Some(key), u.checksum);
+                        gre::write_encap(frame, outer, key, u.checksum);
                     }
                     let _ = self.tx.send_segments(&self.frames, &segs, stride, to, hash);
                 }
             }
-            Decision::FragNeeded { .. } | Decision::Drop(_) => {}
+            Decision::FragNeeded { .. } | Decision::Drop(_) | Decision::ToInternet { .. } => {}
         }
         self.pool.put(p.buf);
     }

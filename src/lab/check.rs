@@ -22,7 +22,7 @@ use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
 use super::Lab;
 use crate::io::netns::NetnsGuard;
 use crate::policy::rules::Protocol;
-use crate::topology::{Expect, ExpectTarget, Topology};
+use crate::topology::{Expect, ExpectSource, ExpectTarget, Instance, Space, Topology};
 
 /// One row of the matrix.
 #[derive(Debug, Clone)]
@@ -79,7 +79,10 @@ pub fn check(lab: &Lab, out: &mut dyn Write) -> Result<CheckReport> {
         let after = snapshot(lab, &t);
         let why = moved(&before, &after);
         let row = Row {
-            from: t.instance(e.from).name.clone(),
+            from: match e.from {
+                ExpectSource::Instance(id) => t.instance(id).name.clone(),
+                ExpectSource::Internet => "internet".to_string(),
+            },
             to: match &e.to {
                 ExpectTarget::Instance(id) => t.instance(*id).name.clone(),
                 ExpectTarget::Address(a) => a.to_string(),
@@ -179,15 +182,31 @@ fn moved(before: &Snapshot, after: &Snapshot) -> Vec<String> {
 /// Sends the probe of `e`; returns whether the intended instance answered, and which
 /// instances of other VPCs saw it.
 fn probe(t: &Topology, e: &Expect, n: u16) -> Result<(bool, Vec<String>)> {
-    let src = t.instance(e.from);
-    let src_ns = src.netns.clone().unwrap_or_default();
-    let (dst, intended) = match &e.to {
-        ExpectTarget::Instance(id) => (t.instance(*id).ip, Some(t.instance(*id).name.clone())),
-        ExpectTarget::Address(a) => (
-            *a,
-            t.instance_at(src.vpc(), *a)
-                .map(|id| t.instance(id).name.clone()),
+    let (src_ns, src) = match e.from {
+        ExpectSource::Instance(id) => (
+            t.instance(id).netns.clone().unwrap_or_default(),
+            Some(t.instance(id)),
         ),
+        ExpectSource::Internet => (
+            t.internet
+                .as_ref()
+                .and_then(|i| i.netns.clone())
+                .unwrap_or_default(),
+            None,
+        ),
+    };
+    let (dst, intended) = match &e.to {
+        // From the internet an instance is reached at its Elastic IP.
+        ExpectTarget::Instance(id) => {
+            let i = t.instance(*id);
+            let addr = if src.is_none() {
+                i.eip.unwrap_or(i.ip)
+            } else {
+                i.ip
+            };
+            (addr, Some(i.name.clone()))
+        }
+        ExpectTarget::Address(a) => (*a, intended_at(t, src, *a)),
     };
     if e.protocol == Protocol::Icmp {
         let tries = if e.reach { 3 } else { 1 };
@@ -203,7 +222,11 @@ fn probe(t: &Topology, e: &Expect, n: u16) -> Result<(bool, Vec<String>)> {
     // Every instance that has the address, in any VPC, listens.
     let stop = Arc::new(AtomicBool::new(false));
     let mut listeners = Vec::new();
-    for i in t.instances.iter().filter(|i| i.ip == dst) {
+    for i in t
+        .instances
+        .iter()
+        .filter(|i| i.ip == dst || i.eip == Some(dst))
+    {
         let (ns, name, stop) = (
             i.netns.clone().unwrap_or_default(),
             i.name.clone(),
@@ -248,6 +271,34 @@ fn probe(t: &Topology, e: &Expect, n: u16) -> Result<(bool, Vec<String>)> {
 
 /// One ICMP echo from `ns` to `dst` on a raw socket; true when the matching reply comes back
 /// within a second.
+/// The instance the cloud delivers a packet for `a` to: the owner of an Elastic IP, or the
+/// instance with that private address in the sender's network, a network linked to it by an
+/// interconnect, or a peered VPC.
+fn intended_at(t: &Topology, src: Option<&Instance>, a: Ipv4Addr) -> Option<String> {
+    if let Some(owner) = t.eip_owner(a) {
+        return Some(t.instance(owner).name.clone());
+    }
+    let src = src?;
+    let mut spaces = vec![src.space()];
+    if let Some(v) = src.vpc() {
+        spaces.extend(t.peerings.iter().filter_map(|p| match p.vpcs {
+            [x, y] if x == v => Some(Space::Vpc(y)),
+            [x, y] if y == v => Some(Space::Vpc(x)),
+            _ => None,
+        }));
+        if t.interconnects.iter().any(|ic| ic.vpc == v) {
+            spaces.push(Space::Basic);
+        }
+    }
+    if let Some(id) = t.instance_named(&src.name).and_then(|id| t.linked_vpc(id)) {
+        spaces.push(Space::Vpc(id));
+    }
+    spaces
+        .into_iter()
+        .find_map(|sp| t.instance_in(sp, a))
+        .map(|id| t.instance(id).name.clone())
+}
+
 fn ping(ns: &str, dst: Ipv4Addr, ident: u16) -> bool {
     let Ok(_guard) = NetnsGuard::enter(ns) else {
         return false;

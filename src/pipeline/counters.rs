@@ -34,6 +34,8 @@ pub struct Counters {
     pub encapsulated: u64,
     /// ICMP errors vpcd itself sent back to an instance.
     pub replied: u64,
+    /// Packets written to the internet's device.
+    pub to_internet: u64,
 }
 
 impl Counters {
@@ -48,6 +50,7 @@ impl Counters {
             delivered: 0,
             encapsulated: 0,
             replied: 0,
+            to_internet: 0,
         }
     }
 
@@ -123,5 +126,6 @@ impl Counters {
         self.delivered += other.delivered;
         self.encapsulated += other.encapsulated;
         self.replied += other.replied;
+        self.to_internet += other.to_internet;
     }
 }

@@ -9,16 +9,20 @@
 use std::hash::{BuildHasher, Hash};
 
 use super::Decision;
-use crate::policy::conntrack::{ConnRef, Zone};
+use crate::policy::conntrack::{ConnRef, Endpoint, Zone};
 use crate::wire::ipv4::{Ipv4Packet, L4};
 
 /// Everything the decision reads from a packet and its arrival.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FlowKey {
-    /// Where it came from: an instance id, or a host id with the top bit set.
+    /// Where it came from: an instance id, a host id with the top bit set, or
+    /// [`FROM_INTERNET`].
     pub ingress: u32,
-    /// Its zone (the VPC's key).
+    /// The sender's zone.
     pub zone: Zone,
+    /// For underlay packets, the GRE key (the destination's network): the key, or 2³² for
+    /// none; 0 otherwise.
+    pub tag: u64,
     /// Source address.
     pub src: u32,
     /// Destination address.
@@ -37,10 +41,12 @@ pub struct FlowKey {
 
 /// Marks a host id in [`FlowKey::ingress`].
 pub const FROM_UNDERLAY: u32 = 1 << 31;
+/// [`FlowKey::ingress`] of the internet's device.
+pub const FROM_INTERNET: u32 = u32::MAX;
 
 impl FlowKey {
     /// The key of a packet.
-    pub fn new(ingress: u32, zone: Zone, ip: &Ipv4Packet) -> FlowKey {
+    pub fn new(ingress: u32, zone: Zone, tag: u64, ip: &Ipv4Packet) -> FlowKey {
         let (sport, dport, icmp_type, icmp_code) = match ip.l4 {
             L4::Tcp { sport, dport, .. } | L4::Udp { sport, dport } => (sport, dport, 0, 0),
             L4::Icmp { kind, code, ident } => (ident, ident, kind, code),
@@ -49,6 +55,7 @@ impl FlowKey {
         FlowKey {
             ingress,
             zone,
+            tag,
             src: ip.src.into(),
             dst: ip.dst.into(),
             sport,
@@ -64,8 +71,7 @@ impl FlowKey {
 struct Slot {
     key: FlowKey,
     generation: u64,
-    decision: Decision,
-    conn: Option<ConnRef>,
+    hit: Hit,
     stamp: u32,
 }
 
@@ -77,13 +83,18 @@ pub struct FlowCache {
     clock: u32,
 }
 
-/// A cache hit: the decision and, for tracked flows, the connection to update.
+/// A cache hit: the decision and, for tracked flows, the connections to update (the sending
+/// side's and the receiving side's, where local), with the packet's source as each sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct Hit {
     /// The cached decision.
     pub decision: Decision,
-    /// The tracked connection behind it.
-    pub conn: Option<ConnRef>,
+    /// The tracked connections behind it.
+    pub conns: [Option<ConnRef>; 2],
+    /// The packet's source as the sending side's connection knows it.
+    pub egress_src: Endpoint,
+    /// The packet's source as the receiving side's connection knows it.
+    pub ingress_src: Endpoint,
 }
 
 impl FlowCache {
@@ -114,10 +125,7 @@ impl FlowCache {
         for s in self.slots[i..i + 2].iter_mut().flatten() {
             if s.key == *key && s.generation == generation {
                 s.stamp = clock;
-                return Some(Hit {
-                    decision: s.decision,
-                    conn: s.conn,
-                });
+                return Some(s.hit);
             }
         }
         None
@@ -129,7 +137,8 @@ impl FlowCache {
         key: FlowKey,
         generation: u64,
         decision: Decision,
-        conn: Option<ConnRef>,
+        conns: [Option<ConnRef>; 2],
+        sources: [Endpoint; 2],
     ) {
         let i = self.set(&key);
         let pair = &mut self.slots[i..i + 2];
@@ -149,11 +158,21 @@ impl FlowCache {
             }
         };
         self.clock = self.clock.wrapping_add(1);
+        // One connection serving both sides is updated once per packet.
+        let conns = if conns[0].is_some() && conns[0] == conns[1] {
+            [conns[0], None]
+        } else {
+            conns
+        };
         pair[victim] = Some(Slot {
             key,
             generation,
-            decision,
-            conn,
+            hit: Hit {
+                decision,
+                conns,
+                egress_src: sources[0],
+                ingress_src: sources[1],
+            },
             stamp: self.clock,
         });
     }

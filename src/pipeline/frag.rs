@@ -12,42 +12,41 @@ use std::collections::VecDeque;
 use hashbrown::HashMap;
 
 use super::Decision;
-use crate::policy::conntrack::Zone;
+use super::flow::FlowKey;
 use crate::time::Timestamp;
-use crate::wire::ipv4::Ipv4Packet;
 
 /// How long a first fragment's decision is remembered (ms).
 pub const FRAGMENT_TIMEOUT_MS: u64 = 30_000;
 /// Datagrams remembered at most.
 pub const FRAGMENT_TABLE_SIZE: usize = 4096;
 
+/// A datagram: its flow's key, ports left out (later fragments have none), and its IP
+/// identification.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct DatagramKey {
-    ingress: u32,
-    zone: Zone,
-    src: u32,
-    dst: u32,
-    protocol: u8,
+    flow: FlowKey,
     ident: u16,
 }
 
 impl DatagramKey {
-    fn new(ingress: u32, zone: Zone, ip: &Ipv4Packet) -> Self {
+    fn new(flow: &FlowKey, ident: u16) -> Self {
         DatagramKey {
-            ingress,
-            zone,
-            src: ip.src.into(),
-            dst: ip.dst.into(),
-            protocol: ip.protocol,
-            ident: ip.ident,
+            flow: FlowKey {
+                sport: 0,
+                dport: 0,
+                icmp_type: 0,
+                icmp_code: 0,
+                ..*flow
+            },
+            ident,
         }
     }
 }
 
-/// Decisions of admitted first fragments.
+/// Decisions of admitted first fragments, with the topology generation they were taken in.
 #[derive(Debug)]
 pub struct FragTable {
-    map: HashMap<DatagramKey, (Decision, Timestamp), foldhash::fast::RandomState>,
+    map: HashMap<DatagramKey, (Decision, u64, Timestamp), foldhash::fast::RandomState>,
     order: VecDeque<DatagramKey>,
 }
 
@@ -64,14 +63,14 @@ impl FragTable {
     /// Remembers the decision of a first fragment.
     pub fn admit(
         &mut self,
-        ingress: u32,
-        zone: Zone,
-        ip: &Ipv4Packet,
+        flow: &FlowKey,
+        ident: u16,
+        generation: u64,
         d: Decision,
         now: Timestamp,
     ) {
-        let key = DatagramKey::new(ingress, zone, ip);
-        if self.map.insert(key, (d, now)).is_none() {
+        let key = DatagramKey::new(flow, ident);
+        if self.map.insert(key, (d, generation, now)).is_none() {
             self.order.push_back(key);
         }
         while self.map.len() > FRAGMENT_TABLE_SIZE {
@@ -88,17 +87,19 @@ impl FragTable {
         }
     }
 
-    /// The decision for a later fragment, if its first fragment was admitted recently.
+    /// The decision for a later fragment, if its first fragment was admitted recently, in
+    /// this topology generation (a decision names instances of the topology it was taken in).
     pub fn follow(
         &mut self,
-        ingress: u32,
-        zone: Zone,
-        ip: &Ipv4Packet,
+        flow: &FlowKey,
+        ident: u16,
+        generation: u64,
         now: Timestamp,
     ) -> Option<Decision> {
-        let key = DatagramKey::new(ingress, zone, ip);
-        let (d, at) = *self.map.get(&key)?;
-        if now.millis().saturating_sub(at.millis()) > FRAGMENT_TIMEOUT_MS {
+        let key = DatagramKey::new(flow, ident);
+        let (d, taken_in, at) = *self.map.get(&key)?;
+        if taken_in != generation || now.millis().saturating_sub(at.millis()) > FRAGMENT_TIMEOUT_MS
+        {
             self.map.remove(&key);
             return None;
         }

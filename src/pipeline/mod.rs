@@ -2,11 +2,13 @@
 //!
 //! ```text
 //!  instance port ──► parse ─► anti-spoof ─► MTU ─┐
+//!  internet port (gateway host) ──► parse ───────┤
 //!                                                ├─► flow cache ──hit──► conntrack update ─► decision
 //!  underlay ──► outer IPv4 ─► GRE ─► key ─► parse ┘        │miss
-//!              (sender known) (VPC here) (source on sender)   ▼
-//!                                     route (local route, then LPM) ─► ACL egress/ingress
-//!                                     ─► conntrack / security groups ─► deliver | encapsulate | drop
+//!              (sender known) (network here) (source on sender) ▼
+//!              route: local route, interconnect, longest custom route, Elastic IP
+//!              ─► 1:1 NAT (at the internet gateway) ─► ACL egress/ingress
+//!              ─► conntrack / security groups ─► deliver | encapsulate | to the internet | drop
 //! ```
 //!
 //! Each host runs the checks that belong to it: a packet leaving a local instance gets its
@@ -14,16 +16,22 @@
 //! instance gets the destination subnet's ingress ACL and the destination's ingress rules.
 //! Between two local instances both sides run on the same host; across hosts the sender's host
 //! runs the egress half and the receiver's host the ingress half, so the union is the same.
-//! Traffic inside one subnet skips the ACLs (CLOUD-SEMANTICS).
+//! Traffic inside one subnet skips the ACLs (CLOUD-SEMANTICS); the basic network has none.
+//!
+//! The internet gateway host only relays and translates (1:1 NAT is stateless): the policy of
+//! an instance runs on that instance's host.
 //!
 //! The decision is pure: [`Pipeline::decide`] reads bytes and returns a [`Decision`];
 //! [`Pipeline::process`] applies it to a [`PacketBuf`] in place (strip the outer headers,
-//! prepend them, or turn the packet into an ICMP error) and says where the bytes go.
+//! rewrite addresses, prepend the outer headers, or turn the packet into an ICMP error) and
+//! says where the bytes go.
 
 mod counters;
+mod decide;
 mod flow;
 mod frag;
 
+pub use crate::wire::nat::Nat;
 pub use counters::{Counters, PortCounters};
 pub use flow::FlowKey;
 
@@ -32,15 +40,12 @@ use std::sync::Arc;
 
 use hashbrown::HashSet;
 
-use crate::policy::conntrack::{ConnKey, Conntrack, Endpoint, Owner, Track, Zone};
-use crate::policy::route::NextHop;
-use crate::policy::rules::{Outcome, RuleList, Subject};
+use crate::policy::conntrack::{Conntrack, Zone};
 use crate::reason::DropReason;
 use crate::time::Timestamp;
-use crate::topology::{AclId, HostId, Instance, InstanceId, SgId, Topology, Transport};
-use crate::wire::ipv4::{self, Fragment, Ipv4Packet, L4, icmp_type, proto};
-use crate::wire::{PacketBuf, gre, icmp};
-use flow::{FROM_UNDERLAY, FlowCache};
+use crate::topology::{AclId, HostId, InstanceId, SgId, Topology, Transport};
+use crate::wire::{PacketBuf, gre, icmp, ipv4, nat};
+use flow::FlowCache;
 use frag::FragTable;
 
 /// Where a packet came from.
@@ -56,6 +61,8 @@ pub enum Ingress {
         /// The UDP sender's address.
         from: Ipv4Addr,
     },
+    /// The internet's device, on the internet gateway host.
+    Internet,
 }
 
 /// Which rule dropped a packet.
@@ -100,19 +107,33 @@ impl From<DropReason> for Dropped {
 /// What to do with a packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Decision {
-    /// Write the inner packet to a local instance; it starts `strip` bytes into the packet.
+    /// Write the inner packet to a local instance; it starts `strip` bytes into the packet,
+    /// and its addresses are rewritten by `nat` first.
     Deliver {
         /// The instance.
         to: InstanceId,
         /// Bytes of outer headers in front of the inner packet.
         strip: u16,
+        /// 1:1 NAT to apply (inbound from the internet on the gateway host).
+        nat: Nat,
     },
-    /// Encapsulate with the VPC's key and send to another host.
+    /// Encapsulate and send to another host: with the key of the destination's VPC, or with
+    /// no key for the basic network.
     Encapsulate {
-        /// The host of the destination instance.
+        /// The host of the destination instance (or the internet gateway).
         host: HostId,
-        /// The GRE key.
-        key: u32,
+        /// The GRE key; `None` for the basic network.
+        key: Option<u32>,
+        /// 1:1 NAT to apply first (the gateway relaying into the cloud).
+        nat: Nat,
+    },
+    /// Write the inner packet, addresses rewritten, to the internet's device (this host is
+    /// the internet gateway).
+    ToInternet {
+        /// Bytes of outer headers in front of the inner packet.
+        strip: u16,
+        /// The source NAT (private address to Elastic IP).
+        nat: Nat,
     },
     /// Too big for the path with DF set: answer the sender with ICMP "fragmentation needed".
     FragNeeded {
@@ -133,7 +154,7 @@ impl Decision {
     fn forwards(&self) -> bool {
         matches!(
             self,
-            Decision::Deliver { .. } | Decision::Encapsulate { .. }
+            Decision::Deliver { .. } | Decision::Encapsulate { .. } | Decision::ToInternet { .. }
         )
     }
 }
@@ -148,11 +169,13 @@ pub enum Action {
     Transmit {
         /// The receiving host's underlay address.
         to: Ipv4Addr,
-        /// The GRE key used.
-        key: u32,
+        /// The GRE key used (`None`: the basic network).
+        key: Option<u32>,
         /// The flow's symmetric hash (GRE-in-UDP source port, worker choice).
         flow_hash: u32,
     },
+    /// The buffer holds a packet for the internet: write it to the internet's device.
+    ToInternet,
     /// The buffer holds an ICMP error from vpcd: write it to this instance's TUN device.
     Reply(InstanceId),
     /// Drop the packet.
@@ -167,16 +190,26 @@ struct HostView {
     instance_mtu: u16,
     generation: u64,
     local: Vec<bool>,
+    /// VPCs with an instance here (or, on the internet gateway, every VPC: it relays them).
     vpc_here: Vec<bool>,
+    /// The basic network has an instance here (or this is the internet gateway).
+    basic_here: bool,
+    /// This host is the internet gateway.
+    gateway: bool,
 }
 
 impl HostView {
     fn new(topo: &Topology, host: HostId, generation: u64) -> HostView {
+        let gateway = topo.internet.as_ref().is_some_and(|i| i.gateway == host);
         let mut local = vec![false; topo.instances.len()];
-        let mut vpc_here = vec![false; topo.vpcs.len()];
+        let mut vpc_here = vec![gateway; topo.vpcs.len()];
+        let mut basic_here = gateway;
         for id in topo.instances_on(host) {
             local[id.index()] = true;
-            vpc_here[topo.instance(id).vpc().index()] = true;
+            match topo.instance(id).vpc() {
+                Some(v) => vpc_here[v.index()] = true,
+                None => basic_here = true,
+            }
         }
         HostView {
             host,
@@ -185,6 +218,8 @@ impl HostView {
             generation,
             local,
             vpc_here,
+            basic_here,
+            gateway,
         }
     }
 
@@ -289,10 +324,7 @@ impl Pipeline {
     pub fn set_topology(&mut self, topo: Arc<Topology>) {
         let local_endpoints = |t: &Topology, host: HostId| -> HashSet<(Zone, Ipv4Addr)> {
             t.instances_on(host)
-                .map(|id| {
-                    let i = t.instance(id);
-                    (Zone::vpc(t.vpc(i.vpc()).key), i.ip)
-                })
+                .map(|id| (decide::zone_of(t, t.instance(id)), t.instance(id).ip))
                 .collect()
         };
         let host_name = &self.topo.host(self.view.host).name;
@@ -343,15 +375,7 @@ impl Pipeline {
         let t = &*self.topo;
         let v = &self.view;
         let st = &mut self.state;
-        let d = match from {
-            Ingress::Instance(id) => from_instance(t, v, st, id, packet, segmented, now),
-            Ingress::UnderlayIp => match ipv4::parse_outer(packet) {
-                Err(r) => Decision::drop(r),
-                Ok(o) if o.dst != v.address => Decision::drop(DropReason::NotAddressedToHost),
-                Ok(o) => from_underlay(t, v, st, o.src, packet, o.header_len, now),
-            },
-            Ingress::UnderlayUdp { from } => from_underlay(t, v, st, from, packet, 0, now),
-        };
+        let d = decide::decide(t, v, st, packet, from, segmented, now);
         let c = &mut st.counters;
         let sender = match from {
             Ingress::Instance(id) => Some(id.index()),
@@ -376,8 +400,12 @@ impl Pipeline {
                     p.sent += 1;
                 }
             }
-            Decision::Encapsulate { .. } => {
-                c.encapsulated += 1;
+            Decision::Encapsulate { .. } | Decision::ToInternet { .. } => {
+                if matches!(d, Decision::ToInternet { .. }) {
+                    c.to_internet += 1;
+                } else {
+                    c.encapsulated += 1;
+                }
                 if let Some(p) = sender.and_then(|s| c.port_mut(s)) {
                     p.sent += 1;
                 }
@@ -389,20 +417,35 @@ impl Pipeline {
 
     /// Decides, then applies the decision to `buf` in place. The payload never moves.
     pub fn process(&mut self, buf: &mut PacketBuf, from: Ingress, now: Timestamp) -> Action {
-        match self.decide(buf.as_slice(), from, now) {
-            Decision::Deliver { to, strip } => {
+        let d = self.decide(buf.as_slice(), from, now);
+        self.apply(d, buf, false)
+    }
+
+    /// Applies a decision to the packet it was taken for, in place. `partial`: the packet's
+    /// transport checksum is a partial one (a TUN super-packet with CHECKSUM_PARTIAL), which
+    /// NAT must update as such.
+    pub fn apply(&mut self, d: Decision, buf: &mut PacketBuf, partial: bool) -> Action {
+        match d {
+            Decision::Deliver { to, strip, nat } => {
                 buf.pull_front(usize::from(strip));
+                nat::apply(buf.as_mut_slice(), &nat, partial);
                 Action::Deliver(to)
             }
-            Decision::Encapsulate { host, key } => {
+            Decision::ToInternet { strip, nat } => {
+                buf.pull_front(usize::from(strip));
+                nat::apply(buf.as_mut_slice(), &nat, partial);
+                Action::ToInternet
+            }
+            Decision::Encapsulate { host, key, nat } => {
+                nat::apply(buf.as_mut_slice(), &nat, partial);
                 let to = self.topo.host(host).address;
                 let flow_hash = ipv4::flow_hash(buf.as_slice(), self.seed);
                 let u = self.topo.underlay;
                 let pushed = match u.transport {
                     Transport::Gre => {
-                        gre::encapsulate_ip(buf, self.view.address, to, Some(key), u.checksum)
+                        gre::encapsulate_ip(buf, self.view.address, to, key, u.checksum)
                     }
-                    Transport::GreUdp => gre::push_header(buf, Some(key), u.checksum),
+                    Transport::GreUdp => gre::push_header(buf, key, u.checksum),
                 };
                 match pushed {
                     Ok(()) => Action::Transmit { to, key, flow_hash },
@@ -410,7 +453,13 @@ impl Pipeline {
                 }
             }
             Decision::FragNeeded { to, mtu } => {
-                let gateway = self.topo.subnet(self.topo.instance(to).subnet()).gateway;
+                let t = &self.topo;
+                let inst = t.instance(to);
+                let gateway = match (inst.subnet(), t.basic) {
+                    (Some(s), _) => t.subnet(s).gateway,
+                    (None, Some(b)) => b.gateway,
+                    (None, None) => Ipv4Addr::UNSPECIFIED,
+                };
                 match icmp::frag_needed_in_place(buf, gateway, mtu) {
                     Ok(()) => Action::Reply(to),
                     Err(_) => self.count_late_drop(DropReason::NoHeadroom),
@@ -439,418 +488,6 @@ impl std::fmt::Debug for Pipeline {
 fn foldhash_seed() -> u32 {
     use std::hash::BuildHasher;
     foldhash::fast::RandomState::default().hash_one(0u32) as u32
-}
-
-fn from_instance(
-    t: &Topology,
-    v: &HostView,
-    st: &mut State,
-    id: InstanceId,
-    pkt: &[u8],
-    segmented: bool,
-    now: Timestamp,
-) -> Decision {
-    if !v.is_local(id) {
-        return Decision::drop(DropReason::UnknownPort);
-    }
-    let inst = t.instance(id);
-    let ip = match ipv4::parse(pkt) {
-        Ok(ip) => ip,
-        Err(r) => return Decision::drop(r),
-    };
-    if ip.src != inst.ip {
-        return Decision::drop(DropReason::SourceSpoofed);
-    }
-    if let Err(r) = check_destination(t, &ip) {
-        return Decision::drop(r);
-    }
-    if !segmented && pkt.len() > usize::from(v.instance_mtu) {
-        return if ip.dont_fragment {
-            Decision::FragNeeded {
-                to: id,
-                mtu: v.instance_mtu,
-            }
-        } else {
-            Decision::drop(DropReason::OversizeNoDf)
-        };
-    }
-    let zone = Zone::vpc(t.vpc(inst.vpc()).key);
-    decide_flow(t, v, st, Origin::Local(id), zone, &ip, pkt, 0, now)
-}
-
-fn from_underlay(
-    t: &Topology,
-    v: &HostView,
-    st: &mut State,
-    sender: Ipv4Addr,
-    pkt: &[u8],
-    gre_at: usize,
-    now: Timestamp,
-) -> Decision {
-    let Some(host) = t.host_by_address(sender) else {
-        return Decision::drop(DropReason::UnknownUnderlaySource);
-    };
-    let gre_bytes = &pkt[gre_at.min(pkt.len())..];
-    let g = match gre::parse(gre_bytes) {
-        Ok(g) => g,
-        Err(r) => return Decision::drop(r),
-    };
-    let inner_at = gre_at + g.len;
-    let inner = &pkt[inner_at..];
-    let version = inner.first().map(|b| b >> 4);
-    match (g.protocol, version) {
-        (gre::PROTO_IPV4, Some(6)) => return Decision::drop(DropReason::GreProtocolMismatch),
-        (gre::PROTO_IPV4, _) => {}
-        (gre::PROTO_IPV6, Some(6)) => return Decision::drop(DropReason::Ipv6Unsupported),
-        (gre::PROTO_IPV6, _) => return Decision::drop(DropReason::GreProtocolMismatch),
-        _ => return Decision::drop(DropReason::GreProtocolUnsupported),
-    }
-    let Some(key) = g.key else {
-        return Decision::drop(DropReason::GreNoKey);
-    };
-    let Some(vpc) = t.vpc_by_key(key) else {
-        return Decision::drop(DropReason::GreUnknownKey);
-    };
-    if !v.vpc_here[vpc.index()] {
-        return Decision::drop(DropReason::GreKeyNotOnHost);
-    }
-    let ip = match ipv4::parse(inner) {
-        Ok(ip) => ip,
-        Err(r) => return Decision::drop(r),
-    };
-    if let Err(r) = check_destination(t, &ip) {
-        return Decision::drop(r);
-    }
-    let source = t
-        .instance_at(vpc, ip.src)
-        .filter(|&s| t.instance(s).host == host);
-    let Some(source) = source else {
-        return Decision::drop(DropReason::InnerSourceNotOnSender);
-    };
-    let origin = Origin::Remote { host, source };
-    decide_flow(
-        t,
-        v,
-        st,
-        origin,
-        Zone::vpc(key),
-        &ip,
-        inner,
-        inner_at as u16,
-        now,
-    )
-}
-
-/// Where the packet entered the decision.
-#[derive(Debug, Clone, Copy)]
-enum Origin {
-    /// A local instance sent it.
-    Local(InstanceId),
-    /// `source`, an instance of `host`, sent it through the underlay.
-    Remote { host: HostId, source: InstanceId },
-}
-
-impl Origin {
-    fn ingress(self) -> u32 {
-        match self {
-            Origin::Local(id) => id.0,
-            Origin::Remote { host, .. } => FROM_UNDERLAY | host.0,
-        }
-    }
-
-    fn source(self) -> InstanceId {
-        match self {
-            Origin::Local(id) | Origin::Remote { source: id, .. } => id,
-        }
-    }
-}
-
-/// Broadcast, multicast and underlay destinations are refused on both sides.
-fn check_destination(t: &Topology, ip: &Ipv4Packet) -> Result<(), DropReason> {
-    if ip.dst.is_broadcast() || ip.dst.is_multicast() {
-        return Err(DropReason::NotUnicast);
-    }
-    if t.host_by_address(ip.dst).is_some() {
-        let tunnel = ip.protocol == proto::GRE
-            || matches!(
-                ip.l4,
-                L4::Udp {
-                    dport: gre::UDP_PORT,
-                    ..
-                }
-            );
-        return Err(if tunnel {
-            DropReason::TunnelLoop
-        } else {
-            DropReason::InnerDstUnderlay
-        });
-    }
-    Ok(())
-}
-
-/// The connection-tracking endpoints of a packet.
-fn endpoints(zone: Zone, ip: &Ipv4Packet) -> (Endpoint, Endpoint) {
-    let (sp, dp) = match ip.l4 {
-        L4::Tcp { sport, dport, .. } | L4::Udp { sport, dport } => (sport, dport),
-        L4::Icmp { ident, .. } => (ident, ident),
-        L4::Other | L4::None => (0, 0),
-    };
-    (
-        Endpoint {
-            zone,
-            addr: ip.src,
-            port: sp,
-        },
-        Endpoint {
-            zone,
-            addr: ip.dst,
-            port: dp,
-        },
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn decide_flow(
-    t: &Topology,
-    v: &HostView,
-    st: &mut State,
-    origin: Origin,
-    zone: Zone,
-    ip: &Ipv4Packet,
-    pkt: &[u8],
-    strip: u16,
-    now: Timestamp,
-) -> Decision {
-    let ingress = origin.ingress();
-    if let Fragment::Later { .. } = ip.fragment {
-        return match st.frags.follow(ingress, zone, ip, now) {
-            Some(d) => with_strip(d, strip),
-            None => Decision::drop(DropReason::FragmentWithoutFirst),
-        };
-    }
-    let icmp_error = matches!(ip.l4, L4::Icmp { kind, .. } if icmp_type::is_error(kind));
-    let key = FlowKey::new(ingress, zone, ip);
-    // ICMP errors are decided by the connection they quote, which the key does not hold.
-    if !icmp_error && let Some(hit) = st.flows.get(&key, v.generation) {
-        let d = match hit.conn {
-            None => Some(hit.decision),
-            Some(r) => {
-                let (src, _) = endpoints(zone, ip);
-                match st.conntrack.track(r, &src, &ip.l4, now) {
-                    Track::Accepted(_) => Some(hit.decision),
-                    Track::Invalid(reason) => return Decision::drop(reason),
-                    Track::Reopen | Track::Gone => None,
-                }
-            }
-        };
-        if let Some(d) = d {
-            st.counters.cache_hits += 1;
-            if ip.fragment == Fragment::First && d.forwards() {
-                st.frags.admit(ingress, zone, ip, d, now);
-            }
-            return with_strip(d, strip);
-        }
-    }
-    st.counters.cache_misses += 1;
-    let (d, conn, cacheable) = slow_path(t, v, st, origin, zone, ip, pkt, now);
-    if cacheable {
-        st.flows.insert(key, v.generation, d, conn);
-    }
-    if ip.fragment == Fragment::First && d.forwards() {
-        st.frags.admit(ingress, zone, ip, d, now);
-    }
-    with_strip(d, strip)
-}
-
-/// Decisions are cached without the offset of the inner packet, which depends on the GRE
-/// flags of each packet.
-fn with_strip(d: Decision, strip: u16) -> Decision {
-    match d {
-        Decision::Deliver { to, .. } => Decision::Deliver { to, strip },
-        d => d,
-    }
-}
-
-/// The full path. Returns the decision, the connection it belongs to, and whether the
-/// decision may be cached (it may when it depends only on the flow key and the topology).
-#[allow(clippy::too_many_arguments)]
-fn slow_path(
-    t: &Topology,
-    v: &HostView,
-    st: &mut State,
-    origin: Origin,
-    zone: Zone,
-    ip: &Ipv4Packet,
-    pkt: &[u8],
-    now: Timestamp,
-) -> (Decision, Option<crate::policy::conntrack::ConnRef>, bool) {
-    let remote = matches!(origin, Origin::Remote { .. });
-    let src = t.instance(origin.source());
-    let target = match route(t, origin.source(), src, ip.dst) {
-        Ok(id) => id,
-        Err(r) => return (Decision::drop(r), None, true),
-    };
-    let dst = t.instance(target);
-    let target_local = v.is_local(target);
-    if remote && !target_local {
-        return (Decision::drop(DropReason::NotLocalDestination), None, true);
-    }
-    let dport = match ip.l4 {
-        L4::Tcp { dport, .. } | L4::Udp { dport, .. } => Some(dport),
-        _ => None,
-    };
-    let toward = |peer| Subject {
-        peer,
-        protocol: ip.protocol,
-        dport,
-    };
-
-    // Network ACLs: stateless, only between subnets.
-    if src.subnet() != dst.subnet() {
-        if !remote && let Some(acl) = t.subnet(src.subnet()).acl {
-            let list = &t.acls[acl.index()].egress_list;
-            if let Err(rule) = acl_allows(list, &toward(ip.dst)) {
-                let d = Dropped {
-                    reason: DropReason::AclEgress,
-                    rule: Some(RuleRef::Acl { acl, rule }),
-                };
-                return (Decision::Drop(d), None, true);
-            }
-        }
-        if target_local && let Some(acl) = t.subnet(dst.subnet()).acl {
-            let list = &t.acls[acl.index()].ingress_list;
-            if let Err(rule) = acl_allows(list, &toward(ip.src)) {
-                let d = Dropped {
-                    reason: DropReason::AclIngress,
-                    rule: Some(RuleRef::Acl { acl, rule }),
-                };
-                return (Decision::Drop(d), None, true);
-            }
-        }
-    }
-
-    let forward = if target_local {
-        Decision::Deliver {
-            to: target,
-            strip: 0,
-        }
-    } else {
-        Decision::Encapsulate {
-            host: dst.host,
-            key: t.vpc(dst.vpc()).key,
-        }
-    };
-
-    // Security groups, made stateful by connection tracking.
-    if matches!(ip.l4, L4::Icmp { kind, .. } if icmp_type::is_error(kind)) {
-        return if related(st, zone, ip, pkt, now) {
-            (forward, None, false)
-        } else {
-            (Decision::drop(DropReason::IcmpErrorUnrelated), None, false)
-        };
-    }
-    let (src_ep, dst_ep) = endpoints(zone, ip);
-    let ck = ConnKey::new(ip.protocol, src_ep, dst_ep);
-    if let Some(r) = st.conntrack.lookup(&ck, now) {
-        match st.conntrack.track(r, &src_ep, &ip.l4, now) {
-            Track::Accepted(_) => return (forward, Some(r), true),
-            Track::Invalid(reason) => return (Decision::drop(reason), None, false),
-            Track::Reopen | Track::Gone => {}
-        }
-    }
-    // Only an echo request opens an ICMP "connection"; other ICMP messages are judged by the
-    // rules each time (as a cloud's security group does for untracked traffic).
-    let tracked = !matches!(ip.l4, L4::Icmp { kind, .. } if kind != icmp_type::ECHO_REQUEST);
-    if tracked && let Err(reason) = Conntrack::may_open(&ip.l4) {
-        return (Decision::drop(reason), None, false);
-    }
-    if !remote && let Err(rule) = sg_allows(&src.egress_rules, &toward(ip.dst), origin.source()) {
-        let d = Dropped {
-            reason: DropReason::SgEgress,
-            rule: Some(rule),
-        };
-        return (Decision::Drop(d), None, false);
-    }
-    if target_local && let Err(rule) = sg_allows(&dst.ingress_rules, &toward(ip.src), target) {
-        let d = Dropped {
-            reason: DropReason::SgIngress,
-            rule: Some(rule),
-        };
-        return (Decision::Drop(d), None, false);
-    }
-    if !tracked {
-        return (forward, None, true);
-    }
-    let owner = Owner {
-        zone,
-        addr: if remote { dst.ip } else { src.ip },
-    };
-    match st.conntrack.open(ip.protocol, src_ep, dst_ep, owner, now) {
-        Ok(r) => (forward, Some(r), true),
-        Err(reason) => (Decision::drop(reason), None, false),
-    }
-}
-
-/// Route order (CLOUD-SEMANTICS): the local route first, then the longest custom route.
-/// Returns the instance the packet goes to.
-fn route(
-    t: &Topology,
-    sender: InstanceId,
-    src: &Instance,
-    dst: Ipv4Addr,
-) -> Result<InstanceId, DropReason> {
-    let vpc = src.vpc();
-    if t.vpc(vpc).cidr.contains(&dst) {
-        return t.instance_at(vpc, dst).ok_or(DropReason::NoSuchInstance);
-    }
-    let table = &t.route_tables[t.subnet(src.subnet()).route_table.index()];
-    match table.routes.lookup(dst).map(|(_, r)| r.next_hop) {
-        None => Err(DropReason::NoRoute),
-        Some(NextHop::Drop) => Err(DropReason::RouteDrop),
-        Some(NextHop::Internet) => Err(DropReason::InternetUnavailable),
-        Some(NextHop::Peering(_)) => Err(DropReason::PeeringUnavailable),
-        Some(NextHop::Instance(i)) if i == sender.0 => Err(DropReason::RouteLoop),
-        Some(NextHop::Instance(i)) => Ok(InstanceId(i)),
-    }
-}
-
-/// An ACL's verdict; the error names the deciding rule (`None`: no rule matched).
-fn acl_allows(list: &RuleList, s: &Subject) -> Result<(), Option<u16>> {
-    match list.evaluate(s) {
-        Outcome::Accepted(_) => Ok(()),
-        Outcome::Dropped(o) => Err(Some(o.rule)),
-        Outcome::NoMatch => Err(None),
-    }
-}
-
-/// A security-group list's verdict; the error names the deciding rule.
-fn sg_allows(list: &RuleList, s: &Subject, instance: InstanceId) -> Result<(), RuleRef> {
-    match list.evaluate(s) {
-        Outcome::Accepted(_) => Ok(()),
-        Outcome::Dropped(o) => Err(RuleRef::SecurityGroup {
-            group: SgId(o.owner),
-            rule: o.rule,
-        }),
-        Outcome::NoMatch => Err(RuleRef::SecurityGroupsEnd { instance }),
-    }
-}
-
-/// An ICMP error is related when the packet it quotes belongs to a tracked connection of the
-/// same zone, sent by the error's receiver.
-fn related(st: &mut State, zone: Zone, ip: &Ipv4Packet, pkt: &[u8], now: Timestamp) -> bool {
-    let Some(quote) = pkt.get(ip.l4_offset() + 8..) else {
-        return false;
-    };
-    let Some(q) = ipv4::parse_quoted(quote) else {
-        return false;
-    };
-    if q.src != ip.dst {
-        return false;
-    }
-    let (a, b) = endpoints(zone, &q);
-    st.conntrack
-        .lookup(&ConnKey::new(q.protocol, a, b), now)
-        .is_some()
 }
 
 #[cfg(test)]

@@ -4,8 +4,9 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use super::*;
+use crate::policy::conntrack::Zone;
 use crate::topology::Topology;
-use crate::wire::ipv4::TcpFlags;
+use crate::wire::ipv4::{TcpFlags, proto};
 
 const TOPOLOGY: &str = r#"
 [underlay]
@@ -182,6 +183,7 @@ impl Lab {
         Decision::Deliver {
             to: self.id(name),
             strip: 0,
+            nat: Nat::NONE,
         }
     }
 }
@@ -258,7 +260,8 @@ fn routing_table() {
             tcp(WEB1, 40000, DB1, 5432, SYN),
             Decision::Encapsulate {
                 host: db1_host,
-                key: 1001,
+                key: Some(1001),
+                nat: Nat::NONE,
             },
         ),
         (
@@ -277,21 +280,22 @@ fn routing_table() {
             drop(DropReason::RouteDrop),
         ),
         (
-            "route to internet, not yet available",
+            "route to the internet, but no Elastic IP",
             tcp(WEB1, 1, [203, 0, 113, 7], 80, SYN),
-            drop(DropReason::InternetUnavailable),
+            drop(DropReason::NoEip),
         ),
         (
-            "route to a peering, not yet available",
+            "route to a peering whose VPC has no such instance",
             tcp(WEB1, 1, [172, 16, 1, 5], 80, SYN),
-            drop(DropReason::PeeringUnavailable),
+            drop(DropReason::NoSuchInstance),
         ),
         (
             "default route to an appliance on another host",
             udp(WEB1, 5000, [8, 8, 8, 8], 53),
             Decision::Encapsulate {
                 host: db1_host,
-                key: 1001,
+                key: Some(1001),
+                nat: Nat::NONE,
             },
         ),
         (
@@ -371,7 +375,8 @@ fn overlapping_tenants_never_meet() {
         d,
         Decision::Encapsulate {
             host: l.t.host_named("b").unwrap(),
-            key: 2002
+            key: Some(2002),
+            nat: Nat::NONE
         }
     );
     // bob1 cannot reach alice's db1 at its address: bob's VPC has no such instance.
@@ -385,7 +390,8 @@ fn overlapping_tenants_never_meet() {
         l.b.decide(&wire, Ingress::UnderlayIp, now(0)),
         Decision::Deliver {
             to: l.id("bob2"),
-            strip: 28
+            strip: 28,
+            nat: Nat::NONE
         }
     );
     // The same inner packet with alice's key: no alice instance has 10.0.1.20.
@@ -450,7 +456,8 @@ fn sg_peers_are_members_of_the_group() {
         l.a.decide(&wire, Ingress::UnderlayIp, now(0)),
         Decision::Deliver {
             to: l.id("web1"),
-            strip: 28
+            strip: 28,
+            nat: Nat::NONE
         }
     );
 }
@@ -491,7 +498,8 @@ fn stateful_replies_across_hosts() {
     let b_host = l.t.host_named("b").unwrap();
     let enc = Decision::Encapsulate {
         host: b_host,
-        key: 1001,
+        key: Some(1001),
+        nat: Nat::NONE,
     };
     assert_eq!(
         l.a.decide(&tcp(WEB1, 40000, DB1, 5432, SYN), web1, now(0)),
@@ -502,21 +510,26 @@ fn stateful_replies_across_hosts() {
         l.b.decide(&wire, Ingress::UnderlayIp, now(0)),
         Decision::Deliver {
             to: l.id("db1"),
-            strip: 28
+            strip: 28,
+            nat: Nat::NONE
         }
     );
     // db1 replies; host b lets it out, host a lets it in: neither SG has a rule for it.
     let reply = tcp(DB1, 5432, WEB1, 40000, SYNACK);
     assert!(matches!(
         l.b.decide(&reply, db1, now(0)),
-        Decision::Encapsulate { key: 1001, .. }
+        Decision::Encapsulate {
+            key: Some(1001),
+            ..
+        }
     ));
     let wire = gre_from(HOST_B, HOST_A, 1001, &reply);
     assert_eq!(
         l.a.decide(&wire, Ingress::UnderlayIp, now(0)),
         Decision::Deliver {
             to: l.id("web1"),
-            strip: 28
+            strip: 28,
+            nat: Nat::NONE
         }
     );
     // Without the outbound SYN, the same SYN-ACK is not a connection on host a.
@@ -787,7 +800,8 @@ fn echo_is_tracked_by_identifier() {
         l.a.decide(&icmp(WEB1, BOB2, 8, 5), bob1, now(0)),
         Decision::Encapsulate {
             host: bob2_host,
-            key: 2002
+            key: Some(2002),
+            nat: Nat::NONE
         }
     );
     let reply = gre_from(HOST_B, HOST_A, 2002, &icmp(BOB2, WEB1, 0, 5));
@@ -846,7 +860,8 @@ fn the_flow_cache_key_holds_every_field_the_decision_reads() {
             {
                 Decision::Encapsulate {
                     host: l.t.host_named("b").unwrap(),
-                    key: 2002,
+                    key: Some(2002),
+                    nat: Nat::NONE,
                 }
             },
         ),
@@ -873,21 +888,46 @@ fn the_flow_cache_key_holds_every_field_the_decision_reads() {
     let mut code = icmp(WEB1, WEB2, 8, 1);
     code[21] = 1;
     let _ = l.a.decide(&code, web1, now(0));
-    let k1 = FlowKey::new(1, Zone(1), &ipv4::parse(&icmp(WEB1, WEB2, 8, 1)).unwrap());
-    let k2 = FlowKey::new(1, Zone(1), &ipv4::parse(&code).unwrap());
-    let k3 = FlowKey::new(1, Zone(1), &ipv4::parse(&icmp(WEB1, WEB2, 0, 1)).unwrap());
-    let k4 = FlowKey::new(1, Zone(1), &ipv4::parse(&icmp(WEB1, WEB2, 8, 2)).unwrap());
+    let k1 = FlowKey::new(
+        1,
+        Zone(1),
+        0,
+        &ipv4::parse(&icmp(WEB1, WEB2, 8, 1)).unwrap(),
+    );
+    let k2 = FlowKey::new(1, Zone(1), 0, &ipv4::parse(&code).unwrap());
+    let k3 = FlowKey::new(
+        1,
+        Zone(1),
+        0,
+        &ipv4::parse(&icmp(WEB1, WEB2, 0, 1)).unwrap(),
+    );
+    let k4 = FlowKey::new(
+        1,
+        Zone(1),
+        0,
+        &ipv4::parse(&icmp(WEB1, WEB2, 8, 2)).unwrap(),
+    );
     assert!(
         k1 != k2 && k1 != k3 && k1 != k4,
         "ICMP code, type and id are in the key"
     );
     assert_ne!(
         k1,
-        FlowKey::new(1, Zone(2), &ipv4::parse(&icmp(WEB1, WEB2, 8, 1)).unwrap())
+        FlowKey::new(
+            1,
+            Zone(2),
+            0,
+            &ipv4::parse(&icmp(WEB1, WEB2, 8, 1)).unwrap()
+        )
     );
     assert_ne!(
         k1,
-        FlowKey::new(2, Zone(1), &ipv4::parse(&icmp(WEB1, WEB2, 8, 1)).unwrap())
+        FlowKey::new(
+            2,
+            Zone(1),
+            0,
+            &ipv4::parse(&icmp(WEB1, WEB2, 8, 1)).unwrap()
+        )
     );
 }
 
@@ -1039,7 +1079,8 @@ fn underlay_acceptance() {
         ),
         Decision::Deliver {
             to: l.id("web1"),
-            strip: 8
+            strip: 8,
+            nat: Nat::NONE
         }
     );
 }
@@ -1055,7 +1096,7 @@ fn process_encapsulates_and_decapsulates_in_place() {
     let Action::Transmit { to, key, .. } = action else {
         panic!("{action:?}")
     };
-    assert_eq!((to, key), (Ipv4Addr::from(HOST_B), 1001));
+    assert_eq!((to, key), (Ipv4Addr::from(HOST_B), Some(1001)));
     assert_eq!(buf.len(), inner.len() + 28);
     assert_eq!(
         buf.as_slice()[28..].as_ptr(),
@@ -1132,7 +1173,8 @@ fn a_syn_flood_cannot_evict_another_tenants_established_connection() {
         a.decide(&tcp(WEB2, 80, WEB1, 40000, ACK), web2, now(2)),
         Decision::Deliver {
             to: t.instance_named("web1").unwrap(),
-            strip: 0
+            strip: 0,
+            nat: Nat::NONE
         }
     );
     assert!(a.conntrack().stats().evicted >= 4900);

@@ -48,6 +48,15 @@ pub struct Endpoint {
     pub port: u16,
 }
 
+impl Endpoint {
+    /// A placeholder endpoint (zone 0, 0.0.0.0, port 0).
+    pub const NONE: Endpoint = Endpoint {
+        zone: Zone(0),
+        addr: Ipv4Addr::UNSPECIFIED,
+        port: 0,
+    };
+}
+
 /// A connection, independent of direction: endpoints in canonical order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConnKey {

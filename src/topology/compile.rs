@@ -211,26 +211,6 @@ impl<'a> Cx<'a> {
         let underlay = self.underlay(f);
         let conntrack = self.conntrack(f);
         let limits = self.limits(f);
-        for (what, present) in [
-            ("[basic]", f.basic.as_ref().map(|b| b.span())),
-            ("[internet]", f.internet.as_ref().map(|b| b.span())),
-        ] {
-            if let Some(span) = present {
-                self.err(
-                    span,
-                    what,
-                    "the basic network and the internet are not supported yet",
-                );
-            }
-        }
-        for ic in &f.interconnects {
-            self.err(
-                ic.span(),
-                "interconnect",
-                "basic-network interconnects are not supported yet",
-            );
-        }
-
         // Names first, so that references may point forward.
         let host_names = self.names("host", &f.hosts, |h| &h.name);
         let vpc_names = self.names("vpc", &f.vpcs, |v| &v.name);
@@ -242,6 +222,8 @@ impl<'a> Cx<'a> {
         let peering_names = self.names("peering", &f.peerings, |p| &p.name);
 
         let hosts = self.hosts(f);
+        let basic = self.basic(f);
+        let internet = self.internet(f, &host_names);
         let mut vpcs = self.vpcs(f);
         let peerings = self.peerings(f, &vpc_names, &vpcs);
         let acls = self.acls(f, &vpc_names, &limits);
@@ -263,7 +245,7 @@ impl<'a> Cx<'a> {
             &acl_names,
             &acls,
         );
-        let instances = self.instances(
+        let mut instances = self.instances(
             f,
             &host_names,
             &subnet_names,
@@ -272,6 +254,17 @@ impl<'a> Cx<'a> {
             &limits,
             &hosts,
             &vpcs,
+            (basic.as_ref(), internet.as_ref()),
+        );
+        self.allocate_basic(f, &mut instances, basic.as_ref());
+        let interconnects = self.interconnects(
+            f,
+            &instance_names,
+            &vpc_names,
+            &instances,
+            &vpcs,
+            &hosts,
+            basic.as_ref(),
         );
         let tables = self.route_tables(
             f,
@@ -283,7 +276,7 @@ impl<'a> Cx<'a> {
             &peerings,
             &limits,
         );
-        let expects = self.expects(f, &instance_names);
+        let expects = self.expects(f, &instance_names, internet.is_some());
 
         if !self.errors.is_empty() {
             return None;
@@ -327,9 +320,18 @@ impl<'a> Cx<'a> {
             index.vpc_by_key.insert(v.key, VpcId(i as u32));
         }
         for (i, inst) in instances.iter().enumerate() {
+            let id = InstanceId(i as u32);
             index
                 .instance_by_address
-                .insert((inst.vpc(), inst.ip), InstanceId(i as u32));
+                .insert((inst.space(), inst.ip), id);
+            if let Some(eip) = inst.eip {
+                index.instance_by_eip.insert(eip, id);
+            }
+        }
+        let interconnects: Vec<Interconnect> =
+            interconnects.into_iter().map(Option::unwrap).collect();
+        for ic in &interconnects {
+            index.linked_vpc.insert(ic.instance, ic.vpc);
         }
         Some(Topology {
             file: self.file.to_string(),
@@ -344,6 +346,9 @@ impl<'a> Cx<'a> {
             security_groups,
             instances,
             peerings,
+            basic,
+            internet: internet.flatten(),
+            interconnects,
             expects,
             index,
         })
@@ -474,6 +479,60 @@ impl<'a> Cx<'a> {
             self.err(span, item, m);
         }
         l
+    }
+
+    fn basic(&mut self, f: &file::File) -> Option<BasicNetwork> {
+        let raw = f.basic.as_ref()?;
+        let item = "[basic]";
+        let cidr = self.cidr(&raw.get_ref().cidr, item, "cidr", false)?;
+        let private = private_ranges().iter().any(|(r, _)| r.contains(&cidr));
+        if !private || cidr.prefix_len() > 28 {
+            self.err(
+                raw.get_ref().cidr.span(),
+                item,
+                format!("cidr {cidr}: the basic pool is a private range (10/8, 172.16/12, 192.168/16) of at least /28"),
+            );
+            return None;
+        }
+        Some(BasicNetwork {
+            cidr,
+            gateway: nth(cidr, 1),
+        })
+    }
+
+    /// `Some(None)` when `[internet]` is present but invalid (its errors are reported).
+    fn internet(&mut self, f: &file::File, host_names: &Names) -> Option<Option<Internet>> {
+        let raw = f.internet.as_ref()?;
+        let r = raw.get_ref();
+        let item = "[internet]";
+        let cidr = self.cidr(&r.cidr, item, "cidr", false);
+        if let Some(c) = cidr
+            && private_ranges().iter().any(|(p, _)| overlaps(*p, c))
+        {
+            self.err(r.cidr.span(), item, format!("cidr {c} is private: the internet's addresses are public ones (e.g. 203.0.113.0/24)"));
+            return Some(None);
+        }
+        let gateway = self.resolve(host_names, "host", &r.gateway, item);
+        let client = match (&r.client, cidr) {
+            (Some(t), Some(c)) => self.address(t, item, "client").filter(|a| {
+                let ok = c.contains(a);
+                if !ok {
+                    self.err(t.span(), item, format!("client {a} lies outside cidr {c}"));
+                }
+                ok
+            }),
+            (None, Some(c)) => Some(nth(c, 1)),
+            _ => None,
+        };
+        let netns = r.netns.as_ref().map(|n| n.get_ref().clone());
+        Some((|| {
+            Some(Internet {
+                cidr: cidr?,
+                gateway: HostId(gateway?),
+                netns,
+                client: client?,
+            })
+        })())
     }
 
     fn hosts(&mut self, f: &file::File) -> Vec<Option<Host>> {
@@ -970,9 +1029,14 @@ impl<'a> Cx<'a> {
         limits: &Limits,
         hosts: &[Option<Host>],
         vpcs: &[Option<Vpc>],
+        (basic, internet): (Option<&BasicNetwork>, Option<&Option<Internet>>),
     ) -> Vec<Option<Instance>> {
         let mut addresses: HashMap<(u32, Ipv4Addr), String> = HashMap::new();
         let mut namespaces: HashMap<String, String> = HashMap::new();
+        if let Some(Some(Internet { netns: Some(n), .. })) = internet {
+            namespaces.insert(n.clone(), "[internet]".to_string());
+        }
+        let mut eips: HashMap<Ipv4Addr, String> = HashMap::new();
         f.instances
             .iter()
             .map(|raw| {
@@ -987,26 +1051,30 @@ impl<'a> Cx<'a> {
                     );
                 }
                 let host = self.resolve(host_names, "host", &i.host, &item);
-                if let Some(n) = &i.network
-                    && n.get_ref() != "vpc"
-                {
-                    let msg = if n.get_ref() == "basic" {
-                        "the basic network is not supported yet".to_string()
-                    } else {
-                        format!("network \"{}\" is neither \"vpc\" nor \"basic\"", n.get_ref())
-                    };
-                    self.err(n.span(), &item, msg);
-                    return None;
-                }
-                for (field, present) in [("tenant", i.tenant.as_ref().map(|t| t.span())), ("eip", i.eip.as_ref().map(|t| t.span()))] {
-                    if let Some(span) = present {
-                        let msg = if field == "tenant" {
-                            "a VPC instance takes its tenant from its VPC: remove tenant"
-                        } else {
-                            "Elastic IPs are not supported yet"
-                        };
-                        self.err(span, &item, msg);
+                let is_basic = match &i.network {
+                    None => false,
+                    Some(n) if n.get_ref() == "vpc" => false,
+                    Some(n) if n.get_ref() == "basic" => true,
+                    Some(n) => {
+                        self.err(n.span(), &item, format!("network \"{}\" is neither \"vpc\" nor \"basic\"", n.get_ref()));
+                        return None;
                     }
+                };
+                let eip = self.eip(i, &item, internet, &mut eips);
+                if let Some(ns) = &i.netns {
+                    let n = ns.get_ref();
+                    if n.is_empty() || n.len() > 64 || n.contains('/') || n.contains(char::is_whitespace) {
+                        self.err(ns.span(), &item, format!("netns \"{n}\" is not a valid namespace name"));
+                    } else if let Some(other) = namespaces.insert(n.clone(), format!("instance \"{name}\"")) {
+                        self.err(ns.span(), &item, format!("netns \"{n}\" is already {other}'s"));
+                    }
+                }
+                if is_basic {
+                    let declared = f.basic.is_some();
+                    return self.basic_instance(raw, &item, basic, host, eip, sg_names, limits, declared);
+                }
+                if let Some(t) = &i.tenant {
+                    self.err(t.span(), &item, "a VPC instance takes its tenant from its VPC: remove tenant");
                 }
                 // A missing subnet does not hide the other problems of the instance.
                 let subnet = match &i.subnet {
@@ -1024,15 +1092,7 @@ impl<'a> Cx<'a> {
                     }
                 };
                 let groups = self.instance_groups(i, raw.span(), &item, sg_names, limits);
-                if let Some(ns) = &i.netns {
-                    let n = ns.get_ref();
-                    if n.is_empty() || n.len() > 64 || n.contains('/') || n.contains(char::is_whitespace) {
-                        self.err(ns.span(), &item, format!("netns \"{n}\" is not a valid namespace name"));
-                    } else if let Some(other) = namespaces.insert(n.clone(), name.clone()) {
-                        self.err(ns.span(), &item, format!("netns \"{n}\" is already instance \"{other}\"'s"));
-                    }
-                }
-                let (host, subnet_id, ip, groups) = (host?, subnet?, ip?, groups?);
+                let (host, subnet_id, ip, groups, eip) = (host?, subnet?, ip?, groups?, eip?);
                 let s = subnets[subnet_id as usize].as_ref()?;
                 let ip_span = i.ip.as_ref().map(|t| t.span()).unwrap_or(raw.span());
                 if !s.cidr.contains(&ip) {
@@ -1066,10 +1126,236 @@ impl<'a> Cx<'a> {
                         subnet: SubnetId(subnet_id),
                     },
                     ip,
+                    prefix: s.cidr.prefix_len(),
+                    eip,
                     security_groups: groups,
                     netns: i.netns.as_ref().map(|n| n.get_ref().clone()),
                     ingress_rules: Arc::default(),
                     egress_rules: Arc::default(),
+                })
+            })
+            .collect()
+    }
+
+    /// A basic-network instance: a tenant, no subnet, no address of its own choosing.
+    #[allow(clippy::too_many_arguments)]
+    fn basic_instance(
+        &mut self,
+        raw: &Spanned<file::Instance>,
+        item: &str,
+        basic: Option<&BasicNetwork>,
+        host: Option<u32>,
+        eip: Option<Option<Ipv4Addr>>,
+        sg_names: &Names,
+        limits: &Limits,
+        basic_declared: bool,
+    ) -> Option<Instance> {
+        let i = raw.get_ref();
+        if basic.is_none() && !basic_declared {
+            let span = i.network.as_ref().map_or(raw.span(), |n| n.span());
+            self.err(
+                span,
+                item,
+                "network = \"basic\" needs a [basic] section with the provider's pool",
+            );
+        }
+        let tenant = match &i.tenant {
+            Some(t) if !t.get_ref().trim().is_empty() => Some(t.get_ref().clone()),
+            Some(t) => {
+                self.err(t.span(), item, "tenant is empty");
+                None
+            }
+            None => {
+                self.err(
+                    raw.span(),
+                    item,
+                    "a basic-network instance names its tenant",
+                );
+                None
+            }
+        };
+        if let Some(t) = &i.subnet {
+            self.err(
+                t.span(),
+                item,
+                "a basic-network instance takes no subnet (the basic network has none)",
+            );
+        }
+        if let Some(t) = &i.ip {
+            self.err(
+                t.span(),
+                item,
+                "a basic-network instance's address is allocated by the provider from [basic] cidr: remove ip",
+            );
+        }
+        let groups = self.instance_groups(i, raw.span(), item, sg_names, limits);
+        if i.subnet.is_some() || i.ip.is_some() {
+            return None;
+        }
+        Some(Instance {
+            name: i.name.get_ref().clone(),
+            host: HostId(host?),
+            network: Network::Basic { tenant: tenant? },
+            ip: Ipv4Addr::UNSPECIFIED,
+            prefix: basic?.cidr.prefix_len(),
+            eip: eip?,
+            security_groups: groups?,
+            netns: i.netns.as_ref().map(|n| n.get_ref().clone()),
+            ingress_rules: Arc::default(),
+            egress_rules: Arc::default(),
+        })
+    }
+
+    /// An instance's Elastic IP: inside `[internet] cidr`, not the internet's own address,
+    /// bound to one instance only.
+    fn eip(
+        &mut self,
+        i: &file::Instance,
+        item: &str,
+        internet: Option<&Option<Internet>>,
+        eips: &mut HashMap<Ipv4Addr, String>,
+    ) -> Option<Option<Ipv4Addr>> {
+        let Some(t) = &i.eip else { return Some(None) };
+        let addr = self.address(t, item, "eip")?;
+        let net = match internet {
+            None => {
+                self.err(t.span(), item, "an Elastic IP needs an [internet] section");
+                return None;
+            }
+            Some(None) => return None,
+            Some(Some(net)) => net,
+        };
+        let problem = if !net.cidr.contains(&addr) {
+            Some(format!(
+                "eip {addr} lies outside [internet] cidr {}",
+                net.cidr
+            ))
+        } else if addr == net.client {
+            Some(format!(
+                "eip {addr} is the internet's own address ([internet] client)"
+            ))
+        } else if addr == net.cidr.network() || addr == net.cidr.broadcast() {
+            Some(format!(
+                "eip {addr} is the network or broadcast address of {}",
+                net.cidr
+            ))
+        } else {
+            eips.insert(addr, i.name.get_ref().clone())
+                .map(|other| format!("eip {addr} is already bound to instance \"{other}\""))
+        };
+        match problem {
+            Some(m) => {
+                self.err(t.span(), item, m);
+                None
+            }
+            None => Some(Some(addr)),
+        }
+    }
+
+    /// Gives each basic-network instance its address: deterministic (a hash of its name,
+    /// probing upwards in file order), so the same topology always gives the same addresses
+    /// and adding an instance rarely moves another. The pool's network, gateway (first
+    /// usable) and broadcast addresses are never given.
+    fn allocate_basic(
+        &mut self,
+        f: &file::File,
+        instances: &mut [Option<Instance>],
+        basic: Option<&BasicNetwork>,
+    ) {
+        let Some(pool) = basic else { return };
+        let base = u32::from(pool.cidr.network());
+        let size = 1u64 << (32 - pool.cidr.prefix_len());
+        let usable = size.saturating_sub(3).max(1);
+        let mut taken: hashbrown::HashSet<u32> = hashbrown::HashSet::new();
+        for (raw, inst) in f.instances.iter().zip(instances.iter_mut()) {
+            let Some(inst) = inst.as_mut().filter(|i| i.is_basic()) else {
+                continue;
+            };
+            if taken.len() as u64 >= usable {
+                self.err(
+                    raw.span(),
+                    label("instance", &raw.get_ref().name),
+                    format!("the basic pool {} is full", pool.cidr),
+                );
+                continue;
+            }
+            let mut n = u64::from(fnv1a(inst.name.as_bytes())) % usable;
+            while taken.contains(&((n + 2) as u32)) {
+                n = (n + 1) % usable;
+            }
+            taken.insert((n + 2) as u32);
+            inst.ip = Ipv4Addr::from(base + (n + 2) as u32);
+        }
+    }
+
+    /// Basic-network interconnects: one VPC per instance, of the same tenant and region,
+    /// whose CIDR does not overlap the basic pool.
+    #[allow(clippy::too_many_arguments)]
+    fn interconnects(
+        &mut self,
+        f: &file::File,
+        instance_names: &Names,
+        vpc_names: &Names,
+        instances: &[Option<Instance>],
+        vpcs: &[Option<Vpc>],
+        hosts: &[Option<Host>],
+        basic: Option<&BasicNetwork>,
+    ) -> Vec<Option<Interconnect>> {
+        let mut linked: HashMap<u32, String> = HashMap::new();
+        f.interconnects
+            .iter()
+            .map(|ic| {
+                let r = ic.get_ref();
+                let item = format!("interconnect ({} -> {})", r.instance.get_ref(), r.vpc.get_ref());
+                let inst = self.resolve(instance_names, "instance", &r.instance, &item);
+                let vpc = self.resolve(vpc_names, "vpc", &r.vpc, &item);
+                let (inst, vpc) = (inst?, vpc?);
+                let (i, v) = (instances[inst as usize].as_ref()?, vpcs[vpc as usize].as_ref()?);
+                let Network::Basic { tenant } = &i.network else {
+                    self.err(r.instance.span(), &item, format!("instance \"{}\" is not in the basic network", i.name));
+                    return None;
+                };
+                if *tenant != v.tenant {
+                    self.err(
+                        r.vpc.span(),
+                        &item,
+                        format!("instance \"{}\" belongs to tenant \"{tenant}\", vpc \"{}\" to \"{}\": an interconnect stays within one tenant", i.name, v.name, v.tenant),
+                    );
+                    return None;
+                }
+                // A VPC that names no region is not tied to one (as for its instances).
+                let host_region = hosts[i.host.index()].as_ref().map_or("default", |h| h.region.as_str());
+                if let Some(vpc_region) = v.region.as_deref()
+                    && host_region != vpc_region
+                {
+                    self.err(
+                        r.vpc.span(),
+                        &item,
+                        format!("instance \"{}\" runs in region \"{host_region}\", vpc \"{}\" is in \"{vpc_region}\": an interconnect stays within one region", i.name, v.name),
+                    );
+                    return None;
+                }
+                if let Some(pool) = basic
+                    && overlaps(pool.cidr, v.cidr)
+                {
+                    self.err(
+                        r.vpc.span(),
+                        &item,
+                        format!("vpc \"{}\" ({}) overlaps the basic pool {}", v.name, v.cidr, pool.cidr),
+                    );
+                    return None;
+                }
+                if let Some(other) = linked.insert(inst, v.name.clone()) {
+                    self.err(
+                        ic.span(),
+                        &item,
+                        format!("instance \"{}\" is already linked to vpc \"{other}\": one VPC at a time", i.name),
+                    );
+                    return None;
+                }
+                Some(Interconnect {
+                    instance: InstanceId(inst),
+                    vpc: VpcId(vpc),
                 })
             })
             .collect()
@@ -1233,14 +1519,18 @@ impl<'a> Cx<'a> {
                 return None;
             };
             let inst = instances[id as usize].as_ref()?;
-            if inst.vpc().0 != vpc {
-                let other = vpcs[inst.vpc().index()]
-                    .as_ref()
-                    .map_or("?", |v| v.name.as_str());
+            if inst.vpc() != Some(VpcId(vpc)) {
+                let other = match inst.vpc() {
+                    Some(v) => format!(
+                        "in another VPC (\"{}\")",
+                        vpcs[v.index()].as_ref().map_or("?", |v| v.name.as_str())
+                    ),
+                    None => "in the basic network".to_string(),
+                };
                 self.err(
                     t.span(),
                     item,
-                    format!("next hop instance \"{name}\" is in another VPC (\"{other}\")"),
+                    format!("next hop instance \"{name}\" is {other}"),
                 );
                 return None;
             }
@@ -1270,7 +1560,12 @@ impl<'a> Cx<'a> {
         None
     }
 
-    fn expects(&mut self, f: &file::File, instance_names: &Names) -> Vec<Option<Expect>> {
+    fn expects(
+        &mut self,
+        f: &file::File,
+        instance_names: &Names,
+        internet: bool,
+    ) -> Vec<Option<Expect>> {
         f.expects
             .iter()
             .enumerate()
@@ -1283,7 +1578,15 @@ impl<'a> Cx<'a> {
                     e.from.get_ref(),
                     e.to.get_ref()
                 );
-                let from = self.resolve(instance_names, "instance", &e.from, &item);
+                let from = if e.from.get_ref() == "internet"
+                    && internet
+                    && !instance_names.contains_key("internet")
+                {
+                    Some(ExpectSource::Internet)
+                } else {
+                    self.resolve(instance_names, "instance", &e.from, &item)
+                        .map(|id| ExpectSource::Instance(InstanceId(id)))
+                };
                 let to = match instance_names.get(e.to.get_ref()) {
                     Some(&id) => Some(ExpectTarget::Instance(InstanceId(id))),
                     None => match e.to.get_ref().parse::<Ipv4Addr>() {
@@ -1333,7 +1636,7 @@ impl<'a> Cx<'a> {
                     (_, _) => Some(None),
                 };
                 Some(Expect {
-                    from: InstanceId(from?),
+                    from: from?,
                     to: to?,
                     protocol: protocol?,
                     port: port?,
@@ -1347,15 +1650,17 @@ impl<'a> Cx<'a> {
 
 /// Flattens each instance's groups into its rule lists. Instances with the same groups in the
 /// same VPC share one list.
+/// `sg:` peers resolve to the members of the group in the same address space: the same VPC,
+/// or, for a basic-network instance, the basic network.
 fn compile_instance_rules(instances: &mut [Instance], groups: &[SecurityGroup]) {
     type Lists = (Arc<RuleList>, Arc<RuleList>);
-    let mut cache: HashMap<(VpcId, Vec<SgId>), Lists> = HashMap::new();
-    let members: Vec<(VpcId, Ipv4Addr, Vec<SgId>)> = instances
+    let mut cache: HashMap<(Space, Vec<SgId>), Lists> = HashMap::new();
+    let members: Vec<(Space, Ipv4Addr, Vec<SgId>)> = instances
         .iter()
-        .map(|i| (i.vpc(), i.ip, i.security_groups.clone()))
+        .map(|i| (i.space(), i.ip, i.security_groups.clone()))
         .collect();
     for inst in instances.iter_mut() {
-        let vpc = inst.vpc();
+        let vpc = inst.space();
         let lists = cache
             .entry((vpc, inst.security_groups.clone()))
             .or_insert_with(|| {
@@ -1391,12 +1696,17 @@ fn label(kind: &str, name: &Text) -> String {
 }
 
 /// The cloud's VPC ranges: 10/8 and 172.16/12 from /12, 192.168/16 from /16, down to /28.
+/// The private ranges (RFC 1918), with the largest VPC each allows.
+fn private_ranges() -> [(Ipv4Net, u8); 3] {
+    [
+        (Ipv4Net::new_assert(Ipv4Addr::new(10, 0, 0, 0), 8), 12),
+        (Ipv4Net::new_assert(Ipv4Addr::new(172, 16, 0, 0), 12), 12),
+        (Ipv4Net::new_assert(Ipv4Addr::new(192, 168, 0, 0), 16), 16),
+    ]
+}
+
 fn private_vpc_cidr(c: Ipv4Net) -> Result<(), String> {
-    let ranges: [(Ipv4Net, u8); 3] = [
-        ("10.0.0.0/8".parse().unwrap(), 12),
-        ("172.16.0.0/12".parse().unwrap(), 12),
-        ("192.168.0.0/16".parse().unwrap(), 16),
-    ];
+    let ranges = private_ranges();
     match ranges.iter().find(|(r, _)| r.contains(&c.network())) {
         None => Err(format!(
             "cidr {c} is not private: a VPC takes 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16"

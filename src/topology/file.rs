@@ -117,6 +117,10 @@ pub struct Internet {
     pub cidr: Text,
     /// The host that serves as the internet gateway.
     pub gateway: Text,
+    /// The namespace of the internet's device.
+    pub netns: Option<Text>,
+    /// The internet side's address (default: the first usable address of `cidr`).
+    pub client: Option<Text>,
 }
 
 /// `[[host]]`.

@@ -223,6 +223,20 @@ pub enum Network {
         /// The subnet.
         subnet: SubnetId,
     },
+    /// The basic (classic) network: the provider's flat pool, tied to a tenant.
+    Basic {
+        /// The tenant.
+        tenant: String,
+    },
+}
+
+/// An address space: a VPC's, or the basic network's (one for every tenant).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Space {
+    /// A VPC.
+    Vpc(VpcId),
+    /// The basic network.
+    Basic,
 }
 
 /// An instance: one TUN device.
@@ -234,13 +248,17 @@ pub struct Instance {
     pub host: HostId,
     /// Network.
     pub network: Network,
-    /// Private address.
+    /// Private address (chosen in a VPC, allocated by the provider in the basic network).
     pub ip: Ipv4Addr,
+    /// Prefix length of its device's address: its subnet's, or the basic pool's.
+    pub prefix: u8,
+    /// Elastic IP.
+    pub eip: Option<Ipv4Addr>,
     /// Security groups, in order.
     pub security_groups: Vec<SgId>,
     /// Namespace of its TUN device.
     pub netns: Option<String>,
-    /// Its groups' inbound rules, flattened, `sg:` peers resolved in its VPC.
+    /// Its groups' inbound rules, flattened, `sg:` peers resolved in its address space.
     pub ingress_rules: Arc<RuleList>,
     /// Its groups' outbound rules, flattened.
     pub egress_rules: Arc<RuleList>,
@@ -248,18 +266,64 @@ pub struct Instance {
 
 impl Instance {
     /// The VPC of a VPC instance.
-    pub fn vpc(&self) -> VpcId {
+    pub fn vpc(&self) -> Option<VpcId> {
         match self.network {
-            Network::Vpc { vpc, .. } => vpc,
+            Network::Vpc { vpc, .. } => Some(vpc),
+            Network::Basic { .. } => None,
         }
     }
 
     /// The subnet of a VPC instance.
-    pub fn subnet(&self) -> SubnetId {
+    pub fn subnet(&self) -> Option<SubnetId> {
         match self.network {
-            Network::Vpc { subnet, .. } => subnet,
+            Network::Vpc { subnet, .. } => Some(subnet),
+            Network::Basic { .. } => None,
         }
     }
+
+    /// The address space it lives in.
+    pub fn space(&self) -> Space {
+        match self.network {
+            Network::Vpc { vpc, .. } => Space::Vpc(vpc),
+            Network::Basic { .. } => Space::Basic,
+        }
+    }
+
+    /// True for a basic-network instance.
+    pub fn is_basic(&self) -> bool {
+        matches!(self.network, Network::Basic { .. })
+    }
+}
+
+/// `[basic]`: the provider's pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BasicNetwork {
+    /// The pool every basic-network address comes from.
+    pub cidr: Ipv4Net,
+    /// The pool's gateway address (first usable): source of vpcd's own ICMP errors.
+    pub gateway: Ipv4Addr,
+}
+
+/// `[internet]`: where Elastic IPs lead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Internet {
+    /// The public addresses of the lab's internet: Elastic IPs and its client.
+    pub cidr: Ipv4Net,
+    /// The host whose vpcd connects the internet (1:1 NAT happens there).
+    pub gateway: HostId,
+    /// The namespace of the internet's device (the lab's public client lives there).
+    pub netns: Option<String>,
+    /// The internet side's own address on that device.
+    pub client: Ipv4Addr,
+}
+
+/// A basic-network instance linked to a VPC (basic-network interconnect).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interconnect {
+    /// The basic-network instance.
+    pub instance: InstanceId,
+    /// The VPC.
+    pub vpc: VpcId,
 }
 
 /// A peering connection.
@@ -280,11 +344,20 @@ pub enum ExpectTarget {
     Address(Ipv4Addr),
 }
 
+/// Where an `[[expect]]` sends from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpectSource {
+    /// An instance.
+    Instance(InstanceId),
+    /// The internet's client.
+    Internet,
+}
+
 /// One expectation the lab checks with real traffic.
 #[derive(Debug, Clone)]
 pub struct Expect {
     /// Sender.
-    pub from: InstanceId,
+    pub from: ExpectSource,
     /// Target.
     pub to: ExpectTarget,
     /// ICMP, TCP or UDP.
@@ -324,6 +397,12 @@ pub struct Topology {
     pub instances: Vec<Instance>,
     /// Peerings.
     pub peerings: Vec<Peering>,
+    /// `[basic]`.
+    pub basic: Option<BasicNetwork>,
+    /// `[internet]`.
+    pub internet: Option<Internet>,
+    /// Basic-network interconnects.
+    pub interconnects: Vec<Interconnect>,
     /// Expectations.
     pub expects: Vec<Expect>,
     pub(crate) index: Index,
@@ -334,7 +413,9 @@ pub struct Topology {
 pub(crate) struct Index {
     pub host_by_address: HashMap<Ipv4Addr, HostId>,
     pub vpc_by_key: HashMap<u32, VpcId>,
-    pub instance_by_address: HashMap<(VpcId, Ipv4Addr), InstanceId>,
+    pub instance_by_address: HashMap<(Space, Ipv4Addr), InstanceId>,
+    pub instance_by_eip: HashMap<Ipv4Addr, InstanceId>,
+    pub linked_vpc: HashMap<InstanceId, VpcId>,
 }
 
 impl Topology {
@@ -353,7 +434,28 @@ impl Topology {
     /// The instance of `vpc` with address `ip`.
     #[inline]
     pub fn instance_at(&self, vpc: VpcId, ip: Ipv4Addr) -> Option<InstanceId> {
-        self.index.instance_by_address.get(&(vpc, ip)).copied()
+        self.index
+            .instance_by_address
+            .get(&(Space::Vpc(vpc), ip))
+            .copied()
+    }
+
+    /// The instance with address `ip` in address space `space`.
+    #[inline]
+    pub fn instance_in(&self, space: Space, ip: Ipv4Addr) -> Option<InstanceId> {
+        self.index.instance_by_address.get(&(space, ip)).copied()
+    }
+
+    /// The instance an Elastic IP is bound to.
+    #[inline]
+    pub fn eip_owner(&self, eip: Ipv4Addr) -> Option<InstanceId> {
+        self.index.instance_by_eip.get(&eip).copied()
+    }
+
+    /// The VPC a basic-network instance is linked to.
+    #[inline]
+    pub fn linked_vpc(&self, instance: InstanceId) -> Option<VpcId> {
+        self.index.linked_vpc.get(&instance).copied()
     }
 
     /// The host with this name.

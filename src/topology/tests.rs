@@ -1468,50 +1468,16 @@ fn instances() {
             "a VPC instance needs a subnet",
         ),
         case(
-            &[Append(WEB3), Append("network = \"basic\"\n")],
-            (END + 7, 11),
-            r#"instance "web-3""#,
-            "the basic network is not supported yet",
-        ),
-        case(
             &[Append(WEB3), Append("network = \"vpc6\"\n")],
             (END + 7, 11),
             r#"instance "web-3""#,
             r#"network "vpc6" is neither "vpc" nor "basic""#,
         ),
         case(
-            &[Append(WEB3), Append("eip = \"203.0.113.5\"\n")],
-            (END + 7, 7),
-            r#"instance "web-3""#,
-            "Elastic IPs are not supported yet",
-        ),
-        case(
             &[Append(WEB3), Append("tenant = \"alice\"\n")],
             (END + 7, 10),
             r#"instance "web-3""#,
             "a VPC instance takes its tenant from its VPC: remove tenant",
-        ),
-        case(
-            &[Append("[basic]\ncidr = \"100.64.0.0/16\"\n")],
-            (END + 1, 1),
-            "[basic]",
-            "the basic network and the internet are not supported yet",
-        ),
-        case(
-            &[Append(
-                "[internet]\ncidr = \"203.0.113.0/24\"\ngateway = \"h1\"\n",
-            )],
-            (END + 1, 1),
-            "[internet]",
-            "the basic network and the internet are not supported yet",
-        ),
-        case(
-            &[Append(
-                "[[interconnect]]\ninstance = \"web-1\"\nvpc = \"va\"\n",
-            )],
-            (END + 1, 1),
-            "interconnect",
-            "basic-network interconnects are not supported yet",
         ),
     ]);
     // 15 characters and network = "vpc" are fine.
@@ -1639,7 +1605,10 @@ fn expectations() {
         t.instance_named("web-2").unwrap(),
     );
     let e = &t.expects[0];
-    assert_eq!((e.from, &e.to), (web1, &ExpectTarget::Instance(web2)));
+    assert_eq!(
+        (e.from, &e.to),
+        (ExpectSource::Instance(web1), &ExpectTarget::Instance(web2))
+    );
     assert_eq!(
         (e.protocol, e.port, e.reach, e.line),
         (Protocol::Tcp, Some(443), true, END + 1)
@@ -2055,7 +2024,10 @@ fn compiled_lookups() {
             subnet: SubnetId(0)
         }
     );
-    assert_eq!((i1.vpc(), i1.subnet(), i1.host), (va, SubnetId(0), h1));
+    assert_eq!(
+        (i1.vpc(), i1.subnet(), i1.host),
+        (Some(va), Some(SubnetId(0)), h1)
+    );
     assert_eq!(i1.netns.as_deref(), Some("ns-web-1"));
     assert_eq!(t.instance(web2).netns, None);
     assert_eq!(i1.security_groups, [SgId(0)]);
@@ -2198,4 +2170,256 @@ fn columns_count_characters_and_crlf_files_are_fine() {
     valid(&crlf);
     let e = invalid(&crlf.replace(r#"host = "h1""#, r#"host = "h9""#));
     assert_eq!((e[0].line, e[0].column), (60, 8), "{}", render(&e));
+}
+
+/// The basic network, the internet and interconnects, appended to [`BASE`]: the pool and the
+/// internet (lines END+1 to END+6), a basic instance of alice's (END+7 to END+12).
+const CLASSIC: &str = r#"[basic]
+cidr = "10.128.0.0/16"
+[internet]
+cidr = "203.0.113.0/24"
+gateway = "h1"
+netns = "inet"
+[[instance]]
+name = "classic-1"
+host = "h1"
+network = "basic"
+tenant = "alice"
+security_groups = ["sg-web"]
+"#;
+
+#[test]
+fn basic_network_internet_and_interconnects() {
+    let e = END + 12;
+    check(&[
+        case(
+            &[Append(CLASSIC), Append("ip = \"10.128.0.9\"\n")],
+            (e + 1, 6),
+            r#"instance "classic-1""#,
+            "allocated by the provider",
+        ),
+        case(
+            &[Append(CLASSIC), Append("subnet = \"sa\"\n")],
+            (e + 1, 10),
+            r#"instance "classic-1""#,
+            "takes no subnet",
+        ),
+        case(
+            &[
+                Append(CLASSIC),
+                Append(
+                    "[[instance]]\nname = \"c2\"\nhost = \"h1\"\nnetwork = \"basic\"\nsecurity_groups = [\"sg-web\"]\n",
+                ),
+            ],
+            (e + 1, 1),
+            r#"instance "c2""#,
+            "names its tenant",
+        ),
+        case(
+            &[Append(
+                "[[instance]]\nname = \"c2\"\nhost = \"h1\"\nnetwork = \"basic\"\ntenant = \"alice\"\nsecurity_groups = [\"sg-web\"]\n",
+            )],
+            (END + 4, 11),
+            r#"instance "c2""#,
+            "needs a [basic] section",
+        ),
+        case(
+            &[
+                Append(CLASSIC),
+                Replace("cidr = \"10.128.0.0/16\"", "cidr = \"100.64.0.0/16\""),
+            ],
+            (END + 2, 8),
+            "[basic]",
+            "private range",
+        ),
+        case(
+            &[Append(CLASSIC), Append("eip = \"198.51.100.1\"\n")],
+            (e + 1, 7),
+            r#"instance "classic-1""#,
+            "outside [internet] cidr",
+        ),
+        case(
+            &[Append(CLASSIC), Append("eip = \"203.0.113.1\"\n")],
+            (e + 1, 7),
+            r#"instance "classic-1""#,
+            "the internet's own address",
+        ),
+        case(
+            &[Append(CLASSIC), Append("eip = \"203.0.113.255\"\n")],
+            (e + 1, 7),
+            r#"instance "classic-1""#,
+            "broadcast",
+        ),
+        case(
+            &[
+                Append(CLASSIC),
+                Append("eip = \"203.0.113.7\"\n"),
+                Replace(
+                    "netns = \"ns-web-1\"",
+                    "netns = \"ns-web-1\"\neip = \"203.0.113.7\"",
+                ),
+            ],
+            (e + 2, 7),
+            r#"instance "classic-1""#,
+            r#"already bound to instance "web-1""#,
+        ),
+        case(
+            &[Replace(
+                "netns = \"ns-web-1\"",
+                "netns = \"ns-web-1\"\neip = \"203.0.113.7\"",
+            )],
+            (65, 7),
+            r#"instance "web-1""#,
+            "needs an [internet] section",
+        ),
+        case(
+            &[
+                Append(CLASSIC),
+                Replace("cidr = \"203.0.113.0/24\"", "cidr = \"10.200.0.0/16\""),
+            ],
+            (END + 4, 8),
+            "[internet]",
+            "is private",
+        ),
+        case(
+            &[
+                Append(CLASSIC),
+                Replace("gateway = \"h1\"", "gateway = \"h9\""),
+            ],
+            (END + 5, 11),
+            "[internet]",
+            r#"unknown host "h9""#,
+        ),
+        case(
+            &[
+                Append(CLASSIC),
+                Replace("netns = \"inet\"", "netns = \"ns-web-1\""),
+            ],
+            (64, 9),
+            r#"instance "web-1""#,
+            "is already [internet]'s",
+        ),
+        // Interconnects.
+        case(
+            &[
+                Append(CLASSIC),
+                Append("[[interconnect]]\ninstance = \"web-1\"\nvpc = \"va\"\n"),
+            ],
+            (e + 2, 12),
+            "interconnect (web-1 -> va)",
+            "is not in the basic network",
+        ),
+        case(
+            &[
+                Append(CLASSIC),
+                Append("[[interconnect]]\ninstance = \"classic-1\"\nvpc = \"vb\"\n"),
+            ],
+            (e + 3, 7),
+            "interconnect (classic-1 -> vb)",
+            "one tenant",
+        ),
+        case(
+            &[
+                Append(CLASSIC),
+                Append(
+                    "[[vpc]]\nname = \"va3\"\ntenant = \"alice\"\ncidr = \"10.3.0.0/16\"\nregion = \"r2\"\n",
+                ),
+                Append("[[interconnect]]\ninstance = \"classic-1\"\nvpc = \"va3\"\n"),
+            ],
+            (e + 8, 7),
+            "interconnect (classic-1 -> va3)",
+            "one region",
+        ),
+        case(
+            &[
+                Append(CLASSIC),
+                Append("[[interconnect]]\ninstance = \"classic-1\"\nvpc = \"va\"\n"),
+                Replace("cidr = \"10.128.0.0/16\"", "cidr = \"10.0.0.0/12\""),
+            ],
+            (e + 3, 7),
+            "interconnect (classic-1 -> va)",
+            "overlaps the basic pool",
+        ),
+        case(
+            &[
+                Append(CLASSIC),
+                Append("[[interconnect]]\ninstance = \"classic-1\"\nvpc = \"va\"\n"),
+                Append("[[vpc]]\nname = \"va2\"\ntenant = \"alice\"\ncidr = \"10.2.0.0/16\"\n"),
+                Append("[[interconnect]]\ninstance = \"classic-1\"\nvpc = \"va2\"\n"),
+            ],
+            (e + 8, 1),
+            "interconnect (classic-1 -> va2)",
+            r#"already linked to vpc "va""#,
+        ),
+        case(
+            &[Append(
+                "[[expect]]\nfrom = \"internet\"\nto = \"web-1\"\nprotocol = \"icmp\"\nreach = true\n",
+            )],
+            (END + 2, 8),
+            "expect #1",
+            r#"unknown instance "internet""#,
+        ),
+    ]);
+
+    // Valid: addresses come from the pool, deterministically, never reserved ones.
+    let text = apply(&[
+        Append(CLASSIC),
+        Append("eip = \"203.0.113.10\"\n"),
+        Append(
+            "[[instance]]\nname = \"classic-2\"\nhost = \"h2\"\nnetwork = \"basic\"\ntenant = \"bob\"\nsecurity_groups = [\"sg-web\"]\n",
+        ),
+        Append("[[interconnect]]\ninstance = \"classic-1\"\nvpc = \"va\"\n"),
+        Append(
+            "[[expect]]\nfrom = \"internet\"\nto = \"203.0.113.10\"\nprotocol = \"icmp\"\nreach = true\n",
+        ),
+    ]);
+    let t = valid(&text);
+    let again = valid(&text);
+    let pool: ipnet::Ipv4Net = "10.128.0.0/16".parse().unwrap();
+    let c1 = t.instance_named("classic-1").unwrap();
+    let c2 = t.instance_named("classic-2").unwrap();
+    for id in [c1, c2] {
+        let ip = t.instance(id).ip;
+        assert!(pool.contains(&ip));
+        assert!(
+            ip != pool.network() && ip != Ipv4Addr::new(10, 128, 0, 1) && ip != pool.broadcast()
+        );
+        assert_eq!(again.instance(id).ip, ip, "deterministic");
+        assert!(t.instance(id).is_basic());
+        assert_eq!(t.instance(id).prefix, 16);
+        assert_eq!(t.instance_in(Space::Basic, ip), Some(id));
+    }
+    assert_ne!(t.instance(c1).ip, t.instance(c2).ip);
+    assert_eq!(t.eip_owner(Ipv4Addr::new(203, 0, 113, 10)), Some(c1));
+    assert_eq!(t.linked_vpc(c1), Some(VpcId(0)));
+    assert_eq!(t.linked_vpc(c2), None);
+    let inet = t.internet.as_ref().unwrap();
+    assert_eq!(
+        (inet.client, inet.gateway, inet.netns.as_deref()),
+        (Ipv4Addr::new(203, 0, 113, 1), HostId(0), Some("inet"))
+    );
+    assert_eq!(t.expects[0].from, ExpectSource::Internet);
+    // Adding an instance does not move the others (unless it collides).
+    let more = format!(
+        "{text}[[instance]]\nname = \"classic-3\"\nhost = \"h2\"\nnetwork = \"basic\"\ntenant = \"bob\"\nsecurity_groups = [\"sg-web\"]\n"
+    );
+    let t3 = valid(&more);
+    assert_eq!(t3.instance(c1).ip, t.instance(c1).ip);
+    assert_eq!(t3.instance(c2).ip, t.instance(c2).ip);
+    // sg: peers of a basic instance are the basic members of the group.
+    let web1 = t.instance_named("web-1").unwrap();
+    let icmp = |peer| Subject {
+        peer,
+        protocol: proto::ICMP,
+        dport: None,
+    };
+    let c2_ip = t.instance(c2).ip;
+    assert!(matches!(
+        t.instance(c1).ingress_rules.evaluate(&icmp(c2_ip)),
+        Outcome::Accepted(_)
+    ));
+    assert_eq!(
+        t.instance(web1).ingress_rules.evaluate(&icmp(c2_ip)),
+        Outcome::NoMatch
+    );
 }

@@ -7,5 +7,6 @@ pub mod gre;
 pub mod gso;
 pub mod icmp;
 pub mod ipv4;
+pub mod nat;
 
 pub use buf::{HEADROOM, PacketBuf};
