@@ -152,7 +152,7 @@ impl Worker {
                     let _ = dev.write_with(&mut p.buf, &p.vnet);
                 }
             }
-            Decision::Encapsulate { host, key, nat: _ } => {
+            Decision::Encapsulate { host, key, .. } => {
                 let t = self.pipeline.topology().clone();
                 let u = t.underlay;
                 let to = t.host(host).address;

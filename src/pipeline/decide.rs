@@ -370,6 +370,12 @@ fn with_strip(d: Decision, strip: u16) -> Decision {
     match d {
         Decision::Deliver { to, nat, .. } => Decision::Deliver { to, strip, nat },
         Decision::ToInternet { nat, .. } => Decision::ToInternet { strip, nat },
+        Decision::Encapsulate { host, key, nat, .. } => Decision::Encapsulate {
+            strip,
+            host,
+            key,
+            nat,
+        },
         d => d,
     }
 }
@@ -538,6 +544,7 @@ fn slow_path(
         }
     } else {
         Decision::Encapsulate {
+            strip: 0,
             host: dst.host,
             key: key_of(t, dst),
             nat,
@@ -734,6 +741,7 @@ fn local_egress(
     let s = t.instance(s_id);
     let forward = match egress {
         Egress::Gateway(Some(host), key) => Decision::Encapsulate {
+            strip: 0,
             host,
             key,
             nat: Nat::NONE,

@@ -120,6 +120,9 @@ pub enum Decision {
     /// Encapsulate and send to another host: with the key of the destination's VPC, or with
     /// no key for the basic network.
     Encapsulate {
+        /// Bytes of outer headers in front of the inner packet (the gateway relays what came
+        /// in through the underlay).
+        strip: u16,
         /// The host of the destination instance (or the internet gateway).
         host: HostId,
         /// The GRE key; `None` for the basic network.
@@ -436,7 +439,13 @@ impl Pipeline {
                 nat::apply(buf.as_mut_slice(), &nat, partial);
                 Action::ToInternet
             }
-            Decision::Encapsulate { host, key, nat } => {
+            Decision::Encapsulate {
+                strip,
+                host,
+                key,
+                nat,
+            } => {
+                buf.pull_front(usize::from(strip));
                 nat::apply(buf.as_mut_slice(), &nat, partial);
                 let to = self.topo.host(host).address;
                 let flow_hash = ipv4::flow_hash(buf.as_slice(), self.seed);
@@ -492,3 +501,5 @@ fn foldhash_seed() -> u32 {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_cloud;

@@ -259,6 +259,7 @@ fn routing_table() {
             "other subnet, other host",
             tcp(WEB1, 40000, DB1, 5432, SYN),
             Decision::Encapsulate {
+                strip: 0,
                 host: db1_host,
                 key: Some(1001),
                 nat: Nat::NONE,
@@ -293,6 +294,7 @@ fn routing_table() {
             "default route to an appliance on another host",
             udp(WEB1, 5000, [8, 8, 8, 8], 53),
             Decision::Encapsulate {
+                strip: 0,
                 host: db1_host,
                 key: Some(1001),
                 nat: Nat::NONE,
@@ -374,6 +376,7 @@ fn overlapping_tenants_never_meet() {
     assert_eq!(
         d,
         Decision::Encapsulate {
+            strip: 0,
             host: l.t.host_named("b").unwrap(),
             key: Some(2002),
             nat: Nat::NONE
@@ -497,6 +500,7 @@ fn stateful_replies_across_hosts() {
     let db1 = l.from("db1");
     let b_host = l.t.host_named("b").unwrap();
     let enc = Decision::Encapsulate {
+        strip: 0,
         host: b_host,
         key: Some(1001),
         nat: Nat::NONE,
@@ -799,6 +803,7 @@ fn echo_is_tracked_by_identifier() {
     assert_eq!(
         l.a.decide(&icmp(WEB1, BOB2, 8, 5), bob1, now(0)),
         Decision::Encapsulate {
+            strip: 0,
             host: bob2_host,
             key: Some(2002),
             nat: Nat::NONE
@@ -859,6 +864,7 @@ fn the_flow_cache_key_holds_every_field_the_decision_reads() {
             l.from("bob1"),
             {
                 Decision::Encapsulate {
+                    strip: 0,
                     host: l.t.host_named("b").unwrap(),
                     key: Some(2002),
                     nat: Nat::NONE,
