@@ -606,7 +606,7 @@ fn the_interconnect_links_one_classic_instance_to_one_vpc_and_carries_no_transit
 
 #[test]
 fn moving_an_instance_into_a_vpc_ends_its_connections_only() {
-    let mut c = Cloud::new(CLOUD);
+    let c = Cloud::new(CLOUD);
     let c2 = c.ip("classic2");
     let web2 = c.ip("web2");
     let b1 = c.ip("b1");
