@@ -459,6 +459,7 @@ fn underlay_reader(
                 buf: r.buf,
                 from,
                 vnet: Default::default(),
+                stride: r.stride,
             });
         }
         if !dispatch(&mut batches, workers) {
@@ -493,7 +494,12 @@ fn tun_reader(
             match tun.read(&mut buf) {
                 Ok(Some(vnet)) => {
                     let k = owner(buf.as_slice(), seed, workers.len());
-                    batches[k].push(Packet { buf, from, vnet });
+                    batches[k].push(Packet {
+                        buf,
+                        from,
+                        vnet,
+                        stride: 0,
+                    });
                 }
                 Ok(None) => {
                     pool.put(buf);

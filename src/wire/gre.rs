@@ -111,10 +111,26 @@ pub fn write_encap(
     key: Option<u32>,
     checksum: bool,
 ) {
+    write_encap_gathered(frame, &[], outer, key, checksum);
+}
+
+/// [`write_encap`] for a packet sent in two parts: `head` (the free bytes, then the start of
+/// the inner packet) followed by `tail` (the rest of it, elsewhere in memory).
+pub fn write_encap_gathered(
+    head: &mut [u8],
+    tail: &[u8],
+    outer: Option<(Ipv4Addr, Ipv4Addr)>,
+    key: Option<u32>,
+    checksum: bool,
+) {
     let ip_len = if outer.is_some() { ipv4::HEADER_LEN } else { 0 };
     let len = header_len(key.is_some(), checksum);
-    let tos = frame.get(ip_len + len + 1).copied().unwrap_or(0);
-    let g = &mut frame[ip_len..];
+    let tos_at = ip_len + len + 1;
+    let tos = match head.get(tos_at) {
+        Some(&b) => b,
+        None => tail.get(tos_at - head.len()).copied().unwrap_or(0),
+    };
+    let g = &mut head[ip_len..];
     let mut flags = 0u16;
     if checksum {
         flags |= flag::CHECKSUM;
@@ -133,13 +149,19 @@ pub fn write_encap(
         g[at..at + 4].copy_from_slice(&k.to_be_bytes());
     }
     if checksum {
-        // RFC 2784 §2.5: the checksum covers the GRE header and the payload.
-        let c = ipv4::checksum(g);
+        // RFC 2784 §2.5: the checksum covers the GRE header and the payload. Both parts are
+        // summed as one stream, so an odd-length first part would misalign the second.
+        debug_assert!(g.len() % 2 == 0 || tail.is_empty());
+        let c = etherparse::checksum::Sum16BitWords::new()
+            .add_slice(g)
+            .add_slice(tail)
+            .ones_complement()
+            .to_be();
         g[4..6].copy_from_slice(&c.to_be_bytes());
     }
     if let Some((src, dst)) = outer {
-        let total = frame.len() as u16;
-        ipv4::emit_header(frame, src, dst, ipv4::proto::GRE, tos, total);
+        let total = (head.len() + tail.len()) as u16;
+        ipv4::emit_header(head, src, dst, ipv4::proto::GRE, tos, total);
     }
 }
 
