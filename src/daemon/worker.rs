@@ -20,7 +20,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::pool::Pool;
 use crate::io::tun::Tun;
-use crate::io::underlay::UnderlayTx;
+use crate::io::underlay::{CutFrames, UnderlayTx};
 use crate::pipeline::{Action, Counters, Decision, Ingress, Pipeline};
 use crate::time::{MonotonicClock, Timestamp};
 use crate::topology::{InstanceId, Topology, Transport};
@@ -234,9 +234,14 @@ impl Worker {
                         gre::write_encap_gathered(h, chunk, outer, Some(key), u.checksum);
                     }
                     let hash = crate::wire::ipv4::flow_hash(pkt, self.pipeline.flow_seed());
-                    let _ = self
-                        .tx
-                        .send_cut(pkt, &cut, &self.heads, stride, head_len, to, hash);
+                    let frames = CutFrames {
+                        pkt,
+                        cut: &cut,
+                        heads: &self.heads,
+                        head_stride: stride,
+                        head_len,
+                    };
+                    let _ = self.tx.send_cut(&frames, to, hash);
                 }
             }
             Decision::FragNeeded { .. } | Decision::Drop(_) => {}

@@ -10,7 +10,6 @@ use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
 use std::time::Duration;
 
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use tun_rs::{DeviceBuilder, SyncDevice};
 
 use super::netns;
@@ -85,14 +84,7 @@ impl Tun {
 
     /// Waits until a read would not block, at most `timeout`.
     pub fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
-        let mut fds = [PollFd::new(self.dev.as_fd(), PollFlags::POLLIN)];
-        let ms = PollTimeout::try_from(timeout.as_millis().min(60_000) as u16)
-            .unwrap_or(PollTimeout::MAX);
-        match poll(&mut fds, ms) {
-            Ok(n) => Ok(n > 0),
-            Err(nix::errno::Errno::EINTR) => Ok(false),
-            Err(e) => Err(e.into()),
-        }
+        super::wait_readable(&self.dev, timeout)
     }
 
     /// Reads one packet (or super-packet) into `buf`: the virtio-net header lands just before

@@ -116,7 +116,7 @@ impl UnderlayRx {
 
     /// Waits until a receive would not block, at most `timeout`.
     pub fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
-        wait(self.socket(), timeout)
+        super::wait_readable(self.socket(), timeout)
     }
 
     /// Receives what is waiting, up to a batch, into `out`. `take` supplies empty buffers.
@@ -318,21 +318,35 @@ impl UnderlayTx {
     }
 }
 
+/// A super-packet cut for sending: segment `i` is `heads[i * head_stride..][..head_len]`
+/// followed by `pkt[cut.payload(i)]`.
+#[derive(Clone, Copy)]
+pub struct CutFrames<'a> {
+    /// The super-packet.
+    pub pkt: &'a [u8],
+    /// How it is cut.
+    pub cut: &'a Cut,
+    /// Each segment's outer and inner headers.
+    pub heads: &'a [u8],
+    /// Distance between two segments' headers in `heads`.
+    pub head_stride: usize,
+    /// Length of each segment's headers.
+    pub head_len: usize,
+}
+
 impl UnderlayTx {
     /// Sends a super-packet cut into segments without copying their payloads: segment `i`
     /// is `heads[i]` (outer headers and the segment's own IPv4 and transport headers, all
     /// `head_len` bytes at `head_stride` intervals) followed by `pkt[cut.payload(i)]`.
     /// GRE-in-UDP: UDP GSO with one iovec pair per segment; raw GRE: one message per segment.
-    pub fn send_cut(
-        &mut self,
-        pkt: &[u8],
-        cut: &Cut,
-        heads: &[u8],
-        head_stride: usize,
-        head_len: usize,
-        to: Ipv4Addr,
-        hash: u32,
-    ) -> io::Result<()> {
+    pub fn send_cut(&mut self, c: &CutFrames<'_>, to: Ipv4Addr, hash: u32) -> io::Result<()> {
+        let CutFrames {
+            pkt,
+            cut,
+            heads,
+            head_stride,
+            head_len,
+        } = *c;
         let seg = |i: usize| -> [IoSlice<'_>; 2] {
             [
                 IoSlice::new(&heads[i * head_stride..i * head_stride + head_len]),
@@ -426,17 +440,6 @@ fn send_mmsg(
         }
     }
     Ok(done)
-}
-
-fn wait(s: &impl AsFd, timeout: Duration) -> io::Result<bool> {
-    let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLIN)];
-    let ms =
-        PollTimeout::try_from(timeout.as_millis().min(60_000) as u16).unwrap_or(PollTimeout::MAX);
-    match poll(&mut fds, ms) {
-        Ok(n) => Ok(n > 0),
-        Err(nix::errno::Errno::EINTR) => Ok(false),
-        Err(e) => Err(e.into()),
-    }
 }
 
 fn wait_writable(s: &impl AsFd) -> io::Result<()> {

@@ -151,7 +151,7 @@ pub fn write_encap_gathered(
     if checksum {
         // RFC 2784 §2.5: the checksum covers the GRE header and the payload. Both parts are
         // summed as one stream, so an odd-length first part would misalign the second.
-        debug_assert!(g.len() % 2 == 0 || tail.is_empty());
+        debug_assert!(g.len().is_multiple_of(2) || tail.is_empty());
         let c = etherparse::checksum::Sum16BitWords::new()
             .add_slice(g)
             .add_slice(tail)
