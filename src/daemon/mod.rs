@@ -518,12 +518,13 @@ fn tun_reader(
     }
 }
 
-/// The worker that owns a packet's flow: the same for both directions.
+/// The worker that owns a packet's flow: the same for both directions, for every fragment and
+/// for the ICMP errors about it (see [`ipv4::pair_hash`]).
 fn owner(inner: &[u8], seed: u32, workers: usize) -> usize {
     if workers <= 1 {
         0
     } else {
-        ipv4::flow_hash(inner, seed) as usize % workers
+        ipv4::pair_hash(inner, seed, |a| a) as usize % workers
     }
 }
 

@@ -47,6 +47,13 @@ impl Tun {
     pub fn open(config: TunConfig) -> io::Result<Tun> {
         let ns = config.netns.as_deref();
         let dev = netns::within(ns, || {
+            if ns.is_some() {
+                // vpcd carries IPv4 only: devices created in an instance's namespace start
+                // without IPv6, so the instance never sends router solicitations or MLD that
+                // would only be counted as drops. /proc/sys/net belongs to the namespace of
+                // the thread that opens it.
+                let _ = std::fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1");
+            }
             DeviceBuilder::new()
                 .name(&config.name)
                 .ipv4(config.address, config.prefix, None)
@@ -55,9 +62,6 @@ impl Tun {
                 .tx_queue_len(config.txqueuelen)
                 .build_sync()
                 .inspect(|_| {
-                    // vpcd carries IPv4 only: keep the instance from sending IPv6 (router
-                    // solicitations, MLD) that would only be counted as drops. /proc/sys/net
-                    // belongs to the namespace of the thread that opens it.
                     let knob = format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", config.name);
                     let _ = std::fs::write(knob, "1");
                 })

@@ -229,7 +229,7 @@ impl UnderlayTx {
                 let mut pool = Vec::with_capacity(UDP_SOURCES);
                 for _ in 0..UDP_SOURCES {
                     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-                    s.bind(&SockAddr::from(SocketAddrV4::new(local, 0)))?;
+                    bind_ephemeral(&s, local)?;
                     buffers(&s);
                     let state = UdpSocketState::new(UdpSockRef::from(&s))?;
                     pool.push((s, state));
@@ -401,6 +401,20 @@ impl UnderlayTx {
             }
         }
     }
+}
+
+/// Binds a GRE-in-UDP sender to a port of the range RFC 8086 §3.2.1 asks for (49152-65535),
+/// picked at random among the free ones.
+fn bind_ephemeral(s: &Socket, local: Ipv4Addr) -> io::Result<()> {
+    use std::hash::BuildHasher;
+    let start = foldhash::fast::RandomState::default().hash_one(std::process::id()) as u16;
+    for n in 0..16_384u16 {
+        let port = 49_152 + (start.wrapping_add(n) & 0x3fff);
+        if s.bind(&SockAddr::from(SocketAddrV4::new(local, port))).is_ok() {
+            return Ok(());
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::AddrInUse, "no free UDP port in 49152-65535"))
 }
 
 /// IPPROTO_RAW: a send-only raw socket whose packets carry their own IPv4 header.

@@ -190,12 +190,6 @@ pub fn encapsulate_ip(
     Ok(())
 }
 
-/// The UDP source port of a GRE-in-UDP flow: from the flow's hash, in the ephemeral range
-/// 49152–65535 (RFC 8086 §3.2.1) so that ECMP in the underlay spreads flows.
-pub const fn udp_source_port(flow_hash: u32) -> u16 {
-    0xc000 | (flow_hash as u16 & 0x3fff)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,12 +283,5 @@ mod tests {
         assert_eq!(ipv4::checksum(&b.as_slice()[..20]), 0);
         assert_eq!(b.as_slice()[9], ipv4::proto::GRE);
         assert_eq!(parse(&b.as_slice()[20..]).unwrap().key, Some(1001));
-    }
-
-    #[test]
-    fn udp_source_ports_are_ephemeral() {
-        for h in [0, 1, 0x3fff, 0xffff_ffff] {
-            assert!(udp_source_port(h) >= 49152);
-        }
     }
 }
