@@ -410,11 +410,16 @@ fn bind_ephemeral(s: &Socket, local: Ipv4Addr) -> io::Result<()> {
     let start = foldhash::fast::RandomState::default().hash_one(std::process::id()) as u16;
     for n in 0..16_384u16 {
         let port = 49_152 + (start.wrapping_add(n) & 0x3fff);
-        if s.bind(&SockAddr::from(SocketAddrV4::new(local, port))).is_ok() {
+        if s.bind(&SockAddr::from(SocketAddrV4::new(local, port)))
+            .is_ok()
+        {
             return Ok(());
         }
     }
-    Err(io::Error::new(io::ErrorKind::AddrInUse, "no free UDP port in 49152-65535"))
+    Err(io::Error::new(
+        io::ErrorKind::AddrInUse,
+        "no free UDP port in 49152-65535",
+    ))
 }
 
 /// IPPROTO_RAW: a send-only raw socket whose packets carry their own IPv4 header.

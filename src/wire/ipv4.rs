@@ -388,7 +388,9 @@ pub fn pair_hash(bytes: &[u8], seed: u32, map: impl Fn(u32) -> u32) -> u32 {
         b.get(at..at + 4)
             .map_or(0, |w| u32::from_be_bytes([w[0], w[1], w[2], w[3]]))
     };
-    let header_len = bytes.first().map_or(HEADER_LEN, |b| usize::from(b & 0x0f) * 4);
+    let header_len = bytes
+        .first()
+        .map_or(HEADER_LEN, |b| usize::from(b & 0x0f) * 4);
     let first_fragment = bytes
         .get(6..8)
         .is_some_and(|f| u16::from_be_bytes([f[0], f[1]]) & 0x1fff == 0);
@@ -581,8 +583,18 @@ pub(crate) mod tests {
     #[test]
     fn pair_hash_holds_a_connection_together() {
         let id = |a| a;
-        let a = packet([10, 0, 1, 10], [10, 0, 2, 20], proto::UDP, &[0x13, 0x88, 0, 53, 0, 8, 0, 0]);
-        let back = packet([10, 0, 2, 20], [10, 0, 1, 10], proto::UDP, &[0, 53, 0x13, 0x88, 0, 8, 0, 0]);
+        let a = packet(
+            [10, 0, 1, 10],
+            [10, 0, 2, 20],
+            proto::UDP,
+            &[0x13, 0x88, 0, 53, 0, 8, 0, 0],
+        );
+        let back = packet(
+            [10, 0, 2, 20],
+            [10, 0, 1, 10],
+            proto::UDP,
+            &[0, 53, 0x13, 0x88, 0, 8, 0, 0],
+        );
         let mut later = packet([10, 0, 1, 10], [10, 0, 2, 20], proto::UDP, &[7; 8]);
         later[7] = 100;
         // A router's "port unreachable" about `a`, to its sender.
@@ -597,7 +609,13 @@ pub(crate) mod tests {
         assert_ne!(pair_hash(&other, 9, id), h);
         // A translated address is hashed as the address it stands for.
         let eip = packet([203, 0, 113, 10], [10, 0, 2, 20], proto::UDP, &[0; 8]);
-        let map = |x: u32| if x == u32::from(Ipv4Addr::new(203, 0, 113, 10)) { u32::from(Ipv4Addr::new(10, 0, 1, 10)) } else { x };
+        let map = |x: u32| {
+            if x == u32::from(Ipv4Addr::new(203, 0, 113, 10)) {
+                u32::from(Ipv4Addr::new(10, 0, 1, 10))
+            } else {
+                x
+            }
+        };
         assert_eq!(pair_hash(&eip, 9, map), h);
         assert_eq!(pair_hash(&[], 9, id), pair_hash(&[], 9, id));
     }
