@@ -19,13 +19,14 @@ use std::fmt::Write as _;
 use std::fs::File;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, RwLock};
 use std::thread;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use crossbeam_channel::{Sender, bounded};
+use hashbrown::HashMap;
 use tracing::{error, info, warn};
 
 use crate::io::netns;
@@ -37,14 +38,77 @@ use crate::time::MonotonicClock;
 use crate::topology::{HostId, InstanceId, Topology, Transport};
 use crate::wire::ipv4;
 pub use pool::Pool;
-pub use worker::{Devices, Msg, Packet, Worker, WorkerReport};
+pub use worker::{DeviceTable, Devices, Msg, Packet, Worker, WorkerReport};
 
 /// Where daemons keep their lock files and, by default, their statistics.
 pub const RUN_DIR: &str = "/run/vpcd";
+/// The name of the internet's device on the gateway host.
+pub const INTERNET_DEVICE: &str = "vpcd-internet";
 /// TUN transmit queue length (the kernel's default of 500 drops bursts of super-packets).
 pub const TXQUEUELEN: u32 = 4096;
 /// Batches queued per worker before readers wait.
 const INBOX: usize = 16;
+
+/// How readers pick the worker that owns a packet: a hash of its address pair (see
+/// [`ipv4::pair_hash`]), Elastic IPs counted as the private addresses they stand for, so that
+/// both sides of a translated flow land on one worker.
+#[derive(Clone)]
+pub struct Affinity {
+    seed: u32,
+    workers: usize,
+    eips: Arc<RwLock<Arc<HashMap<u32, u32>>>>,
+}
+
+impl Affinity {
+    fn new(seed: u32, workers: usize, t: &Topology) -> Affinity {
+        Affinity {
+            seed,
+            workers,
+            eips: Arc::new(RwLock::new(Arc::new(Affinity::eip_map(t)))),
+        }
+    }
+
+    fn eip_map(t: &Topology) -> HashMap<u32, u32> {
+        t.instances
+            .iter()
+            .filter_map(|i| Some((u32::from(i.eip?), u32::from(i.ip))))
+            .collect()
+    }
+
+    fn update(&self, t: &Topology) {
+        if let Ok(mut m) = self.eips.write() {
+            *m = Arc::new(Affinity::eip_map(t));
+        }
+    }
+
+    /// The worker of an inner packet.
+    fn owner(&self, inner: &[u8]) -> usize {
+        if self.workers <= 1 {
+            return 0;
+        }
+        let eips = self.eips.read().map(|m| m.clone()).unwrap_or_default();
+        let map = |a: u32| eips.get(&a).copied().unwrap_or(a);
+        ipv4::pair_hash(inner, self.seed, map) as usize % self.workers
+    }
+}
+
+/// Where a TUN reader's packets come from.
+#[derive(Clone)]
+enum Source {
+    /// A local instance (its id changes with the topology).
+    Instance(Arc<AtomicU32>),
+    /// The internet's device.
+    Internet,
+}
+
+impl Source {
+    fn ingress(&self) -> Ingress {
+        match self {
+            Source::Instance(id) => Ingress::Instance(InstanceId(id.load(Ordering::Relaxed))),
+            Source::Internet => Ingress::Internet,
+        }
+    }
+}
 
 /// `vpcd run` options.
 #[derive(Debug, Clone)]
@@ -85,6 +149,9 @@ struct Daemon {
     readers: Vec<Reader>,
     pool: Pool,
     seed: u32,
+    affinity: Affinity,
+    internet: Option<Arc<Tun>>,
+    internet_stop: Arc<AtomicBool>,
     created_netns: Vec<String>,
     stats_path: PathBuf,
     stats_seq: u64,
@@ -111,6 +178,7 @@ pub fn run(opts: Options) -> Result<()> {
         host = %opts.host, %address, transport = transport.word(), workers,
         instances = topo.instances_on(host).count(), "starting"
     );
+    let seed = rand_seed();
     let stats_path = opts
         .stats
         .clone()
@@ -122,7 +190,10 @@ pub fn run(opts: Options) -> Result<()> {
         workers: Vec::new(),
         readers: Vec::new(),
         pool: Pool::new(),
-        seed: rand_seed(),
+        seed,
+        affinity: Affinity::new(seed, workers, &topo),
+        internet: None,
+        internet_stop: Arc::new(AtomicBool::new(false)),
         created_netns: Vec::new(),
         stats_path,
         stats_seq: 0,
@@ -136,6 +207,7 @@ impl Daemon {
     fn start(&mut self, workers: usize) -> Result<()> {
         let t = self.topo.clone();
         let address = t.host(self.host).address;
+        self.open_internet(&t)?;
         let devices = self.open_devices(&t)?;
         let clock = MonotonicClock::new();
         let limits = t.conntrack;
@@ -162,10 +234,21 @@ impl Daemon {
             self.workers.push(tx);
         }
         self.spawn_underlay_reader(address, t.underlay.transport)?;
-        for (i, dev) in devices.iter().enumerate() {
+        for (i, dev) in devices.instances.iter().enumerate() {
             if let Some(dev) = dev {
                 self.spawn_tun_reader(InstanceId(i as u32), dev.clone())?;
             }
+        }
+        if let Some(dev) = self.internet.clone() {
+            let (stop, workers, pool, aff) = (
+                self.internet_stop.clone(),
+                self.workers.clone(),
+                self.pool.clone(),
+                self.affinity.clone(),
+            );
+            thread::Builder::new()
+                .name("vpcd-internet".into())
+                .spawn(move || tun_reader(&dev, &Source::Internet, &stop, &workers, &pool, &aff))?;
         }
         info!(host = %self.opts.host, "running");
         Ok(())
@@ -205,18 +288,52 @@ impl Daemon {
             info!(instance = %inst.name, ip = %inst.ip, netns = inst.netns.as_deref().unwrap_or("-"), "device up");
             devices[id.index()] = Some(Arc::new(tun));
         }
-        Ok(Arc::new(devices))
+        Ok(Arc::new(DeviceTable {
+            instances: devices,
+            internet: self.internet.clone(),
+        }))
+    }
+
+    /// On the internet gateway: the internet's device, in the internet's namespace, with the
+    /// internet side's address; the Elastic IPs are on its link.
+    fn open_internet(&mut self, t: &Topology) -> Result<()> {
+        let Some(inet) = t.internet.as_ref().filter(|i| i.gateway == self.host) else {
+            return Ok(());
+        };
+        if let Some(ns) = &inet.netns
+            && !netns::exists(ns)
+        {
+            netns::ip(&["netns", "add", ns]).with_context(|| format!("creating namespace {ns}"))?;
+            netns::ip_in(Some(ns), &["link", "set", "lo", "up"])?;
+            self.created_netns.push(ns.clone());
+        }
+        let cfg = TunConfig {
+            name: INTERNET_DEVICE.to_string(),
+            netns: inet.netns.clone(),
+            address: inet.client,
+            prefix: inet.cidr.prefix_len(),
+            mtu: t.underlay.instance_mtu(),
+            txqueuelen: TXQUEUELEN,
+        };
+        let tun = Tun::open(cfg).context("the internet's device")?;
+        info!(address = %inet.client, cidr = %inet.cidr, netns = inet.netns.as_deref().unwrap_or("-"), "internet device up");
+        self.internet = Some(Arc::new(tun));
+        Ok(())
     }
 
     fn spawn_tun_reader(&mut self, id: InstanceId, tun: Arc<Tun>) -> Result<()> {
         let name = tun.config().name.clone();
         let cell = Arc::new(AtomicU32::new(id.0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (workers, pool, seed) = (self.workers.clone(), self.pool.clone(), self.seed);
-        let (t, c, s) = (tun.clone(), cell.clone(), stop.clone());
+        let (workers, pool, aff) = (
+            self.workers.clone(),
+            self.pool.clone(),
+            self.affinity.clone(),
+        );
+        let (t, source, s) = (tun.clone(), Source::Instance(cell.clone()), stop.clone());
         thread::Builder::new()
             .name(format!("vpcd-tun-{name}"))
-            .spawn(move || tun_reader(&t, &c, &s, &workers, &pool, seed))?;
+            .spawn(move || tun_reader(&t, &source, &s, &workers, &pool, &aff))?;
         let address = (tun.config().address, tun.config().prefix);
         self.readers.push(Reader {
             name,
@@ -229,11 +346,15 @@ impl Daemon {
     }
 
     fn spawn_underlay_reader(&mut self, address: Ipv4Addr, transport: Transport) -> Result<()> {
-        let (workers, pool, seed) = (self.workers.clone(), self.pool.clone(), self.seed);
+        let (workers, pool, aff) = (
+            self.workers.clone(),
+            self.pool.clone(),
+            self.affinity.clone(),
+        );
         spawn_with_setup("vpcd-underlay".into(), move || {
             let rx = UnderlayRx::open(transport, address)
                 .with_context(|| format!("underlay on {address} ({})", transport.word()))?;
-            Ok(move || underlay_reader(rx, transport, &workers, &pool, seed))
+            Ok(move || underlay_reader(rx, transport, &workers, &pool, &aff))
         })
     }
 
@@ -282,7 +403,7 @@ impl Daemon {
             || t.host(host).address != self.topo.host(self.host).address
         {
             error!(
-                "reload refused: the underlay (transport, MTU, checksum, this host's address) cannot change while running"
+                "reload refused: the underlay (transport, MTU, checksum, this host's address) and [internet] cannot change while running"
             );
             return;
         }
@@ -324,10 +445,11 @@ impl Daemon {
                 return;
             }
         };
+        self.affinity.update(&t);
         for w in &self.workers {
             let _ = w.send(Msg::Topology(t.clone(), devices.clone()));
         }
-        for (i, dev) in devices.iter().enumerate() {
+        for (i, dev) in devices.instances.iter().enumerate() {
             if let Some(dev) = dev
                 && !self.readers.iter().any(|r| r.name == dev.config().name)
                 && let Err(e) = self.spawn_tun_reader(InstanceId(i as u32), dev.clone())
@@ -380,6 +502,7 @@ impl Daemon {
         for r in &self.readers {
             r.stop.store(true, Ordering::Relaxed);
         }
+        self.internet_stop.store(true, Ordering::Relaxed);
         for ns in self.created_netns.drain(..) {
             match netns::ip(&["netns", "del", &ns]) {
                 Ok(()) => info!(netns = %ns, "namespace removed"),
@@ -429,7 +552,7 @@ fn underlay_reader(
     transport: Transport,
     workers: &[Sender<Msg>],
     pool: &Pool,
-    seed: u32,
+    affinity: &Affinity,
 ) {
     let mut got: Vec<Received> = Vec::with_capacity(BATCH);
     let mut batches: Vec<Vec<Packet>> = (0..workers.len())
@@ -454,11 +577,12 @@ fn underlay_reader(
                 Transport::Gre => Ingress::UnderlayIp,
                 Transport::GreUdp => Ingress::UnderlayUdp { from: r.from },
             };
-            let k = owner(peek_inner(r.buf.as_slice(), transport), seed, batches.len());
+            let k = affinity.owner(peek_inner(r.buf.as_slice(), transport));
             batches[k].push(Packet {
                 buf: r.buf,
                 from,
                 vnet: Default::default(),
+                stride: r.stride,
             });
         }
         if !dispatch(&mut batches, workers) {
@@ -469,11 +593,11 @@ fn underlay_reader(
 
 fn tun_reader(
     tun: &Tun,
-    id: &AtomicU32,
+    source: &Source,
     stop: &AtomicBool,
     workers: &[Sender<Msg>],
     pool: &Pool,
-    seed: u32,
+    affinity: &Affinity,
 ) {
     let mut batches: Vec<Vec<Packet>> = (0..workers.len())
         .map(|_| Vec::with_capacity(BATCH))
@@ -487,13 +611,18 @@ fn tun_reader(
                 return;
             }
         }
-        let from = Ingress::Instance(InstanceId(id.load(Ordering::Relaxed)));
+        let from = source.ingress();
         for _ in 0..BATCH {
             let mut buf = pool.take();
             match tun.read(&mut buf) {
                 Ok(Some(vnet)) => {
-                    let k = owner(buf.as_slice(), seed, workers.len());
-                    batches[k].push(Packet { buf, from, vnet });
+                    let k = affinity.owner(buf.as_slice());
+                    batches[k].push(Packet {
+                        buf,
+                        from,
+                        vnet,
+                        stride: 0,
+                    });
                 }
                 Ok(None) => {
                     pool.put(buf);
@@ -509,15 +638,6 @@ fn tun_reader(
         if !dispatch(&mut batches, workers) {
             return;
         }
-    }
-}
-
-/// The worker that owns a packet's flow: the same for both directions.
-fn owner(inner: &[u8], seed: u32, workers: usize) -> usize {
-    if workers <= 1 {
-        0
-    } else {
-        ipv4::flow_hash(inner, seed) as usize % workers
     }
 }
 
@@ -563,6 +683,7 @@ pub fn stats_text(t: &Topology, host: &str, seq: u64, c: &Counters, connections:
     let _ = writeln!(s, "delivered {}", c.delivered);
     let _ = writeln!(s, "encapsulated {}", c.encapsulated);
     let _ = writeln!(s, "replied {}", c.replied);
+    let _ = writeln!(s, "to_internet {}", c.to_internet);
     let _ = writeln!(s, "cache_hits {}", c.cache_hits);
     let _ = writeln!(s, "cache_misses {}", c.cache_misses);
     let _ = writeln!(s, "connections {connections}");

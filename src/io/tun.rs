@@ -1,16 +1,16 @@
 //! Instance TUN devices, with virtio-net offloads (TSO/USO super-packets) through tun-rs.
 //!
 //! tun-rs rather than tun-tap: it opens the device with IFF_VNET_HDR and the TUNSETOFFLOAD
-//! flags (so one read can carry a 64 KB TCP super-packet), supports multi-queue, and its
-//! `send_multiple` coalesces TCP segments (GRO) before writing them.
+//! flags (so one read can carry a 64 KB TCP super-packet) and supports multi-queue. Writes
+//! are gathered (`writev`): a coalesced super-packet (`wire::gro`) is written as its new
+//! headers followed by the payloads where they lie.
 
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
 use std::time::Duration;
 
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use tun_rs::{DeviceBuilder, ExpandBuffer, GROTable, SyncDevice};
+use tun_rs::{DeviceBuilder, SyncDevice};
 
 use super::netns;
 use crate::wire::PacketBuf;
@@ -47,6 +47,13 @@ impl Tun {
     pub fn open(config: TunConfig) -> io::Result<Tun> {
         let ns = config.netns.as_deref();
         let dev = netns::within(ns, || {
+            if ns.is_some() {
+                // vpcd carries IPv4 only: devices created in an instance's namespace start
+                // without IPv6, so the instance never sends router solicitations or MLD that
+                // would only be counted as drops. /proc/sys/net belongs to the namespace of
+                // the thread that opens it.
+                let _ = std::fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1");
+            }
             DeviceBuilder::new()
                 .name(&config.name)
                 .ipv4(config.address, config.prefix, None)
@@ -55,9 +62,6 @@ impl Tun {
                 .tx_queue_len(config.txqueuelen)
                 .build_sync()
                 .inspect(|_| {
-                    // vpcd carries IPv4 only: keep the instance from sending IPv6 (router
-                    // solicitations, MLD) that would only be counted as drops. /proc/sys/net
-                    // belongs to the namespace of the thread that opens it.
                     let knob = format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", config.name);
                     let _ = std::fs::write(knob, "1");
                 })
@@ -84,14 +88,7 @@ impl Tun {
 
     /// Waits until a read would not block, at most `timeout`.
     pub fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
-        let mut fds = [PollFd::new(self.dev.as_fd(), PollFlags::POLLIN)];
-        let ms = PollTimeout::try_from(timeout.as_millis().min(60_000) as u16)
-            .unwrap_or(PollTimeout::MAX);
-        match poll(&mut fds, ms) {
-            Ok(n) => Ok(n > 0),
-            Err(nix::errno::Errno::EINTR) => Ok(false),
-            Err(e) => Err(e.into()),
-        }
+        super::wait_readable(&self.dev, timeout)
     }
 
     /// Reads one packet (or super-packet) into `buf`: the virtio-net header lands just before
@@ -123,56 +120,10 @@ impl Tun {
         r
     }
 
-    /// Writes a batch of plain packets, coalescing consecutive TCP segments of a flow into
-    /// super-packets first (GRO).
-    pub fn write_batch(&self, gro: &mut GROTable, bufs: &mut [TunFrame<'_>]) -> io::Result<()> {
-        if bufs.is_empty() {
-            return Ok(());
-        }
-        self.dev.send_multiple(gro, bufs, VNET_HDR_LEN).map(|_| ())
-    }
-}
-
-/// A packet on its way to a TUN device, with [`VNET_HDR_LEN`] bytes in front of it for the
-/// header tun-rs writes; tun-rs appends coalesced payloads at its end.
-pub struct TunFrame<'a>(&'a mut PacketBuf);
-
-impl<'a> TunFrame<'a> {
-    /// Wraps a packet; fails when the buffer has no room for the header.
-    pub fn new(buf: &'a mut PacketBuf) -> io::Result<TunFrame<'a>> {
-        buf.push_front(VNET_HDR_LEN).map_err(io::Error::other)?;
-        Ok(TunFrame(buf))
-    }
-}
-
-impl Drop for TunFrame<'_> {
-    fn drop(&mut self) {
-        self.0.pull_front(VNET_HDR_LEN);
-    }
-}
-
-impl AsRef<[u8]> for TunFrame<'_> {
-    fn as_ref(&self) -> &[u8] {
-        self.0.as_slice()
-    }
-}
-
-impl AsMut<[u8]> for TunFrame<'_> {
-    fn as_mut(&mut self) -> &mut [u8] {
-        self.0.as_mut_slice()
-    }
-}
-
-impl ExpandBuffer for TunFrame<'_> {
-    fn buf_capacity(&self) -> usize {
-        self.0.capacity_from_start()
-    }
-
-    fn buf_resize(&mut self, new_len: usize, value: u8) {
-        self.0.resize(new_len, value);
-    }
-
-    fn buf_extend_from_slice(&mut self, src: &[u8]) {
-        self.0.extend_from_slice(src);
+    /// Writes one packet gathered from `parts`: the first starts with the virtio-net header.
+    pub fn write_gathered(&self, parts: &[std::io::IoSlice<'_>]) -> io::Result<()> {
+        nix::sys::uio::writev(self.dev.as_fd(), parts)
+            .map(|_| ())
+            .map_err(io::Error::from)
     }
 }

@@ -17,7 +17,9 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::time::Duration;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrIn, recvmmsg, sendmmsg};
+use nix::sys::socket::{
+    ControlMessage, MsgFlags, MultiHeaders, SockaddrIn, recvmmsg, sendmmsg, sendmsg,
+};
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
@@ -25,7 +27,7 @@ use crate::topology::Transport;
 use crate::wire::PacketBuf;
 use crate::wire::buf::HEADROOM;
 use crate::wire::gre::UDP_PORT;
-use crate::wire::gso::Segments;
+use crate::wire::gso::{Cut, Segments};
 
 /// Packets per batch (recvmmsg, sendmmsg, handoff between threads).
 pub const BATCH: usize = 64;
@@ -39,12 +41,15 @@ const MAX_UDP_GSO_BYTES: usize = 65_507;
 /// The most segments one UDP GSO send may carry.
 const MAX_UDP_GSO_SEGMENTS: usize = 64;
 
-/// One received underlay packet: its bytes, and who sent it.
+/// One received underlay packet, or a train of them: its bytes, and who sent it.
 pub struct Received {
-    /// The bytes: a whole IPv4 packet (`gre`) or a UDP payload (`gre-udp`).
+    /// The bytes: a whole IPv4 packet (`gre`) or a UDP payload (`gre-udp`); for a GRO train,
+    /// datagrams of `stride` bytes back to back (the last may be shorter).
     pub buf: PacketBuf,
     /// The sender's underlay address.
     pub from: Ipv4Addr,
+    /// 0 for a single packet; the datagram size of a GRO train.
+    pub stride: usize,
 }
 
 enum RxKind {
@@ -57,7 +62,6 @@ pub struct UnderlayRx {
     kind: RxKind,
     headers: MultiHeaders<SockaddrIn>,
     spare: Vec<PacketBuf>,
-    trains: Vec<Vec<u8>>,
 }
 
 fn raw_socket(protocol: i32) -> io::Result<Socket> {
@@ -101,7 +105,6 @@ impl UnderlayRx {
             kind,
             headers: MultiHeaders::preallocate(BATCH, None),
             spare: Vec::new(),
-            trains: Vec::new(),
         })
     }
 
@@ -113,7 +116,7 @@ impl UnderlayRx {
 
     /// Waits until a receive would not block, at most `timeout`.
     pub fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
-        wait(self.socket(), timeout)
+        super::wait_readable(self.socket(), timeout)
     }
 
     /// Receives what is waiting, up to a batch, into `out`. `take` supplies empty buffers.
@@ -155,43 +158,45 @@ impl UnderlayRx {
                     out.push(Received {
                         buf,
                         from: from.unwrap_or(Ipv4Addr::UNSPECIFIED),
+                        stride: 0,
                     });
                 }
                 Ok(())
             }
             RxKind::Udp(s, state) => {
+                // GRO trains land whole in pool buffers: no copy here.
                 const TRAINS: usize = 8;
-                if self.trains.len() < TRAINS {
-                    self.trains = (0..TRAINS).map(|_| vec![0u8; 65_536]).collect();
+                while self.spare.len() < TRAINS {
+                    self.spare.push(take());
                 }
                 let mut metas = [RecvMeta::default(); TRAINS];
                 let n = {
-                    let mut iovs: Vec<IoSliceMut<'_>> =
-                        self.trains.iter_mut().map(|t| IoSliceMut::new(t)).collect();
+                    let mut iovs: Vec<IoSliceMut<'_>> = self
+                        .spare
+                        .iter_mut()
+                        .take(TRAINS)
+                        .map(|b| IoSliceMut::new(b.read_area(HEADROOM)))
+                        .collect();
                     match state.recv(UdpSockRef::from(s), &mut iovs, &mut metas) {
                         Ok(n) => n,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
                         Err(e) => return Err(e),
                     }
                 };
-                for (meta, train) in metas.iter().zip(&self.trains).take(n) {
+                for (mut buf, meta) in self.spare.drain(..n).zip(metas) {
                     let from = match meta.addr {
                         SocketAddr::V4(a) => *a.ip(),
                         SocketAddr::V6(a) => {
                             a.ip().to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED)
                         }
                     };
-                    let stride = meta.stride.max(1);
-                    for dgram in train[..meta.len].chunks(stride) {
-                        // A GRO train is split into one buffer per datagram: the one copy on
-                        // this path.
-                        let mut buf = take();
-                        let area = buf.read_area(HEADROOM);
-                        let len = dgram.len().min(area.len());
-                        area[..len].copy_from_slice(&dgram[..len]);
-                        buf.set_filled(HEADROOM, len);
-                        out.push(Received { buf, from });
-                    }
+                    buf.set_filled(HEADROOM, meta.len);
+                    let stride = if meta.stride < meta.len {
+                        meta.stride
+                    } else {
+                        0
+                    };
+                    out.push(Received { buf, from, stride });
                 }
                 Ok(())
             }
@@ -224,7 +229,7 @@ impl UnderlayTx {
                 let mut pool = Vec::with_capacity(UDP_SOURCES);
                 for _ in 0..UDP_SOURCES {
                     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-                    s.bind(&SockAddr::from(SocketAddrV4::new(local, 0)))?;
+                    bind_ephemeral(&s, local)?;
                     buffers(&s);
                     let state = UdpSocketState::new(UdpSockRef::from(&s))?;
                     pool.push((s, state));
@@ -313,6 +318,110 @@ impl UnderlayTx {
     }
 }
 
+/// A super-packet cut for sending: segment `i` is `heads[i * head_stride..][..head_len]`
+/// followed by `pkt[cut.payload(i)]`.
+#[derive(Clone, Copy)]
+pub struct CutFrames<'a> {
+    /// The super-packet.
+    pub pkt: &'a [u8],
+    /// How it is cut.
+    pub cut: &'a Cut,
+    /// Each segment's outer and inner headers.
+    pub heads: &'a [u8],
+    /// Distance between two segments' headers in `heads`.
+    pub head_stride: usize,
+    /// Length of each segment's headers.
+    pub head_len: usize,
+}
+
+impl UnderlayTx {
+    /// Sends a super-packet cut into segments without copying their payloads: segment `i`
+    /// is `heads[i]` (outer headers and the segment's own IPv4 and transport headers, all
+    /// `head_len` bytes at `head_stride` intervals) followed by `pkt[cut.payload(i)]`.
+    /// GRE-in-UDP: UDP GSO with one iovec pair per segment; raw GRE: one message per segment.
+    pub fn send_cut(&mut self, c: &CutFrames<'_>, to: Ipv4Addr, hash: u32) -> io::Result<()> {
+        let CutFrames {
+            pkt,
+            cut,
+            heads,
+            head_stride,
+            head_len,
+        } = *c;
+        let seg = |i: usize| -> [IoSlice<'_>; 2] {
+            [
+                IoSlice::new(&heads[i * head_stride..i * head_stride + head_len]),
+                IoSlice::new(&pkt[cut.payload(i)]),
+            ]
+        };
+        match &self.kind {
+            TxKind::Raw(s) => {
+                let mut first = 0;
+                while first < cut.count {
+                    let last = (first + BATCH).min(cut.count);
+                    let iovs: Vec<[IoSlice<'_>; 2]> = (first..last).map(seg).collect();
+                    let addrs: Vec<Option<SockaddrIn>> = (first..last)
+                        .map(|_| Some(SockaddrIn::from(SocketAddrV4::new(to, 0))))
+                        .collect();
+                    match sendmmsg(
+                        s.as_raw_fd(),
+                        &mut self.headers,
+                        iovs.iter(),
+                        &addrs,
+                        [],
+                        MsgFlags::empty(),
+                    ) {
+                        Ok(r) => first += r.count().max(1),
+                        Err(nix::errno::Errno::EAGAIN) => wait_writable(s)?,
+                        Err(_) => first += 1,
+                    }
+                }
+                Ok(())
+            }
+            TxKind::Udp(pool) => {
+                let (s, state) = &pool[hash as usize % pool.len()];
+                let stride = head_len + cut.mss;
+                let per_send = (MAX_UDP_GSO_BYTES / stride)
+                    .clamp(1, MAX_UDP_GSO_SEGMENTS)
+                    .min(state.max_gso_segments().max(1));
+                let dst = SockaddrIn::from(SocketAddrV4::new(to, UDP_PORT));
+                let mut first = 0;
+                while first < cut.count {
+                    let last = (first + per_send).min(cut.count);
+                    let iovs: Vec<IoSlice<'_>> = (first..last).flat_map(seg).collect();
+                    let size = stride as u16;
+                    let gso = [ControlMessage::UdpGsoSegments(&size)];
+                    let cmsgs: &[ControlMessage<'_>] = if last - first > 1 { &gso } else { &[] };
+                    match sendmsg(s.as_raw_fd(), &iovs, cmsgs, MsgFlags::empty(), Some(&dst)) {
+                        Ok(_) => first = last,
+                        Err(nix::errno::Errno::EAGAIN) => wait_writable(s)?,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Binds a GRE-in-UDP sender to a port of the range RFC 8086 §3.2.1 asks for (49152-65535),
+/// picked at random among the free ones.
+fn bind_ephemeral(s: &Socket, local: Ipv4Addr) -> io::Result<()> {
+    use std::hash::BuildHasher;
+    let start = foldhash::fast::RandomState::default().hash_one(std::process::id()) as u16;
+    for n in 0..16_384u16 {
+        let port = 49_152 + (start.wrapping_add(n) & 0x3fff);
+        if s.bind(&SockAddr::from(SocketAddrV4::new(local, port)))
+            .is_ok()
+        {
+            return Ok(());
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AddrInUse,
+        "no free UDP port in 49152-65535",
+    ))
+}
+
 /// IPPROTO_RAW: a send-only raw socket whose packets carry their own IPv4 header.
 const fn libc_ipproto_raw() -> i32 {
     255
@@ -350,17 +459,6 @@ fn send_mmsg(
         }
     }
     Ok(done)
-}
-
-fn wait(s: &impl AsFd, timeout: Duration) -> io::Result<bool> {
-    let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLIN)];
-    let ms =
-        PollTimeout::try_from(timeout.as_millis().min(60_000) as u16).unwrap_or(PollTimeout::MAX);
-    match poll(&mut fds, ms) {
-        Ok(n) => Ok(n > 0),
-        Err(nix::errno::Errno::EINTR) => Ok(false),
-        Err(e) => Err(e.into()),
-    }
 }
 
 fn wait_writable(s: &impl AsFd) -> io::Result<()> {

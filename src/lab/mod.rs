@@ -140,6 +140,11 @@ impl Lab {
         log: &mut dyn FnMut(&str),
     ) -> Result<()> {
         let topo = Topology::parse(topology_text, source)?;
+        if topo.internet.as_ref().is_some_and(|i| i.netns.is_none()) {
+            bail!(
+                "{source}: [internet] has no netns: the lab puts the internet in a namespace of its own"
+            );
+        }
         for i in &topo.instances {
             if i.netns.is_none() {
                 bail!(
@@ -220,6 +225,13 @@ impl Lab {
         for i in &topo.instances {
             let ns = i.netns.as_deref().unwrap_or_default();
             self.add_netns(ns)?;
+        }
+        if let Some(ns) = topo.internet.as_ref().and_then(|i| i.netns.as_deref()) {
+            self.add_netns(ns)?;
+            log(&format!(
+                "internet: namespace {ns}, reached through host {}",
+                topo.host(topo.internet.as_ref().unwrap().gateway).name
+            ));
         }
         log(&format!("instances: {} namespaces", topo.instances.len()));
         for h in &topo.hosts {
@@ -359,6 +371,10 @@ impl Lab {
         }
         match target {
             "underlay" => Ok(self.underlay_ns()),
+            "internet" => match t.internet.as_ref().and_then(|i| i.netns.clone()) {
+                Some(ns) => Ok(ns),
+                None => bail!("lab \"{}\" has no internet", self.name),
+            },
             _ => bail!(
                 "\"{target}\" is neither an instance nor a host of lab \"{}\"",
                 self.name

@@ -111,10 +111,26 @@ pub fn write_encap(
     key: Option<u32>,
     checksum: bool,
 ) {
+    write_encap_gathered(frame, &[], outer, key, checksum);
+}
+
+/// [`write_encap`] for a packet sent in two parts: `head` (the free bytes, then the start of
+/// the inner packet) followed by `tail` (the rest of it, elsewhere in memory).
+pub fn write_encap_gathered(
+    head: &mut [u8],
+    tail: &[u8],
+    outer: Option<(Ipv4Addr, Ipv4Addr)>,
+    key: Option<u32>,
+    checksum: bool,
+) {
     let ip_len = if outer.is_some() { ipv4::HEADER_LEN } else { 0 };
     let len = header_len(key.is_some(), checksum);
-    let tos = frame.get(ip_len + len + 1).copied().unwrap_or(0);
-    let g = &mut frame[ip_len..];
+    let tos_at = ip_len + len + 1;
+    let tos = match head.get(tos_at) {
+        Some(&b) => b,
+        None => tail.get(tos_at - head.len()).copied().unwrap_or(0),
+    };
+    let g = &mut head[ip_len..];
     let mut flags = 0u16;
     if checksum {
         flags |= flag::CHECKSUM;
@@ -133,13 +149,19 @@ pub fn write_encap(
         g[at..at + 4].copy_from_slice(&k.to_be_bytes());
     }
     if checksum {
-        // RFC 2784 §2.5: the checksum covers the GRE header and the payload.
-        let c = ipv4::checksum(g);
+        // RFC 2784 §2.5: the checksum covers the GRE header and the payload. Both parts are
+        // summed as one stream, so an odd-length first part would misalign the second.
+        debug_assert!(g.len().is_multiple_of(2) || tail.is_empty());
+        let c = etherparse::checksum::Sum16BitWords::new()
+            .add_slice(g)
+            .add_slice(tail)
+            .ones_complement()
+            .to_be();
         g[4..6].copy_from_slice(&c.to_be_bytes());
     }
     if let Some((src, dst)) = outer {
-        let total = frame.len() as u16;
-        ipv4::emit_header(frame, src, dst, ipv4::proto::GRE, tos, total);
+        let total = (head.len() + tail.len()) as u16;
+        ipv4::emit_header(head, src, dst, ipv4::proto::GRE, tos, total);
     }
 }
 
@@ -166,12 +188,6 @@ pub fn encapsulate_ip(
     buf.push_front(encap_len(true, key.is_some(), checksum))?;
     write_encap(buf.as_mut_slice(), Some((src, dst)), key, checksum);
     Ok(())
-}
-
-/// The UDP source port of a GRE-in-UDP flow: from the flow's hash, in the ephemeral range
-/// 49152–65535 (RFC 8086 §3.2.1) so that ECMP in the underlay spreads flows.
-pub const fn udp_source_port(flow_hash: u32) -> u16 {
-    0xc000 | (flow_hash as u16 & 0x3fff)
 }
 
 #[cfg(test)]
@@ -267,12 +283,5 @@ mod tests {
         assert_eq!(ipv4::checksum(&b.as_slice()[..20]), 0);
         assert_eq!(b.as_slice()[9], ipv4::proto::GRE);
         assert_eq!(parse(&b.as_slice()[20..]).unwrap().key, Some(1001));
-    }
-
-    #[test]
-    fn udp_source_ports_are_ephemeral() {
-        for h in [0, 1, 0x3fff, 0xffff_ffff] {
-            assert!(udp_source_port(h) >= 49152);
-        }
     }
 }

@@ -146,50 +146,100 @@ pub fn segment(
     stride: usize,
     prefix: usize,
 ) -> Result<Segments, GsoError> {
-    let (ip_len, headers) = header_lengths(pkt, hdr)?;
-    let protocol = pkt[9];
-    let mss = usize::from(hdr.gso_size);
-    let payload = &pkt[headers..];
-    let count = payload.len().div_ceil(mss).max(1);
-    let full_len = prefix + headers + mss;
+    let cut = Cut::new(pkt, hdr)?;
+    let full_len = prefix + cut.headers + cut.mss;
+    let last_payload = cut.payload(cut.count - 1).len();
     if stride < full_len
-        || out.len() < (count - 1) * stride + prefix + headers + payload.len().min(mss)
+        || out.len() < (cut.count - 1) * stride + prefix + cut.headers + last_payload
     {
         return Err(GsoError::NoRoom);
     }
-    let ident = u16::from_be_bytes([pkt[4], pkt[5]]);
-    let seq = if protocol == proto::TCP {
-        u32::from_be_bytes([
-            pkt[ip_len + 4],
-            pkt[ip_len + 5],
-            pkt[ip_len + 6],
-            pkt[ip_len + 7],
-        ])
-    } else {
-        0
-    };
-    let mut last_len = full_len;
-    for (i, chunk) in payload.chunks(mss).enumerate() {
-        let seg = &mut out[i * stride + prefix..i * stride + prefix + headers + chunk.len()];
-        seg[..headers].copy_from_slice(&pkt[..headers]);
-        seg[headers..].copy_from_slice(chunk);
-        let total = (headers + chunk.len()) as u16;
-        seg[2..4].copy_from_slice(&total.to_be_bytes());
-        seg[4..6].copy_from_slice(&ident.wrapping_add(i as u16).to_be_bytes());
-        seg[10..12].fill(0);
-        let c = ipv4::checksum(&seg[..ip_len]);
-        seg[10..12].copy_from_slice(&c.to_be_bytes());
-        let first = i == 0;
-        let last = i + 1 == count;
-        let l4 = &mut seg[ip_len..];
-        let check_at = if protocol == proto::TCP {
-            l4[4..8].copy_from_slice(&seq.wrapping_add((i * mss) as u32).to_be_bytes());
+    for i in 0..cut.count {
+        let chunk = &pkt[cut.payload(i)];
+        let at = i * stride + prefix;
+        cut.write_header(pkt, i, chunk, &mut out[at..at + cut.headers]);
+        out[at + cut.headers..at + cut.headers + chunk.len()].copy_from_slice(chunk);
+    }
+    Ok(Segments {
+        count: cut.count,
+        full_len,
+        last_len: prefix + cut.headers + last_payload,
+    })
+}
+
+/// How a super-packet is cut: `count` segments, each with `headers` bytes of IPv4 and
+/// transport header and up to `mss` bytes of payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cut {
+    /// Number of segments.
+    pub count: usize,
+    /// IPv4 + transport header length.
+    pub headers: usize,
+    /// Payload bytes per segment (the last may have fewer).
+    pub mss: usize,
+    ip_len: usize,
+    len: usize,
+    protocol: u8,
+    ident: u16,
+    seq: u32,
+}
+
+impl Cut {
+    /// The cut of `pkt` described by `hdr`.
+    pub fn new(pkt: &[u8], hdr: &VnetHdr) -> Result<Cut, GsoError> {
+        let (ip_len, headers) = header_lengths(pkt, hdr)?;
+        let protocol = pkt[9];
+        let mss = usize::from(hdr.gso_size);
+        let seq = if protocol == proto::TCP {
+            u32::from_be_bytes([
+                pkt[ip_len + 4],
+                pkt[ip_len + 5],
+                pkt[ip_len + 6],
+                pkt[ip_len + 7],
+            ])
+        } else {
+            0
+        };
+        Ok(Cut {
+            count: (pkt.len() - headers).div_ceil(mss).max(1),
+            headers,
+            mss,
+            ip_len,
+            len: pkt.len(),
+            protocol,
+            ident: u16::from_be_bytes([pkt[4], pkt[5]]),
+            seq,
+        })
+    }
+
+    /// Where segment `i`'s payload lies in the super-packet.
+    pub fn payload(&self, i: usize) -> std::ops::Range<usize> {
+        let start = (self.headers + i * self.mss).min(self.len);
+        start..(start + self.mss).min(self.len)
+    }
+
+    /// Writes segment `i`'s headers (`self.headers` bytes) into `h`: the super-packet's,
+    /// with total length, identification + i, TCP sequence and flags (FIN/PSH on the last
+    /// segment only, CWR on the first only) or UDP length, and both checksums, the transport
+    /// one computed over `chunk`, the segment's payload, where it lies.
+    pub fn write_header(&self, pkt: &[u8], i: usize, chunk: &[u8], h: &mut [u8]) {
+        let ip_len = self.ip_len;
+        h.copy_from_slice(&pkt[..self.headers]);
+        let total = (self.headers + chunk.len()) as u16;
+        h[2..4].copy_from_slice(&total.to_be_bytes());
+        h[4..6].copy_from_slice(&self.ident.wrapping_add(i as u16).to_be_bytes());
+        h[10..12].fill(0);
+        let c = ipv4::checksum(&h[..ip_len]);
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+        let l4 = &mut h[ip_len..];
+        let check_at = if self.protocol == proto::TCP {
+            l4[4..8].copy_from_slice(&self.seq.wrapping_add((i * self.mss) as u32).to_be_bytes());
             const FIN_PSH: u8 = 0x09;
             const CWR: u8 = 0x80;
-            if !last {
+            if i + 1 != self.count {
                 l4[13] &= !FIN_PSH;
             }
-            if !first {
+            if i != 0 {
                 l4[13] &= !CWR;
             }
             16
@@ -198,22 +248,21 @@ pub fn segment(
             6
         };
         l4[check_at..check_at + 2].fill(0);
-        let c = transport_checksum(&seg[12..20], protocol, &seg[ip_len..]);
-        let c = if protocol == proto::UDP && c == 0 {
+        let c = etherparse::checksum::Sum16BitWords::new()
+            .add_slice(&h[12..20])
+            .add_2bytes([0, self.protocol])
+            .add_2bytes(((self.headers - ip_len + chunk.len()) as u16).to_be_bytes())
+            .add_slice(&h[ip_len..])
+            .add_slice(chunk)
+            .ones_complement()
+            .to_be();
+        let c = if self.protocol == proto::UDP && c == 0 {
             0xffff
         } else {
             c
         };
-        seg[ip_len + check_at..ip_len + check_at + 2].copy_from_slice(&c.to_be_bytes());
-        if last {
-            last_len = prefix + headers + chunk.len();
-        }
+        h[ip_len + check_at..ip_len + check_at + 2].copy_from_slice(&c.to_be_bytes());
     }
-    Ok(Segments {
-        count,
-        full_len,
-        last_len,
-    })
 }
 
 /// The length of one full segment of `pkt` (IPv4 and transport headers plus `gso_size`):
@@ -241,17 +290,6 @@ fn header_lengths(pkt: &[u8], hdr: &VnetHdr) -> Result<(usize, usize), GsoError>
         return Err(GsoError::Inconsistent);
     }
     Ok((ip_len, headers))
-}
-
-/// The TCP/UDP checksum over the pseudo-header (`addrs`: source and destination) and `l4`.
-fn transport_checksum(addrs: &[u8], protocol: u8, l4: &[u8]) -> u16 {
-    etherparse::checksum::Sum16BitWords::new()
-        .add_slice(addrs)
-        .add_2bytes([0, protocol])
-        .add_2bytes((l4.len() as u16).to_be_bytes())
-        .add_slice(l4)
-        .ones_complement()
-        .to_be()
 }
 
 #[cfg(test)]

@@ -377,6 +377,38 @@ pub fn flow_hash(bytes: &[u8], seed: u32) -> u32 {
     h ^ (h >> 16)
 }
 
+/// A hash of the two addresses of a packet, the same in both directions, mixed with `seed`:
+/// the worker that owns the pair. Every packet a connection's state depends on carries the
+/// same pair: both directions, every fragment (later fragments have no ports), and ICMP
+/// errors, which are hashed by the packet they quote (a router's error has another source
+/// address). `map` translates an address first (an Elastic IP to its private address, so that
+/// both sides of a translated flow land together).
+pub fn pair_hash(bytes: &[u8], seed: u32, map: impl Fn(u32) -> u32) -> u32 {
+    let word = |b: &[u8], at: usize| -> u32 {
+        b.get(at..at + 4)
+            .map_or(0, |w| u32::from_be_bytes([w[0], w[1], w[2], w[3]]))
+    };
+    let header_len = bytes
+        .first()
+        .map_or(HEADER_LEN, |b| usize::from(b & 0x0f) * 4);
+    let first_fragment = bytes
+        .get(6..8)
+        .is_some_and(|f| u16::from_be_bytes([f[0], f[1]]) & 0x1fff == 0);
+    let quoted = (bytes.get(9) == Some(&proto::ICMP) && first_fragment)
+        .then(|| bytes.get(header_len).copied())
+        .flatten()
+        .filter(|&t| icmp_type::is_error(t))
+        .and_then(|_| bytes.get(header_len + 8..));
+    let b = quoted.unwrap_or(bytes);
+    let (x, y) = (map(word(b, 12)), map(word(b, 16)));
+    let mut h = seed ^ (x ^ y).wrapping_mul(0x9e37_79b9) ^ x.wrapping_add(y);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
 /// The Internet checksum (RFC 1071) of `bytes`.
 #[inline]
 pub fn checksum(bytes: &[u8]) -> u16 {
@@ -546,6 +578,46 @@ pub(crate) mod tests {
         assert_ne!(flow_hash(&a, 7), flow_hash(&c, 7));
         assert_ne!(flow_hash(&a, 7), flow_hash(&a, 8));
         assert_eq!(flow_hash(&[], 1), flow_hash(&[], 1));
+    }
+
+    #[test]
+    fn pair_hash_holds_a_connection_together() {
+        let id = |a| a;
+        let a = packet(
+            [10, 0, 1, 10],
+            [10, 0, 2, 20],
+            proto::UDP,
+            &[0x13, 0x88, 0, 53, 0, 8, 0, 0],
+        );
+        let back = packet(
+            [10, 0, 2, 20],
+            [10, 0, 1, 10],
+            proto::UDP,
+            &[0, 53, 0x13, 0x88, 0, 8, 0, 0],
+        );
+        let mut later = packet([10, 0, 1, 10], [10, 0, 2, 20], proto::UDP, &[7; 8]);
+        later[7] = 100;
+        // A router's "port unreachable" about `a`, to its sender.
+        let mut err = vec![3, 3, 0, 0, 0, 0, 0, 0];
+        err.extend_from_slice(&a);
+        let err = packet([192, 0, 2, 77], [10, 0, 1, 10], proto::ICMP, &err);
+        let h = pair_hash(&a, 9, id);
+        assert_eq!(pair_hash(&back, 9, id), h);
+        assert_eq!(pair_hash(&later, 9, id), h);
+        assert_eq!(pair_hash(&err, 9, id), h);
+        let other = packet([10, 0, 1, 11], [10, 0, 2, 20], proto::UDP, &[0; 8]);
+        assert_ne!(pair_hash(&other, 9, id), h);
+        // A translated address is hashed as the address it stands for.
+        let eip = packet([203, 0, 113, 10], [10, 0, 2, 20], proto::UDP, &[0; 8]);
+        let map = |x: u32| {
+            if x == u32::from(Ipv4Addr::new(203, 0, 113, 10)) {
+                u32::from(Ipv4Addr::new(10, 0, 1, 10))
+            } else {
+                x
+            }
+        };
+        assert_eq!(pair_hash(&eip, 9, map), h);
+        assert_eq!(pair_hash(&[], 9, id), pair_hash(&[], 9, id));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 pub mod buf;
 pub mod gre;
+pub mod gro;
 pub mod gso;
 pub mod icmp;
 pub mod ipv4;
