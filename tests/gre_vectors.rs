@@ -181,7 +181,8 @@ fn the_pipeline_delivers_decap_vectors_and_drops_hostile_ones_for_their_reason()
                 d,
                 Decision::Deliver {
                     to: receiver,
-                    strip: v.inner_offset.unwrap() as u16
+                    strip: v.inner_offset.unwrap() as u16,
+                    nat: vpcd::pipeline::Nat::NONE,
                 },
                 "{}",
                 v.name
