@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use etherparse::PacketBuilder;
+use vpcd::pipeline::Nat;
 use vpcd::topology::{HostId, InstanceId};
 use vpcd::wire::{PacketBuf, gre};
 use vpcd::{Action, Decision, Ingress, Pipeline, Timestamp, Topology};
@@ -369,8 +370,10 @@ fn established() -> Established {
 
     // web:40001 <-> db-remote:5432, across the underlay.
     let encap = Decision::Encapsulate {
+        strip: 0,
         host: host(&t, "host-b"),
-        key: KEY,
+        key: Some(KEY),
+        nat: Nat::NONE,
     };
     let d = p.decide(
         &tcp(w, r, 40001, 5432, SYN, 100, 0, 40),
@@ -384,7 +387,14 @@ fn established() -> Established {
         HOST_A,
     );
     let d = p.decide(&syn_ack, Ingress::UnderlayIp, NOW);
-    assert_eq!(d, Decision::Deliver { to: web, strip: 28 });
+    assert_eq!(
+        d,
+        Decision::Deliver {
+            to: web,
+            strip: 28,
+            nat: Nat::NONE
+        }
+    );
     let d = p.decide(
         &tcp(w, r, 40001, 5432, ACK, 101, 501, 40),
         Ingress::Instance(web),
@@ -404,13 +414,18 @@ fn established() -> Established {
     let local = Decision::Deliver {
         to: db_local,
         strip: 0,
+        nat: Nat::NONE,
     };
     assert_eq!(p.decide(&to_local, Ingress::Instance(web), NOW), local);
     assert_eq!(p.decide(&to_local, Ingress::Instance(web), NOW), local);
     assert_eq!(p.decide(&to_remote, Ingress::Instance(web), NOW), encap);
     assert_eq!(
         p.decide(&from_remote, Ingress::UnderlayIp, NOW),
-        Decision::Deliver { to: web, strip: 28 }
+        Decision::Deliver {
+            to: web,
+            strip: 28,
+            nat: Nat::NONE
+        }
     );
     assert_eq!(
         p.counters().cache_hits,
@@ -445,7 +460,7 @@ fn fast_path(c: &mut Criterion) {
     let (start, len) = (buf.start(), buf.len());
     let action = e.pipeline.process(&mut buf, web, NOW);
     assert!(
-        matches!(action, Action::Transmit { to, key: KEY, .. } if to == HOST_B),
+        matches!(action, Action::Transmit { to, key: Some(KEY), .. } if to == HOST_B),
         "{action:?}"
     );
     assert_eq!(buf.len(), len + 28);
@@ -580,7 +595,8 @@ impl NewFlows {
                 d,
                 Decision::Deliver {
                     to: self.fw,
-                    strip: 0
+                    strip: 0,
+                    nat: Nat::NONE,
                 },
                 "{pkt:02x?}"
             );

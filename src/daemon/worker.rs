@@ -203,9 +203,8 @@ impl Worker {
                 usize::from(p.vnet.csum_offset),
             );
         }
-        match self.pipeline.process(&mut p.buf, p.from, now) {
-            action => self.route(p.buf, action),
-        }
+        let action = self.pipeline.process(&mut p.buf, p.from, now);
+        self.route(p.buf, action);
     }
 
     /// A GRO train from the underlay: each datagram is decided where it lies.

@@ -514,7 +514,7 @@ fn slow_path(
     let translated = !nat.is_none();
     match origin {
         Origin::Remote { .. } | Origin::Internet { via: Some(_) }
-            if !target_local && !(v.gateway && translated) =>
+            if !(target_local || v.gateway && translated) =>
         {
             return Slow::stateless(Decision::drop(DropReason::NotLocalDestination));
         }
