@@ -490,6 +490,11 @@ fn from_underlay(
     let Some(host) = t.host_by_address(sender) else {
         return Decision::drop(DropReason::UnknownUnderlaySource);
     };
+    // This host's own instances reach it through their devices, never the underlay: a
+    // packet that says otherwise would skip their egress policy.
+    if host == v.host {
+        return Decision::drop(DropReason::UnderlayFromSelf);
+    }
     let gre_bytes = &pkt[gre_at.min(pkt.len())..];
     let g = match gre::parse(gre_bytes) {
         Ok(g) => g,
@@ -779,7 +784,9 @@ fn slow_path(
         return (Decision::Drop(d), None, false);
     }
     if !tracked {
-        return (forward, None, true);
+        // Not cached: a connection opened later in the other direction (an echo request
+        // after an early reply) must be found and refreshed by these packets.
+        return (forward, None, false);
     }
     let owner = Owner {
         zone,
