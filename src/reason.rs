@@ -66,6 +66,7 @@ drop_reasons! {
     OuterNotGre => "outer IPv4 packet is not GRE (protocol 47)",
     OuterFragment => "outer packet is an IPv4 fragment: never parsed as GRE",
     UnknownUnderlaySource => "underlay sender is not a host of the topology",
+    UnderlayFromSelf => "underlay packet claims to come from this very host",
     NotAddressedToHost => "outer destination is not this host's underlay address",
     GreTruncated => "GRE packet is shorter than its flags announce",
     GreBadVersion => "GRE version is not 0",

@@ -181,6 +181,11 @@ fn from_underlay(
     let Some(host) = t.host_by_address(sender) else {
         return Decision::drop(DropReason::UnknownUnderlaySource);
     };
+    // This host's own instances reach it through their devices, never the underlay: a
+    // packet that says otherwise would skip their egress policy.
+    if host == v.host {
+        return Decision::drop(DropReason::UnderlayFromSelf);
+    }
     let gre_bytes = &pkt[gre_at.min(pkt.len())..];
     let g = match gre::parse(gre_bytes) {
         Ok(g) => g,
@@ -681,7 +686,9 @@ fn slow_path(
         return Slow::uncached(policy_drop(DropReason::SgIngress, rule));
     }
     if !tracked {
-        return Slow::stateless(forward);
+        // Not cached: a connection opened later in the other direction (an echo request
+        // after an early reply) must be found and refreshed by these packets.
+        return Slow::uncached(forward);
     }
     for (n, side) in sides.iter().enumerate() {
         let Some((key, src)) = side else { continue };
@@ -808,7 +815,7 @@ fn local_egress(
         return Slow::uncached(policy_drop(DropReason::SgEgress, rule));
     }
     if !tracked {
-        return Slow::stateless(forward);
+        return Slow::uncached(forward);
     }
     match st
         .conntrack

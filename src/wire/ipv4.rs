@@ -5,7 +5,7 @@
 
 use std::net::Ipv4Addr;
 
-use etherparse::{Icmpv4Slice, Ipv4HeaderSlice, TcpHeaderSlice, UdpHeaderSlice};
+use etherparse::{Ipv4HeaderSlice, TcpHeaderSlice, UdpHeaderSlice};
 
 use crate::reason::DropReason;
 
@@ -245,17 +245,19 @@ fn with_l4(mut ip: Ipv4Packet, payload: &[u8]) -> Result<Ipv4Packet, DropReason>
                 }
             }
             proto::ICMP => {
-                let i = Icmpv4Slice::from_slice(payload).map_err(|_| too_short)?;
-                let kind = i.type_u8();
+                // Every ICMP message starts with the same 8 bytes; what follows depends on
+                // the type and is no business of the policy (etherparse's slice would
+                // insist, for instance, that a timestamp message be exactly 20 bytes).
+                let h = payload.get(..8).ok_or(too_short)?;
+                let kind = h[0];
                 let ident = if matches!(kind, icmp_type::ECHO_REQUEST | icmp_type::ECHO_REPLY) {
-                    let b = i.bytes5to8();
-                    u16::from_be_bytes([b[0], b[1]])
+                    u16::from_be_bytes([h[4], h[5]])
                 } else {
                     0
                 };
                 L4::Icmp {
                     kind,
-                    code: i.code_u8(),
+                    code: h[1],
                     ident,
                 }
             }

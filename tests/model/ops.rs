@@ -1,0 +1,1428 @@
+//! Random packet sequences: abstract steps drawn by proptest, resolved against the topology
+//! and the history of the sequence into bytes and an ingress.
+
+use std::net::Ipv4Addr;
+
+use proptest::prelude::*;
+use proptest::sample::Index;
+use vpcd::{Decision, Ingress, Topology};
+
+use super::build::{self, GreOpts, Ip4};
+
+pub const SPORTS: [u16; 6] = [1000, 1500, 40000, 40001, 5432, 80];
+pub const DPORTS: [u16; 8] = [22, 80, 443, 1000, 1500, 4754, 5432, 40000];
+pub const OUTSIDE: [[u8; 4]; 9] = [
+    [198, 51, 100, 7],
+    [198, 51, 100, 200],
+    [203, 0, 113, 5],
+    [203, 0, 113, 200],
+    [8, 8, 8, 8],
+    [10, 1, 0, 10],
+    [10, 0, 1, 10],
+    [172, 16, 1, 10],
+    [9, 9, 9, 9],
+];
+pub const SPECIAL: [[u8; 4]; 6] = [
+    [255, 255, 255, 255],
+    [224, 0, 0, 5],
+    [239, 1, 2, 3],
+    [192, 0, 2, 1],
+    [192, 0, 2, 2],
+    [192, 0, 2, 3],
+];
+
+/// The transport of a packet, as generated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    Tcp { sport: u16, dport: u16, flags: u8 },
+    Udp { sport: u16, dport: u16 },
+    Icmp { ty: u8, code: u8, ident: u16 },
+    Raw(u8),
+}
+
+impl Proto {
+    fn reversed(self, flags: u8) -> Proto {
+        match self {
+            Proto::Tcp { sport, dport, .. } => Proto::Tcp {
+                sport: dport,
+                dport: sport,
+                flags,
+            },
+            Proto::Udp { sport, dport } => Proto::Udp {
+                sport: dport,
+                dport: sport,
+            },
+            Proto::Icmp { ty: 8, code, ident } => Proto::Icmp { ty: 0, code, ident },
+            Proto::Icmp { ty: 0, code, ident } => Proto::Icmp { ty: 8, code, ident },
+            other => other,
+        }
+    }
+
+    fn with_flags(self, flags: u8) -> Proto {
+        match self {
+            Proto::Tcp { sport, dport, .. } => Proto::Tcp {
+                sport,
+                dport,
+                flags,
+            },
+            other => other,
+        }
+    }
+
+    fn flags(self) -> Option<u8> {
+        match self {
+            Proto::Tcp { flags, .. } => Some(flags),
+            _ => None,
+        }
+    }
+
+    fn number(self) -> u8 {
+        match self {
+            Proto::Tcp { .. } => 6,
+            Proto::Udp { .. } => 17,
+            Proto::Icmp { .. } => 1,
+            Proto::Raw(p) => p,
+        }
+    }
+
+    fn header_len(self) -> usize {
+        match self {
+            Proto::Tcp { .. } => 20,
+            Proto::Udp { .. } | Proto::Icmp { .. } => 8,
+            Proto::Raw(_) => 0,
+        }
+    }
+
+    fn transport(self, payload: &[u8]) -> Vec<u8> {
+        match self {
+            Proto::Tcp {
+                sport,
+                dport,
+                flags,
+            } => build::tcp(sport, dport, flags, payload),
+            Proto::Udp { sport, dport } => build::udp(sport, dport, payload),
+            Proto::Icmp { ty, code, ident } => {
+                let [a, b] = ident.to_be_bytes();
+                build::icmp(ty, code, [a, b, 0, 1], payload)
+            }
+            Proto::Raw(_) => payload.to_vec(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum L4Gen {
+    Tcp {
+        sport: Index,
+        dport: Index,
+        flags: u8,
+    },
+    Udp {
+        sport: Index,
+        dport: Index,
+    },
+    Echo {
+        ident: u16,
+        reply: bool,
+    },
+    Icmp(u8),
+    Raw(u8),
+}
+
+#[derive(Debug, Clone)]
+pub enum Dst {
+    SameVpc(Index),
+    /// An instance of the sender's VPC on this host (any of the VPC if none).
+    LocalSameVpc(Index),
+    AnyInstance(Index),
+    Missing(Index),
+    Outside(Index),
+    Special(Index),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Mutation {
+    Truncate(usize),
+    Version(u8),
+    Ihl(u8),
+    TotalDelta(i16),
+    L4Cut(usize),
+    TcpDoff(u8),
+    /// Valid IP options (4 NOPs): IHL 6.
+    Options,
+    BadIpChecksum,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum GreTweak {
+    Version(u16),
+    Bit(u16),
+    NoKey,
+    Proto(u16),
+    BadChecksum,
+    Truncate(usize),
+    EmptyInner,
+    CutInner(usize),
+}
+
+#[derive(Debug, Clone)]
+pub enum OuterTweak {
+    Short(usize),
+    Version(u8),
+    Ihl(u8),
+    Options,
+    TotalDelta(i16),
+    Mf,
+    Offset,
+    Proto(u8),
+    Dst(Index),
+    BadChecksum,
+}
+
+#[derive(Debug, Clone)]
+pub enum KeyTweak {
+    Right,
+    OtherVpc(Index),
+    Unknown,
+}
+
+#[derive(Debug, Clone)]
+pub enum SenderTweak {
+    Right,
+    Host(Index),
+    Unknown,
+}
+
+#[derive(Debug, Clone)]
+pub struct Encap {
+    pub udp: bool,
+    pub csum: bool,
+    pub seq: bool,
+    pub key: KeyTweak,
+    pub sender: SenderTweak,
+    pub gre: Option<GreTweak>,
+    pub outer: Option<OuterTweak>,
+}
+
+#[derive(Debug, Clone)]
+pub enum PortTweak {
+    Right,
+    Remote(Index),
+    Bogus,
+}
+
+#[derive(Debug, Clone)]
+pub struct Shape {
+    pub payload: usize,
+    pub spoof: bool,
+    pub port: PortTweak,
+    pub df: bool,
+    pub big: Option<i32>,
+    pub first_frag: bool,
+    pub id: u16,
+    pub mutation: Option<Mutation>,
+    pub encap: Encap,
+}
+
+#[derive(Debug, Clone)]
+pub enum QuoteTweak {
+    Exact,
+    Full,
+    Short(usize),
+    WrongSrc,
+    FragOffset,
+    NotIpv4,
+    Mf,
+    BadTotal,
+}
+
+#[derive(Debug, Clone)]
+pub enum Op {
+    Fresh {
+        remote: bool,
+        /// Remote senders: any remote instance, not only those of VPCs present here.
+        wide: bool,
+        sender: Index,
+        dst: Dst,
+        l4: L4Gen,
+        shape: Shape,
+    },
+    Reply {
+        k: Pick,
+        flags: FlagSel,
+        shape: Shape,
+    },
+    Again {
+        k: Pick,
+        flags: FlagSel,
+        shape: Shape,
+    },
+    Repeat {
+        k: Pick,
+    },
+    IcmpError {
+        k: Pick,
+        ty: u8,
+        code: u8,
+        quote: QuoteTweak,
+        shape: Shape,
+    },
+    Later {
+        k: Pick,
+        offset: u16,
+        mf: bool,
+        len: usize,
+        shape: Shape,
+    },
+    /// The first fragment of an earlier packet's datagram again, changed (TCP flags, or an
+    /// ICMP error type, or another UDP port) so that it is often dropped this time.
+    Refirst {
+        k: Pick,
+        flags: u8,
+        shape: Shape,
+    },
+    /// The same inner packet, sent by the instance with the same address in another VPC.
+    Mirror {
+        k: Pick,
+        shape: Shape,
+    },
+    /// The same bytes from somewhere else: another port, or another underlay sender.
+    Impostor {
+        k: Pick,
+        via: Index,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub dt: u64,
+    pub op: Op,
+}
+
+/// Which earlier packet a step refers to: one of the last three, or any.
+#[derive(Debug, Clone)]
+pub enum Pick {
+    Recent(usize),
+    Any(Index),
+}
+
+impl Pick {
+    pub fn index(&self, len: usize) -> usize {
+        match self {
+            Pick::Recent(j) => len - 1 - (*j).min(len - 1),
+            Pick::Any(i) => i.index(len),
+        }
+    }
+}
+
+/// TCP flags of a reply or follow-up: what a real peer would send next, or drawn at random.
+#[derive(Debug, Clone, Copy)]
+pub enum FlagSel {
+    Natural(u8),
+    Raw(u8),
+}
+
+impl FlagSel {
+    /// The flags, given the flags of the packet referred to and whether this one goes back.
+    pub fn resolve(self, prev: Option<u8>, reply: bool) -> u8 {
+        let n = match self {
+            FlagSel::Raw(f) => return f,
+            FlagSel::Natural(n) => usize::from(n),
+        };
+        let prev = prev.unwrap_or(0x02) & 0x3f & !0x28;
+        let options: &[u8] = match (prev, reply) {
+            (0x02, true) => &[0x12],
+            (0x02, false) => &[0x02, 0x10],
+            (0x12, true) => &[0x10, 0x10, 0x18],
+            (0x12, false) => &[0x12, 0x10],
+            (0x10, _) => &[0x10, 0x18, 0x11],
+            (0x11, _) => &[0x10, 0x11, 0x11],
+            (0x04 | 0x14, _) => &[0x02],
+            _ => &[0x10, 0x02],
+        };
+        options[n % options.len()]
+    }
+}
+
+impl Op {
+    /// The variant's name, for the coverage report.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Fresh { remote: false, .. } => "fresh from a local instance",
+            Op::Fresh { remote: true, .. } => "fresh from a remote instance",
+            Op::Reply { .. } => "reply",
+            Op::Again { .. } => "again (same direction)",
+            Op::Repeat { .. } => "repeat (identical bytes)",
+            Op::IcmpError { .. } => "icmp error",
+            Op::Later { .. } => "later fragment",
+            Op::Refirst { .. } => "first fragment again",
+            Op::Mirror { .. } => "mirror in another VPC",
+            Op::Impostor { .. } => "same bytes from elsewhere",
+        }
+    }
+}
+
+// ----- strategies ---------------------------------------------------------------------------
+
+fn flags(kind: u8) -> BoxedStrategy<u8> {
+    let useful: Vec<u8> = match kind {
+        // fresh: mostly SYN
+        0 => vec![
+            0x02, 0x02, 0x02, 0x02, 0x02, 0x02, 0x02, 0x02, 0x12, 0x10, 0x11, 0x04, 0x18,
+        ],
+        // reply: mostly SYN+ACK and ACK
+        1 => vec![
+            0x12, 0x12, 0x12, 0x12, 0x10, 0x10, 0x10, 0x11, 0x11, 0x04, 0x14, 0x18, 0x02,
+        ],
+        // again: ACK, data, FIN
+        _ => vec![
+            0x10, 0x10, 0x10, 0x18, 0x18, 0x11, 0x11, 0x02, 0x02, 0x04, 0x12, 0x14,
+        ],
+    };
+    let garbage = vec![
+        0x03, 0x00, 0x0a, 0x01, 0x30, 0x22, 0xff, 0xc2, 0x06, 0x38, 0x19,
+    ];
+    prop_oneof![
+        12 => prop::sample::select(useful),
+        1 => prop::sample::select(garbage),
+    ]
+    .boxed()
+}
+
+fn pick() -> impl Strategy<Value = Pick> {
+    prop_oneof![
+        3 => (0usize..3).prop_map(Pick::Recent),
+        2 => any::<Index>().prop_map(Pick::Any),
+    ]
+}
+
+fn flag_sel(kind: u8) -> impl Strategy<Value = FlagSel> {
+    prop_oneof![
+        3 => any::<u8>().prop_map(FlagSel::Natural),
+        2 => flags(kind).prop_map(FlagSel::Raw),
+    ]
+}
+
+fn l4() -> impl Strategy<Value = L4Gen> {
+    prop_oneof![
+        50 => (any::<Index>(), any::<Index>(), flags(0))
+            .prop_map(|(sport, dport, flags)| L4Gen::Tcp { sport, dport, flags }),
+        25 => (any::<Index>(), any::<Index>()).prop_map(|(sport, dport)| L4Gen::Udp { sport, dport }),
+        15 => (prop_oneof![Just(0u16), Just(7u16), Just(0x1234u16)], prop::bool::weighted(0.2))
+            .prop_map(|(ident, reply)| L4Gen::Echo { ident, reply }),
+        3 => prop::sample::select(vec![13u8, 14, 9, 3, 11]).prop_map(L4Gen::Icmp),
+        6 => prop::sample::select(vec![47u8, 50, 132, 4]).prop_map(L4Gen::Raw),
+    ]
+}
+
+fn dst() -> impl Strategy<Value = Dst> {
+    prop_oneof![
+        8 => any::<Index>().prop_map(Dst::SameVpc),
+        8 => any::<Index>().prop_map(Dst::LocalSameVpc),
+        2 => any::<Index>().prop_map(Dst::AnyInstance),
+        1 => any::<Index>().prop_map(Dst::Missing),
+        2 => any::<Index>().prop_map(Dst::Outside),
+        1 => any::<Index>().prop_map(Dst::Special),
+    ]
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        prop::sample::select(vec![0usize, 1, 10, 19, 21]).prop_map(Mutation::Truncate),
+        prop::sample::select(vec![6u8, 5, 0, 15]).prop_map(Mutation::Version),
+        prop::sample::select(vec![4u8, 0, 6, 15]).prop_map(Mutation::Ihl),
+        prop::sample::select(vec![-1i16, 1, -20, 100]).prop_map(Mutation::TotalDelta),
+        prop::sample::select(vec![0usize, 3, 4, 7, 19]).prop_map(Mutation::L4Cut),
+        prop::sample::select(vec![0u8, 4, 6, 15]).prop_map(Mutation::TcpDoff),
+        Just(Mutation::Options),
+        Just(Mutation::BadIpChecksum),
+    ]
+}
+
+fn gre_tweak() -> impl Strategy<Value = GreTweak> {
+    prop_oneof![
+        (1u16..=7).prop_map(GreTweak::Version),
+        prop::sample::select(vec![
+            0x4000u16, 0x0800, 0x0400, 0x0200, 0x0100, 0x0040, 0x0008
+        ])
+        .prop_map(GreTweak::Bit),
+        Just(GreTweak::NoKey),
+        prop::sample::select(vec![0x86ddu16, 0x6558, 0x0806, 0x0000]).prop_map(GreTweak::Proto),
+        Just(GreTweak::BadChecksum),
+        prop::sample::select(vec![0usize, 2, 3, 5, 9]).prop_map(GreTweak::Truncate),
+        Just(GreTweak::EmptyInner),
+        prop::sample::select(vec![1usize, 4]).prop_map(GreTweak::CutInner),
+    ]
+}
+
+fn outer_tweak() -> impl Strategy<Value = OuterTweak> {
+    prop_oneof![
+        1 => prop::sample::select(vec![0usize, 10, 19]).prop_map(OuterTweak::Short),
+        1 => prop::sample::select(vec![6u8, 5]).prop_map(OuterTweak::Version),
+        1 => prop::sample::select(vec![4u8, 15]).prop_map(OuterTweak::Ihl),
+        3 => Just(OuterTweak::Options),
+        1 => prop::sample::select(vec![-1i16, 1]).prop_map(OuterTweak::TotalDelta),
+        1 => Just(OuterTweak::Mf),
+        1 => Just(OuterTweak::Offset),
+        1 => prop::sample::select(vec![17u8, 4]).prop_map(OuterTweak::Proto),
+        1 => any::<Index>().prop_map(OuterTweak::Dst),
+        1 => Just(OuterTweak::BadChecksum),
+    ]
+}
+
+fn encap() -> impl Strategy<Value = Encap> {
+    (
+        prop::bool::weighted(0.4),
+        prop::bool::weighted(0.3),
+        prop::bool::weighted(0.3),
+        prop_oneof![
+            40 => Just(KeyTweak::Right),
+            1 => any::<Index>().prop_map(KeyTweak::OtherVpc),
+            1 => Just(KeyTweak::Unknown),
+        ],
+        prop_oneof![
+            40 => Just(SenderTweak::Right),
+            1 => any::<Index>().prop_map(SenderTweak::Host),
+            1 => Just(SenderTweak::Unknown),
+        ],
+        prop::option::weighted(0.05, gre_tweak()),
+        prop::option::weighted(0.05, outer_tweak()),
+    )
+        .prop_map(|(udp, csum, seq, key, sender, gre, outer)| Encap {
+            udp,
+            csum,
+            seq,
+            key,
+            sender,
+            gre,
+            outer,
+        })
+}
+
+fn shape() -> impl Strategy<Value = Shape> {
+    (
+        0usize..48,
+        prop::bool::weighted(0.02),
+        prop_oneof![
+            60 => Just(PortTweak::Right),
+            1 => any::<Index>().prop_map(PortTweak::Remote),
+            1 => Just(PortTweak::Bogus),
+        ],
+        prop::bool::weighted(0.5),
+        prop::option::weighted(0.04, prop::sample::select(vec![-1i32, 0, 1, 40])),
+        prop::bool::weighted(0.06),
+        prop_oneof![4 => 0u16..3, 1 => any::<u16>()],
+        prop::option::weighted(0.05, mutation()),
+        encap(),
+    )
+        .prop_map(
+            |(payload, spoof, port, df, big, first_frag, id, mutation, encap)| Shape {
+                payload,
+                spoof,
+                port,
+                df,
+                big,
+                first_frag,
+                id,
+                mutation,
+                encap,
+            },
+        )
+}
+
+fn fresh(remote: bool) -> impl Strategy<Value = Op> {
+    (
+        prop::bool::weighted(0.15),
+        any::<Index>(),
+        dst(),
+        l4(),
+        shape(),
+    )
+        .prop_map(move |(wide, sender, dst, l4, shape)| Op::Fresh {
+            remote,
+            wide,
+            sender,
+            dst,
+            l4,
+            shape,
+        })
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        30 => fresh(false),
+        14 => fresh(true),
+        22 => (pick(), flag_sel(1), shape()).prop_map(|(k, flags, shape)| Op::Reply { k, flags, shape }),
+        9 => (pick(), flag_sel(2), shape()).prop_map(|(k, flags, shape)| Op::Again { k, flags, shape }),
+        15 => pick().prop_map(|k| Op::Repeat { k }),
+        8 => (pick(), shape()).prop_map(|(k, shape)| Op::Mirror { k, shape }),
+        3 => (pick(), any::<Index>()).prop_map(|(k, via)| Op::Impostor { k, via }),
+        5 => (
+            pick(),
+            prop::sample::select(vec![3u8, 3, 3, 11, 4, 5, 12, 13]),
+            prop::sample::select(vec![3u8, 4, 0]),
+            prop_oneof![
+                8 => Just(QuoteTweak::Exact),
+                3 => Just(QuoteTweak::Full),
+                2 => prop::sample::select(vec![0usize, 3, 4, 7, 8]).prop_map(QuoteTweak::Short),
+                1 => Just(QuoteTweak::Mf),
+                1 => Just(QuoteTweak::BadTotal),
+                1 => Just(QuoteTweak::WrongSrc),
+                1 => Just(QuoteTweak::FragOffset),
+                1 => Just(QuoteTweak::NotIpv4),
+            ],
+            shape(),
+        )
+            .prop_map(|(k, ty, code, quote, shape)| Op::IcmpError { k, ty, code, quote, shape }),
+        5 => (
+            pick(),
+            prop::sample::select(vec![1u16, 2, 3, 4, 185]),
+            any::<bool>(),
+            prop::sample::select(vec![8usize, 16, 40]),
+            shape(),
+        )
+            .prop_map(|(k, offset, mf, len, shape)| Op::Later { k, offset, mf, len, shape }),
+    ]
+}
+
+fn dt() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        6 => Just(0u64),
+        5 => 1u64..2000,
+        1 => 2000u64..20_000,
+        2 => prop::sample::select(vec![
+            10_000u64, 29_999, 30_000, 30_001, 59_999, 60_000, 60_001, 120_000, 120_001, 200_000,
+        ]),
+        1 => 0u64..200_000,
+    ]
+}
+
+fn small_dt() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        3 => Just(0u64),
+        3 => 1u64..1000,
+        1 => dt(),
+    ]
+}
+
+/// A conversation: a reply to an earlier packet, then turns back and forth with natural flags.
+fn talk() -> impl Strategy<Value = Vec<Step>> {
+    let turn = (small_dt(), prop::bool::weighted(0.7), flag_sel(1), shape());
+    (
+        pick(),
+        dt(),
+        flag_sel(1),
+        shape(),
+        prop::collection::vec(turn, 1..6),
+    )
+        .prop_map(|(k, dt, flags, shape, turns)| {
+            let mut v = vec![Step {
+                dt,
+                op: Op::Reply { k, flags, shape },
+            }];
+            for (dt, back, flags, shape) in turns {
+                let k = Pick::Recent(0);
+                let op = if back {
+                    Op::Reply { k, flags, shape }
+                } else {
+                    Op::Again { k, flags, shape }
+                };
+                v.push(Step { dt, op });
+            }
+            v
+        })
+}
+
+/// A first fragment and some later fragments of the same datagram.
+fn fragments() -> impl Strategy<Value = Vec<Step>> {
+    let frag_dt = prop_oneof![
+        3 => Just(0u64),
+        2 => 1u64..5000,
+        1 => prop::sample::select(vec![29_999u64, 30_000, 30_001]),
+    ];
+    let later = (
+        frag_dt,
+        prop::sample::select(vec![1u16, 2, 3, 4, 185]),
+        any::<bool>(),
+        prop::sample::select(vec![8usize, 16, 40]),
+        shape(),
+    );
+    (
+        dt(),
+        prop_oneof![fresh(false), fresh(true)],
+        prop::collection::vec(later, 1..4),
+        prop::option::weighted(
+            0.3,
+            (
+                small_dt(),
+                prop::sample::select(vec![0x03u8, 0x00, 0x01, 0x10, 0x12, 0x02]),
+                shape(),
+            ),
+        ),
+    )
+        .prop_map(|(dt, mut first, laters, refirst)| {
+            if let Op::Fresh { shape, .. } = &mut first {
+                shape.first_frag = true;
+                shape.big = None;
+            }
+            let mut v = vec![Step { dt, op: first }];
+            if let Some((dt, flags, shape)) = refirst {
+                let op = Op::Refirst {
+                    k: Pick::Recent(0),
+                    flags,
+                    shape,
+                };
+                v.push(Step { dt, op });
+            }
+            for (dt, offset, mf, len, shape) in laters {
+                let op = Op::Later {
+                    k: Pick::Recent(0),
+                    offset,
+                    mf,
+                    len,
+                    shape,
+                };
+                v.push(Step { dt, op });
+            }
+            v
+        })
+}
+
+pub fn steps() -> impl Strategy<Value = Vec<Step>> {
+    let unit = prop_oneof![
+        14 => (dt(), op()).prop_map(|(dt, op)| vec![Step { dt, op }]),
+        3 => talk(),
+        1 => fragments(),
+    ];
+    (
+        (dt(), fresh(false)).prop_map(|(dt, op)| Step { dt, op }),
+        prop::collection::vec(unit, 8..=20),
+    )
+        .prop_map(|(first, rest)| {
+            let mut v = vec![first];
+            v.extend(rest.into_iter().flatten());
+            v
+        })
+}
+
+// ----- resolution ---------------------------------------------------------------------------
+
+/// What a sent packet was, logically (for replies, errors and fragments that refer to it).
+#[derive(Debug, Clone)]
+pub struct Flow {
+    /// The instance that sent it (as far as the generator meant).
+    pub sender: usize,
+    /// Sent from this host's instance (else through the underlay).
+    pub local: bool,
+    pub vpc: usize,
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub proto: Proto,
+    pub id: u16,
+    /// The inner packet bytes.
+    pub inner: Vec<u8>,
+    pub encap: Encap,
+}
+
+/// One packet of a sequence.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub ingress: Ingress,
+    pub bytes: Vec<u8>,
+    pub at: u64,
+    pub what: String,
+    pub flow: Flow,
+    pub decision: Option<Decision>,
+}
+
+pub struct Resolver<'a> {
+    pub topo: &'a Topology,
+    pub this: usize,
+    pub mtu: u16,
+}
+
+fn ip(a: [u8; 4]) -> Ipv4Addr {
+    Ipv4Addr::from(a)
+}
+
+impl Resolver<'_> {
+    fn local(&self, i: usize) -> bool {
+        self.topo.instances[i].host.0 as usize == self.this
+    }
+
+    fn vpc_key(&self, vpc: usize) -> u32 {
+        self.topo.vpcs[vpc].key
+    }
+
+    /// Resolves a step against the history.
+    pub fn resolve(&self, op: &Op, hist: &[Sent], at: u64) -> Sent {
+        let n = self.topo.instances.len();
+        match op {
+            Op::Fresh {
+                remote,
+                wide,
+                sender,
+                dst,
+                l4,
+                shape,
+            } => {
+                let here = |v: usize| {
+                    (0..n).any(|j| self.local(j) && self.topo.instances[j].vpc().index() == v)
+                };
+                let mut remotes: Vec<usize> = (0..n)
+                    .filter(|&i| {
+                        !self.local(i) && (*wide || here(self.topo.instances[i].vpc().index()))
+                    })
+                    .collect();
+                if remotes.is_empty() {
+                    remotes = (0..n).filter(|&i| !self.local(i)).collect();
+                }
+                let locals: Vec<usize> = (0..n).filter(|&i| self.local(i)).collect();
+                let s = if *remote && !remotes.is_empty() {
+                    remotes[sender.index(remotes.len())]
+                } else {
+                    locals[sender.index(locals.len())]
+                };
+                let si = &self.topo.instances[s];
+                let vpc = si.vpc().index();
+                let d = match dst {
+                    Dst::SameVpc(i) => {
+                        let same: Vec<usize> = (0..n)
+                            .filter(|&j| self.topo.instances[j].vpc().index() == vpc)
+                            .collect();
+                        self.topo.instances[same[i.index(same.len())]].ip
+                    }
+                    Dst::LocalSameVpc(i) => {
+                        let mut same: Vec<usize> = (0..n)
+                            .filter(|&j| {
+                                self.topo.instances[j].vpc().index() == vpc && self.local(j)
+                            })
+                            .collect();
+                        if same.is_empty() {
+                            same = (0..n)
+                                .filter(|&j| self.topo.instances[j].vpc().index() == vpc)
+                                .collect();
+                        }
+                        self.topo.instances[same[i.index(same.len())]].ip
+                    }
+                    Dst::AnyInstance(i) => self.topo.instances[i.index(n)].ip,
+                    Dst::Missing(i) => {
+                        let [a, b, _, _] = self.topo.vpcs[vpc].cidr.network().octets();
+                        let choices = [
+                            [a, b, 1, 77],
+                            [a, b, 2, 1],
+                            [a, b, 1, 255],
+                            [a, b, 9, 9],
+                            [a, b, 3, 10],
+                        ];
+                        ip(choices[i.index(choices.len())])
+                    }
+                    Dst::Outside(i) => ip(OUTSIDE[i.index(OUTSIDE.len())]),
+                    Dst::Special(i) => ip(SPECIAL[i.index(SPECIAL.len())]),
+                };
+                let proto = match l4 {
+                    L4Gen::Tcp {
+                        sport,
+                        dport,
+                        flags,
+                    } => Proto::Tcp {
+                        sport: SPORTS[sport.index(SPORTS.len())],
+                        dport: DPORTS[dport.index(DPORTS.len())],
+                        flags: *flags,
+                    },
+                    L4Gen::Udp { sport, dport } => Proto::Udp {
+                        sport: SPORTS[sport.index(SPORTS.len())],
+                        dport: DPORTS[dport.index(DPORTS.len())],
+                    },
+                    L4Gen::Echo { ident, reply } => Proto::Icmp {
+                        ty: if *reply { 0 } else { 8 },
+                        code: 0,
+                        ident: *ident,
+                    },
+                    L4Gen::Icmp(ty) => Proto::Icmp {
+                        ty: *ty,
+                        code: 0,
+                        ident: 0,
+                    },
+                    L4Gen::Raw(p) => Proto::Raw(*p),
+                };
+                let src = if shape.spoof {
+                    let mut o = si.ip.octets();
+                    o[3] ^= 1;
+                    ip(o)
+                } else {
+                    si.ip
+                };
+                self.emit("fresh", s, vpc, src, d, proto, None, shape, at)
+            }
+            Op::Refirst { k, flags, shape } => {
+                let ki = k.index(hist.len());
+                let f = &hist[ki].flow;
+                let proto = match f.proto {
+                    Proto::Tcp { sport, dport, .. } => Proto::Tcp {
+                        sport,
+                        dport,
+                        flags: *flags,
+                    },
+                    Proto::Udp { sport, .. } => Proto::Udp { sport, dport: 4754 },
+                    Proto::Icmp { .. } => Proto::Icmp {
+                        ty: 3,
+                        code: 1,
+                        ident: 0,
+                    },
+                    other => other,
+                };
+                let mut shape = shape.clone();
+                shape.id = f.id;
+                shape.first_frag = true;
+                shape.big = None;
+                shape.mutation = None;
+                self.emit(
+                    &format!("first fragment of #{ki}'s datagram again"),
+                    f.sender,
+                    f.vpc,
+                    f.src,
+                    f.dst,
+                    proto,
+                    None,
+                    &shape,
+                    at,
+                )
+            }
+            Op::Mirror { k, shape } => {
+                let ki = k.index(hist.len());
+                let f = &hist[ki].flow;
+                let ip = self.topo.instances[f.sender].ip;
+                let twin = (0..n).find(|&i| {
+                    let x = &self.topo.instances[i];
+                    x.ip == ip && x.vpc().index() != f.vpc
+                });
+                match twin {
+                    Some(t) => {
+                        let vpc = self.topo.instances[t].vpc().index();
+                        let flow = Flow {
+                            sender: t,
+                            local: self.local(t),
+                            vpc,
+                            ..f.clone()
+                        };
+                        self.wrap(
+                            &format!("#{ki} mirrored by i{t} in v{vpc}"),
+                            t,
+                            vpc,
+                            f.inner.clone(),
+                            flow,
+                            &shape.port,
+                            &shape.encap,
+                            at,
+                        )
+                    }
+                    None => {
+                        let h = &hist[ki];
+                        Sent {
+                            ingress: h.ingress,
+                            bytes: h.bytes.clone(),
+                            at,
+                            what: format!("repeat of #{ki} (no twin to mirror it)"),
+                            flow: h.flow.clone(),
+                            decision: None,
+                        }
+                    }
+                }
+            }
+            Op::Impostor { k, via } => {
+                let ki = k.index(hist.len());
+                let h = &hist[ki];
+                let hosts = &self.topo.hosts;
+                let (ingress, bytes, note) = match h.ingress {
+                    Ingress::Instance(_) => {
+                        let id = via.index(n + 1) as u32;
+                        let id = if id as usize == n { 99 } else { id };
+                        let ingress = Ingress::Instance(vpcd::topology::InstanceId(id));
+                        (ingress, h.bytes.clone(), format!("port {id}"))
+                    }
+                    Ingress::UnderlayUdp { .. } => {
+                        let from = hosts[via.index(hosts.len())].address;
+                        (
+                            Ingress::UnderlayUdp { from },
+                            h.bytes.clone(),
+                            format!("udp from {from}"),
+                        )
+                    }
+                    Ingress::UnderlayIp => {
+                        let from = hosts[via.index(hosts.len())].address;
+                        let mut b = h.bytes.clone();
+                        if b.len() >= 20 {
+                            b[12..16].copy_from_slice(&from.octets());
+                            build::fix_ip_checksum(&mut b);
+                        }
+                        (Ingress::UnderlayIp, b, format!("outer source {from}"))
+                    }
+                };
+                Sent {
+                    ingress,
+                    bytes,
+                    at,
+                    what: format!("#{ki}'s bytes from {note}"),
+                    flow: h.flow.clone(),
+                    decision: None,
+                }
+            }
+            Op::Repeat { k } => {
+                let h = &hist[k.index(hist.len())];
+                Sent {
+                    ingress: h.ingress,
+                    bytes: h.bytes.clone(),
+                    at,
+                    what: format!("repeat of #{}", k.index(hist.len())),
+                    flow: h.flow.clone(),
+                    decision: None,
+                }
+            }
+            Op::Reply { k, flags, shape } => {
+                let ki = pick_forwarded(k, hist);
+                let f = &hist[ki].flow;
+                match self.receiver(&hist[ki]) {
+                    Some(r) => self.emit(
+                        &format!("reply to #{ki}"),
+                        r,
+                        f.vpc,
+                        f.dst,
+                        f.src,
+                        f.proto.reversed(flags.resolve(f.proto.flags(), true)),
+                        None,
+                        shape,
+                        at,
+                    ),
+                    None => self.emit(
+                        &format!("again (no receiver) #{ki}"),
+                        f.sender,
+                        f.vpc,
+                        f.src,
+                        f.dst,
+                        f.proto.with_flags(flags.resolve(f.proto.flags(), false)),
+                        None,
+                        shape,
+                        at,
+                    ),
+                }
+            }
+            Op::Again { k, flags, shape } => {
+                let ki = k.index(hist.len());
+                let f = &hist[ki].flow;
+                self.emit(
+                    &format!("again #{ki}"),
+                    f.sender,
+                    f.vpc,
+                    f.src,
+                    f.dst,
+                    f.proto.with_flags(flags.resolve(f.proto.flags(), false)),
+                    None,
+                    shape,
+                    at,
+                )
+            }
+            Op::IcmpError {
+                k,
+                ty,
+                code,
+                quote,
+                shape,
+            } => {
+                let ki = pick_forwarded(k, hist);
+                let f = &hist[ki].flow;
+                let r = self.receiver(&hist[ki]).unwrap_or(f.sender);
+                let mut q = f.inner.clone();
+                let ihl = q.first().map_or(20, |b| usize::from(b & 0x0f) * 4);
+                match quote {
+                    QuoteTweak::Exact => q.truncate(ihl + 8),
+                    QuoteTweak::Full => q.truncate(400),
+                    QuoteTweak::Short(m) => q.truncate(20 + m),
+                    QuoteTweak::WrongSrc => {
+                        q.truncate(ihl + 8);
+                        if q.len() >= 16 {
+                            q[15] ^= 0x40;
+                        }
+                    }
+                    QuoteTweak::FragOffset => {
+                        q.truncate(ihl + 8);
+                        if q.len() >= 8 {
+                            q[7] |= 3;
+                        }
+                    }
+                    QuoteTweak::Mf => {
+                        q.truncate(ihl + 8);
+                        if q.len() >= 8 {
+                            q[6] |= 0x20;
+                        }
+                    }
+                    QuoteTweak::BadTotal => {
+                        q.truncate(ihl + 8);
+                        if q.len() >= 4 {
+                            q[2] = 0;
+                            q[3] = 19;
+                        }
+                    }
+                    QuoteTweak::NotIpv4 => {
+                        q.truncate(ihl + 8);
+                        if !q.is_empty() {
+                            q[0] = 0x60 | (q[0] & 0x0f);
+                        }
+                    }
+                }
+                let src = self.topo.instances[r].ip;
+                let proto = Proto::Icmp {
+                    ty: *ty,
+                    code: *code,
+                    ident: 0,
+                };
+                self.emit(
+                    &format!("icmp error {ty}/{code} ({quote:?}) about #{ki}"),
+                    r,
+                    f.vpc,
+                    src,
+                    f.src,
+                    proto,
+                    Some(&q),
+                    shape,
+                    at,
+                )
+            }
+            Op::Later {
+                k,
+                offset,
+                mf,
+                len,
+                shape,
+            } => {
+                let firsts: Vec<usize> = (0..hist.len())
+                    .filter(|&i| {
+                        let b = &hist[i].flow.inner;
+                        b.len() >= 8 && b[6] & 0x20 != 0 && b[6] & 0x1f == 0 && b[7] == 0
+                    })
+                    .collect();
+                let ki = match k {
+                    Pick::Recent(0) | Pick::Any(_) if !firsts.is_empty() => {
+                        firsts[k.index(firsts.len())]
+                    }
+                    _ => k.index(hist.len()),
+                };
+                let f = hist[ki].flow.clone();
+                let payload: Vec<u8> = (0..*len).map(|x| x as u8 ^ 0x5a).collect();
+                let inner = build::ipv4(
+                    &Ip4 {
+                        src: f.src,
+                        dst: f.dst,
+                        proto: f.proto.number(),
+                        id: f.id,
+                        df: false,
+                        mf: *mf,
+                        offset: *offset,
+                    },
+                    &payload,
+                );
+                let what = format!(
+                    "later fragment of #{ki}: offset {} bytes, mf {mf}, {} bytes",
+                    offset * 8,
+                    inner.len()
+                );
+                let encap = if f.local {
+                    shape.encap.clone()
+                } else {
+                    f.encap.clone()
+                };
+                self.wrap(&what, f.sender, f.vpc, inner, f, &shape.port, &encap, at)
+            }
+        }
+    }
+
+    /// Who received `h`: the pipeline's deliver target, or the encapsulation's remote instance,
+    /// or the instance holding its destination address.
+    fn receiver(&self, h: &Sent) -> Option<usize> {
+        let f = &h.flow;
+        let n = self.topo.instances.len();
+        match h.decision {
+            Some(Decision::Deliver { to, .. }) => Some(to.0 as usize),
+            Some(Decision::Encapsulate { host, key }) => {
+                let on = |i: usize| {
+                    let x = &self.topo.instances[i];
+                    x.host == host && self.vpc_key(x.vpc().index()) == key
+                };
+                (0..n)
+                    .find(|&i| on(i) && self.topo.instances[i].ip == f.dst)
+                    .or_else(|| (0..n).find(|&i| on(i)))
+            }
+            _ => (0..n).find(|&i| {
+                let x = &self.topo.instances[i];
+                x.vpc().index() == f.vpc && x.ip == f.dst
+            }),
+        }
+    }
+
+    /// Builds the inner packet of `sender` and sends it (from its port or through the underlay).
+    #[allow(clippy::too_many_arguments)]
+    fn emit(
+        &self,
+        what: &str,
+        sender: usize,
+        vpc: usize,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        proto: Proto,
+        icmp_payload: Option<&[u8]>,
+        shape: &Shape,
+        at: u64,
+    ) -> Sent {
+        let payload: Vec<u8> = match (icmp_payload, shape.big) {
+            (Some(q), _) => q.to_vec(),
+            (None, Some(delta)) => {
+                let want = i32::from(self.mtu) + delta - 20 - proto.header_len() as i32;
+                vec![0xab; want.max(0) as usize]
+            }
+            (None, None) => (0..shape.payload).map(|x| x as u8).collect(),
+        };
+        let mut inner = build::ipv4(
+            &Ip4 {
+                src,
+                dst,
+                proto: proto.number(),
+                id: shape.id,
+                df: shape.df,
+                mf: shape.first_frag,
+                offset: 0,
+            },
+            &proto.transport(&payload),
+        );
+        build::fix_l4_checksum(&mut inner);
+        let mut desc = format!(
+            "{what}: i{sender} {src} -> {dst} {proto:?} id {} df {} len {}",
+            shape.id,
+            shape.df,
+            inner.len()
+        );
+        if shape.first_frag {
+            desc.push_str(" FIRST-FRAGMENT");
+        }
+        if let Some(m) = shape.mutation {
+            mutate(&mut inner, m);
+            desc.push_str(&format!(" mutation {m:?}"));
+        }
+        let flow = Flow {
+            sender,
+            local: self.local(sender),
+            vpc,
+            src,
+            dst,
+            proto,
+            id: shape.id,
+            inner: inner.clone(),
+            encap: shape.encap.clone(),
+        };
+        self.wrap(
+            &desc,
+            sender,
+            vpc,
+            inner,
+            flow,
+            &shape.port,
+            &shape.encap,
+            at,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn wrap(
+        &self,
+        what: &str,
+        sender: usize,
+        vpc: usize,
+        inner: Vec<u8>,
+        mut flow: Flow,
+        port: &PortTweak,
+        e: &Encap,
+        at: u64,
+    ) -> Sent {
+        flow.inner = inner.clone();
+        let n = self.topo.instances.len();
+        if self.local(sender) {
+            let (id, note) = match port {
+                PortTweak::Right => (sender as u32, String::new()),
+                PortTweak::Remote(i) => {
+                    let i = i.index(n);
+                    (i as u32, format!(" via port i{i}"))
+                }
+                PortTweak::Bogus => (99, " via port 99".to_string()),
+            };
+            return Sent {
+                ingress: Ingress::Instance(vpcd::topology::InstanceId(id)),
+                bytes: inner,
+                at,
+                what: format!("{what}{note}"),
+                flow,
+                decision: None,
+            };
+        }
+        let hosts = &self.topo.hosts;
+        let me = hosts[self.this].address;
+        let sender_host = self.topo.instances[sender].host.index();
+        let from = match &e.sender {
+            SenderTweak::Right => hosts[sender_host].address,
+            SenderTweak::Host(i) => hosts[i.index(hosts.len())].address,
+            SenderTweak::Unknown => Ipv4Addr::new(192, 0, 2, 99),
+        };
+        let key = match &e.key {
+            KeyTweak::Right => self.vpc_key(vpc),
+            KeyTweak::OtherVpc(i) => self.vpc_key(i.index(self.topo.vpcs.len())),
+            KeyTweak::Unknown => 424_242,
+        };
+        let mut o = GreOpts {
+            checksum: e.csum,
+            key: Some(key),
+            seq: e.seq.then_some(0x0102_0304),
+            extra_bits: 0,
+            proto: 0x0800,
+            bad_checksum: false,
+        };
+        let mut payload = inner;
+        match e.gre {
+            Some(GreTweak::Version(v)) => o.extra_bits |= v,
+            Some(GreTweak::Bit(b)) => o.extra_bits |= b,
+            Some(GreTweak::NoKey) => o.key = None,
+            Some(GreTweak::Proto(p)) => o.proto = p,
+            Some(GreTweak::BadChecksum) => {
+                o.checksum = true;
+                o.bad_checksum = true;
+            }
+            Some(GreTweak::EmptyInner) => payload.clear(),
+            Some(GreTweak::CutInner(c)) => {
+                let l = payload.len().saturating_sub(c);
+                payload.truncate(l);
+            }
+            Some(GreTweak::Truncate(_)) | None => {}
+        }
+        let mut g = build::gre(&o, &payload);
+        if let Some(GreTweak::Truncate(t)) = e.gre {
+            let hlen = g.len() - payload.len();
+            g.truncate(t.min(hlen - 1));
+        }
+        let mut desc = format!(
+            "{what} | from {from} key {key} csum {} seq {}",
+            o.checksum, e.seq
+        );
+        if let Some(t) = e.gre {
+            desc.push_str(&format!(" gre {t:?}"));
+        }
+        let (ingress, bytes) = if e.udp {
+            desc.push_str(" via udp");
+            (Ingress::UnderlayUdp { from }, g)
+        } else {
+            let options = usize::from(matches!(e.outer, Some(OuterTweak::Options))) * 4;
+            let mut b = build::outer(from, me, options, &g);
+            if let Some(t) = &e.outer {
+                desc.push_str(&format!(" outer {t:?}"));
+                match t {
+                    OuterTweak::Short(n) => b.truncate(*n),
+                    OuterTweak::Version(v) => b[0] = (v << 4) | (b[0] & 0x0f),
+                    OuterTweak::Ihl(h) => b[0] = (b[0] & 0xf0) | h,
+                    OuterTweak::Options | OuterTweak::BadChecksum => {}
+                    OuterTweak::TotalDelta(d) => {
+                        let t = (b.len() as i32 + i32::from(*d)) as u16;
+                        b[2..4].copy_from_slice(&t.to_be_bytes());
+                    }
+                    OuterTweak::Mf => b[6] |= 0x20,
+                    OuterTweak::Offset => b[7] |= 0x01,
+                    OuterTweak::Proto(p) => b[9] = *p,
+                    OuterTweak::Dst(i) => {
+                        let choices: Vec<Ipv4Addr> = hosts
+                            .iter()
+                            .map(|h| h.address)
+                            .chain([Ipv4Addr::new(10, 9, 9, 9)])
+                            .collect();
+                        b[16..20].copy_from_slice(&choices[i.index(choices.len())].octets());
+                    }
+                }
+                build::fix_ip_checksum(&mut b);
+                if matches!(t, OuterTweak::BadChecksum) {
+                    b[10] ^= 0x5a;
+                }
+            }
+            (Ingress::UnderlayIp, b)
+        };
+        Sent {
+            ingress,
+            bytes,
+            at,
+            what: desc,
+            flow,
+            decision: None,
+        }
+    }
+}
+
+/// The packet `k` refers to; `Any` picks among the forwarded ones when there are some (what
+/// gets a reply or an ICMP error in real life).
+fn pick_forwarded(k: &Pick, hist: &[Sent]) -> usize {
+    let forwarded: Vec<usize> = (0..hist.len())
+        .filter(|&i| {
+            matches!(
+                hist[i].decision,
+                Some(Decision::Deliver { .. } | Decision::Encapsulate { .. })
+            )
+        })
+        .collect();
+    match k {
+        Pick::Any(i) if !forwarded.is_empty() => forwarded[i.index(forwarded.len())],
+        _ => k.index(hist.len()),
+    }
+}
+
+/// Breaks an inner packet in one of a few ways (then fixes the header checksum if it can).
+pub fn mutate(b: &mut Vec<u8>, m: Mutation) {
+    match m {
+        Mutation::Truncate(n) => b.truncate(n),
+        Mutation::Version(v) => {
+            if let Some(x) = b.first_mut() {
+                *x = (v << 4) | (*x & 0x0f);
+            }
+        }
+        Mutation::Ihl(h) => {
+            if let Some(x) = b.first_mut() {
+                *x = (*x & 0xf0) | h;
+            }
+        }
+        Mutation::TotalDelta(d) => {
+            if b.len() >= 4 {
+                let t = (b.len() as i32 + i32::from(d)) as u16;
+                b[2..4].copy_from_slice(&t.to_be_bytes());
+            }
+        }
+        Mutation::L4Cut(n) => {
+            if b.len() > 20 + n {
+                b.truncate(20 + n);
+                let t = b.len() as u16;
+                b[2..4].copy_from_slice(&t.to_be_bytes());
+            }
+        }
+        Mutation::TcpDoff(d) => {
+            if b.len() >= 40 && b[9] == 6 {
+                b[32] = (d << 4) | (b[32] & 0x0f);
+            }
+        }
+        Mutation::Options => {
+            if b.len() >= 20 && b[0] == 0x45 {
+                b.splice(20..20, [1u8, 1, 1, 1]);
+                b[0] = 0x46;
+                let t = b.len() as u16;
+                b[2..4].copy_from_slice(&t.to_be_bytes());
+            }
+        }
+        Mutation::BadIpChecksum => {
+            build::fix_ip_checksum(b);
+            if b.len() >= 20 {
+                b[10] ^= 0x5a;
+            }
+            return;
+        }
+    }
+    build::fix_ip_checksum(b);
+}

@@ -1,0 +1,423 @@
+//! Random topologies: a small spec drawn by proptest, rendered as topology TOML.
+
+use std::fmt::Write as _;
+
+use proptest::prelude::*;
+use proptest::sample::Index;
+
+pub const HOSTS: [&str; 3] = ["192.0.2.1", "192.0.2.2", "192.0.2.3"];
+/// VPC CIDRs: 10.0.0.0/16 twice as likely, so that VPCs often overlap.
+pub const VPC_CIDRS: [(u8, u8); 4] = [(10, 0), (10, 0), (10, 1), (172, 16)];
+pub const KEYS: [u32; 6] = [1001, 2002, 0, 7, u32::MAX, 65536];
+/// Host parts of instance addresses (never .0, .1 or .255 of a /24).
+pub const IP_HOSTS: [u8; 6] = [10, 11, 20, 4, 100, 254];
+pub const ROUTE_DESTS: [&str; 8] = [
+    "198.51.100.0/24",
+    "0.0.0.0/0",
+    "203.0.113.0/25",
+    "203.0.113.0/24",
+    "10.0.0.0/8",
+    "10.1.0.0/16",
+    "198.51.100.128/25",
+    "8.8.8.8/32",
+];
+pub const RULE_CIDRS: [&str; 10] = [
+    "0.0.0.0/0",
+    "10.0.0.0/16",
+    "10.0.1.0/24",
+    "10.0.2.0/24",
+    "10.0.1.10",
+    "10.0.2.20/32",
+    "198.51.100.0/24",
+    "10.1.0.0/16",
+    "172.16.0.0/12",
+    "10.0.0.0/8",
+];
+/// Port fields: absent, "all", or (TCP/UDP only) a port, a range or a list.
+pub const PORTS: [Option<&str>; 10] = [
+    None,
+    Some("\"all\""),
+    Some("80"),
+    Some("\"22\""),
+    Some("\"1000-2000\""),
+    Some("\"22,80,443\""),
+    Some("\"5432, 40000\""),
+    Some("\"40000-40010\""),
+    Some("4754"),
+    Some("\"1-1024\""),
+];
+pub const PROTOS: [&str; 4] = ["all", "tcp", "udp", "icmp"];
+
+#[derive(Debug, Clone)]
+pub enum PeerSpec {
+    Cidr(usize),
+    Sg(Index),
+}
+
+#[derive(Debug, Clone)]
+pub struct RuleSpec {
+    pub accept: bool,
+    pub proto: usize,
+    pub ports: usize,
+    pub peer: PeerSpec,
+}
+
+#[derive(Debug, Clone)]
+pub struct RulesSpec {
+    pub rules: Vec<RuleSpec>,
+    /// Append "accept all to/from 0.0.0.0/0".
+    pub tail: bool,
+}
+
+#[derive(Debug, Clone)]
+pub enum Hop {
+    Drop,
+    Internet,
+    Instance(Index),
+    Peering,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteSpec {
+    pub dest: usize,
+    pub hop: Hop,
+}
+
+#[derive(Debug, Clone)]
+pub struct SubnetSpec {
+    pub table: Option<Index>,
+    pub acl: Option<Index>,
+}
+
+#[derive(Debug, Clone)]
+pub struct VpcSpec {
+    pub cidr: usize,
+    pub subnets: Vec<SubnetSpec>,
+    pub tables: Vec<Vec<RouteSpec>>,
+    pub acls: Vec<(RulesSpec, RulesSpec)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct InstSpec {
+    pub host: Index,
+    pub subnet: Index,
+    pub ip: usize,
+    pub sgs: Vec<Index>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TopoSpec {
+    pub hosts: usize,
+    pub udp: bool,
+    pub checksum: bool,
+    pub small_mtu: bool,
+    pub flow_cache: u32,
+    pub key_rot: usize,
+    pub vpcs: Vec<VpcSpec>,
+    pub sgs: Vec<(RulesSpec, RulesSpec)>,
+    pub instances: Vec<InstSpec>,
+}
+
+fn rule(sg: bool) -> impl Strategy<Value = RuleSpec> {
+    let peer = if sg {
+        prop_oneof![
+            3 => (0..RULE_CIDRS.len()).prop_map(PeerSpec::Cidr),
+            1 => any::<Index>().prop_map(PeerSpec::Sg),
+        ]
+        .boxed()
+    } else {
+        (0..RULE_CIDRS.len()).prop_map(PeerSpec::Cidr).boxed()
+    };
+    (
+        prop::bool::weighted(0.7),
+        0..PROTOS.len(),
+        0..PORTS.len(),
+        peer,
+    )
+        .prop_map(|(accept, proto, ports, peer)| RuleSpec {
+            accept,
+            proto,
+            ports,
+            peer,
+        })
+}
+
+fn rules(sg: bool) -> impl Strategy<Value = RulesSpec> {
+    (
+        prop::collection::vec(rule(sg), 0..4),
+        prop::bool::weighted(0.75),
+    )
+        .prop_map(|(rules, tail)| RulesSpec { rules, tail })
+}
+
+fn route() -> impl Strategy<Value = RouteSpec> {
+    let hop = prop_oneof![
+        2 => Just(Hop::Drop),
+        1 => Just(Hop::Internet),
+        3 => any::<Index>().prop_map(Hop::Instance),
+        1 => Just(Hop::Peering),
+    ];
+    (0..ROUTE_DESTS.len(), hop).prop_map(|(dest, hop)| RouteSpec { dest, hop })
+}
+
+fn vpc() -> impl Strategy<Value = VpcSpec> {
+    let subnet = (
+        prop::option::weighted(0.5, any::<Index>()),
+        prop::option::weighted(0.4, any::<Index>()),
+    )
+        .prop_map(|(table, acl)| SubnetSpec { table, acl });
+    (
+        0..VPC_CIDRS.len(),
+        prop::collection::vec(subnet, 1..=3),
+        prop::collection::vec(prop::collection::vec(route(), 0..=4), 0..=2),
+        prop::collection::vec((rules(false), rules(false)), 0..=2),
+    )
+        .prop_map(|(cidr, subnets, tables, acls)| VpcSpec {
+            cidr,
+            subnets,
+            tables,
+            acls,
+        })
+}
+
+pub fn topo() -> impl Strategy<Value = TopoSpec> {
+    let inst = (
+        any::<Index>(),
+        any::<Index>(),
+        prop_oneof![3 => 0..2usize, 1 => 0..IP_HOSTS.len()],
+        prop::collection::vec(any::<Index>(), 1..=2),
+    )
+        .prop_map(|(host, subnet, ip, sgs)| InstSpec {
+            host,
+            subnet,
+            ip,
+            sgs,
+        });
+    (
+        (
+            2..=3usize,
+            any::<bool>(),
+            prop::bool::weighted(0.3),
+            prop::bool::weighted(0.3),
+            prop_oneof![Just(16u32), Just(65536u32)],
+            0..KEYS.len(),
+        ),
+        prop::collection::vec(vpc(), 1..=3),
+        prop::collection::vec((rules(true), rules(true)), 1..=3),
+        prop::collection::vec(inst, 2..=6),
+    )
+        .prop_map(
+            |((hosts, udp, checksum, small_mtu, flow_cache, key_rot), vpcs, sgs, instances)| {
+                TopoSpec {
+                    hosts,
+                    udp,
+                    checksum,
+                    small_mtu,
+                    flow_cache,
+                    key_rot,
+                    vpcs,
+                    sgs,
+                    instances,
+                }
+            },
+        )
+}
+
+/// An instance as rendered.
+#[derive(Debug, Clone)]
+pub struct Placed {
+    pub host: usize,
+    pub vpc: usize,
+    pub subnet: usize,
+    pub ip: [u8; 4],
+}
+
+fn render_rules(out: &mut String, field: &str, peer_key: &str, r: &RulesSpec, sgs: usize) {
+    let _ = writeln!(out, "{field} = [");
+    let all = r.rules.iter().map(|x| {
+        let proto = PROTOS[x.proto];
+        let ports = match PORTS[x.ports] {
+            Some(p) if matches!(proto, "tcp" | "udp") || x.ports == 1 => format!(", port = {p}"),
+            _ => String::new(),
+        };
+        let peer = match &x.peer {
+            PeerSpec::Cidr(c) => RULE_CIDRS[*c].to_string(),
+            PeerSpec::Sg(i) => format!("sg:sg{}", i.index(sgs)),
+        };
+        let action = if x.accept { "accept" } else { "drop" };
+        format!(
+            "  {{ action = \"{action}\", protocol = \"{proto}\"{ports}, {peer_key} = \"{peer}\" }},"
+        )
+    });
+    for line in all {
+        let _ = writeln!(out, "{line}");
+    }
+    if r.tail {
+        let _ = writeln!(
+            out,
+            "  {{ action = \"accept\", protocol = \"all\", {peer_key} = \"0.0.0.0/0\" }},"
+        );
+    }
+    let _ = writeln!(out, "]");
+}
+
+/// The topology text, and where each instance went. Instance 0's host is "this host".
+pub fn render(t: &TopoSpec) -> (String, Vec<Placed>) {
+    let mut out = String::new();
+    let transport = if t.udp { "gre-udp" } else { "gre" };
+    let overhead = if t.udp { 36 } else { 28 } + if t.checksum { 4 } else { 0 };
+    let mtu = if t.small_mtu { overhead + 576 } else { 1500 };
+    let _ = writeln!(
+        out,
+        "[underlay]\ntransport = \"{transport}\"\nmtu = {mtu}\nchecksum = {}\n",
+        t.checksum
+    );
+    let _ = writeln!(
+        out,
+        "[conntrack]\nmax_entries = 1000000\nmax_per_instance = 1000000\nflow_cache = {}\n",
+        t.flow_cache
+    );
+    for (h, address) in HOSTS.iter().enumerate().take(t.hosts) {
+        let _ = writeln!(out, "[[host]]\nname = \"h{h}\"\naddress = \"{address}\"\n");
+    }
+    // Subnets, flattened: (vpc, index in vpc).
+    let subnets: Vec<(usize, usize)> = t
+        .vpcs
+        .iter()
+        .enumerate()
+        .flat_map(|(v, s)| (0..s.subnets.len()).map(move |j| (v, j)))
+        .collect();
+    // Instances first (routes name them).
+    let mut placed: Vec<Placed> = Vec::new();
+    for i in &t.instances {
+        let (vpc, j) = subnets[i.subnet.index(subnets.len())];
+        let (a, b) = VPC_CIDRS[t.vpcs[vpc].cidr];
+        let mut k = i.ip;
+        let ip = loop {
+            let ip = [a, b, j as u8 + 1, IP_HOSTS[k % IP_HOSTS.len()]];
+            if !placed.iter().any(|p| p.vpc == vpc && p.ip == ip) {
+                break ip;
+            }
+            k += 1;
+        };
+        placed.push(Placed {
+            host: i.host.index(t.hosts),
+            vpc,
+            subnet: subnets.iter().position(|s| *s == (vpc, j)).unwrap(),
+            ip,
+        });
+    }
+    // Instance 0 decides this host; make sure it is host 0 by naming (we keep indexes).
+    let peering = {
+        let mut found = None;
+        'outer: for x in 0..t.vpcs.len() {
+            for y in x + 1..t.vpcs.len() {
+                if VPC_CIDRS[t.vpcs[x].cidr] != VPC_CIDRS[t.vpcs[y].cidr] {
+                    found = Some((x, y));
+                    break 'outer;
+                }
+            }
+        }
+        found
+    };
+    for (v, spec) in t.vpcs.iter().enumerate() {
+        let (a, b) = VPC_CIDRS[spec.cidr];
+        let _ = writeln!(
+            out,
+            "[[vpc]]\nname = \"v{v}\"\ntenant = \"t{v}\"\ncidr = \"{a}.{b}.0.0/16\"\nkey = {}\n",
+            KEYS[(t.key_rot + v) % KEYS.len()]
+        );
+        for (j, s) in spec.subnets.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "[[subnet]]\nname = \"v{v}s{j}\"\nvpc = \"v{v}\"\ncidr = \"{a}.{b}.{}.0/24\"",
+                j + 1
+            );
+            if let Some(ti) = &s.table
+                && !spec.tables.is_empty()
+            {
+                let _ = writeln!(
+                    out,
+                    "route_table = \"v{v}rt{}\"",
+                    ti.index(spec.tables.len())
+                );
+            }
+            if let Some(ai) = &s.acl
+                && !spec.acls.is_empty()
+            {
+                let _ = writeln!(out, "acl = \"v{v}acl{}\"", ai.index(spec.acls.len()));
+            }
+            let _ = writeln!(out);
+        }
+        let members: Vec<usize> = (0..placed.len()).filter(|&i| placed[i].vpc == v).collect();
+        let in_peering = peering.is_some_and(|(x, y)| x == v || y == v);
+        for (n, routes) in spec.tables.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "[[route_table]]\nname = \"v{v}rt{n}\"\nvpc = \"v{v}\"\nroutes = ["
+            );
+            let mut seen = Vec::new();
+            for r in routes {
+                let dest = ROUTE_DESTS[r.dest];
+                let net: ipnet::Ipv4Net = dest.parse().unwrap();
+                let vnet: ipnet::Ipv4Net = format!("{a}.{b}.0.0/16").parse().unwrap();
+                if vnet.contains(&net) || seen.contains(&dest) {
+                    continue;
+                }
+                seen.push(dest);
+                let hop = match &r.hop {
+                    Hop::Drop => "drop".to_string(),
+                    Hop::Internet => "internet".to_string(),
+                    Hop::Instance(i) if !members.is_empty() => {
+                        format!("instance:i{}", members[i.index(members.len())])
+                    }
+                    Hop::Instance(_) => "drop".to_string(),
+                    Hop::Peering if in_peering => "peering:p0".to_string(),
+                    Hop::Peering => "internet".to_string(),
+                };
+                let _ = writeln!(
+                    out,
+                    "  {{ destination = \"{dest}\", next_hop = \"{hop}\" }},"
+                );
+            }
+            let _ = writeln!(out, "]\n");
+        }
+        for (n, (ingress, egress)) in spec.acls.iter().enumerate() {
+            let _ = writeln!(out, "[[acl]]\nname = \"v{v}acl{n}\"\nvpc = \"v{v}\"");
+            render_rules(&mut out, "ingress", "cidr", ingress, t.sgs.len());
+            render_rules(&mut out, "egress", "cidr", egress, t.sgs.len());
+            let _ = writeln!(out);
+        }
+    }
+    if let Some((x, y)) = peering {
+        let _ = writeln!(
+            out,
+            "[[peering]]\nname = \"p0\"\nvpcs = [\"v{x}\", \"v{y}\"]\n"
+        );
+    }
+    for (g, (ingress, egress)) in t.sgs.iter().enumerate() {
+        let _ = writeln!(out, "[[security_group]]\nname = \"sg{g}\"");
+        render_rules(&mut out, "ingress", "source", ingress, t.sgs.len());
+        render_rules(&mut out, "egress", "destination", egress, t.sgs.len());
+        let _ = writeln!(out);
+    }
+    for (n, (i, p)) in t.instances.iter().zip(&placed).enumerate() {
+        let (vpc, j) = subnets[p.subnet];
+        let mut groups: Vec<usize> = Vec::new();
+        for g in &i.sgs {
+            let g = g.index(t.sgs.len());
+            if !groups.contains(&g) {
+                groups.push(g);
+            }
+        }
+        let groups: Vec<String> = groups.iter().map(|g| format!("\"sg{g}\"")).collect();
+        let [a, b, c, d] = p.ip;
+        let _ = writeln!(
+            out,
+            "[[instance]]\nname = \"i{n}\"\nhost = \"h{}\"\nsubnet = \"v{vpc}s{j}\"\nip = \"{a}.{b}.{c}.{d}\"\nsecurity_groups = [{}]\n",
+            p.host,
+            groups.join(", ")
+        );
+    }
+    (out, placed)
+}
