@@ -617,7 +617,8 @@ fn slow_path(
         (ConnKey::new(ip.protocol, a, b), a)
     };
     let (ingress_key, ingress_src) = {
-        // As the receiver sees it: the (translated) source, and its own address.
+        // As the receiver sees it: the (translated) source, and the (translated) destination:
+        // its own address, or for an appliance, the address the packet is for.
         let near = if translated || matches!(origin, Origin::Internet { .. }) {
             INTERNET
         } else {
@@ -630,7 +631,7 @@ fn slow_path(
         };
         let b = Endpoint {
             zone: dst_zone,
-            addr: dst.ip,
+            addr: nat.dst.unwrap_or(ip.dst),
             port: dport,
         };
         (ConnKey::new(ip.protocol, a, b), a)
