@@ -313,9 +313,12 @@ impl<'a> Cx<'a> {
 
         compile_instance_rules(&mut instances, &security_groups);
         let mut index = Index::default();
-        for (i, h) in hosts.iter().enumerate() {
-            index.host_by_address.insert(h.address, HostId(i as u32));
-        }
+        index.host_addresses = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| (u32::from(h.address), HostId(i as u32)))
+            .collect();
+        index.host_addresses.sort_unstable();
         for (i, v) in vpcs.iter().enumerate() {
             index.vpc_by_key.insert(v.key, VpcId(i as u32));
         }

@@ -168,6 +168,7 @@ pub const fn min_l4_len(protocol: u8) -> usize {
 /// Checks, each with its own reason: version (IPv6 is recognised and refused), header length,
 /// total length equal to the bytes read, transport header present and whole, and the fragment
 /// rules of RFC 1858.
+#[inline]
 pub fn parse(bytes: &[u8]) -> Result<Ipv4Packet, DropReason> {
     let ip = parse_header(bytes)?;
     if ip.total_len as usize != bytes.len() {
@@ -177,6 +178,7 @@ pub fn parse(bytes: &[u8]) -> Result<Ipv4Packet, DropReason> {
 }
 
 /// Parses the IPv4 header only (no total-length check, no transport header).
+#[inline]
 fn parse_header(bytes: &[u8]) -> Result<Ipv4Packet, DropReason> {
     let Some(&first) = bytes.first() else {
         return Err(DropReason::InnerTruncated);
@@ -215,6 +217,7 @@ fn parse_header(bytes: &[u8]) -> Result<Ipv4Packet, DropReason> {
     })
 }
 
+#[inline]
 fn with_l4(mut ip: Ipv4Packet, payload: &[u8]) -> Result<Ipv4Packet, DropReason> {
     let too_short = if ip.fragment == Fragment::First {
         DropReason::FragmentTooShort
