@@ -113,6 +113,11 @@ fn from_instance(
     if !v.is_local(id) {
         return Decision::drop(DropReason::UnknownPort);
     }
+    if (segmented || pkt.len() <= usize::from(v.instance_mtu))
+        && let Some(d) = quick(st, id.0, 0, pkt, v.generation, now)
+    {
+        return d;
+    }
     let inst = t.instance(id);
     let ip = match ipv4::parse(pkt) {
         Ok(ip) => ip,
@@ -147,6 +152,9 @@ fn from_internet(
 ) -> Decision {
     if !v.gateway {
         return Decision::drop(DropReason::UnknownPort);
+    }
+    if let Some(d) = quick(st, FROM_INTERNET, 0, pkt, v.generation, now) {
+        return d;
     }
     let ip = match ipv4::parse(pkt) {
         Ok(ip) => ip,
@@ -214,6 +222,13 @@ fn from_underlay(
         None if !v.basic_here => return Decision::drop(DropReason::GreKeyNotOnHost),
         None => Space::Basic,
     };
+    let tag = match g.key {
+        Some(k) => u64::from(k),
+        None => 1 << 32,
+    };
+    if let Some(d) = quick(st, FROM_UNDERLAY | host.0, tag, inner, v.generation, now) {
+        return with_strip(d, inner_at as u16);
+    }
     let ip = match ipv4::parse(inner) {
         Ok(ip) => ip,
         Err(r) => return Decision::drop(r),
@@ -234,10 +249,6 @@ fn from_underlay(
     let zone = match origin {
         Origin::Remote { source, .. } => zone_of(t, t.instance(source)),
         _ => INTERNET,
-    };
-    let tag = match g.key {
-        Some(k) => u64::from(k),
-        None => 1 << 32,
     };
     decide_flow(
         t,
@@ -328,7 +339,7 @@ fn decide_flow(
     strip: u16,
     now: Timestamp,
 ) -> Decision {
-    let key = FlowKey::new(origin.ingress(), zone, tag, ip);
+    let key = FlowKey::new(origin.ingress(), tag, ip);
     if let Fragment::Later { .. } = ip.fragment {
         return match st.frags.follow(&key, ip.ident, v.generation, now) {
             Some(d) => with_strip(d, strip),
@@ -337,24 +348,11 @@ fn decide_flow(
     }
     let icmp_error = matches!(ip.l4, L4::Icmp { kind, .. } if icmp_type::is_error(kind));
     // ICMP errors are decided by the connection they quote, which the key does not hold.
-    if !icmp_error && let Some(hit) = st.flows.get(&key, v.generation) {
-        let mut fresh = true;
-        for (r, src) in hit.conns.iter().zip([hit.egress_src, hit.ingress_src]) {
-            let Some(r) = r else { continue };
-            match st.conntrack.track(*r, &src, &ip.l4, now) {
-                Track::Accepted(_) => {}
-                Track::Invalid(reason) => return Decision::drop(reason),
-                Track::Reopen | Track::Gone => fresh = false,
-            }
+    if !icmp_error && let Some(d) = cached(st, &key, &ip.l4, v.generation, now) {
+        if ip.fragment == Fragment::First && d.forwards() {
+            st.frags.admit(&key, ip.ident, v.generation, d, now);
         }
-        if fresh {
-            st.counters.cache_hits += 1;
-            if ip.fragment == Fragment::First && hit.decision.forwards() {
-                st.frags
-                    .admit(&key, ip.ident, v.generation, hit.decision, now);
-            }
-            return with_strip(hit.decision, strip);
-        }
+        return with_strip(d, strip);
     }
     st.counters.cache_misses += 1;
     let out = slow_path(t, v, st, origin, zone, ip, pkt, now);
@@ -367,6 +365,98 @@ fn decide_flow(
             .admit(&key, ip.ident, v.generation, out.decision, now);
     }
     with_strip(out.decision, strip)
+}
+
+/// The cached decision for `key`, with the connections behind it updated by this packet's
+/// flags; `None` to take the full path (nothing cached, or the connection is gone).
+#[inline]
+fn cached(
+    st: &mut State,
+    key: &FlowKey,
+    l4: &L4,
+    generation: u64,
+    now: Timestamp,
+) -> Option<Decision> {
+    let hit = st.flows.get(key, generation)?;
+    for (r, src) in hit.conns.iter().zip([hit.egress_src, hit.ingress_src]) {
+        let Some(r) = r else { continue };
+        match st.conntrack.track(*r, &src, l4, now) {
+            Track::Accepted(_) => {}
+            Track::Invalid(reason) => return Some(Decision::drop(reason)),
+            Track::Reopen | Track::Gone => return None,
+        }
+    }
+    st.counters.cache_hits += 1;
+    Some(hit.decision)
+}
+
+/// The fast lane of a packet whose flow is cached: the key is read straight from the bytes,
+/// after the checks the full parse would make for such a packet (an option-less IPv4 header,
+/// the exact total length, not a fragment, a whole TCP or UDP header). Everything else the
+/// decision depended on (the sender, the source address, the destination) is in the key.
+/// `None`: take the full path.
+#[inline]
+fn quick(
+    st: &mut State,
+    ingress: u32,
+    tag: u64,
+    pkt: &[u8],
+    generation: u64,
+    now: Timestamp,
+) -> Option<Decision> {
+    let (key, l4) = quick_key(ingress, tag, pkt)?;
+    cached(st, &key, &l4, generation, now)
+}
+
+#[inline]
+fn quick_key(ingress: u32, tag: u64, p: &[u8]) -> Option<(FlowKey, L4)> {
+    let h = p.get(..ipv4::HEADER_LEN)?;
+    if h[0] != 0x45
+        || usize::from(u16::from_be_bytes([h[2], h[3]])) != p.len()
+        || h[6] & 0x3f != 0
+        || h[7] != 0
+    {
+        return None;
+    }
+    let word = |at: usize| u32::from_be_bytes([p[at], p[at + 1], p[at + 2], p[at + 3]]);
+    let l4 = match h[9] {
+        proto::TCP => {
+            let t = p.get(20..40)?;
+            let doff = usize::from(t[12] >> 4) * 4;
+            if doff < 20 || 20 + doff > p.len() {
+                return None;
+            }
+            L4::Tcp {
+                sport: u16::from_be_bytes([t[0], t[1]]),
+                dport: u16::from_be_bytes([t[2], t[3]]),
+                flags: ipv4::TcpFlags(t[13]),
+            }
+        }
+        proto::UDP => {
+            let u = p.get(20..28)?;
+            L4::Udp {
+                sport: u16::from_be_bytes([u[0], u[1]]),
+                dport: u16::from_be_bytes([u[2], u[3]]),
+            }
+        }
+        _ => return None,
+    };
+    let (sport, dport) = match l4 {
+        L4::Tcp { sport, dport, .. } | L4::Udp { sport, dport } => (sport, dport),
+        _ => (0, 0),
+    };
+    let key = FlowKey {
+        ingress,
+        tag,
+        src: word(12),
+        dst: word(16),
+        sport,
+        dport,
+        protocol: h[9],
+        icmp_type: 0,
+        icmp_code: 0,
+    };
+    Some((key, l4))
 }
 
 /// Decisions are cached without the offset of the inner packet, which depends on the GRE

@@ -9,17 +9,16 @@
 use std::hash::{BuildHasher, Hash};
 
 use super::Decision;
-use crate::policy::conntrack::{ConnRef, Endpoint, Zone};
+use crate::policy::conntrack::{ConnRef, Endpoint};
 use crate::wire::ipv4::{Ipv4Packet, L4};
 
 /// Everything the decision reads from a packet and its arrival.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlowKey {
     /// Where it came from: an instance id, a host id with the top bit set, or
-    /// [`FROM_INTERNET`].
+    /// [`FROM_INTERNET`]. With the tag and the source address it determines the sender's
+    /// zone, which so needs no field of its own.
     pub ingress: u32,
-    /// The sender's zone.
-    pub zone: Zone,
     /// For underlay packets, the GRE key (the destination's network): the key, or 2³² for
     /// none; 0 otherwise.
     pub tag: u64,
@@ -43,7 +42,7 @@ impl Hash for FlowKey {
     /// Four wide words instead of ten fields: the hash is on the fast path.
     #[inline]
     fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
-        h.write_u64(self.zone.0 ^ (self.tag << 24));
+        h.write_u64(self.tag ^ u64::from(self.ingress) << 33);
         h.write_u64(u64::from(self.src) | u64::from(self.dst) << 32);
         h.write_u64(
             u64::from(self.sport)
@@ -52,7 +51,6 @@ impl Hash for FlowKey {
                 | u64::from(self.icmp_type) << 40
                 | u64::from(self.icmp_code) << 48,
         );
-        h.write_u32(self.ingress);
     }
 }
 
@@ -63,7 +61,7 @@ pub const FROM_INTERNET: u32 = u32::MAX;
 
 impl FlowKey {
     /// The key of a packet.
-    pub fn new(ingress: u32, zone: Zone, tag: u64, ip: &Ipv4Packet) -> FlowKey {
+    pub fn new(ingress: u32, tag: u64, ip: &Ipv4Packet) -> FlowKey {
         let (sport, dport, icmp_type, icmp_code) = match ip.l4 {
             L4::Tcp { sport, dport, .. } | L4::Udp { sport, dport } => (sport, dport, 0, 0),
             L4::Icmp { kind, code, ident } => (ident, ident, kind, code),
@@ -71,7 +69,6 @@ impl FlowKey {
         };
         FlowKey {
             ingress,
-            zone,
             tag,
             src: ip.src.into(),
             dst: ip.dst.into(),

@@ -348,6 +348,15 @@ impl Conntrack {
         }
         let dir = c.direction(src);
         match (&mut c.state, l4) {
+            // The common case, settled first: data or a bare ACK on an established
+            // connection (only ACK and PSH set) changes nothing but the time.
+            (
+                State::Tcp {
+                    state: TcpState::Established,
+                    ..
+                },
+                L4::Tcp { flags, .. },
+            ) if flags.0 & 0x3f & !TcpFlags::PSH == TcpFlags::ACK => {}
             (State::Tcp { state, fin_from }, L4::Tcp { flags, .. }) => {
                 match tcp_transition(*state, *fin_from, dir, *flags) {
                     Step::Next(s, f) => {
