@@ -312,13 +312,16 @@ impl<'a> Cx<'a> {
         let expects: Vec<Expect> = expects.into_iter().map(Option::unwrap).collect();
 
         compile_instance_rules(&mut instances, &security_groups);
-        let mut index = Index::default();
-        index.host_addresses = hosts
+        let mut host_addresses: Vec<(u32, HostId)> = hosts
             .iter()
             .enumerate()
             .map(|(i, h)| (u32::from(h.address), HostId(i as u32)))
             .collect();
-        index.host_addresses.sort_unstable();
+        host_addresses.sort_unstable();
+        let mut index = Index {
+            host_addresses,
+            ..Index::default()
+        };
         for (i, v) in vpcs.iter().enumerate() {
             index.vpc_by_key.insert(v.key, VpcId(i as u32));
         }
