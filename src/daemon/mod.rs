@@ -1,15 +1,21 @@
 //! One host's data plane: `vpcd run --topology FILE --host NAME`.
 //!
 //! ```text
-//!  TUN reader (one per instance) ──┐  batches, by flow    ┌─► worker 0: Pipeline shard ─┬─► TUN write (GRO)
-//!                                  ├──────────────────────┤                             └─► underlay send (GSO / sendmmsg)
-//!  underlay reader (recvmmsg/GRO) ─┘  (symmetric hash)    └─► worker 1: ...
-//!                         control thread: signals, 1 s tick (sweep + stats file), SIGHUP reload
+//!            ┌──────────────── worker k (one thread, run to completion) ───────────────┐
+//!  poll ───► │ its TUN devices ─┐                     ┌─► TUN write (GRO coalesced)     │
+//!            │ its UDP socket  ─┼─► Pipeline shard k ─┤                                 │
+//!            │ its inbox       ─┘   (flows hashed    └─► underlay send (GSO/sendmmsg)  │
+//!            │                       to k)             packets of other shards ─► inbox j
+//!            └─────────────────────────────────────────────────────────────────────────┘
+//!   control thread: signals, 1 s tick (sweep + stats file), SIGHUP reload ─► every inbox
 //! ```
 //!
-//! Readers block in poll/read, cut what they read into per-worker batches and hand each batch
-//! over whole; workers own their shard of the flow state and their sending sockets. The
-//! control thread runs on tokio (signals and timers); the data path runs on plain threads.
+//! Each worker waits in `poll` on its eventfd, its underlay socket (GRE-in-UDP: one per
+//! worker, `SO_REUSEPORT`; raw GRE: worker 0's, since every raw socket sees every packet) and
+//! the devices it was assigned, and carries what it reads through to the write. A packet of a
+//! flow owned by another worker (a symmetric hash of the address pair) goes to that worker's
+//! inbox in a batch; with one worker nothing crosses threads. The control thread runs on tokio
+//! (signals and timers); the data path runs on plain threads.
 
 mod pool;
 mod worker;
@@ -19,26 +25,26 @@ use std::fmt::Write as _;
 use std::fs::File;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 use std::thread;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use crossbeam_channel::{Sender, bounded};
+use crossbeam_channel::bounded;
 use hashbrown::HashMap;
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use tracing::{error, info, warn};
 
 use crate::io::netns;
 use crate::io::tun::{Tun, TunConfig};
-use crate::io::underlay::{BATCH, Received, UnderlayRx, UnderlayTx, peek_inner};
-use crate::pipeline::{Counters, Ingress, Pipeline, RuleRef};
+use crate::io::underlay::{UnderlayRx, UnderlayTx};
+use crate::pipeline::{Counters, Pipeline, RuleRef};
 use crate::reason::DropReason;
 use crate::time::MonotonicClock;
 use crate::topology::{HostId, InstanceId, Topology, Transport};
 use crate::wire::ipv4;
 pub use pool::Pool;
-pub use worker::{DeviceTable, Devices, Msg, Packet, Worker, WorkerReport};
+pub use worker::{DeviceTable, Devices, Lane, Msg, Packet, Wiring, Worker, WorkerReport};
 
 /// Where daemons keep their lock files and, by default, their statistics.
 pub const RUN_DIR: &str = "/run/vpcd";
@@ -46,8 +52,9 @@ pub const RUN_DIR: &str = "/run/vpcd";
 pub const INTERNET_DEVICE: &str = "vpcd-internet";
 /// TUN transmit queue length (the kernel's default of 500 drops bursts of super-packets).
 pub const TXQUEUELEN: u32 = 4096;
-/// Batches queued per worker before readers wait.
-const INBOX: usize = 16;
+/// Messages (batches) queued per worker; a worker handing over to a full inbox drops the
+/// batch and counts it (`handoff_drops`) rather than wait on a worker that may be waiting on it.
+const INBOX: usize = 64;
 
 /// How readers pick the worker that owns a packet: a hash of its address pair (see
 /// [`ipv4::pair_hash`]), Elastic IPs counted as the private addresses they stand for, so that
@@ -92,24 +99,6 @@ impl Affinity {
     }
 }
 
-/// Where a TUN reader's packets come from.
-#[derive(Clone)]
-enum Source {
-    /// A local instance (its id changes with the topology).
-    Instance(Arc<AtomicU32>),
-    /// The internet's device.
-    Internet,
-}
-
-impl Source {
-    fn ingress(&self) -> Ingress {
-        match self {
-            Source::Instance(id) => Ingress::Instance(InstanceId(id.load(Ordering::Relaxed))),
-            Source::Internet => Ingress::Internet,
-        }
-    }
-}
-
 /// `vpcd run` options.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -132,10 +121,9 @@ pub fn default_workers() -> usize {
         .clamp(1, 4)
 }
 
-struct Reader {
+/// A device this daemon opened for a local instance.
+struct Device {
     name: String,
-    id: Arc<AtomicU32>,
-    stop: Arc<AtomicBool>,
     tun: Arc<Tun>,
     /// The address the device has now (it may differ from its opening configuration).
     address: (Ipv4Addr, u8),
@@ -145,13 +133,12 @@ struct Daemon {
     opts: Options,
     topo: Arc<Topology>,
     host: HostId,
-    workers: Vec<Sender<Msg>>,
-    readers: Vec<Reader>,
+    lanes: Option<Arc<[Lane]>>,
+    devices: Vec<Device>,
     pool: Pool,
     seed: u32,
     affinity: Affinity,
     internet: Option<Arc<Tun>>,
-    internet_stop: Arc<AtomicBool>,
     created_netns: Vec<String>,
     stats_path: PathBuf,
     stats_seq: u64,
@@ -187,13 +174,12 @@ pub fn run(opts: Options) -> Result<()> {
         opts,
         topo: topo.clone(),
         host,
-        workers: Vec::new(),
-        readers: Vec::new(),
+        lanes: None,
+        devices: Vec::new(),
         pool: Pool::new(),
         seed,
         affinity: Affinity::new(seed, workers, &topo),
         internet: None,
-        internet_stop: Arc::new(AtomicBool::new(false)),
         created_netns: Vec::new(),
         stats_path,
         stats_seq: 0,
@@ -207,13 +193,27 @@ impl Daemon {
     fn start(&mut self, workers: usize) -> Result<()> {
         let t = self.topo.clone();
         let address = t.host(self.host).address;
+        let transport = t.underlay.transport;
         self.open_internet(&t)?;
         let devices = self.open_devices(&t)?;
         let clock = MonotonicClock::new();
         let limits = t.conntrack;
         let n = workers as u32;
-        for k in 0..workers {
+        let mut inboxes = Vec::with_capacity(workers);
+        let mut lanes = Vec::with_capacity(workers);
+        for _ in 0..workers {
             let (tx, rx) = bounded(INBOX);
+            let wake =
+                EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK).context("eventfd")?;
+            lanes.push(Lane {
+                tx,
+                wake: Arc::new(wake),
+            });
+            inboxes.push(rx);
+        }
+        let lanes: Arc<[Lane]> = lanes.into();
+        self.lanes = Some(lanes.clone());
+        for (k, inbox) in inboxes.into_iter().enumerate() {
             let mut p = Pipeline::with_limits(
                 t.clone(),
                 self.host,
@@ -222,33 +222,33 @@ impl Daemon {
                 limits.flow_cache,
             );
             p.set_flow_seed(self.seed);
-            let (devices, pool, transport) =
-                (devices.clone(), self.pool.clone(), t.underlay.transport);
+            let (devices, pool, lanes, affinity) = (
+                devices.clone(),
+                self.pool.clone(),
+                lanes.clone(),
+                self.affinity.clone(),
+            );
             // The sockets are opened by the thread that uses them (their batch headers are
             // not Send); the thread reports whether that worked.
             spawn_with_setup(format!("vpcd-worker-{k}"), move || {
                 let sock = UnderlayTx::open(transport, address)
                     .with_context(|| format!("underlay sending socket on {address}"))?;
-                Ok(move || Worker::new(p, devices, sock, pool, clock).run(rx))
+                let rx = if k == 0 || transport == Transport::GreUdp {
+                    let rx = UnderlayRx::open(transport, address)
+                        .with_context(|| format!("underlay on {address} ({})", transport.word()))?;
+                    Some((rx, transport))
+                } else {
+                    None
+                };
+                let wiring = Wiring {
+                    me: k,
+                    lanes,
+                    inbox,
+                    rx,
+                    affinity,
+                };
+                Ok(move || Worker::new(wiring, p, devices, sock, pool, clock).run())
             })?;
-            self.workers.push(tx);
-        }
-        self.spawn_underlay_reader(address, t.underlay.transport)?;
-        for (i, dev) in devices.instances.iter().enumerate() {
-            if let Some(dev) = dev {
-                self.spawn_tun_reader(InstanceId(i as u32), dev.clone())?;
-            }
-        }
-        if let Some(dev) = self.internet.clone() {
-            let (stop, workers, pool, aff) = (
-                self.internet_stop.clone(),
-                self.workers.clone(),
-                self.pool.clone(),
-                self.affinity.clone(),
-            );
-            thread::Builder::new()
-                .name("vpcd-internet".into())
-                .spawn(move || tun_reader(&dev, &Source::Internet, &stop, &workers, &pool, &aff))?;
         }
         info!(host = %self.opts.host, "running");
         Ok(())
@@ -258,9 +258,9 @@ impl Daemon {
     fn open_devices(&mut self, t: &Topology) -> Result<Devices> {
         let mut devices: Vec<Option<Arc<Tun>>> = vec![None; t.instances.len()];
         let existing: BTreeMap<String, Arc<Tun>> = self
-            .readers
+            .devices
             .iter()
-            .map(|r| (r.name.clone(), r.tun.clone()))
+            .map(|d| (d.name.clone(), d.tun.clone()))
             .collect();
         for id in t.instances_on(self.host) {
             let inst = t.instance(id);
@@ -286,7 +286,13 @@ impl Daemon {
             };
             let tun = Tun::open(cfg).with_context(|| format!("instance {}", inst.name))?;
             info!(instance = %inst.name, ip = %inst.ip, netns = inst.netns.as_deref().unwrap_or("-"), "device up");
-            devices[id.index()] = Some(Arc::new(tun));
+            let tun = Arc::new(tun);
+            self.devices.push(Device {
+                name: inst.name.clone(),
+                tun: tun.clone(),
+                address: (inst.ip, inst.prefix),
+            });
+            devices[id.index()] = Some(tun);
         }
         Ok(Arc::new(DeviceTable {
             instances: devices,
@@ -319,43 +325,6 @@ impl Daemon {
         info!(address = %inet.client, cidr = %inet.cidr, netns = inet.netns.as_deref().unwrap_or("-"), "internet device up");
         self.internet = Some(Arc::new(tun));
         Ok(())
-    }
-
-    fn spawn_tun_reader(&mut self, id: InstanceId, tun: Arc<Tun>) -> Result<()> {
-        let name = tun.config().name.clone();
-        let cell = Arc::new(AtomicU32::new(id.0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (workers, pool, aff) = (
-            self.workers.clone(),
-            self.pool.clone(),
-            self.affinity.clone(),
-        );
-        let (t, source, s) = (tun.clone(), Source::Instance(cell.clone()), stop.clone());
-        thread::Builder::new()
-            .name(format!("vpcd-tun-{name}"))
-            .spawn(move || tun_reader(&t, &source, &s, &workers, &pool, &aff))?;
-        let address = (tun.config().address, tun.config().prefix);
-        self.readers.push(Reader {
-            name,
-            id: cell,
-            stop,
-            tun,
-            address,
-        });
-        Ok(())
-    }
-
-    fn spawn_underlay_reader(&mut self, address: Ipv4Addr, transport: Transport) -> Result<()> {
-        let (workers, pool, aff) = (
-            self.workers.clone(),
-            self.pool.clone(),
-            self.affinity.clone(),
-        );
-        spawn_with_setup("vpcd-underlay".into(), move || {
-            let rx = UnderlayRx::open(transport, address)
-                .with_context(|| format!("underlay on {address} ({})", transport.word()))?;
-            Ok(move || underlay_reader(rx, transport, &workers, &pool, &aff))
-        })
     }
 
     /// The control loop: signals and the one-second tick.
@@ -401,6 +370,7 @@ impl Daemon {
         };
         if t.underlay != self.topo.underlay
             || t.host(host).address != self.topo.host(self.host).address
+            || internet_of(&t) != internet_of(&self.topo)
         {
             error!(
                 "reload refused: the underlay (transport, MTU, checksum, this host's address) and [internet] cannot change while running"
@@ -414,30 +384,27 @@ impl Daemon {
             .map(|id| (t.instance(id).name.clone(), id))
             .collect();
         let mut kept = Vec::new();
-        for mut r in self.readers.drain(..) {
-            match wanted.get(&r.name) {
+        for mut d in self.devices.drain(..) {
+            match wanted.get(&d.name) {
                 Some(&id) => {
                     let inst = t.instance(id);
                     let prefix = inst.prefix;
-                    if r.address != (inst.ip, prefix) {
-                        match readdress(&r.tun, inst.ip, prefix) {
+                    if d.address != (inst.ip, prefix) {
+                        match readdress(&d.tun, inst.ip, prefix) {
                             Ok(()) => {
-                                r.address = (inst.ip, prefix);
-                                info!(instance = %r.name, ip = %inst.ip, "device readdressed");
+                                d.address = (inst.ip, prefix);
+                                info!(instance = %d.name, ip = %inst.ip, "device readdressed");
                             }
-                            Err(e) => error!(instance = %r.name, error = %e, "readdress failed"),
+                            Err(e) => error!(instance = %d.name, error = %e, "readdress failed"),
                         }
                     }
-                    r.id.store(id.0, Ordering::Relaxed);
-                    kept.push(r);
+                    kept.push(d);
                 }
-                None => {
-                    info!(instance = %r.name, "instance left this host: device closed");
-                    r.stop.store(true, Ordering::Relaxed);
-                }
+                // The workers let go of it with the new device table; it closes then.
+                None => info!(instance = %d.name, "instance left this host: device closed"),
             }
         }
-        self.readers = kept;
+        self.devices = kept;
         let devices = match self.open_devices(&t) {
             Ok(d) => d,
             Err(e) => {
@@ -446,16 +413,8 @@ impl Daemon {
             }
         };
         self.affinity.update(&t);
-        for w in &self.workers {
-            let _ = w.send(Msg::Topology(t.clone(), devices.clone()));
-        }
-        for (i, dev) in devices.instances.iter().enumerate() {
-            if let Some(dev) = dev
-                && !self.readers.iter().any(|r| r.name == dev.config().name)
-                && let Err(e) = self.spawn_tun_reader(InstanceId(i as u32), dev.clone())
-            {
-                error!(error = %e, "reload: reader");
-            }
+        for lane in self.lanes.iter().flat_map(|l| l.iter()) {
+            lane.send_blocking(Msg::Topology(t.clone(), devices.clone()));
         }
         self.topo = t;
         info!("topology reloaded");
@@ -463,17 +422,20 @@ impl Daemon {
 
     /// Sweeps expired connections and writes the statistics file.
     fn tick(&mut self) {
-        let (tx, rx) = bounded(self.workers.len());
-        for w in &self.workers {
-            let _ = w.send(Msg::Tick(tx.clone()));
+        let lanes = self.lanes.clone().unwrap_or_else(|| Arc::from(Vec::new()));
+        let (tx, rx) = bounded(lanes.len());
+        for lane in lanes.iter() {
+            lane.send_blocking(Msg::Tick(tx.clone()));
         }
         let mut total = Counters::new(self.topo.instances.len());
         let mut connections = 0;
-        for _ in 0..self.workers.len() {
+        let mut handoff_drops = 0;
+        for _ in 0..lanes.len() {
             match rx.recv_timeout(Duration::from_millis(500)) {
                 Ok(r) => {
                     total.merge(&r.counters);
                     connections += r.connections;
+                    handoff_drops += r.handoff_drops;
                 }
                 Err(_) => break,
             }
@@ -486,6 +448,7 @@ impl Daemon {
             &total,
             connections,
         );
+        let text = format!("{text}handoff_drops {handoff_drops}\n");
         let tmp = self.stats_path.with_extension("tmp");
         if let Some(dir) = self.stats_path.parent() {
             let _ = std::fs::create_dir_all(dir);
@@ -499,10 +462,9 @@ impl Daemon {
     }
 
     fn cleanup(&mut self) {
-        for r in &self.readers {
-            r.stop.store(true, Ordering::Relaxed);
+        for lane in self.lanes.take().iter().flat_map(|l| l.iter()) {
+            lane.send_blocking(Msg::Stop);
         }
-        self.internet_stop.store(true, Ordering::Relaxed);
         for ns in self.created_netns.drain(..) {
             match netns::ip(&["netns", "del", &ns]) {
                 Ok(()) => info!(netns = %ns, "namespace removed"),
@@ -547,111 +509,16 @@ where
         .map_err(|_| anyhow!("thread {name} died while starting"))?
 }
 
-fn underlay_reader(
-    mut rx: UnderlayRx,
-    transport: Transport,
-    workers: &[Sender<Msg>],
-    pool: &Pool,
-    affinity: &Affinity,
-) {
-    let mut got: Vec<Received> = Vec::with_capacity(BATCH);
-    let mut batches: Vec<Vec<Packet>> = (0..workers.len())
-        .map(|_| Vec::with_capacity(BATCH))
-        .collect();
-    let mut take = || pool.take();
-    loop {
-        match rx.wait_readable(Duration::from_millis(500)) {
-            Ok(false) => continue,
-            Ok(true) => {}
-            Err(e) => {
-                error!(error = %e, "underlay poll");
-                thread::sleep(Duration::from_millis(100));
-                continue;
-            }
-        }
-        if let Err(e) = rx.recv(&mut take, &mut got) {
-            warn!(error = %e, "underlay receive");
-        }
-        for r in got.drain(..) {
-            let from = match transport {
-                Transport::Gre => Ingress::UnderlayIp,
-                Transport::GreUdp => Ingress::UnderlayUdp { from: r.from },
-            };
-            let k = affinity.owner(peek_inner(r.buf.as_slice(), transport));
-            batches[k].push(Packet {
-                buf: r.buf,
-                from,
-                vnet: Default::default(),
-                stride: r.stride,
-            });
-        }
-        if !dispatch(&mut batches, workers) {
-            return;
-        }
-    }
-}
-
-fn tun_reader(
-    tun: &Tun,
-    source: &Source,
-    stop: &AtomicBool,
-    workers: &[Sender<Msg>],
-    pool: &Pool,
-    affinity: &Affinity,
-) {
-    let mut batches: Vec<Vec<Packet>> = (0..workers.len())
-        .map(|_| Vec::with_capacity(BATCH))
-        .collect();
-    while !stop.load(Ordering::Relaxed) {
-        match tun.wait_readable(Duration::from_millis(200)) {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(e) => {
-                error!(device = %tun.config().name, error = %e, "poll");
-                return;
-            }
-        }
-        let from = source.ingress();
-        for _ in 0..BATCH {
-            let mut buf = pool.take();
-            match tun.read(&mut buf) {
-                Ok(Some(vnet)) => {
-                    let k = affinity.owner(buf.as_slice());
-                    batches[k].push(Packet {
-                        buf,
-                        from,
-                        vnet,
-                        stride: 0,
-                    });
-                }
-                Ok(None) => {
-                    pool.put(buf);
-                    break;
-                }
-                Err(e) => {
-                    pool.put(buf);
-                    warn!(device = %tun.config().name, error = %e, "read");
-                    break;
-                }
-            }
-        }
-        if !dispatch(&mut batches, workers) {
-            return;
-        }
-    }
-}
-
-/// Hands each non-empty batch to its worker; false when the workers are gone.
-fn dispatch(batches: &mut [Vec<Packet>], workers: &[Sender<Msg>]) -> bool {
-    for (k, b) in batches.iter_mut().enumerate() {
-        if !b.is_empty() {
-            let batch = std::mem::replace(b, Vec::with_capacity(BATCH));
-            if workers[k].send(Msg::Packets(batch)).is_err() {
-                return false;
-            }
-        }
-    }
-    true
+/// What of `[internet]` must stay while running (the gateway by name: ids may move).
+fn internet_of(t: &Topology) -> Option<(ipnet::Ipv4Net, String, Option<String>, Ipv4Addr)> {
+    t.internet.as_ref().map(|i| {
+        (
+            i.cidr,
+            t.host(i.gateway).name.clone(),
+            i.netns.clone(),
+            i.client,
+        )
+    })
 }
 
 /// Refuses a second daemon for the same host in the same network namespace.

@@ -1,9 +1,12 @@
-//! Workers: each owns a shard of the flow state (its own [`Pipeline`]) and its own underlay
-//! sending sockets, and takes whole batches of packets from the readers.
+//! Workers: each owns a shard of the flow state (its own [`Pipeline`]), its sockets and some
+//! of the devices, and runs to completion: it waits in `poll` on what it reads, reads a batch,
+//! decides, writes, and waits again. Nothing is handed between threads on a single-worker
+//! daemon.
 //!
-//! A flow always lands on the same worker: the readers pick the worker from a hash that is
-//! the same for both directions of a connection, so the connection's state lives in one shard
-//! and no lock is taken per packet.
+//! A flow always lands on the same worker: a packet read by a worker that does not own its
+//! flow (by a hash that is the same for both directions of a connection) is handed to the
+//! owner in a batch, with a wake-up on the owner's eventfd. So a connection's state lives in
+//! one shard and no lock is taken per packet.
 //!
 //! Payload bytes are copied once per direction, by the kernel: a super-packet read from a TUN
 //! device is cut for the underlay by writing each segment's headers apart and gathering the
@@ -14,13 +17,18 @@
 
 use std::io::IoSlice;
 use std::net::Ipv4Addr;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::eventfd::EventFd;
+use tracing::warn;
 
+use super::Affinity;
 use super::pool::Pool;
 use crate::io::tun::Tun;
-use crate::io::underlay::{CutFrames, UnderlayTx};
+use crate::io::underlay::{BATCH, CutFrames, Received, UnderlayRx, UnderlayTx, peek_inner};
 use crate::pipeline::{Action, Counters, Decision, Ingress, Pipeline};
 use crate::time::{MonotonicClock, Timestamp};
 use crate::topology::{InstanceId, Topology, Transport};
@@ -63,12 +71,72 @@ enum Port {
 
 /// What a worker is told.
 pub enum Msg {
-    /// Packets to process.
+    /// Packets of flows it owns, read by another worker.
     Packets(Vec<Packet>),
     /// A new topology and the devices that go with it.
     Topology(Arc<Topology>, Devices),
     /// Expire connections, then report the counters.
     Tick(Sender<WorkerReport>),
+    /// Stop.
+    Stop,
+}
+
+/// The way to a worker: its inbox, and the eventfd that wakes it from `poll`.
+pub struct Lane {
+    /// The inbox.
+    pub tx: Sender<Msg>,
+    /// Its wake-up.
+    pub wake: Arc<EventFd>,
+}
+
+impl Lane {
+    /// Puts a message in the inbox and wakes the worker. A full inbox refuses it (false):
+    /// blocking here could deadlock two workers handing packets to each other.
+    pub fn send(&self, m: Msg) -> bool {
+        let ok = self.tx.try_send(m).is_ok();
+        let _ = self.wake.write(1);
+        ok
+    }
+
+    /// Like [`Lane::send`], but waits for room (the control thread's messages must arrive).
+    pub fn send_blocking(&self, m: Msg) {
+        let _ = self.tx.send(m);
+        let _ = self.wake.write(1);
+    }
+}
+
+/// What a worker reads and where it hands packets it does not own.
+pub struct Wiring {
+    /// Its index among the workers.
+    pub me: usize,
+    /// Every worker's lane, its own included.
+    pub lanes: Arc<[Lane]>,
+    /// Its inbox.
+    pub inbox: Receiver<Msg>,
+    /// Its underlay socket, if it has one.
+    pub rx: Option<(UnderlayRx, Transport)>,
+    /// Who owns a flow.
+    pub affinity: Affinity,
+}
+
+/// The devices worker `me` of `workers` reads: local instances by rank, round robin, and the
+/// internet's on worker 0.
+fn assign(devices: &DeviceTable, me: usize, workers: usize) -> Vec<(Ingress, Arc<Tun>)> {
+    let mut mine: Vec<(Ingress, Arc<Tun>)> = devices
+        .instances
+        .iter()
+        .enumerate()
+        .filter_map(|(i, d)| Some((InstanceId(i as u32), d.clone()?)))
+        .enumerate()
+        .filter(|(rank, _)| rank % workers == me)
+        .map(|(_, (id, d))| (Ingress::Instance(id), d))
+        .collect();
+    if me == 0
+        && let Some(d) = &devices.internet
+    {
+        mine.push((Ingress::Internet, d.clone()));
+    }
+    mine
 }
 
 /// A worker's answer to a tick.
@@ -77,6 +145,8 @@ pub struct WorkerReport {
     pub counters: Counters,
     /// Its tracked connections.
     pub connections: usize,
+    /// Batches it could not hand over (an owner's inbox was full).
+    pub handoff_drops: u64,
 }
 
 /// A packet to write to a device: `held[buf][start..end]`.
@@ -93,10 +163,17 @@ const PLAIN: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
 
 /// One worker.
 pub struct Worker {
+    wiring: Wiring,
+    mine: Vec<(Ingress, Arc<Tun>)>,
+    local: Vec<Packet>,
+    outgoing: Vec<Vec<Packet>>,
+    received: Vec<Received>,
+    /// Batches lost because an owner's inbox was full.
+    pub handoff_drops: u64,
     pipeline: Pipeline,
     devices: Devices,
     tx: UnderlayTx,
-    local: Ipv4Addr,
+    local_addr: Ipv4Addr,
     pool: Pool,
     clock: MonotonicClock,
     heads: Vec<u8>,
@@ -109,6 +186,7 @@ pub struct Worker {
 impl Worker {
     /// A worker with its shard, sockets and the shared buffer pool.
     pub fn new(
+        wiring: Wiring,
         pipeline: Pipeline,
         devices: Devices,
         tx: UnderlayTx,
@@ -116,12 +194,19 @@ impl Worker {
         clock: MonotonicClock,
     ) -> Worker {
         let t = pipeline.topology().clone();
-        let local = t.host(pipeline.host()).address;
+        let local_addr = t.host(pipeline.host()).address;
+        let n = wiring.lanes.len();
         Worker {
+            mine: assign(&devices, wiring.me, n),
+            wiring,
+            local: Vec::with_capacity(BATCH),
+            outgoing: (0..n).map(|_| Vec::new()).collect(),
+            received: Vec::with_capacity(BATCH),
+            handoff_drops: 0,
             pipeline,
             devices,
             tx,
-            local,
+            local_addr,
             pool,
             clock,
             heads: Vec::new(),
@@ -132,13 +217,74 @@ impl Worker {
         }
     }
 
-    /// Runs until every sender of `inbox` is gone.
-    pub fn run(mut self, inbox: Receiver<Msg>) {
-        while let Ok(msg) = inbox.recv() {
+    /// Runs until told to stop: waits for its wake-up, its underlay socket or its devices,
+    /// reads what is ready, decides, writes.
+    pub fn run(mut self) {
+        loop {
+            let (woken, rx_ready, ready) = match self.wait() {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(error = %e, "poll");
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    continue;
+                }
+            };
+            if woken && !self.inbox() {
+                return;
+            }
+            if rx_ready {
+                self.read_underlay();
+            }
+            for i in ready {
+                self.read_device(i);
+            }
+            if !self.local.is_empty() {
+                let batch = std::mem::take(&mut self.local);
+                self.handle(batch);
+            }
+            self.hand_off();
+        }
+    }
+
+    /// Waits until something is ready: (the wake-up, the underlay socket, devices by index).
+    fn wait(&self) -> nix::Result<(bool, bool, Vec<usize>)> {
+        let mut fds = Vec::with_capacity(2 + self.mine.len());
+        fds.push(PollFd::new(
+            self.wiring.lanes[self.wiring.me].wake.as_fd(),
+            PollFlags::POLLIN,
+        ));
+        if let Some((rx, _)) = &self.wiring.rx {
+            fds.push(PollFd::new(rx.fd(), PollFlags::POLLIN));
+        }
+        for (_, d) in &self.mine {
+            fds.push(PollFd::new(d.fd(), PollFlags::POLLIN));
+        }
+        match poll(&mut fds, PollTimeout::from(1000u16)) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+        let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
+        let woken = ready(&fds[0]);
+        let first_dev = if self.wiring.rx.is_some() { 2 } else { 1 };
+        let rx_ready = self.wiring.rx.is_some() && ready(&fds[1]);
+        let devs = fds[first_dev..]
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| ready(f))
+            .map(|(i, _)| i)
+            .collect();
+        Ok((woken, rx_ready, devs))
+    }
+
+    /// Takes the inbox's messages; false when told to stop.
+    fn inbox(&mut self) -> bool {
+        let _ = self.wiring.lanes[self.wiring.me].wake.read();
+        while let Ok(msg) = self.wiring.inbox.try_recv() {
             match msg {
-                Msg::Packets(batch) => self.handle(batch),
+                Msg::Packets(batch) => self.local.extend(batch),
                 Msg::Topology(t, devices) => {
                     self.pipeline.set_topology(t);
+                    self.mine = assign(&devices, self.wiring.me, self.wiring.lanes.len());
                     self.devices = devices;
                 }
                 Msg::Tick(reply) => {
@@ -146,8 +292,171 @@ impl Worker {
                     let _ = reply.send(WorkerReport {
                         counters: self.pipeline.counters().clone(),
                         connections: self.pipeline.conntrack().len(),
+                        handoff_drops: self.handoff_drops,
                     });
                 }
+                Msg::Stop => return false,
+            }
+        }
+        true
+    }
+
+    /// Keeps a packet whose flow this worker owns; queues the others for their owners.
+    fn sort(&mut self, p: Packet, owner: usize) {
+        if owner == self.wiring.me {
+            self.local.push(p);
+        } else {
+            self.outgoing[owner].push(p);
+        }
+    }
+
+    fn read_underlay(&mut self) {
+        let Some((rx, transport)) = &mut self.wiring.rx else {
+            return;
+        };
+        let transport = *transport;
+        let pool = &self.pool;
+        if let Err(e) = rx.recv(&mut || pool.take(), &mut self.received) {
+            warn!(error = %e, "underlay receive");
+        }
+        let received = std::mem::take(&mut self.received);
+        for mut r in received {
+            let from = match transport {
+                Transport::Gre => Ingress::UnderlayIp,
+                Transport::GreUdp => Ingress::UnderlayUdp { from: r.from },
+            };
+            let owner_of = |dgram: &[u8]| self.wiring.affinity.owner(peek_inner(dgram, transport));
+            if r.stride == 0 {
+                let owner = owner_of(r.buf.as_slice());
+                self.sort(
+                    Packet {
+                        buf: r.buf,
+                        from,
+                        vnet: Default::default(),
+                        stride: 0,
+                    },
+                    owner,
+                );
+                continue;
+            }
+            // A GRO train may carry several flows: it goes whole to the owner of its first
+            // datagram, and the datagrams of other owners leave it, copied.
+            let owner = owner_of(r.buf.as_slice());
+            let mut at = 0;
+            let mut foreign = Vec::new();
+            while at < r.buf.len() {
+                let end = (at + r.stride).min(r.buf.len());
+                let o = owner_of(&r.buf.as_slice()[at..end]);
+                if o != owner {
+                    foreign.push((at, end, o));
+                }
+                at = end;
+            }
+            for &(at, end, o) in &foreign {
+                let mut buf = self.pool.take();
+                let dgram = &r.buf.as_slice()[at..end];
+                let area = buf.read_area(crate::wire::buf::HEADROOM);
+                area[..dgram.len()].copy_from_slice(dgram);
+                buf.set_filled(crate::wire::buf::HEADROOM, dgram.len());
+                self.sort(
+                    Packet {
+                        buf,
+                        from,
+                        vnet: Default::default(),
+                        stride: 0,
+                    },
+                    o,
+                );
+            }
+            if !foreign.is_empty() {
+                // What stays: the datagrams of the first owner, moved together.
+                let keep: Vec<(usize, usize)> = {
+                    let mut v = Vec::new();
+                    let mut at = 0;
+                    while at < r.buf.len() {
+                        let end = (at + r.stride).min(r.buf.len());
+                        if !foreign.iter().any(|f| f.0 == at) {
+                            v.push((at, end));
+                        }
+                        at = end;
+                    }
+                    v
+                };
+                for (at, end) in keep {
+                    let mut buf = self.pool.take();
+                    let dgram = &r.buf.as_slice()[at..end];
+                    let area = buf.read_area(crate::wire::buf::HEADROOM);
+                    area[..dgram.len()].copy_from_slice(dgram);
+                    buf.set_filled(crate::wire::buf::HEADROOM, dgram.len());
+                    self.sort(
+                        Packet {
+                            buf,
+                            from,
+                            vnet: Default::default(),
+                            stride: 0,
+                        },
+                        owner,
+                    );
+                }
+                self.pool.put(std::mem::replace(
+                    &mut r.buf,
+                    crate::wire::PacketBuf::new(0),
+                ));
+                continue;
+            }
+            self.sort(
+                Packet {
+                    buf: r.buf,
+                    from,
+                    vnet: Default::default(),
+                    stride: r.stride,
+                },
+                owner,
+            );
+        }
+    }
+
+    fn read_device(&mut self, i: usize) {
+        let Some((from, dev)) = self.mine.get(i).cloned() else {
+            return;
+        };
+        for _ in 0..BATCH {
+            let mut buf = self.pool.take();
+            match dev.read(&mut buf) {
+                Ok(Some(vnet)) => {
+                    let owner = self.wiring.affinity.owner(buf.as_slice());
+                    self.sort(
+                        Packet {
+                            buf,
+                            from,
+                            vnet,
+                            stride: 0,
+                        },
+                        owner,
+                    );
+                }
+                Ok(None) => {
+                    self.pool.put(buf);
+                    break;
+                }
+                Err(e) => {
+                    self.pool.put(buf);
+                    warn!(device = %dev.config().name, error = %e, "read");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Hands the packets of other owners over, a batch per owner.
+    fn hand_off(&mut self) {
+        for k in 0..self.outgoing.len() {
+            if self.outgoing[k].is_empty() {
+                continue;
+            }
+            let batch = std::mem::take(&mut self.outgoing[k]);
+            if !self.wiring.lanes[k].send(Msg::Packets(batch)) {
+                self.handoff_drops += 1;
             }
         }
     }
@@ -282,7 +591,7 @@ impl Worker {
                     if self.heads.len() < cut.count * stride {
                         self.heads.resize(cut.count * stride, 0);
                     }
-                    let outer = outer_ip.then_some((self.local, to));
+                    let outer = outer_ip.then_some((self.local_addr, to));
                     for i in 0..cut.count {
                         let chunk = &pkt[cut.payload(i)];
                         let h = &mut self.heads[i * stride..i * stride + head_len];

@@ -8,20 +8,3 @@
 pub mod netns;
 pub mod tun;
 pub mod underlay;
-
-use std::os::fd::AsFd;
-use std::time::Duration;
-
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-
-/// Waits until `fd` is readable, at most `timeout` (capped at a minute). An interrupted wait
-/// counts as a timeout.
-pub fn wait_readable(fd: &impl AsFd, timeout: Duration) -> std::io::Result<bool> {
-    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
-    let ms = PollTimeout::from(timeout.as_millis().min(60_000) as u16);
-    match poll(&mut fds, ms) {
-        Ok(n) => Ok(n > 0),
-        Err(nix::errno::Errno::EINTR) => Ok(false),
-        Err(e) => Err(e.into()),
-    }
-}

@@ -7,8 +7,7 @@
 
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::AsFd;
-use std::time::Duration;
+use std::os::fd::{AsFd, BorrowedFd};
 
 use tun_rs::{DeviceBuilder, SyncDevice};
 
@@ -86,9 +85,9 @@ impl Tun {
         &self.config
     }
 
-    /// Waits until a read would not block, at most `timeout`.
-    pub fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
-        super::wait_readable(&self.dev, timeout)
+    /// The device's descriptor, to wait on it with others.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.dev.as_fd()
     }
 
     /// Reads one packet (or super-packet) into `buf`: the virtio-net header lands just before

@@ -13,8 +13,7 @@
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::os::fd::{AsFd, AsRawFd};
-use std::time::Duration;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{
@@ -92,6 +91,9 @@ impl UnderlayRx {
             Transport::GreUdp => {
                 let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
                 s.set_reuse_address(true)?;
+                // Every worker has its own receiving socket on the port; the kernel spreads
+                // the senders' flows (their source ports) over them.
+                s.set_reuse_port(true)?;
                 s.bind(&SockAddr::from(SocketAddrV4::new(local, UDP_PORT)))
                     .map_err(|e| {
                         io::Error::new(e.kind(), format!("UDP {local}:{UDP_PORT}: {e}"))
@@ -114,9 +116,9 @@ impl UnderlayRx {
         }
     }
 
-    /// Waits until a receive would not block, at most `timeout`.
-    pub fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
-        super::wait_readable(self.socket(), timeout)
+    /// The socket, to wait on it with others.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.socket().as_fd()
     }
 
     /// Receives what is waiting, up to a batch, into `out`. `take` supplies empty buffers.
