@@ -30,6 +30,7 @@ use super::pool::Pool;
 use crate::io::tun::Tun;
 use crate::io::underlay::{BATCH, CutFrames, Received, UnderlayRx, UnderlayTx, peek_inner};
 use crate::pipeline::{Action, Counters, Decision, Ingress, Pipeline};
+use crate::reason::DropReason;
 use crate::time::{MonotonicClock, Timestamp};
 use crate::topology::{InstanceId, Topology, Transport};
 use crate::wire::gso::{self, Cut, F_NEEDS_CSUM, VNET_HDR_LEN, VnetHdr};
@@ -71,8 +72,9 @@ enum Port {
 
 /// What a worker is told.
 pub enum Msg {
-    /// Packets of flows it owns, read by another worker.
-    Packets(Vec<Packet>),
+    /// Packets of flows it owns, read by another worker under that topology (instance ids
+    /// are the topology's: the two workers may not have switched to a new one together).
+    Packets(Arc<Topology>, Vec<Packet>),
     /// A new topology and the devices that go with it.
     Topology(Arc<Topology>, Devices),
     /// Expire connections, then report the counters.
@@ -281,8 +283,13 @@ impl Worker {
         let _ = self.wiring.lanes[self.wiring.me].wake.read();
         while let Ok(msg) = self.wiring.inbox.try_recv() {
             match msg {
-                Msg::Packets(batch) => self.local.extend(batch),
+                Msg::Packets(t, batch) => self.adopt(&t, batch),
                 Msg::Topology(t, devices) => {
+                    // What was read under the old topology is decided under it.
+                    if !self.local.is_empty() {
+                        let batch = std::mem::take(&mut self.local);
+                        self.handle(batch);
+                    }
                     self.pipeline.set_topology(t);
                     self.mine = assign(&devices, self.wiring.me, self.wiring.lanes.len());
                     self.devices = devices;
@@ -299,6 +306,35 @@ impl Worker {
             }
         }
         true
+    }
+
+    /// Takes packets another worker read under topology `t`: an instance's packets follow the
+    /// instance by name into this worker's topology (dropped as `UnknownPort` if it left).
+    fn adopt(&mut self, t: &Arc<Topology>, batch: Vec<Packet>) {
+        let mine = self.pipeline.topology().clone();
+        if Arc::ptr_eq(t, &mine) {
+            self.local.extend(batch);
+            return;
+        }
+        let host = self.pipeline.host();
+        for mut p in batch {
+            if let Ingress::Instance(id) = p.from {
+                let now = t
+                    .instances
+                    .get(id.index())
+                    .and_then(|i| mine.instance_named(&i.name))
+                    .filter(|&n| mine.instance(n).host == host);
+                match now {
+                    Some(n) => p.from = Ingress::Instance(n),
+                    None => {
+                        self.pipeline.count_drop(DropReason::UnknownPort);
+                        self.pool.put(p.buf);
+                        continue;
+                    }
+                }
+            }
+            self.local.push(p);
+        }
     }
 
     /// Keeps a packet whose flow this worker owns; queues the others for their owners.
@@ -455,7 +491,8 @@ impl Worker {
                 continue;
             }
             let batch = std::mem::take(&mut self.outgoing[k]);
-            if !self.wiring.lanes[k].send(Msg::Packets(batch)) {
+            let t = self.pipeline.topology().clone();
+            if !self.wiring.lanes[k].send(Msg::Packets(t, batch)) {
                 self.handoff_drops += 1;
             }
         }

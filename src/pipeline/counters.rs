@@ -94,8 +94,20 @@ impl Counters {
         self.ports.get_mut(instance)
     }
 
-    pub(crate) fn resize(&mut self, instances: usize) {
-        self.ports = vec![PortCounters::default(); instances];
+    /// Follows the instances into a new topology: `new_index(i)` is where instance `i` now
+    /// is (by name), `None` when it is gone; `instances` is the new count.
+    pub(crate) fn renumber(
+        &mut self,
+        instances: usize,
+        new_index: impl Fn(usize) -> Option<usize>,
+    ) {
+        let mut ports = vec![PortCounters::default(); instances];
+        for (i, p) in self.ports.iter().enumerate() {
+            if let Some(slot) = new_index(i).and_then(|j| ports.get_mut(j)) {
+                *slot = *p;
+            }
+        }
+        self.ports = ports;
     }
 
     /// Rule ids belong to one topology: forget them when it changes.

@@ -38,7 +38,7 @@ pub use flow::FlowKey;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
-use hashbrown::HashSet;
+use hashbrown::{HashMap, HashSet};
 
 use crate::policy::conntrack::{Conntrack, Zone};
 use crate::reason::DropReason;
@@ -299,7 +299,13 @@ impl Pipeline {
         self.view.generation
     }
 
-    /// Counters.
+    /// Counts a drop decided outside the pipeline (by the daemon, for a packet it cannot
+    /// hand to the decision).
+    pub fn count_drop(&mut self, reason: DropReason) {
+        self.state.counters.drop(reason);
+    }
+
+    /// The counters.
     pub fn counters(&self) -> &Counters {
         &self.state.counters
     }
@@ -347,8 +353,18 @@ impl Pipeline {
         }
         let generation = self.view.generation + 1;
         self.view = HostView::new(&topo, host, generation);
-        if topo.instances.len() != self.topo.instances.len() {
-            self.state.counters.resize(topo.instances.len());
+        // Counters follow instances by name: ids move when the file's order changes.
+        {
+            let by_name: HashMap<&str, usize> = topo
+                .instances
+                .iter()
+                .enumerate()
+                .map(|(i, inst)| (inst.name.as_str(), i))
+                .collect();
+            let old = &self.topo;
+            self.state.counters.renumber(topo.instances.len(), |i| {
+                by_name.get(old.instances[i].name.as_str()).copied()
+            });
         }
         self.state.counters.forget_rules();
         self.topo = topo;

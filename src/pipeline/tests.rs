@@ -1125,6 +1125,26 @@ fn counters_per_reason_and_per_instance() {
 }
 
 #[test]
+fn instance_counters_follow_their_instance_when_ids_move() {
+    let mut l = Lab::new();
+    let web1 = l.from("web1");
+    l.a.decide(&tcp(WEB1, 1, WEB2, 80, SYN), web1, now(0));
+    // A new instance ahead of the others in the file: every id moves up by one.
+    let grown = TOPOLOGY.replacen(
+        "[[instance]]",
+        "[[instance]]\nname = \"web0\"\nhost = \"a\"\nsubnet = \"web\"\nip = \"10.0.1.9\"\nsecurity_groups = [\"sg-web\"]\n[[instance]]",
+        1,
+    );
+    let t = Arc::new(Topology::parse(&grown, "grown.toml").unwrap());
+    l.a.set_topology(t.clone());
+    let c = l.a.counters();
+    let at = |name: &str| c.port(t.instance_named(name).unwrap().index());
+    assert_eq!(at("web1").sent, 1);
+    assert_eq!(at("web2").received, 1);
+    assert_eq!(at("web0"), Default::default());
+}
+
+#[test]
 fn a_syn_flood_cannot_evict_another_tenants_established_connection() {
     let text = format!("[conntrack]\nmax_entries = 64\nmax_per_instance = 16\n{TOPOLOGY}");
     let t = Arc::new(Topology::parse(&text, "flood.toml").unwrap());
