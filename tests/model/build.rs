@@ -172,3 +172,39 @@ pub fn outer(src: Ipv4Addr, dst: Ipv4Addr, options: usize, gre: &[u8]) -> Vec<u8
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+/// Rewrites an IPv4 packet's source and/or destination as a 1:1 NAT does, the quote of an ICMP
+/// error included (a destination rewrite is the quote's source, and the other way round), and
+/// recomputes the checksums it can.
+pub fn nat(b: &mut [u8], src: Option<Ipv4Addr>, dst: Option<Ipv4Addr>) {
+    if b.len() < 20 || (src.is_none() && dst.is_none()) {
+        return;
+    }
+    if let Some(a) = src {
+        b[12..16].copy_from_slice(&a.octets());
+    }
+    if let Some(a) = dst {
+        b[16..20].copy_from_slice(&a.octets());
+    }
+    let ihl = usize::from(b[0] & 0x0f) * 4;
+    let error = b[9] == 1 && b.len() >= ihl + 8 && [3, 4, 5, 11, 12].contains(&b[ihl]);
+    if ihl >= 20 && error && b.len() >= ihl + 8 + 20 {
+        let q = ihl + 8;
+        if let Some(a) = dst {
+            b[q + 12..q + 16].copy_from_slice(&a.octets());
+        }
+        if let Some(a) = src {
+            b[q + 16..q + 20].copy_from_slice(&a.octets());
+        }
+        let qhl = usize::from(b[q] & 0x0f) * 4;
+        if qhl >= 20 && q + qhl <= b.len() {
+            fix_ip_checksum(&mut b[q..]);
+        }
+        b[ihl + 2] = 0;
+        b[ihl + 3] = 0;
+        let c = checksum(&b[ihl..]);
+        b[ihl + 2..ihl + 4].copy_from_slice(&c.to_be_bytes());
+    }
+    fix_ip_checksum(b);
+    fix_l4_checksum(b);
+}

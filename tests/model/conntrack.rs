@@ -9,7 +9,7 @@ use super::wire::{ICMP, TCP, UDP};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Endpoint {
-    pub zone: u32,
+    pub zone: u64,
     pub addr: Ipv4Addr,
     pub port: u16,
 }

@@ -5,6 +5,7 @@ use std::net::Ipv4Addr;
 
 use proptest::prelude::*;
 use proptest::sample::Index;
+use vpcd::topology::Space;
 use vpcd::{Decision, Ingress, Topology};
 
 use super::build::{self, GreOpts, Ip4};
@@ -291,6 +292,76 @@ pub enum Op {
         k: Pick,
         via: Index,
     },
+    /// Cloud topologies: a new packet from an instance of any network.
+    CFresh {
+        remote: bool,
+        /// Remote senders: any, not only those with something to talk to here.
+        wide: bool,
+        sender: Index,
+        dst: CDst,
+        l4: L4Gen,
+        shape: Shape,
+    },
+    /// Cloud topologies: a new packet from the internet.
+    CNet {
+        src: Index,
+        dst: NetDst,
+        /// Through the internet's device whatever this host is.
+        raw: bool,
+        l4: L4Gen,
+        shape: Shape,
+    },
+    /// Cloud topologies: what the gateway relays into the cloud, made up.
+    CRelay {
+        src: Index,
+        to: Index,
+        local: bool,
+        key: RelayKey,
+        l4: L4Gen,
+        shape: Shape,
+    },
+    /// Cloud topologies: the receiver answers, through the NAT it went through.
+    CReply {
+        k: Pick,
+        flags: FlagSel,
+        shape: Shape,
+    },
+    /// Cloud topologies: the sender sends again, the same way.
+    CAgain {
+        k: Pick,
+        flags: FlagSel,
+        shape: Shape,
+    },
+    /// Cloud topologies: the receiver answers with an ICMP error quoting what it received.
+    CError {
+        k: Pick,
+        ty: u8,
+        code: u8,
+        quote: QuoteTweak,
+        shape: Shape,
+    },
+    /// Cloud topologies: a later fragment of an earlier packet, the same way.
+    CLater {
+        k: Pick,
+        offset: u16,
+        mf: bool,
+        len: usize,
+        shape: Shape,
+    },
+    /// Cloud topologies: the same inner packet through the underlay with another GRE key (or
+    /// none), from the same sender (the flow cache must tell them apart).
+    CRekey {
+        k: Pick,
+        key: RelayKey,
+    },
+    /// Cloud topologies: the same inner packet through another way in (the internet's
+    /// device, a local port, the underlay from any host with the same key).
+    CImpostor {
+        k: Pick,
+        via: Index,
+    },
+    /// The same topology installed again (`set_topology`): no packet.
+    Retopo,
 }
 
 #[derive(Debug, Clone)]
@@ -358,6 +429,17 @@ impl Op {
             Op::Refirst { .. } => "first fragment again",
             Op::Mirror { .. } => "mirror in another VPC",
             Op::Impostor { .. } => "same bytes from elsewhere",
+            Op::CFresh { remote: false, .. } => "cloud: fresh from a local instance",
+            Op::CFresh { remote: true, .. } => "cloud: fresh from a remote instance",
+            Op::CNet { .. } => "cloud: from the internet",
+            Op::CRelay { .. } => "cloud: relayed by the gateway",
+            Op::CReply { .. } => "cloud: reply",
+            Op::CAgain { .. } => "cloud: again (same direction)",
+            Op::CError { .. } => "cloud: icmp error",
+            Op::CLater { .. } => "cloud: later fragment",
+            Op::CRekey { .. } => "cloud: same inner packet, another key",
+            Op::CImpostor { .. } => "cloud: same inner packet, another way in",
+            Op::Retopo => "topology installed again",
         }
     }
 }
@@ -722,6 +804,8 @@ pub struct Flow {
     /// The inner packet bytes.
     pub inner: Vec<u8>,
     pub encap: Encap,
+    /// Cloud packets: who sent it and how it reached this host.
+    pub cloud: Option<CloudFlow>,
 }
 
 /// One packet of a sequence.
@@ -758,6 +842,16 @@ impl Resolver<'_> {
     pub fn resolve(&self, op: &Op, hist: &[Sent], at: u64) -> Sent {
         let n = self.topo.instances.len();
         match op {
+            Op::CFresh { .. }
+            | Op::CNet { .. }
+            | Op::CRelay { .. }
+            | Op::CReply { .. }
+            | Op::CAgain { .. }
+            | Op::CError { .. }
+            | Op::CLater { .. }
+            | Op::CRekey { .. }
+            | Op::CImpostor { .. } => self.resolve_cloud(op, hist, at),
+            Op::Retopo => unreachable!("run by the test itself"),
             Op::Fresh {
                 remote,
                 wide,
@@ -767,11 +861,14 @@ impl Resolver<'_> {
                 shape,
             } => {
                 let here = |v: usize| {
-                    (0..n).any(|j| self.local(j) && self.topo.instances[j].vpc().index() == v)
+                    (0..n).any(|j| {
+                        self.local(j) && self.topo.instances[j].vpc().unwrap().index() == v
+                    })
                 };
                 let mut remotes: Vec<usize> = (0..n)
                     .filter(|&i| {
-                        !self.local(i) && (*wide || here(self.topo.instances[i].vpc().index()))
+                        !self.local(i)
+                            && (*wide || here(self.topo.instances[i].vpc().unwrap().index()))
                     })
                     .collect();
                 if remotes.is_empty() {
@@ -784,23 +881,24 @@ impl Resolver<'_> {
                     locals[sender.index(locals.len())]
                 };
                 let si = &self.topo.instances[s];
-                let vpc = si.vpc().index();
+                let vpc = si.vpc().unwrap().index();
                 let d = match dst {
                     Dst::SameVpc(i) => {
                         let same: Vec<usize> = (0..n)
-                            .filter(|&j| self.topo.instances[j].vpc().index() == vpc)
+                            .filter(|&j| self.topo.instances[j].vpc().unwrap().index() == vpc)
                             .collect();
                         self.topo.instances[same[i.index(same.len())]].ip
                     }
                     Dst::LocalSameVpc(i) => {
                         let mut same: Vec<usize> = (0..n)
                             .filter(|&j| {
-                                self.topo.instances[j].vpc().index() == vpc && self.local(j)
+                                self.topo.instances[j].vpc().unwrap().index() == vpc
+                                    && self.local(j)
                             })
                             .collect();
                         if same.is_empty() {
                             same = (0..n)
-                                .filter(|&j| self.topo.instances[j].vpc().index() == vpc)
+                                .filter(|&j| self.topo.instances[j].vpc().unwrap().index() == vpc)
                                 .collect();
                         }
                         self.topo.instances[same[i.index(same.len())]].ip
@@ -895,11 +993,11 @@ impl Resolver<'_> {
                 let ip = self.topo.instances[f.sender].ip;
                 let twin = (0..n).find(|&i| {
                     let x = &self.topo.instances[i];
-                    x.ip == ip && x.vpc().index() != f.vpc
+                    x.ip == ip && x.vpc().unwrap().index() != f.vpc
                 });
                 match twin {
                     Some(t) => {
-                        let vpc = self.topo.instances[t].vpc().index();
+                        let vpc = self.topo.instances[t].vpc().unwrap().index();
                         let flow = Flow {
                             sender: t,
                             local: self.local(t),
@@ -935,7 +1033,7 @@ impl Resolver<'_> {
                 let h = &hist[ki];
                 let hosts = &self.topo.hosts;
                 let (ingress, bytes, note) = match h.ingress {
-                    Ingress::Instance(_) => {
+                    Ingress::Instance(_) | Ingress::Internet => {
                         let id = via.index(n + 1) as u32;
                         let id = if id as usize == n { 99 } else { id };
                         let ingress = Ingress::Instance(vpcd::topology::InstanceId(id));
@@ -1143,10 +1241,10 @@ impl Resolver<'_> {
         let n = self.topo.instances.len();
         match h.decision {
             Some(Decision::Deliver { to, .. }) => Some(to.0 as usize),
-            Some(Decision::Encapsulate { host, key }) => {
+            Some(Decision::Encapsulate { host, key, .. }) => {
                 let on = |i: usize| {
                     let x = &self.topo.instances[i];
-                    x.host == host && self.vpc_key(x.vpc().index()) == key
+                    x.host == host && Some(self.vpc_key(x.vpc().unwrap().index())) == key
                 };
                 (0..n)
                     .find(|&i| on(i) && self.topo.instances[i].ip == f.dst)
@@ -1154,7 +1252,7 @@ impl Resolver<'_> {
             }
             _ => (0..n).find(|&i| {
                 let x = &self.topo.instances[i];
-                x.vpc().index() == f.vpc && x.ip == f.dst
+                x.vpc().unwrap().index() == f.vpc && x.ip == f.dst
             }),
         }
     }
@@ -1217,6 +1315,7 @@ impl Resolver<'_> {
             id: shape.id,
             inner: inner.clone(),
             encap: shape.encap.clone(),
+            cloud: None,
         };
         self.wrap(
             &desc,
@@ -1263,21 +1362,45 @@ impl Resolver<'_> {
             };
         }
         let hosts = &self.topo.hosts;
-        let me = hosts[self.this].address;
         let sender_host = self.topo.instances[sender].host.index();
+        let right = hosts[sender_host].address;
+        let key = self.vpc_key(vpc);
+        let (ingress, bytes, desc) = self.underlay(what, right, Some(key), inner, e);
+        Sent {
+            ingress,
+            bytes,
+            at,
+            what: desc,
+            flow,
+            decision: None,
+        }
+    }
+
+    /// An inner packet through the underlay from `right` (the sending host) with `right_key`,
+    /// as the encapsulation's tweaks change it: (ingress, bytes, description).
+    fn underlay(
+        &self,
+        what: &str,
+        right: Ipv4Addr,
+        right_key: Option<u32>,
+        inner: Vec<u8>,
+        e: &Encap,
+    ) -> (Ingress, Vec<u8>, String) {
+        let hosts = &self.topo.hosts;
+        let me = hosts[self.this].address;
         let from = match &e.sender {
-            SenderTweak::Right => hosts[sender_host].address,
+            SenderTweak::Right => right,
             SenderTweak::Host(i) => hosts[i.index(hosts.len())].address,
             SenderTweak::Unknown => Ipv4Addr::new(192, 0, 2, 99),
         };
         let key = match &e.key {
-            KeyTweak::Right => self.vpc_key(vpc),
-            KeyTweak::OtherVpc(i) => self.vpc_key(i.index(self.topo.vpcs.len())),
-            KeyTweak::Unknown => 424_242,
+            KeyTweak::Right => right_key,
+            KeyTweak::OtherVpc(i) => Some(self.vpc_key(i.index(self.topo.vpcs.len()))),
+            KeyTweak::Unknown => Some(424_242),
         };
         let mut o = GreOpts {
             checksum: e.csum,
-            key: Some(key),
+            key,
             seq: e.seq.then_some(0x0102_0304),
             extra_bits: 0,
             proto: 0x0800,
@@ -1306,7 +1429,7 @@ impl Resolver<'_> {
             g.truncate(t.min(hlen - 1));
         }
         let mut desc = format!(
-            "{what} | from {from} key {key} csum {} seq {}",
+            "{what} | from {from} key {key:?} csum {} seq {}",
             o.checksum, e.seq
         );
         if let Some(t) = e.gre {
@@ -1348,14 +1471,7 @@ impl Resolver<'_> {
             }
             (Ingress::UnderlayIp, b)
         };
-        Sent {
-            ingress,
-            bytes,
-            at,
-            what: desc,
-            flow,
-            decision: None,
-        }
+        (ingress, bytes, desc)
     }
 }
 
@@ -1366,13 +1482,39 @@ fn pick_forwarded(k: &Pick, hist: &[Sent]) -> usize {
         .filter(|&i| {
             matches!(
                 hist[i].decision,
-                Some(Decision::Deliver { .. } | Decision::Encapsulate { .. })
+                Some(
+                    Decision::Deliver { .. }
+                        | Decision::Encapsulate { .. }
+                        | Decision::ToInternet { .. }
+                )
             )
         })
         .collect();
     match k {
         Pick::Any(i) if !forwarded.is_empty() => forwarded[i.index(forwarded.len())],
         _ => k.index(hist.len()),
+    }
+}
+
+/// The packet `k` refers to among the forwarded ones, whatever the pick (cloud replies and
+/// errors: what gets answered in real life), else any.
+fn pick_forwarded_cloud(k: &Pick, hist: &[Sent]) -> usize {
+    let forwarded: Vec<usize> = (0..hist.len())
+        .filter(|&i| {
+            matches!(
+                hist[i].decision,
+                Some(
+                    Decision::Deliver { .. }
+                        | Decision::Encapsulate { .. }
+                        | Decision::ToInternet { .. }
+                )
+            )
+        })
+        .collect();
+    if forwarded.is_empty() {
+        k.index(hist.len())
+    } else {
+        forwarded[k.index(forwarded.len())]
     }
 }
 
@@ -1425,4 +1567,1165 @@ pub fn mutate(b: &mut Vec<u8>, m: Mutation) {
         }
     }
     build::fix_ip_checksum(b);
+}
+
+// ----- the cloud: the basic network, Elastic IPs, peering, interconnects ---------------------
+
+/// Internet hosts that send (one private address: the internet does not check).
+pub const INET_SRCS: [[u8; 4]; 5] = [
+    [198, 51, 100, 7],
+    [203, 0, 113, 1],
+    [8, 8, 8, 8],
+    [198, 51, 100, 200],
+    [10, 0, 1, 10],
+];
+/// Public destinations: the internet's client (default and explicit), others, non-EIPs of
+/// the internet's CIDR.
+pub const PUBLIC: [[u8; 4]; 7] = [
+    [198, 51, 100, 7],
+    [203, 0, 113, 1],
+    [8, 8, 8, 8],
+    [203, 0, 113, 5],
+    [203, 0, 113, 200],
+    [9, 9, 9, 9],
+    [203, 0, 113, 254],
+];
+
+/// Destinations of a cloud packet from an instance.
+#[derive(Debug, Clone)]
+pub enum CDst {
+    SameSpace(Index),
+    LocalSameSpace(Index),
+    /// An instance of a VPC peered with the sender's.
+    Peer(Index),
+    /// Across an interconnect: the linked basic instance, or the linked VPC's instance.
+    Linked(Index),
+    Basic(Index),
+    AnyInstance(Index),
+    /// Some instance's Elastic IP (the sender's own included).
+    Eip(Index),
+    Public(Index),
+    /// An instance of a VPC that is neither the sender's nor its peer.
+    Third(Index),
+    Missing(Index),
+    Special(Index),
+}
+
+/// Destinations of a packet from the internet.
+#[derive(Debug, Clone)]
+pub enum NetDst {
+    Eip(Index),
+    Public(Index),
+    Private(Index),
+    Special(Index),
+}
+
+/// The key of a made-up relay from the gateway.
+#[derive(Debug, Clone)]
+pub enum RelayKey {
+    Right,
+    None,
+    Other(Index),
+}
+
+/// Who sent a cloud packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Inst(usize),
+    Net,
+}
+
+/// How a cloud packet reaches this host (before the encapsulation's tweaks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    Port(usize),
+    Internet,
+    Underlay { from: Ipv4Addr, key: Option<u32> },
+}
+
+#[derive(Debug, Clone)]
+pub struct CloudFlow {
+    pub origin: Origin,
+    pub via: Via,
+}
+
+/// Where a forwarded packet ended up: the receiver, its own address, and the packet's
+/// addresses as it saw them.
+#[derive(Debug, Clone, Copy)]
+struct Landing {
+    rx: Origin,
+    rx_addr: Ipv4Addr,
+    seen_src: Ipv4Addr,
+    seen_dst: Ipv4Addr,
+}
+
+fn cdst() -> impl Strategy<Value = CDst> {
+    prop_oneof![
+        6 => any::<Index>().prop_map(CDst::SameSpace),
+        5 => any::<Index>().prop_map(CDst::LocalSameSpace),
+        4 => any::<Index>().prop_map(CDst::Peer),
+        3 => any::<Index>().prop_map(CDst::Linked),
+        3 => any::<Index>().prop_map(CDst::Basic),
+        2 => any::<Index>().prop_map(CDst::AnyInstance),
+        4 => any::<Index>().prop_map(CDst::Eip),
+        5 => any::<Index>().prop_map(CDst::Public),
+        1 => any::<Index>().prop_map(CDst::Third),
+        1 => any::<Index>().prop_map(CDst::Missing),
+        1 => any::<Index>().prop_map(CDst::Special),
+    ]
+}
+
+fn cfresh(remote: bool) -> impl Strategy<Value = Op> {
+    (
+        prop::bool::weighted(0.15),
+        any::<Index>(),
+        cdst(),
+        l4(),
+        shape(),
+    )
+        .prop_map(move |(wide, sender, dst, l4, shape)| Op::CFresh {
+            remote,
+            wide,
+            sender,
+            dst,
+            l4,
+            shape,
+        })
+}
+
+fn cnet() -> impl Strategy<Value = Op> {
+    let dst = prop_oneof![
+        16 => any::<Index>().prop_map(NetDst::Eip),
+        2 => any::<Index>().prop_map(NetDst::Public),
+        2 => any::<Index>().prop_map(NetDst::Private),
+        1 => any::<Index>().prop_map(NetDst::Special),
+    ];
+    (
+        any::<Index>(),
+        dst,
+        prop::bool::weighted(0.1),
+        l4(),
+        shape(),
+    )
+        .prop_map(|(src, dst, raw, l4, shape)| Op::CNet {
+            src,
+            dst,
+            raw,
+            l4,
+            shape,
+        })
+}
+
+fn crelay() -> impl Strategy<Value = Op> {
+    let key = prop_oneof![
+        7 => Just(RelayKey::Right),
+        2 => Just(RelayKey::None),
+        1 => any::<Index>().prop_map(RelayKey::Other),
+    ];
+    (
+        any::<Index>(),
+        any::<Index>(),
+        prop::bool::weighted(0.8),
+        key,
+        l4(),
+        shape(),
+    )
+        .prop_map(|(src, to, local, key, l4, shape)| Op::CRelay {
+            src,
+            to,
+            local,
+            key,
+            l4,
+            shape,
+        })
+}
+
+fn cloud_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        24 => cfresh(false),
+        14 => cfresh(true),
+        8 => cnet(),
+        4 => crelay(),
+        22 => (pick(), flag_sel(1), shape()).prop_map(|(k, flags, shape)| Op::CReply { k, flags, shape }),
+        8 => (pick(), flag_sel(2), shape()).prop_map(|(k, flags, shape)| Op::CAgain { k, flags, shape }),
+        12 => pick().prop_map(|k| Op::Repeat { k }),
+        2 => (pick(), any::<Index>()).prop_map(|(k, via)| Op::Impostor { k, via }),
+        5 => (
+            pick(),
+            prop::sample::select(vec![3u8, 3, 3, 11, 4, 5, 12]),
+            prop::sample::select(vec![3u8, 4, 0]),
+            prop_oneof![
+                10 => Just(QuoteTweak::Exact),
+                3 => Just(QuoteTweak::Full),
+                1 => prop::sample::select(vec![0usize, 3, 4, 7, 8]).prop_map(QuoteTweak::Short),
+                1 => Just(QuoteTweak::WrongSrc),
+                1 => Just(QuoteTweak::Mf),
+            ],
+            shape(),
+        )
+            .prop_map(|(k, ty, code, quote, shape)| Op::CError { k, ty, code, quote, shape }),
+        3 => (
+            pick(),
+            prop::sample::select(vec![1u16, 2, 3, 4, 185]),
+            any::<bool>(),
+            prop::sample::select(vec![8usize, 16, 40]),
+            shape(),
+        )
+            .prop_map(|(k, offset, mf, len, shape)| Op::CLater { k, offset, mf, len, shape }),
+        2 => (
+            pick(),
+            prop_oneof![
+                3 => Just(RelayKey::Right),
+                1 => Just(RelayKey::None),
+                1 => any::<Index>().prop_map(RelayKey::Other),
+            ],
+        )
+            .prop_map(|(k, key)| Op::CRekey { k, key }),
+        2 => (pick(), any::<Index>()).prop_map(|(k, via)| Op::CImpostor { k, via }),
+        1 => Just(Op::Retopo),
+    ]
+}
+
+/// A conversation through whatever NAT the first packet went through.
+fn cloud_talk() -> impl Strategy<Value = Vec<Step>> {
+    let turn = (small_dt(), prop::bool::weighted(0.7), flag_sel(1), shape());
+    (
+        pick(),
+        dt(),
+        flag_sel(1),
+        shape(),
+        prop::collection::vec(turn, 1..6),
+    )
+        .prop_map(|(k, dt, flags, shape, turns)| {
+            let mut v = vec![Step {
+                dt,
+                op: Op::CReply { k, flags, shape },
+            }];
+            for (dt, back, flags, shape) in turns {
+                let k = Pick::Recent(0);
+                let op = if back {
+                    Op::CReply { k, flags, shape }
+                } else {
+                    Op::CAgain { k, flags, shape }
+                };
+                v.push(Step { dt, op });
+            }
+            v
+        })
+}
+
+fn cloud_fragments() -> impl Strategy<Value = Vec<Step>> {
+    let frag_dt = prop_oneof![
+        3 => Just(0u64),
+        2 => 1u64..5000,
+        1 => prop::sample::select(vec![29_999u64, 30_000, 30_001]),
+    ];
+    let later = (
+        frag_dt,
+        prop::sample::select(vec![1u16, 2, 3, 4, 185]),
+        any::<bool>(),
+        prop::sample::select(vec![8usize, 16, 40]),
+        shape(),
+    );
+    (
+        dt(),
+        prop_oneof![cfresh(false), cfresh(true), cnet()],
+        prop::collection::vec(later, 1..4),
+        prop::bool::weighted(0.1),
+    )
+        .prop_map(|(dt, mut first, laters, retopo)| {
+            if let Op::CFresh { shape, .. } | Op::CNet { shape, .. } = &mut first {
+                shape.first_frag = true;
+                shape.big = None;
+            }
+            let mut v = vec![Step { dt, op: first }];
+            if retopo {
+                v.push(Step {
+                    dt: 0,
+                    op: Op::Retopo,
+                });
+            }
+            for (dt, offset, mf, len, shape) in laters {
+                let op = Op::CLater {
+                    k: Pick::Recent(0),
+                    offset,
+                    mf,
+                    len,
+                    shape,
+                };
+                v.push(Step { dt, op });
+            }
+            v
+        })
+}
+
+/// Packet sequences for cloud topologies.
+pub fn cloud_steps() -> impl Strategy<Value = Vec<Step>> {
+    let unit = prop_oneof![
+        14 => (dt(), cloud_op()).prop_map(|(dt, op)| vec![Step { dt, op }]),
+        4 => cloud_talk(),
+        1 => cloud_fragments(),
+    ];
+    (
+        (dt(), cfresh(false)).prop_map(|(dt, op)| Step { dt, op }),
+        prop::collection::vec(unit, 8..=20),
+    )
+        .prop_map(|(first, rest)| {
+            let mut v = vec![first];
+            v.extend(rest.into_iter().flatten());
+            v
+        })
+}
+
+fn proto_of(l4: &L4Gen) -> Proto {
+    match l4 {
+        L4Gen::Tcp {
+            sport,
+            dport,
+            flags,
+        } => Proto::Tcp {
+            sport: SPORTS[sport.index(SPORTS.len())],
+            dport: DPORTS[dport.index(DPORTS.len())],
+            flags: *flags,
+        },
+        L4Gen::Udp { sport, dport } => Proto::Udp {
+            sport: SPORTS[sport.index(SPORTS.len())],
+            dport: DPORTS[dport.index(DPORTS.len())],
+        },
+        L4Gen::Echo { ident, reply } => Proto::Icmp {
+            ty: if *reply { 0 } else { 8 },
+            code: 0,
+            ident: *ident,
+        },
+        L4Gen::Icmp(ty) => Proto::Icmp {
+            ty: *ty,
+            code: 0,
+            ident: 0,
+        },
+        L4Gen::Raw(p) => Proto::Raw(*p),
+    }
+}
+
+fn tweak_quote(q: &mut Vec<u8>, quote: &QuoteTweak) {
+    let ihl = q.first().map_or(20, |b| usize::from(b & 0x0f) * 4);
+    match quote {
+        QuoteTweak::Exact => q.truncate(ihl + 8),
+        QuoteTweak::Full => q.truncate(400),
+        QuoteTweak::Short(m) => q.truncate(20 + m),
+        QuoteTweak::WrongSrc => {
+            q.truncate(ihl + 8);
+            if q.len() >= 16 {
+                q[15] ^= 0x40;
+            }
+        }
+        QuoteTweak::FragOffset => {
+            q.truncate(ihl + 8);
+            if q.len() >= 8 {
+                q[7] |= 3;
+            }
+        }
+        QuoteTweak::Mf => {
+            q.truncate(ihl + 8);
+            if q.len() >= 8 {
+                q[6] |= 0x20;
+            }
+        }
+        QuoteTweak::BadTotal => {
+            q.truncate(ihl + 8);
+            if q.len() >= 4 {
+                q[2] = 0;
+                q[3] = 19;
+            }
+        }
+        QuoteTweak::NotIpv4 => {
+            q.truncate(ihl + 8);
+            if !q.is_empty() {
+                q[0] = 0x60 | (q[0] & 0x0f);
+            }
+        }
+    }
+}
+
+fn private(a: Ipv4Addr) -> bool {
+    let [x, y, _, _] = a.octets();
+    x == 10 || (x == 172 && (16..32).contains(&y)) || (x == 192 && y == 168)
+}
+
+impl Resolver<'_> {
+    fn space(&self, i: usize) -> Space {
+        self.topo.instances[i].space()
+    }
+
+    /// The GRE key of an instance's network.
+    fn key_of(&self, i: usize) -> Option<u32> {
+        self.topo.instances[i]
+            .vpc()
+            .map(|v| self.vpc_key(v.index()))
+    }
+
+    fn gateway(&self) -> Option<usize> {
+        self.topo.internet.as_ref().map(|n| n.gateway.index())
+    }
+
+    fn eip_owner(&self, a: Ipv4Addr) -> Option<usize> {
+        self.topo.instances.iter().position(|i| i.eip == Some(a))
+    }
+
+    fn linked_vpc(&self, i: usize) -> Option<usize> {
+        self.topo
+            .interconnects
+            .iter()
+            .find(|c| c.instance.index() == i)
+            .map(|c| c.vpc.index())
+    }
+
+    fn peers(&self, v: usize) -> Vec<usize> {
+        self.topo
+            .peerings
+            .iter()
+            .filter_map(|p| {
+                let [a, b] = [p.vpcs[0].index(), p.vpcs[1].index()];
+                if a == v {
+                    Some(b)
+                } else if b == v {
+                    Some(a)
+                } else {
+                    None
+                }
+            })
+            .collect()
+    }
+
+    /// The key `r`'s host encapsulates a packet to `dst` with (its route, roughly).
+    fn key_towards(&self, r: usize, dst: Ipv4Addr) -> Option<u32> {
+        let t = self.topo;
+        match t.instances[r].vpc() {
+            Some(v) => {
+                let v = v.index();
+                if t.vpcs[v].cidr.contains(&dst) {
+                    return Some(self.vpc_key(v));
+                }
+                if (0..t.instances.len()).any(|b| {
+                    t.instances[b].is_basic()
+                        && t.instances[b].ip == dst
+                        && self.linked_vpc(b) == Some(v)
+                }) {
+                    return None;
+                }
+                for w in self.peers(v) {
+                    if t.vpcs[w].cidr.contains(&dst) {
+                        return Some(self.vpc_key(w));
+                    }
+                }
+                Some(self.vpc_key(v))
+            }
+            None => {
+                if t.basic.is_some_and(|b| b.cidr.contains(&dst)) {
+                    return None;
+                }
+                match self.linked_vpc(r) {
+                    Some(v) if t.vpcs[v].cidr.contains(&dst) => Some(self.vpc_key(v)),
+                    _ => None,
+                }
+            }
+        }
+    }
+
+    /// Whether `r` may send to `x` directly: same space, peered VPCs, an interconnect.
+    fn neighbours(&self, r: usize, x: usize) -> bool {
+        let t = self.topo;
+        if self.space(r) == self.space(x) {
+            return true;
+        }
+        match (t.instances[r].vpc(), t.instances[x].vpc()) {
+            (Some(v), Some(w)) => self.peers(v.index()).contains(&w.index()),
+            (Some(v), None) => self.linked_vpc(x) == Some(v.index()),
+            (None, Some(w)) => self.linked_vpc(r) == Some(w.index()),
+            (None, None) => false,
+        }
+    }
+
+    fn cdst(&self, s: usize, d: &CDst) -> Ipv4Addr {
+        let t = self.topo;
+        let n = t.instances.len();
+        let sp = self.space(s);
+        let all: Vec<usize> = (0..n).collect();
+        let pick = |v: Vec<usize>, i: &Index, fallback: Vec<usize>| {
+            let v = if !v.is_empty() {
+                v
+            } else if !fallback.is_empty() {
+                fallback
+            } else {
+                all.clone()
+            };
+            t.instances[v[i.index(v.len())]].ip
+        };
+        // A remote sender's packet is for this host only if its destination is here: prefer
+        // local destinations then.
+        let remote = !self.local(s);
+        let filter = |f: &dyn Fn(usize) -> bool| {
+            let v: Vec<usize> = (0..n).filter(|&i| f(i)).collect();
+            let here: Vec<usize> = v.iter().copied().filter(|&i| self.local(i)).collect();
+            if remote && !here.is_empty() { here } else { v }
+        };
+        let basics = filter(&|i| t.instances[i].is_basic());
+        match d {
+            CDst::SameSpace(i) => pick(filter(&|j| self.space(j) == sp), i, vec![]),
+            CDst::LocalSameSpace(i) => pick(
+                filter(&|j| self.space(j) == sp && self.local(j)),
+                i,
+                filter(&|j| self.space(j) == sp),
+            ),
+            CDst::Peer(i) => {
+                let peers = t.instances[s]
+                    .vpc()
+                    .map_or(vec![], |v| self.peers(v.index()));
+                pick(
+                    filter(&|j| {
+                        t.instances[j]
+                            .vpc()
+                            .is_some_and(|w| peers.contains(&w.index()))
+                    }),
+                    i,
+                    filter(&|j| t.instances[j].vpc().is_some() && self.space(j) != sp),
+                )
+            }
+            CDst::Linked(i) => {
+                let linked = match t.instances[s].vpc() {
+                    Some(v) => filter(&|j| self.linked_vpc(j) == Some(v.index())),
+                    None => match self.linked_vpc(s) {
+                        Some(v) => filter(&|j| t.instances[j].vpc().map(|w| w.index()) == Some(v)),
+                        None => vec![],
+                    },
+                };
+                pick(linked, i, basics.clone())
+            }
+            CDst::Basic(i) => pick(basics, i, vec![]),
+            CDst::AnyInstance(i) => pick(all.clone(), i, vec![]),
+            CDst::Eip(i) => {
+                let mut eips: Vec<Ipv4Addr> = t.instances.iter().filter_map(|x| x.eip).collect();
+                let here: Vec<Ipv4Addr> = (0..n)
+                    .filter(|&x| self.local(x))
+                    .filter_map(|x| t.instances[x].eip)
+                    .collect();
+                if remote && self.gateway() != Some(self.this) && !here.is_empty() {
+                    eips = here;
+                }
+                if eips.is_empty() {
+                    ip(PUBLIC[i.index(PUBLIC.len())])
+                } else {
+                    eips[i.index(eips.len())]
+                }
+            }
+            CDst::Public(i) => ip(PUBLIC[i.index(PUBLIC.len())]),
+            CDst::Third(i) => {
+                let mine = t.instances[s].vpc().map(|v| v.index());
+                let peers = mine.map_or(vec![], |v| self.peers(v));
+                let third = filter(&|j| {
+                    t.instances[j]
+                        .vpc()
+                        .is_some_and(|w| Some(w.index()) != mine && !peers.contains(&w.index()))
+                });
+                if third.is_empty() {
+                    Ipv4Addr::new(10, 2, 1, 10)
+                } else {
+                    t.instances[third[i.index(third.len())]].ip
+                }
+            }
+            CDst::Missing(i) => {
+                let net = match t.instances[s].vpc() {
+                    Some(v) => t.vpcs[v.index()].cidr,
+                    None => t.basic.unwrap().cidr,
+                };
+                let base = u32::from(net.network());
+                let last = u32::from(net.broadcast());
+                let choices = [
+                    base + 1,
+                    last,
+                    (base + 200).min(last - 1),
+                    base + 0x0109,
+                    base + 0x0301,
+                ];
+                Ipv4Addr::from(choices[i.index(choices.len())].min(last))
+            }
+            CDst::Special(i) => ip(SPECIAL[i.index(SPECIAL.len())]),
+        }
+    }
+
+    fn build_inner(
+        &self,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        proto: Proto,
+        icmp_payload: Option<&[u8]>,
+        shape: &Shape,
+    ) -> (Vec<u8>, String) {
+        let payload: Vec<u8> = match (icmp_payload, shape.big) {
+            (Some(q), _) => q.to_vec(),
+            (None, Some(delta)) => {
+                let want = i32::from(self.mtu) + delta - 20 - proto.header_len() as i32;
+                vec![0xab; want.max(0) as usize]
+            }
+            (None, None) => (0..shape.payload).map(|x| x as u8).collect(),
+        };
+        let mut inner = build::ipv4(
+            &Ip4 {
+                src,
+                dst,
+                proto: proto.number(),
+                id: shape.id,
+                df: shape.df,
+                mf: shape.first_frag,
+                offset: 0,
+            },
+            &proto.transport(&payload),
+        );
+        build::fix_l4_checksum(&mut inner);
+        let mut desc = format!(
+            "{src} -> {dst} {proto:?} id {} df {} len {}",
+            shape.id,
+            shape.df,
+            inner.len()
+        );
+        if shape.first_frag {
+            desc.push_str(" FIRST-FRAGMENT");
+        }
+        if let Some(m) = shape.mutation {
+            mutate(&mut inner, m);
+            desc.push_str(&format!(" mutation {m:?}"));
+        }
+        (inner, desc)
+    }
+
+    /// How a packet from `origin` gets to this host: the way in, and the addresses after any
+    /// NAT at the gateway (the bytes are rewritten).
+    fn route_here(
+        &self,
+        origin: Origin,
+        inner: &mut [u8],
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        raw: bool,
+    ) -> (Via, Ipv4Addr, Ipv4Addr) {
+        let hosts = &self.topo.hosts;
+        let gw = self.gateway();
+        let gw_addr = hosts[gw.unwrap_or(0)].address;
+        let me = self.this;
+        match origin {
+            Origin::Inst(r) if self.local(r) => (Via::Port(r), src, dst),
+            Origin::Net => {
+                if raw || gw == Some(me) {
+                    return (Via::Internet, src, dst);
+                }
+                match self.eip_owner(dst) {
+                    Some(x) => {
+                        let to = self.topo.instances[x].ip;
+                        build::nat(inner, None, Some(to));
+                        let key = self.key_of(x);
+                        (Via::Underlay { from: gw_addr, key }, src, to)
+                    }
+                    None => (Via::Internet, src, dst),
+                }
+            }
+            Origin::Inst(r) => {
+                let h = self.topo.instances[r].host.index();
+                let from = hosts[h].address;
+                let eip = self.topo.instances[r].eip;
+                if private(dst) || gw.is_none() || eip.is_none() {
+                    return (
+                        Via::Underlay {
+                            from,
+                            key: self.key_towards(r, dst),
+                        },
+                        src,
+                        dst,
+                    );
+                }
+                let own = Via::Underlay {
+                    from,
+                    key: self.key_of(r),
+                };
+                if gw == Some(me) && h != me {
+                    return (own, src, dst);
+                }
+                // Through the gateway's NAT.
+                match self.eip_owner(dst) {
+                    Some(x) => {
+                        let to = self.topo.instances[x].ip;
+                        build::nat(inner, eip, Some(to));
+                        let via = Via::Underlay {
+                            from: gw_addr,
+                            key: self.key_of(x),
+                        };
+                        (via, eip.unwrap(), to)
+                    }
+                    None => (own, src, dst),
+                }
+            }
+        }
+    }
+
+    /// A cloud packet from `origin`, built and sent the way it reaches this host.
+    #[allow(clippy::too_many_arguments)]
+    fn send(
+        &self,
+        what: &str,
+        origin: Origin,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        proto: Proto,
+        icmp_payload: Option<&[u8]>,
+        shape: &Shape,
+        raw: bool,
+        at: u64,
+    ) -> Sent {
+        let (mut inner, desc) = self.build_inner(src, dst, proto, icmp_payload, shape);
+        let (via, s2, d2) = self.route_here(origin, &mut inner, src, dst, raw);
+        let mut what = format!("{what}: {origin:?} {desc}");
+        if (s2, d2) != (src, dst) {
+            what.push_str(&format!(" (arrives as {s2} -> {d2})"));
+        }
+        let flow = Flow {
+            sender: match origin {
+                Origin::Inst(r) => r,
+                Origin::Net => usize::MAX,
+            },
+            local: matches!(via, Via::Port(_)),
+            vpc: usize::MAX,
+            src: s2,
+            dst: d2,
+            proto,
+            id: shape.id,
+            inner: inner.clone(),
+            encap: shape.encap.clone(),
+            cloud: Some(CloudFlow { origin, via }),
+        };
+        self.arrive(&what, via, inner, flow, &shape.port, &shape.encap, at)
+    }
+
+    /// The packet through its way in, as the tweaks change it.
+    #[allow(clippy::too_many_arguments)]
+    fn arrive(
+        &self,
+        what: &str,
+        via: Via,
+        inner: Vec<u8>,
+        mut flow: Flow,
+        port: &PortTweak,
+        e: &Encap,
+        at: u64,
+    ) -> Sent {
+        flow.inner = inner.clone();
+        let n = self.topo.instances.len();
+        let (ingress, bytes, what) = match via {
+            Via::Port(r) => {
+                let (id, note) = match port {
+                    PortTweak::Right => (r as u32, String::new()),
+                    PortTweak::Remote(i) => {
+                        let i = i.index(n);
+                        (i as u32, format!(" via port i{i}"))
+                    }
+                    PortTweak::Bogus => (99, " via port 99".to_string()),
+                };
+                (
+                    Ingress::Instance(vpcd::topology::InstanceId(id)),
+                    inner,
+                    format!("{what}{note}"),
+                )
+            }
+            Via::Internet => (
+                Ingress::Internet,
+                inner,
+                format!("{what} | from the internet"),
+            ),
+            Via::Underlay { from, key } => self.underlay(what, from, key, inner, e),
+        };
+        Sent {
+            ingress,
+            bytes,
+            at,
+            what,
+            flow,
+            decision: None,
+        }
+    }
+
+    /// Where a forwarded cloud packet ended up.
+    fn landing(&self, h: &Sent) -> Option<Landing> {
+        let f = &h.flow;
+        let c = f.cloud.as_ref()?;
+        let t = self.topo;
+        let at = |x: usize| t.instances[x].ip;
+        match h.decision? {
+            Decision::Deliver { to, nat, .. } => Some(Landing {
+                rx: Origin::Inst(to.index()),
+                rx_addr: at(to.index()),
+                seen_src: nat.src.unwrap_or(f.src),
+                seen_dst: nat.dst.unwrap_or(f.dst),
+            }),
+            Decision::ToInternet { nat, .. } => Some(Landing {
+                rx: Origin::Net,
+                rx_addr: f.dst,
+                seen_src: nat.src.unwrap_or(f.src),
+                seen_dst: f.dst,
+            }),
+            Decision::Encapsulate { host, key, nat, .. } => {
+                let (s1, d1) = (nat.src.unwrap_or(f.src), nat.dst.unwrap_or(f.dst));
+                let gw = self.gateway();
+                if gw == Some(host.index()) && gw != Some(self.this) && !private(d1) {
+                    // The gateway translates what this host sent it.
+                    let s2 = match c.origin {
+                        Origin::Inst(r) => t.instances[r].eip.unwrap_or(s1),
+                        Origin::Net => s1,
+                    };
+                    return Some(match self.eip_owner(d1) {
+                        Some(x) => Landing {
+                            rx: Origin::Inst(x),
+                            rx_addr: at(x),
+                            seen_src: s2,
+                            seen_dst: at(x),
+                        },
+                        None => Landing {
+                            rx: Origin::Net,
+                            rx_addr: d1,
+                            seen_src: s2,
+                            seen_dst: d1,
+                        },
+                    });
+                }
+                let sp = match key {
+                    Some(k) => Space::Vpc(vpcd::topology::VpcId(
+                        t.vpcs.iter().position(|v| v.key == k)? as u32,
+                    )),
+                    None => Space::Basic,
+                };
+                let n = t.instances.len();
+                let x = (0..n)
+                    .find(|&x| self.space(x) == sp && at(x) == d1 && t.instances[x].host == host)
+                    .or_else(|| (0..n).find(|&x| self.space(x) == sp && at(x) == d1))?;
+                Some(Landing {
+                    rx: Origin::Inst(x),
+                    rx_addr: at(x),
+                    seen_src: s1,
+                    seen_dst: d1,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    fn resolve_cloud(&self, op: &Op, hist: &[Sent], at: u64) -> Sent {
+        let t = self.topo;
+        let n = t.instances.len();
+        match op {
+            Op::CFresh {
+                remote,
+                wide,
+                sender,
+                dst,
+                l4,
+                shape,
+            } => {
+                let locals: Vec<usize> = (0..n).filter(|&i| self.local(i)).collect();
+                let mut remotes: Vec<usize> = (0..n).filter(|&i| !self.local(i)).collect();
+                let near: Vec<usize> = remotes
+                    .iter()
+                    .copied()
+                    .filter(|&r| locals.iter().any(|&x| self.neighbours(r, x)))
+                    .collect();
+                if !*wide && !near.is_empty() {
+                    remotes = near;
+                }
+                let s = if (*remote || locals.is_empty()) && !remotes.is_empty() {
+                    remotes[sender.index(remotes.len())]
+                } else {
+                    locals[sender.index(locals.len())]
+                };
+                let d = self.cdst(s, dst);
+                let src = if shape.spoof {
+                    let mut o = t.instances[s].ip.octets();
+                    o[3] ^= 1;
+                    ip(o)
+                } else {
+                    t.instances[s].ip
+                };
+                let what = format!("fresh {dst:?} from i{s}");
+                self.send(
+                    &what,
+                    Origin::Inst(s),
+                    src,
+                    d,
+                    proto_of(l4),
+                    None,
+                    shape,
+                    false,
+                    at,
+                )
+            }
+            Op::CNet {
+                src,
+                dst,
+                raw,
+                l4,
+                shape,
+            } => {
+                let s = ip(INET_SRCS[src.index(INET_SRCS.len())]);
+                let eips: Vec<Ipv4Addr> = t.instances.iter().filter_map(|x| x.eip).collect();
+                let d = match dst {
+                    NetDst::Eip(i) if !eips.is_empty() => eips[i.index(eips.len())],
+                    NetDst::Eip(i) | NetDst::Public(i) => ip(PUBLIC[i.index(PUBLIC.len())]),
+                    NetDst::Private(i) => t.instances[i.index(n)].ip,
+                    NetDst::Special(i) => ip(SPECIAL[i.index(SPECIAL.len())]),
+                };
+                let what = format!("internet {dst:?}");
+                self.send(
+                    &what,
+                    Origin::Net,
+                    s,
+                    d,
+                    proto_of(l4),
+                    None,
+                    shape,
+                    *raw,
+                    at,
+                )
+            }
+            Op::CRelay {
+                src,
+                to,
+                local,
+                key,
+                l4,
+                shape,
+            } => {
+                let mut srcs: Vec<Ipv4Addr> = INET_SRCS.iter().map(|a| ip(*a)).collect();
+                srcs.extend(t.instances.iter().filter_map(|x| x.eip));
+                let s = srcs[src.index(srcs.len())];
+                let locals: Vec<usize> = (0..n).filter(|&i| self.local(i)).collect();
+                let x = if *local && !locals.is_empty() {
+                    locals[to.index(locals.len())]
+                } else {
+                    to.index(n)
+                };
+                let key = match key {
+                    RelayKey::Right => self.key_of(x),
+                    RelayKey::None => None,
+                    RelayKey::Other(i) => Some(self.vpc_key(i.index(t.vpcs.len()))),
+                };
+                let proto = proto_of(l4);
+                let d = t.instances[x].ip;
+                let (inner, desc) = self.build_inner(s, d, proto, None, shape);
+                let from = t.hosts[self.gateway().unwrap_or(0)].address;
+                let via = Via::Underlay { from, key };
+                let flow = Flow {
+                    sender: usize::MAX,
+                    local: false,
+                    vpc: usize::MAX,
+                    src: s,
+                    dst: d,
+                    proto,
+                    id: shape.id,
+                    inner: inner.clone(),
+                    encap: shape.encap.clone(),
+                    cloud: Some(CloudFlow {
+                        origin: Origin::Net,
+                        via,
+                    }),
+                };
+                let what = format!("relayed by the gateway to i{x}: {desc}");
+                self.arrive(&what, via, inner, flow, &shape.port, &shape.encap, at)
+            }
+            Op::CReply { k, flags, shape } => {
+                let ki = pick_forwarded_cloud(k, hist);
+                let f = &hist[ki].flow;
+                let proto = f.proto.reversed(flags.resolve(f.proto.flags(), true));
+                match self.landing(&hist[ki]) {
+                    Some(l) => self.send(
+                        &format!("reply to #{ki}"),
+                        l.rx,
+                        l.rx_addr,
+                        l.seen_src,
+                        proto,
+                        None,
+                        shape,
+                        false,
+                        at,
+                    ),
+                    None => self.again(ki, hist, *flags, shape, at),
+                }
+            }
+            Op::CAgain { k, flags, shape } => {
+                let ki = k.index(hist.len());
+                self.again(ki, hist, *flags, shape, at)
+            }
+            Op::CError {
+                k,
+                ty,
+                code,
+                quote,
+                shape,
+            } => {
+                let ki = pick_forwarded_cloud(k, hist);
+                let h = &hist[ki];
+                let f = &h.flow;
+                let c = f.cloud.as_ref().unwrap();
+                let mut q = f.inner.clone();
+                let (rx, rx_addr, to) = match self.landing(h) {
+                    Some(l) => {
+                        build::nat(&mut q, Some(l.seen_src), Some(l.seen_dst));
+                        (l.rx, l.rx_addr, l.seen_src)
+                    }
+                    None => (c.origin, f.dst, f.src),
+                };
+                tweak_quote(&mut q, quote);
+                let proto = Proto::Icmp {
+                    ty: *ty,
+                    code: *code,
+                    ident: 0,
+                };
+                self.send(
+                    &format!("icmp error {ty}/{code} ({quote:?}) about #{ki}"),
+                    rx,
+                    rx_addr,
+                    to,
+                    proto,
+                    Some(&q),
+                    shape,
+                    false,
+                    at,
+                )
+            }
+            Op::CLater {
+                k,
+                offset,
+                mf,
+                len,
+                shape,
+            } => {
+                let firsts: Vec<usize> = (0..hist.len())
+                    .filter(|&i| {
+                        let b = &hist[i].flow.inner;
+                        b.len() >= 8 && b[6] & 0x20 != 0 && b[6] & 0x1f == 0 && b[7] == 0
+                    })
+                    .collect();
+                let ki = match k {
+                    Pick::Recent(0) | Pick::Any(_) if !firsts.is_empty() => {
+                        firsts[k.index(firsts.len())]
+                    }
+                    _ => k.index(hist.len()),
+                };
+                let f = hist[ki].flow.clone();
+                let c = f.cloud.clone().unwrap();
+                let payload: Vec<u8> = (0..*len).map(|x| x as u8 ^ 0x5a).collect();
+                let inner = build::ipv4(
+                    &Ip4 {
+                        src: f.src,
+                        dst: f.dst,
+                        proto: f.proto.number(),
+                        id: f.id,
+                        df: false,
+                        mf: *mf,
+                        offset: *offset,
+                    },
+                    &payload,
+                );
+                let what = format!(
+                    "later fragment of #{ki}: offset {} bytes, mf {mf}, {} bytes",
+                    offset * 8,
+                    inner.len()
+                );
+                let encap = if f.local {
+                    shape.encap.clone()
+                } else {
+                    f.encap.clone()
+                };
+                self.arrive(&what, c.via, inner, f, &shape.port, &encap, at)
+            }
+            Op::CRekey { k, key } => {
+                let ki = k.index(hist.len());
+                let f = hist[ki].flow.clone();
+                let c = f.cloud.clone().unwrap();
+                let (from, was) = match c.via {
+                    Via::Underlay { from, key } => (from, key),
+                    _ => (t.hosts[self.gateway().unwrap_or(0)].address, None),
+                };
+                let key = match key {
+                    RelayKey::Right if was.is_some() => None,
+                    RelayKey::Right => (0..n)
+                        .find(|&x| t.instances[x].ip == f.dst && !t.instances[x].is_basic())
+                        .and_then(|x| self.key_of(x))
+                        .or(Some(self.vpc_key(0))),
+                    RelayKey::None => None,
+                    RelayKey::Other(i) => Some(self.vpc_key(i.index(t.vpcs.len()))),
+                };
+                let e = Encap {
+                    key: KeyTweak::Right,
+                    sender: SenderTweak::Right,
+                    gre: None,
+                    outer: None,
+                    ..f.encap.clone()
+                };
+                let via = Via::Underlay { from, key };
+                let flow = Flow {
+                    cloud: Some(CloudFlow { via, ..c }),
+                    encap: e.clone(),
+                    ..f.clone()
+                };
+                let what = format!("#{ki}'s inner packet with key {key:?} (was {was:?})");
+                self.arrive(&what, via, f.inner.clone(), flow, &PortTweak::Right, &e, at)
+            }
+            Op::CImpostor { k, via } => {
+                let ki = k.index(hist.len());
+                let f = hist[ki].flow.clone();
+                let c = f.cloud.clone().unwrap();
+                let key = match c.via {
+                    Via::Underlay { key, .. } => key,
+                    _ => match c.origin {
+                        Origin::Inst(r) => self.key_of(r),
+                        Origin::Net => None,
+                    },
+                };
+                let mut ways = vec![Via::Internet];
+                ways.extend((0..n).filter(|&i| self.local(i)).map(Via::Port));
+                ways.extend(t.hosts.iter().map(|h| Via::Underlay {
+                    from: h.address,
+                    key,
+                }));
+                let via = ways[via.index(ways.len())];
+                let e = Encap {
+                    key: KeyTweak::Right,
+                    sender: SenderTweak::Right,
+                    gre: None,
+                    outer: None,
+                    ..f.encap.clone()
+                };
+                let flow = Flow {
+                    cloud: Some(CloudFlow { via, ..c }),
+                    local: matches!(via, Via::Port(_)),
+                    encap: e.clone(),
+                    ..f.clone()
+                };
+                let what = format!("#{ki}'s inner packet via {via:?}");
+                self.arrive(&what, via, f.inner.clone(), flow, &PortTweak::Right, &e, at)
+            }
+            _ => unreachable!("not a cloud step"),
+        }
+    }
+
+    /// The sender of packet `ki` sends again, the same way.
+    fn again(&self, ki: usize, hist: &[Sent], flags: FlagSel, shape: &Shape, at: u64) -> Sent {
+        let f = &hist[ki].flow;
+        let c = f.cloud.clone().unwrap();
+        let proto = f.proto.with_flags(flags.resolve(f.proto.flags(), false));
+        let (inner, desc) = self.build_inner(f.src, f.dst, proto, None, shape);
+        let flow = Flow {
+            proto,
+            id: shape.id,
+            inner: inner.clone(),
+            encap: shape.encap.clone(),
+            ..f.clone()
+        };
+        let what = format!("again #{ki}: {:?} {desc}", c.origin);
+        self.arrive(&what, c.via, inner, flow, &shape.port, &shape.encap, at)
+    }
 }

@@ -233,6 +233,17 @@ pub struct Placed {
 }
 
 fn render_rules(out: &mut String, field: &str, peer_key: &str, r: &RulesSpec, sgs: usize) {
+    render_rules_in(out, field, peer_key, r, sgs, &RULE_CIDRS);
+}
+
+fn render_rules_in(
+    out: &mut String,
+    field: &str,
+    peer_key: &str,
+    r: &RulesSpec,
+    sgs: usize,
+    cidrs: &[&str],
+) {
     let _ = writeln!(out, "{field} = [");
     let all = r.rules.iter().map(|x| {
         let proto = PROTOS[x.proto];
@@ -241,7 +252,7 @@ fn render_rules(out: &mut String, field: &str, peer_key: &str, r: &RulesSpec, sg
             _ => String::new(),
         };
         let peer = match &x.peer {
-            PeerSpec::Cidr(c) => RULE_CIDRS[*c].to_string(),
+            PeerSpec::Cidr(c) => cidrs[*c].to_string(),
             PeerSpec::Sg(i) => format!("sg:sg{}", i.index(sgs)),
         };
         let action = if x.accept { "accept" } else { "drop" };
@@ -420,4 +431,559 @@ pub fn render(t: &TopoSpec) -> (String, Vec<Placed>) {
         );
     }
     (out, placed)
+}
+
+// ----- the cloud: the basic network, Elastic IPs, peering, interconnects ---------------------
+
+pub const CLOUD_HOSTS: [&str; 4] = ["192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4"];
+/// The peer of VPC 0 (10.0.0.0/16): never overlapping it.
+pub const PEER_CIDRS: [(u8, u8); 2] = [(10, 1), (172, 16)];
+/// The third VPC: overlapping VPC 0, apart, or overlapping the basic pool.
+pub const THIRD_CIDRS: [(u8, u8); 4] = [(10, 0), (10, 2), (10, 3), (10, 128)];
+pub const POOLS: [&str; 3] = ["10.128.0.0/16", "10.128.0.0/28", "192.168.0.0/24"];
+pub const CLOUD_RULE_CIDRS: [&str; 10] = [
+    "0.0.0.0/0",
+    "10.0.0.0/8",
+    "10.0.0.0/16",
+    "10.1.0.0/16",
+    "10.128.0.0/16",
+    "203.0.113.0/24",
+    "198.51.100.0/24",
+    "203.0.113.10/31",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+];
+
+/// A route destination of the cloud generator: a literal, or one named by its role.
+#[derive(Debug, Clone, Copy)]
+pub enum CDest {
+    Lit(&'static str),
+    /// The peer VPC's CIDR (the route a peering needs).
+    PeerVpc,
+    /// The peer VPC's first subnet.
+    PeerSubnet,
+    /// The third VPC's CIDR (through the peering: not transitive).
+    Third,
+    /// The basic pool.
+    Pool,
+}
+
+pub const CLOUD_DESTS: [CDest; 10] = [
+    CDest::Lit("0.0.0.0/0"),
+    CDest::Lit("198.51.100.0/24"),
+    CDest::Lit("203.0.113.0/24"),
+    CDest::Lit("8.8.8.8/32"),
+    CDest::Lit("10.0.0.0/8"),
+    CDest::PeerVpc,
+    CDest::PeerSubnet,
+    CDest::Third,
+    CDest::Pool,
+    CDest::Lit("203.0.113.0/25"),
+];
+
+#[derive(Debug, Clone)]
+pub struct CloudVpcSpec {
+    pub subnets: Vec<SubnetSpec>,
+    pub tables: Vec<Vec<RouteSpec>>,
+    pub acls: Vec<(RulesSpec, RulesSpec)>,
+    /// Route the peer's CIDR to the peering in every table (VPCs 0 and 1).
+    pub peer_route: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct CloudInstSpec {
+    pub host: Index,
+    pub subnet: Index,
+    pub ip: usize,
+    pub sgs: Vec<Index>,
+    pub eip: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct BasicInstSpec {
+    pub host: Index,
+    /// The second tenant (when there are two).
+    pub tenant: bool,
+    pub sgs: Vec<Index>,
+    pub eip: bool,
+    /// Linked to its tenant's VPC.
+    pub link: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct CloudSpec {
+    pub hosts: usize,
+    pub regions: bool,
+    pub gateway: Index,
+    pub this: Index,
+    pub udp: bool,
+    pub checksum: bool,
+    pub flow_cache: u32,
+    pub key_rot: usize,
+    pub peer: usize,
+    pub third: Option<usize>,
+    /// The third VPC belongs to tenant t0 (else t2).
+    pub third_t0: bool,
+    pub pool: usize,
+    pub two_tenants: bool,
+    pub client: bool,
+    /// A second peering, between VPC 1 and the third VPC (which may overlap VPC 0).
+    pub peer2: bool,
+    /// VPC 1 lists its peering to the third VPC first (where both route the same CIDR, the
+    /// first wins).
+    pub peer2_first: bool,
+    pub vpcs: Vec<CloudVpcSpec>,
+    pub sgs: Vec<(RulesSpec, RulesSpec)>,
+    pub instances: Vec<CloudInstSpec>,
+    pub basics: Vec<BasicInstSpec>,
+}
+
+fn cloud_rule(sg: bool) -> impl Strategy<Value = RuleSpec> {
+    let peer = if sg {
+        prop_oneof![
+            3 => (0..CLOUD_RULE_CIDRS.len()).prop_map(PeerSpec::Cidr),
+            1 => any::<Index>().prop_map(PeerSpec::Sg),
+        ]
+        .boxed()
+    } else {
+        (0..CLOUD_RULE_CIDRS.len()).prop_map(PeerSpec::Cidr).boxed()
+    };
+    (
+        prop::bool::weighted(0.7),
+        0..PROTOS.len(),
+        0..PORTS.len(),
+        peer,
+    )
+        .prop_map(|(accept, proto, ports, peer)| RuleSpec {
+            accept,
+            proto,
+            ports,
+            peer,
+        })
+}
+
+/// Rules that accept more often than the VPC generator's, so that connections get through
+/// the gateway and back.
+fn cloud_rules(sg: bool) -> impl Strategy<Value = RulesSpec> {
+    (
+        prop::collection::vec(cloud_rule(sg), 0..3),
+        prop::bool::weighted(0.85),
+    )
+        .prop_map(|(rules, tail)| RulesSpec { rules, tail })
+}
+
+fn cloud_route() -> impl Strategy<Value = RouteSpec> {
+    let hop = prop_oneof![
+        1 => Just(Hop::Drop),
+        3 => Just(Hop::Internet),
+        2 => any::<Index>().prop_map(Hop::Instance),
+        3 => Just(Hop::Peering),
+    ];
+    (0..CLOUD_DESTS.len(), hop).prop_map(|(dest, hop)| RouteSpec { dest, hop })
+}
+
+fn cloud_vpc() -> impl Strategy<Value = CloudVpcSpec> {
+    let subnet = (
+        prop::option::weighted(0.85, any::<Index>()),
+        prop::option::weighted(0.3, any::<Index>()),
+    )
+        .prop_map(|(table, acl)| SubnetSpec { table, acl });
+    (
+        prop::collection::vec(subnet, 1..=2),
+        prop::collection::vec(prop::collection::vec(cloud_route(), 0..=3), 1..=2),
+        prop::collection::vec((cloud_rules(false), cloud_rules(false)), 0..=1),
+        prop::bool::weighted(0.8),
+    )
+        .prop_map(|(subnets, tables, acls, peer_route)| CloudVpcSpec {
+            subnets,
+            tables,
+            acls,
+            peer_route,
+        })
+}
+
+pub fn cloud() -> impl Strategy<Value = CloudSpec> {
+    let inst = (
+        any::<Index>(),
+        any::<Index>(),
+        prop_oneof![3 => 0..2usize, 1 => 0..IP_HOSTS.len()],
+        prop::collection::vec(any::<Index>(), 1..=2),
+        prop::bool::weighted(0.5),
+    )
+        .prop_map(|(host, subnet, ip, sgs, eip)| CloudInstSpec {
+            host,
+            subnet,
+            ip,
+            sgs,
+            eip,
+        });
+    let basic = (
+        any::<Index>(),
+        any::<bool>(),
+        prop::collection::vec(any::<Index>(), 1..=2),
+        prop::bool::weighted(0.5),
+        prop::bool::weighted(0.5),
+    )
+        .prop_map(|(host, tenant, sgs, eip, link)| BasicInstSpec {
+            host,
+            tenant,
+            sgs,
+            eip,
+            link,
+        });
+    (
+        (
+            3..=4usize,
+            prop::bool::weighted(0.35),
+            any::<Index>(),
+            any::<Index>(),
+            any::<bool>(),
+            prop::bool::weighted(0.3),
+            prop_oneof![Just(16u32), Just(65536u32)],
+            0..KEYS.len(),
+        ),
+        (
+            0..PEER_CIDRS.len(),
+            prop::option::weighted(0.6, 0..THIRD_CIDRS.len()),
+            any::<bool>(),
+            0..POOLS.len(),
+            prop::bool::weighted(0.6),
+            prop::bool::weighted(0.2),
+            prop::bool::weighted(0.4),
+            any::<bool>(),
+        ),
+        prop::collection::vec(cloud_vpc(), 3),
+        prop::collection::vec((cloud_rules(true), cloud_rules(true)), 1..=3),
+        prop::collection::vec(inst, 2..=5),
+        prop::collection::vec(basic, 2..=4),
+    )
+        .prop_map(
+            |(
+                (hosts, regions, gateway, this, udp, checksum, flow_cache, key_rot),
+                (peer, third, third_t0, pool, two_tenants, client, peer2, peer2_first),
+                vpcs,
+                sgs,
+                instances,
+                basics,
+            )| CloudSpec {
+                hosts,
+                regions,
+                gateway,
+                this,
+                udp,
+                checksum,
+                flow_cache,
+                key_rot,
+                peer,
+                third,
+                third_t0,
+                pool,
+                two_tenants,
+                client,
+                peer2,
+                peer2_first,
+                vpcs,
+                sgs,
+                instances,
+                basics,
+            },
+        )
+}
+
+impl CloudSpec {
+    /// The VPCs drawn: 0 and 1 (peered), and the third if any.
+    fn nvpcs(&self) -> usize {
+        2 + usize::from(self.third.is_some())
+    }
+
+    fn vpc_cidr(&self, v: usize) -> (u8, u8) {
+        match v {
+            0 => (10, 0),
+            1 => PEER_CIDRS[self.peer],
+            _ => THIRD_CIDRS[self.third.unwrap()],
+        }
+    }
+
+    fn tenant(&self, v: usize) -> &'static str {
+        match v {
+            0 => "t0",
+            1 => "t1",
+            _ if self.third_t0 => "t0",
+            _ => "t2",
+        }
+    }
+
+    /// The peerings of VPC `v`, in the order its routes prefer them: (name, other VPC).
+    fn peerings_of(&self, v: usize) -> Vec<(&'static str, usize)> {
+        let p2 = self.peer2 && self.third.is_some();
+        match v {
+            0 => vec![("p0", 1)],
+            1 if p2 && self.peer2_first => vec![("p1", 2), ("p0", 0)],
+            1 if p2 => vec![("p0", 0), ("p1", 2)],
+            1 => vec![("p0", 0)],
+            _ if p2 => vec![("p1", 1)],
+            _ => vec![],
+        }
+    }
+
+    /// The host "this host" is: one with instances, or the gateway.
+    pub fn this_host(&self) -> usize {
+        let mut hosts: Vec<usize> = self
+            .instances
+            .iter()
+            .map(|i| i.host.index(self.hosts))
+            .chain(self.basics.iter().map(|b| b.host.index(self.hosts)))
+            .chain([self.gateway.index(self.hosts)])
+            .collect();
+        hosts.sort_unstable();
+        hosts.dedup();
+        hosts[self.this.index(hosts.len())]
+    }
+}
+
+/// The topology text of a cloud spec.
+pub fn render_cloud(t: &CloudSpec) -> String {
+    let mut out = String::new();
+    let transport = if t.udp { "gre-udp" } else { "gre" };
+    let _ = writeln!(
+        out,
+        "[underlay]\ntransport = \"{transport}\"\nmtu = 1500\nchecksum = {}\n",
+        t.checksum
+    );
+    let _ = writeln!(
+        out,
+        "[conntrack]\nmax_entries = 1000000\nmax_per_instance = 1000000\nflow_cache = {}\n",
+        t.flow_cache
+    );
+    for (h, address) in CLOUD_HOSTS.iter().enumerate().take(t.hosts) {
+        let region = if t.regions && h == 1 { "r2" } else { "r1" };
+        let _ = writeln!(
+            out,
+            "[[host]]\nname = \"h{h}\"\naddress = \"{address}\"\nregion = \"{region}\"\n"
+        );
+    }
+    let pool: ipnet::Ipv4Net = POOLS[t.pool].parse().unwrap();
+    let _ = writeln!(out, "[basic]\ncidr = \"{pool}\"\n");
+    let _ = writeln!(
+        out,
+        "[internet]\ncidr = \"203.0.113.0/24\"\ngateway = \"h{}\"",
+        t.gateway.index(t.hosts)
+    );
+    if t.client {
+        let _ = writeln!(out, "client = \"203.0.113.254\"");
+    }
+    let _ = writeln!(out);
+    let nv = t.nvpcs();
+    let subnets: Vec<(usize, usize)> = (0..nv)
+        .flat_map(|v| (0..t.vpcs[v].subnets.len()).map(move |j| (v, j)))
+        .collect();
+    // VPC instances (routes name them), then basic ones.
+    let mut placed: Vec<Placed> = Vec::new();
+    for i in &t.instances {
+        let (vpc, j) = subnets[i.subnet.index(subnets.len())];
+        let (a, b) = t.vpc_cidr(vpc);
+        let mut k = i.ip;
+        let ip = loop {
+            let ip = [a, b, j as u8 + 1, IP_HOSTS[k % IP_HOSTS.len()]];
+            if !placed.iter().any(|p| p.vpc == vpc && p.ip == ip) {
+                break ip;
+            }
+            k += 1;
+        };
+        placed.push(Placed {
+            host: i.host.index(t.hosts),
+            vpc,
+            subnet: subnets.iter().position(|s| *s == (vpc, j)).unwrap(),
+            ip,
+        });
+    }
+    let net = |(a, b): (u8, u8)| -> ipnet::Ipv4Net { format!("{a}.{b}.0.0/16").parse().unwrap() };
+    for v in 0..nv {
+        let spec = &t.vpcs[v];
+        let (a, b) = t.vpc_cidr(v);
+        let _ = writeln!(
+            out,
+            "[[vpc]]\nname = \"v{v}\"\ntenant = \"{}\"\ncidr = \"{a}.{b}.0.0/16\"\nkey = {}\n",
+            t.tenant(v),
+            KEYS[(t.key_rot + v) % KEYS.len()]
+        );
+        for (j, s) in spec.subnets.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "[[subnet]]\nname = \"v{v}s{j}\"\nvpc = \"v{v}\"\ncidr = \"{a}.{b}.{}.0/24\"",
+                j + 1
+            );
+            if let Some(ti) = &s.table {
+                let _ = writeln!(
+                    out,
+                    "route_table = \"v{v}rt{}\"",
+                    ti.index(spec.tables.len())
+                );
+            }
+            if let Some(ai) = &s.acl
+                && !spec.acls.is_empty()
+            {
+                let _ = writeln!(out, "acl = \"v{v}acl{}\"", ai.index(spec.acls.len()));
+            }
+            let _ = writeln!(out);
+        }
+        let members: Vec<usize> = (0..placed.len()).filter(|&i| placed[i].vpc == v).collect();
+        let peerings = t.peerings_of(v);
+        let peer = peerings.first().map(|p| p.1);
+        let vnet = net((a, b));
+        for (n, routes) in spec.tables.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "[[route_table]]\nname = \"v{v}rt{n}\"\nvpc = \"v{v}\"\nroutes = ["
+            );
+            let mut seen: Vec<ipnet::Ipv4Net> = Vec::new();
+            let mut lines: Vec<(ipnet::Ipv4Net, String)> = Vec::new();
+            if spec.peer_route {
+                for (name, w) in &peerings {
+                    lines.push((net(t.vpc_cidr(*w)), format!("peering:{name}")));
+                }
+            }
+            for r in routes {
+                let dest: ipnet::Ipv4Net = match CLOUD_DESTS[r.dest] {
+                    CDest::Lit(s) => s.parse().unwrap(),
+                    CDest::PeerVpc => net(t.vpc_cidr(peer.unwrap_or(0))),
+                    CDest::PeerSubnet => {
+                        let (c, d) = t.vpc_cidr(peer.unwrap_or(0));
+                        format!("{c}.{d}.1.0/24").parse().unwrap()
+                    }
+                    CDest::Third if nv == 3 => net(t.vpc_cidr(2)),
+                    CDest::Third => "10.2.0.0/16".parse().unwrap(),
+                    CDest::Pool => pool,
+                };
+                let hop = match &r.hop {
+                    Hop::Drop => "drop".to_string(),
+                    Hop::Internet => "internet".to_string(),
+                    Hop::Instance(i) if !members.is_empty() => {
+                        format!("instance:i{}", members[i.index(members.len())])
+                    }
+                    Hop::Instance(_) => "drop".to_string(),
+                    Hop::Peering if !peerings.is_empty() => {
+                        let name = peerings
+                            .iter()
+                            .find(|(_, w)| net(t.vpc_cidr(*w)).contains(&dest))
+                            .unwrap_or(&peerings[0])
+                            .0;
+                        format!("peering:{name}")
+                    }
+                    Hop::Peering => "internet".to_string(),
+                };
+                lines.push((dest, hop));
+            }
+            for (dest, hop) in lines {
+                if vnet.contains(&dest) {
+                    continue;
+                }
+                if seen.contains(&dest) {
+                    continue;
+                }
+                seen.push(dest);
+                let _ = writeln!(
+                    out,
+                    "  {{ destination = \"{dest}\", next_hop = \"{hop}\" }},"
+                );
+            }
+            let _ = writeln!(out, "]\n");
+        }
+        for (n, (ingress, egress)) in spec.acls.iter().enumerate() {
+            let _ = writeln!(out, "[[acl]]\nname = \"v{v}acl{n}\"\nvpc = \"v{v}\"");
+            render_rules_in(
+                &mut out,
+                "ingress",
+                "cidr",
+                ingress,
+                t.sgs.len(),
+                &CLOUD_RULE_CIDRS,
+            );
+            render_rules_in(
+                &mut out,
+                "egress",
+                "cidr",
+                egress,
+                t.sgs.len(),
+                &CLOUD_RULE_CIDRS,
+            );
+            let _ = writeln!(out);
+        }
+    }
+    let _ = writeln!(out, "[[peering]]\nname = \"p0\"\nvpcs = [\"v0\", \"v1\"]\n");
+    if t.peer2 && t.third.is_some() {
+        let _ = writeln!(out, "[[peering]]\nname = \"p1\"\nvpcs = [\"v1\", \"v2\"]\n");
+    }
+    for (g, (ingress, egress)) in t.sgs.iter().enumerate() {
+        let _ = writeln!(out, "[[security_group]]\nname = \"sg{g}\"");
+        render_rules_in(
+            &mut out,
+            "ingress",
+            "source",
+            ingress,
+            t.sgs.len(),
+            &CLOUD_RULE_CIDRS,
+        );
+        render_rules_in(
+            &mut out,
+            "egress",
+            "destination",
+            egress,
+            t.sgs.len(),
+            &CLOUD_RULE_CIDRS,
+        );
+        let _ = writeln!(out);
+    }
+    let groups = |sgs: &[Index]| {
+        let mut groups: Vec<usize> = Vec::new();
+        for g in sgs {
+            let g = g.index(t.sgs.len());
+            if !groups.contains(&g) {
+                groups.push(g);
+            }
+        }
+        let groups: Vec<String> = groups.iter().map(|g| format!("\"sg{g}\"")).collect();
+        groups.join(", ")
+    };
+    let mut eips = 0u8;
+    let mut eip = |on: bool| {
+        if on {
+            eips += 1;
+            format!("eip = \"203.0.113.{}\"\n", 9 + eips)
+        } else {
+            String::new()
+        }
+    };
+    for (n, (i, p)) in t.instances.iter().zip(&placed).enumerate() {
+        let (vpc, j) = subnets[p.subnet];
+        let [a, b, c, d] = p.ip;
+        let _ = writeln!(
+            out,
+            "[[instance]]\nname = \"i{n}\"\nhost = \"h{}\"\nsubnet = \"v{vpc}s{j}\"\nip = \"{a}.{b}.{c}.{d}\"\n{}security_groups = [{}]\n",
+            p.host,
+            eip(i.eip),
+            groups(&i.sgs)
+        );
+    }
+    let mut links = Vec::new();
+    for (n, b) in t.basics.iter().enumerate() {
+        let tenant = if t.two_tenants && b.tenant { 1 } else { 0 };
+        let _ = writeln!(
+            out,
+            "[[instance]]\nname = \"b{n}\"\nhost = \"h{}\"\nnetwork = \"basic\"\ntenant = \"t{tenant}\"\n{}security_groups = [{}]\n",
+            b.host.index(t.hosts),
+            eip(b.eip),
+            groups(&b.sgs)
+        );
+        if b.link {
+            links.push((n, tenant));
+        }
+    }
+    for (n, v) in links {
+        let _ = writeln!(
+            out,
+            "[[interconnect]]\ninstance = \"b{n}\"\nvpc = \"v{v}\"\n"
+        );
+    }
+    out
 }
