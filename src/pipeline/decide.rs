@@ -236,7 +236,7 @@ fn from_underlay(
     if let Err(r) = check_destination(t, &ip) {
         return Decision::drop(r);
     }
-    let origin = match source_of(t, host, space, ip.src) {
+    let origin = match source_of(t, host, space, ip.src, ip.dst) {
         Some(source) => Origin::Remote { host, source },
         // Only the internet gateway relays public sources into the cloud.
         None if t.internet.as_ref().is_some_and(|i| i.gateway == host) && !is_private(ip.src) => {
@@ -264,34 +264,70 @@ fn from_underlay(
     )
 }
 
-/// The instance of the sending host that may have sent a packet from `src` into `space`: an
-/// instance of that space, of a VPC peered with it, or linked to it by an interconnect.
-fn source_of(t: &Topology, host: HostId, space: Space, src: Ipv4Addr) -> Option<InstanceId> {
-    let on_host = |id: &InstanceId| t.instance(*id).host == host;
-    if let Some(id) = t.instance_in(space, src).filter(on_host) {
-        return Some(id);
+/// The instance of the sending host that may have sent a packet from `src` to `dst` into
+/// `space`: an instance of that space, of a VPC peered with it, or linked to it by an
+/// interconnect. Two peered or linked VPCs may overlap: among several candidates, the one
+/// whose own route leads to `dst` in `space` is the sender (the file's order only breaks a tie
+/// that routing cannot).
+fn source_of(
+    t: &Topology,
+    host: HostId,
+    space: Space,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+) -> Option<InstanceId> {
+    let routes_here = |&id: &InstanceId| {
+        matches!(route(t, id, t.instance(id), dst),
+            Ok(Target::Instance { id: to, .. }) if t.instance(to).space() == space)
+    };
+    let mut first = None;
+    for id in candidates(t, host, space, src) {
+        if routes_here(&id) {
+            return Some(id);
+        }
+        first = first.or(Some(id));
     }
-    match space {
+    first
+}
+
+/// Every instance of `host` that holds `src` in `space` or in a space that reaches it.
+fn candidates(
+    t: &Topology,
+    host: HostId,
+    space: Space,
+    src: Ipv4Addr,
+) -> impl Iterator<Item = InstanceId> + '_ {
+    let on_host = move |id: &InstanceId| t.instance(*id).host == host;
+    let own = t.instance_in(space, src).filter(on_host);
+    let (peered, linked_basic, linked_vpc) = match space {
         Space::Vpc(w) => {
-            let peers = t.peerings.iter().filter_map(|p| match p.vpcs {
+            let peers = t.peerings.iter().filter_map(move |p| match p.vpcs {
                 [a, b] if a == w => Some(b),
                 [a, b] if b == w => Some(a),
                 _ => None,
             });
-            for peer in peers {
-                if let Some(id) = t.instance_at(peer, src).filter(on_host) {
-                    return Some(id);
-                }
-            }
-            t.instance_in(Space::Basic, src)
+            let basic = t
+                .instance_in(Space::Basic, src)
                 .filter(on_host)
-                .filter(|&id| t.linked_vpc(id) == Some(w))
+                .filter(move |&id| t.linked_vpc(id) == Some(w));
+            (Some(peers), basic, None)
         }
-        Space::Basic => t
-            .interconnects
-            .iter()
-            .find_map(|ic| t.instance_at(ic.vpc, src).filter(on_host)),
-    }
+        Space::Basic => (None, None, Some(t.interconnects.iter())),
+    };
+    own.into_iter()
+        .chain(
+            peered
+                .into_iter()
+                .flatten()
+                .filter_map(move |peer| t.instance_at(peer, src).filter(on_host)),
+        )
+        .chain(linked_basic)
+        .chain(
+            linked_vpc
+                .into_iter()
+                .flatten()
+                .filter_map(move |ic| t.instance_at(ic.vpc, src).filter(on_host)),
+        )
 }
 
 /// Broadcast, multicast and underlay destinations are refused on every side.

@@ -341,7 +341,7 @@ impl Model {
                 let p = wire::parse_inner(inner_bytes).map_err(drop)?;
                 self.destination_check(&p)?;
                 let strip = (gre_at + gre.hlen) as u16;
-                let origin = match self.source_on(sender_host, space, p.src) {
+                let origin = match self.source_on(sender_host, space, p.src, p.dst) {
                     Some(s) => Origin::Remote(s),
                     None if Some(sender_host) == self.gateway() && !private(p.src) => {
                         self.note(if space == Sp::Basic {
@@ -360,16 +360,18 @@ impl Model {
     }
 
     /// The source instance of an underlay packet: on the sending host, with the inner source
-    /// address, in the key's space, else in the spaces that may send into it.
-    fn source_on(&self, host: usize, space: Sp, src: Ipv4Addr) -> Option<usize> {
+    /// address, in the key's space, else in the spaces that may send into it. Among several
+    /// candidates (overlapping peered or linked VPCs), the first, in the order own space,
+    /// peerings, interconnects (file order), whose own route leads to `dst` inside `space`;
+    /// when none does, the first candidate.
+    fn source_on(&self, host: usize, space: Sp, src: Ipv4Addr, dst: Ipv4Addr) -> Option<usize> {
         let topo = &self.topo;
         let n = topo.instances.len();
         let on = |i: usize| self.host_of(i) == host && topo.instances[i].ip == src;
+        let mut found: Vec<(usize, &'static str)> = Vec::new();
         if let Some(s) = (0..n).find(|&i| on(i) && self.space(i) == space) {
-            return Some(s);
+            found.push((s, "underlay source: its own space"));
         }
-        // "The first found": the spec names no order among several candidates of (b) or (c)
-        // (overlapping VPCs); the model takes peerings, then interconnects, in file order.
         let in_vpc = |v: usize| (0..n).find(|&i| on(i) && self.space(i) == Sp::Vpc(v));
         match space {
             Sp::Vpc(w) => {
@@ -383,29 +385,37 @@ impl Model {
                         continue;
                     };
                     if let Some(s) = in_vpc(other) {
-                        self.note("underlay source: an instance of a peered VPC");
-                        return Some(s);
+                        found.push((s, "underlay source: an instance of a peered VPC"));
                     }
                 }
                 for c in topo.interconnects.iter().filter(|c| c.vpc.index() == w) {
                     let i = c.instance.index();
                     if on(i) {
-                        self.note("underlay source: a basic instance linked to the VPC");
-                        return Some(i);
+                        found.push((i, "underlay source: a basic instance linked to the VPC"));
                     }
                 }
-                None
             }
             Sp::Basic => {
                 for c in &topo.interconnects {
                     if let Some(s) = in_vpc(c.vpc.index()) {
-                        self.note("underlay source: an instance of a linked VPC");
-                        return Some(s);
+                        found.push((s, "underlay source: an instance of a linked VPC"));
                     }
                 }
-                None
             }
         }
+        if found.len() > 1 {
+            self.note("underlay source: several candidates");
+        }
+        let leads_here = |s: usize| matches!(self.route(s, dst), Ok(Target::Inst(t, _)) if self.space(t) == space);
+        let (s, why) = found
+            .iter()
+            .copied()
+            .find(|&(s, _)| leads_here(s))
+            .or(found.first().copied())?;
+        if why != "underlay source: its own space" {
+            self.note(why);
+        }
+        Some(s)
     }
 
     /// Step 4: unicast, and not into the underlay.
