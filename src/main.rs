@@ -56,7 +56,7 @@ enum LabCommand {
         /// Lab name (prefixes its namespaces).
         #[arg(long, default_value = "lab")]
         name: String,
-        /// Worker threads per daemon.
+        /// Worker threads per daemon (default: the cores shared among the hosts, at least 1).
         #[arg(long)]
         workers: Option<usize>,
     },
@@ -92,7 +92,7 @@ enum LabCommand {
     },
     /// up + check + down on the embedded default topology.
     Demo {
-        /// Worker threads per daemon.
+        /// Worker threads per daemon (default: the cores shared among the hosts, at least 1).
         #[arg(long)]
         workers: Option<usize>,
     },

@@ -152,11 +152,10 @@ pub fn write_encap_gathered(
         // RFC 2784 §2.5: the checksum covers the GRE header and the payload. Both parts are
         // summed as one stream, so an odd-length first part would misalign the second.
         debug_assert!(g.len().is_multiple_of(2) || tail.is_empty());
-        let c = etherparse::checksum::Sum16BitWords::new()
-            .add_slice(g)
-            .add_slice(tail)
-            .ones_complement()
-            .to_be();
+        let c = super::csum::Sum::new()
+            .add_bytes(g)
+            .add_bytes(tail)
+            .checksum();
         g[4..6].copy_from_slice(&c.to_be_bytes());
     }
     if let Some((src, dst)) = outer {

@@ -248,14 +248,13 @@ impl Cut {
             6
         };
         l4[check_at..check_at + 2].fill(0);
-        let c = etherparse::checksum::Sum16BitWords::new()
-            .add_slice(&h[12..20])
-            .add_2bytes([0, self.protocol])
-            .add_2bytes(((self.headers - ip_len + chunk.len()) as u16).to_be_bytes())
-            .add_slice(&h[ip_len..])
-            .add_slice(chunk)
-            .ones_complement()
-            .to_be();
+        let c = crate::wire::csum::Sum::new()
+            .add_bytes(&h[12..20])
+            .add2([0, self.protocol])
+            .add2(((self.headers - ip_len + chunk.len()) as u16).to_be_bytes())
+            .add_bytes(&h[ip_len..])
+            .add_bytes(chunk)
+            .checksum();
         let c = if self.protocol == proto::UDP && c == 0 {
             0xffff
         } else {

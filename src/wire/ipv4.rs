@@ -417,10 +417,7 @@ pub fn pair_hash(bytes: &[u8], seed: u32, map: impl Fn(u32) -> u32) -> u32 {
 /// The Internet checksum (RFC 1071) of `bytes`.
 #[inline]
 pub fn checksum(bytes: &[u8]) -> u16 {
-    etherparse::checksum::Sum16BitWords::new()
-        .add_slice(bytes)
-        .ones_complement()
-        .to_be()
+    super::csum::Sum::new().add_bytes(bytes).checksum()
 }
 
 /// Writes an option-less IPv4 header into `out` (20 bytes), with its checksum.

@@ -3,6 +3,7 @@
 //! Nothing here allocates per packet or reads a clock.
 
 pub mod buf;
+pub mod csum;
 pub mod gre;
 pub mod gro;
 pub mod gso;
