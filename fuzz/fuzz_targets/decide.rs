@@ -3,17 +3,18 @@
 //! Input layout (see README.md):
 //!
 //! ```text
-//!  byte 0     bits 0-3  ingress:  0-9  Instance(InstanceId(n))  (8 or 9 exist; 9 may not)
+//!  byte 0     bits 0-3  ingress:  0-9  Instance(InstanceId(n))  (0-7 VPC, 8-9 basic)
 //!                                 10   UnderlayIp               (outer IPv4 first)
 //!                                 11   UnderlayUdp from host-b  (192.0.2.2, GRE first)
 //!                                 12   UnderlayUdp from host-c  (192.0.2.3)
 //!                                 13   UnderlayUdp from 198.51.100.7 (not a host)
 //!                                 14   UnderlayUdp from host-a itself (192.0.2.1)
-//!                                 15   UnderlayIp
+//!                                 15   Internet (host-a is the internet gateway)
 //!             bit 4     pipeline: 0 transport "gre", 1 "gre-udp" with GRE checksums
 //!             bit 5     after `decide`, also `process` the same bytes in a PacketBuf
 //!             bits 6-7  3: install the other topology variant first (db-local moves to
-//!                          host-c, web-new appears); 2: sweep the connection table after
+//!                          host-c, web-new appears as id 10); 2: sweep the connection
+//!                          table after
 //!  bytes 1-2  time step v, big endian: v >= 0xf000: (v & 0x0fff) seconds (up to 68 min);
 //!             else (v & 0x03ff) milliseconds (so that most inputs stay within timeouts)
 //!  bytes 3..  the packet
@@ -24,9 +25,14 @@
 //! "gre" one with the topology's 256 connections (32 per instance) and 64 flow-cache slots,
 //! the "gre-udp" one with 3 connections (2 per instance) and 16 slots.
 //!
+//! The topology has both networks: two overlapping VPCs, the basic network (two instances of
+//! one tenant, one linked to a VPC), Elastic IPs, and host-a as the internet gateway, so that
+//! NAT (ICMP quotes included), relays and hairpins are reached.
+//!
 //! Beyond "never panics", each decision is checked against what the pipeline promises: a
-//! delivery goes to a local instance with the inner packet at `strip`; only instance traffic is
-//! encapsulated or answered; `process` leaves in the buffer what its action says.
+//! delivery goes to a local instance with the inner packet at `strip`; only instance traffic
+//! and the gateway's relays are encapsulated; only instance traffic is answered; `process`
+//! leaves in the buffer what its action says (the inner packet unchanged unless NAT applies).
 
 #![no_main]
 
@@ -54,6 +60,7 @@ host = "host-a"
 subnet = "blue-web"
 ip = "10.0.1.12"
 security_groups = ["sg-web", "sg-open"]
+eip = "203.0.113.12"
 "#,
         )
     } else {
@@ -70,6 +77,13 @@ checksum = {checksum}
 max_entries = 256
 max_per_instance = 32
 flow_cache = 64
+
+[basic]
+cidr = "10.128.0.0/16"
+
+[internet]
+cidr = "203.0.113.0/24"
+gateway = "host-a"
 
 [[host]]
 name = "host-a"
@@ -193,6 +207,7 @@ host = "host-a"
 subnet = "blue-web"
 ip = "10.0.1.11"
 security_groups = ["sg-web"]
+eip = "203.0.113.10"
 
 # 2: the receiver of every tests/data/gre vector
 [[instance]]
@@ -241,6 +256,28 @@ host = "host-b"
 subnet = "red-a"
 ip = "10.0.1.20"
 security_groups = ["sg-open"]
+eip = "203.0.113.11"
+
+# 8
+[[instance]]
+name = "classic-a"
+host = "host-a"
+network = "basic"
+tenant = "t1"
+security_groups = ["sg-open"]
+eip = "203.0.113.20"
+
+# 9
+[[instance]]
+name = "classic-b"
+host = "host-b"
+network = "basic"
+tenant = "t1"
+security_groups = ["sg-web"]
+
+[[interconnect]]
+instance = "classic-a"
+vpc = "blue"
 {extra}"#
     )
 }
@@ -296,7 +333,8 @@ thread_local! {
 fn ingress(sel: u8) -> Ingress {
     match sel & 0x0f {
         n @ 0..=9 => Ingress::Instance(InstanceId(u32::from(n))),
-        10 | 15 => Ingress::UnderlayIp,
+        10 => Ingress::UnderlayIp,
+        15 => Ingress::Internet,
         11 => Ingress::UnderlayUdp {
             from: Ipv4Addr::new(192, 0, 2, 2),
         },
@@ -319,7 +357,7 @@ fn check_decision(t: &Topology, host: HostId, from: Ingress, pkt: &[u8], d: Deci
             assert_eq!(dst.host, host, "delivered to a remote instance: {d:?}");
             let strip = usize::from(strip);
             assert!(strip <= pkt.len(), "strip beyond the packet: {d:?}");
-            if let Ingress::Instance(_) = from {
+            if let Ingress::Instance(_) | Ingress::Internet = from {
                 assert_eq!(strip, 0, "{d:?}");
             }
             let inner = ipv4::parse(&pkt[strip..]);
@@ -328,16 +366,23 @@ fn check_decision(t: &Topology, host: HostId, from: Ingress, pkt: &[u8], d: Deci
                 "delivered bytes do not parse: {inner:?}, {d:?}"
             );
         }
-        Decision::Encapsulate { host: to, key, .. } => {
-            // Only the internet gateway relays underlay traffic; this topology has none.
-            let Ingress::Instance(src) = from else {
-                panic!("underlay traffic encapsulated again: {d:?}");
-            };
+        Decision::Encapsulate { host: to, key, nat, .. } => {
             assert_ne!(to, host, "encapsulated to this host: {d:?}");
-            let _ = src;
-            assert!(key.is_some(), "VPC traffic carries a key: {d:?}");
+            // A key exactly when the receiving instance (or the gateway's relay) is in a VPC.
+            if let Some(k) = key {
+                assert!(t.vpcs.iter().any(|v| v.key == k), "unknown key: {d:?}");
+            }
+            match from {
+                Ingress::Instance(_) => {}
+                // host-a is the gateway: it relays the internet's packets, translated.
+                Ingress::Internet | Ingress::UnderlayIp | Ingress::UnderlayUdp { .. } => {
+                    assert!(nat != vpcd::pipeline::Nat::NONE, "a relay without NAT: {d:?}")
+                }
+            }
         }
-        Decision::ToInternet { .. } => panic!("this topology has no internet: {d:?}"),
+        Decision::ToInternet { .. } => {
+            assert!(!matches!(from, Ingress::Internet), "internet to internet: {d:?}");
+        }
         Decision::FragNeeded { to, mtu } => {
             assert_eq!(from, Ingress::Instance(to), "{d:?}");
             assert!(pkt.len() > usize::from(mtu), "{d:?}");
@@ -373,13 +418,23 @@ fn is_later_fragment(pkt: &[u8], from: Ingress) -> bool {
     )
 }
 
+/// Bytes that `process` changed must be a translation: the addresses differ.
+fn translated(before: &[u8], after: &[u8]) -> bool {
+    match (ipv4::parse(before), ipv4::parse(after)) {
+        (Ok(b), Ok(a)) => (b.src, b.dst) != (a.src, a.dst) && before.len() == after.len(),
+        _ => false,
+    }
+}
+
 fn check_action(t: &Topology, from: Ingress, pkt: &[u8], buf: &PacketBuf, a: Action) {
     let out = buf.as_slice();
     match a {
-        Action::Deliver(_) => {
+        Action::Deliver(_) | Action::ToInternet => {
+            assert!(out.len() <= pkt.len(), "delivered more than was read: {a:?}");
+            let tail = &pkt[pkt.len() - out.len()..];
             assert!(
-                pkt.ends_with(out),
-                "delivered bytes are not the packet's tail: {a:?}"
+                tail == out || translated(tail, out),
+                "delivered bytes are neither the packet's tail nor its translation: {a:?}"
             );
             assert!(ipv4::parse(out).is_ok(), "{a:?}");
         }
@@ -395,11 +450,14 @@ fn check_action(t: &Topology, from: Ingress, pkt: &[u8], buf: &PacketBuf, a: Act
             let g = gre::parse(&out[gre_at..]).expect("emitted GRE header parses");
             assert_eq!(g.key, key, "{a:?}");
             assert_eq!(g.checksum_present, t.underlay.checksum, "{a:?}");
-            assert_eq!(
-                &out[gre_at + g.len..],
-                pkt,
-                "the inner packet changed: {a:?}"
-            );
+            let inner = &out[gre_at + g.len..];
+            assert!(ipv4::parse(inner).is_ok(), "{a:?}");
+            if matches!(from, Ingress::Instance(_)) {
+                assert!(
+                    inner == pkt || translated(pkt, inner),
+                    "the inner packet changed beyond translation: {a:?}"
+                );
+            }
         }
         Action::Reply(to) => {
             assert_eq!(from, Ingress::Instance(to), "{a:?}");
@@ -419,7 +477,6 @@ fn check_action(t: &Topology, from: Ingress, pkt: &[u8], buf: &PacketBuf, a: Act
             );
             assert_eq!(ipv4::checksum(&out[..20]), 0, "{a:?}");
         }
-        Action::ToInternet => panic!("this topology has no internet: {a:?}"),
         Action::Drop(_) => {}
     }
 }

@@ -160,6 +160,15 @@ struct Piece {
     end: u32,
 }
 
+/// A datagram of a GRO train, copied out into a buffer of its own.
+fn copied(pool: &Pool, dgram: &[u8]) -> PacketBuf {
+    let mut buf = pool.take();
+    let area = buf.read_area(crate::wire::buf::HEADROOM);
+    area[..dgram.len()].copy_from_slice(dgram);
+    buf.set_filled(crate::wire::buf::HEADROOM, dgram.len());
+    buf
+}
+
 /// The virtio-net header of a plain packet (no offload, checksums complete).
 const PLAIN: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
 
@@ -355,13 +364,15 @@ impl Worker {
         if let Err(e) = rx.recv(&mut || pool.take(), &mut self.received) {
             warn!(error = %e, "underlay receive");
         }
-        let received = std::mem::take(&mut self.received);
-        for mut r in received {
+        // Taken out for the loop (which sorts into `self`) and put back, capacity kept.
+        let mut received = std::mem::take(&mut self.received);
+        let affinity = self.wiring.affinity.clone();
+        let owner_of = |dgram: &[u8]| affinity.owner(peek_inner(dgram, transport));
+        for r in received.drain(..) {
             let from = match transport {
                 Transport::Gre => Ingress::UnderlayIp,
                 Transport::GreUdp => Ingress::UnderlayUdp { from: r.from },
             };
-            let owner_of = |dgram: &[u8]| self.wiring.affinity.owner(peek_inner(dgram, transport));
             if r.stride == 0 {
                 let owner = owner_of(r.buf.as_slice());
                 self.sort(
@@ -375,81 +386,41 @@ impl Worker {
                 );
                 continue;
             }
-            // A GRO train may carry several flows: it goes whole to the owner of its first
-            // datagram, and the datagrams of other owners leave it, copied.
+            // A GRO train may carry several flows. When they all belong to one worker it goes
+            // there whole; otherwise each datagram goes to its owner, copied out.
+            let stride = r.stride;
+            let spans = |len: usize| {
+                (0..len)
+                    .step_by(stride)
+                    .map(move |at| (at, (at + stride).min(len)))
+            };
+            let len = r.buf.len();
             let owner = owner_of(r.buf.as_slice());
-            let mut at = 0;
-            let mut foreign = Vec::new();
-            while at < r.buf.len() {
-                let end = (at + r.stride).min(r.buf.len());
-                let o = owner_of(&r.buf.as_slice()[at..end]);
-                if o != owner {
-                    foreign.push((at, end, o));
-                }
-                at = end;
-            }
-            for &(at, end, o) in &foreign {
-                let mut buf = self.pool.take();
-                let dgram = &r.buf.as_slice()[at..end];
-                let area = buf.read_area(crate::wire::buf::HEADROOM);
-                area[..dgram.len()].copy_from_slice(dgram);
-                buf.set_filled(crate::wire::buf::HEADROOM, dgram.len());
-                self.sort(
-                    Packet {
-                        buf,
-                        from,
-                        vnet: Default::default(),
-                        stride: 0,
-                    },
-                    o,
-                );
-            }
-            if !foreign.is_empty() {
-                // What stays: the datagrams of the first owner, moved together.
-                let keep: Vec<(usize, usize)> = {
-                    let mut v = Vec::new();
-                    let mut at = 0;
-                    while at < r.buf.len() {
-                        let end = (at + r.stride).min(r.buf.len());
-                        if !foreign.iter().any(|f| f.0 == at) {
-                            v.push((at, end));
-                        }
-                        at = end;
-                    }
-                    v
-                };
-                for (at, end) in keep {
-                    let mut buf = self.pool.take();
-                    let dgram = &r.buf.as_slice()[at..end];
-                    let area = buf.read_area(crate::wire::buf::HEADROOM);
-                    area[..dgram.len()].copy_from_slice(dgram);
-                    buf.set_filled(crate::wire::buf::HEADROOM, dgram.len());
-                    self.sort(
-                        Packet {
-                            buf,
-                            from,
-                            vnet: Default::default(),
-                            stride: 0,
-                        },
-                        owner,
-                    );
-                }
-                self.pool.put(std::mem::replace(
-                    &mut r.buf,
-                    crate::wire::PacketBuf::new(0),
-                ));
-                continue;
-            }
-            self.sort(
-                Packet {
+            let mixed = spans(len).any(|(at, end)| owner_of(&r.buf.as_slice()[at..end]) != owner);
+            if !mixed {
+                let p = Packet {
                     buf: r.buf,
                     from,
                     vnet: Default::default(),
-                    stride: r.stride,
-                },
-                owner,
-            );
+                    stride,
+                };
+                self.sort(p, owner);
+                continue;
+            }
+            for (at, end) in spans(len) {
+                let dgram = &r.buf.as_slice()[at..end];
+                let o = owner_of(dgram);
+                let p = Packet {
+                    buf: copied(&self.pool, dgram),
+                    from,
+                    vnet: Default::default(),
+                    stride: 0,
+                };
+                self.sort(p, o);
+            }
+            self.pool.put(r.buf);
         }
+        self.received = received;
     }
 
     fn read_device(&mut self, i: usize) {
@@ -568,11 +539,7 @@ impl Worker {
                 Decision::ToInternet { strip, nat } => (Port::Internet, strip, nat),
                 // The internet gateway relays into the cloud: the datagram leaves the train.
                 Decision::Encapsulate { .. } => {
-                    let mut buf = self.pool.take();
-                    let dgram = &p.buf.as_slice()[at..end];
-                    let area = buf.read_area(crate::wire::buf::HEADROOM);
-                    area[..dgram.len()].copy_from_slice(dgram);
-                    buf.set_filled(crate::wire::buf::HEADROOM, dgram.len());
+                    let mut buf = copied(&self.pool, &p.buf.as_slice()[at..end]);
                     let action = self.pipeline.apply(d, &mut buf, false);
                     self.route(buf, action);
                     at = end;
