@@ -688,7 +688,11 @@ fn small_dt() -> impl Strategy<Value = u64> {
 }
 
 /// A conversation: a reply to an earlier packet, then turns back and forth with natural flags.
-fn talk() -> impl Strategy<Value = Vec<Step>> {
+/// `reply` and `again` make the ops of each direction (VPC or cloud topologies).
+fn conversation(
+    reply: fn(Pick, FlagSel, Shape) -> Op,
+    again: fn(Pick, FlagSel, Shape) -> Op,
+) -> impl Strategy<Value = Vec<Step>> {
     let turn = (small_dt(), prop::bool::weighted(0.7), flag_sel(1), shape());
     (
         pick(),
@@ -697,17 +701,17 @@ fn talk() -> impl Strategy<Value = Vec<Step>> {
         shape(),
         prop::collection::vec(turn, 1..6),
     )
-        .prop_map(|(k, dt, flags, shape, turns)| {
+        .prop_map(move |(k, dt, flags, shape, turns)| {
             let mut v = vec![Step {
                 dt,
-                op: Op::Reply { k, flags, shape },
+                op: reply(k, flags, shape),
             }];
             for (dt, back, flags, shape) in turns {
                 let k = Pick::Recent(0);
                 let op = if back {
-                    Op::Reply { k, flags, shape }
+                    reply(k, flags, shape)
                 } else {
-                    Op::Again { k, flags, shape }
+                    again(k, flags, shape)
                 };
                 v.push(Step { dt, op });
             }
@@ -715,8 +719,15 @@ fn talk() -> impl Strategy<Value = Vec<Step>> {
         })
 }
 
-/// A first fragment and some later fragments of the same datagram.
-fn fragments() -> impl Strategy<Value = Vec<Step>> {
+fn talk() -> impl Strategy<Value = Vec<Step>> {
+    conversation(
+        |k, flags, shape| Op::Reply { k, flags, shape },
+        |k, flags, shape| Op::Again { k, flags, shape },
+    )
+}
+
+/// Later fragments of the datagram of the most recent packet: (dt, offset, MF, length, shape).
+fn later_fragments() -> impl Strategy<Value = Vec<(u64, u16, bool, usize, Shape)>> {
     let frag_dt = prop_oneof![
         3 => Just(0u64),
         2 => 1u64..5000,
@@ -729,10 +740,21 @@ fn fragments() -> impl Strategy<Value = Vec<Step>> {
         prop::sample::select(vec![8usize, 16, 40]),
         shape(),
     );
+    prop::collection::vec(later, 1..4)
+}
+
+/// The first fragment of a datagram: its shape says so, and it is never oversize.
+fn first_fragment(shape: &mut Shape) {
+    shape.first_frag = true;
+    shape.big = None;
+}
+
+/// A first fragment and some later fragments of the same datagram.
+fn fragments() -> impl Strategy<Value = Vec<Step>> {
     (
         dt(),
         prop_oneof![fresh(false), fresh(true)],
-        prop::collection::vec(later, 1..4),
+        later_fragments(),
         prop::option::weighted(
             0.3,
             (
@@ -744,8 +766,7 @@ fn fragments() -> impl Strategy<Value = Vec<Step>> {
     )
         .prop_map(|(dt, mut first, laters, refirst)| {
             if let Op::Fresh { shape, .. } = &mut first {
-                shape.first_frag = true;
-                shape.big = None;
+                first_fragment(shape);
             }
             let mut v = vec![Step { dt, op: first }];
             if let Some((dt, flags, shape)) = refirst {
@@ -1475,10 +1496,9 @@ impl Resolver<'_> {
     }
 }
 
-/// The packet `k` refers to; `Any` picks among the forwarded ones when there are some (what
-/// gets a reply or an ICMP error in real life).
-fn pick_forwarded(k: &Pick, hist: &[Sent]) -> usize {
-    let forwarded: Vec<usize> = (0..hist.len())
+/// The packets of `hist` that were forwarded (what gets a reply or an ICMP error in real life).
+fn forwarded(hist: &[Sent]) -> Vec<usize> {
+    (0..hist.len())
         .filter(|&i| {
             matches!(
                 hist[i].decision,
@@ -1489,7 +1509,12 @@ fn pick_forwarded(k: &Pick, hist: &[Sent]) -> usize {
                 )
             )
         })
-        .collect();
+        .collect()
+}
+
+/// The packet `k` refers to; `Any` picks among the forwarded ones when there are some.
+fn pick_forwarded(k: &Pick, hist: &[Sent]) -> usize {
+    let forwarded = forwarded(hist);
     match k {
         Pick::Any(i) if !forwarded.is_empty() => forwarded[i.index(forwarded.len())],
         _ => k.index(hist.len()),
@@ -1497,20 +1522,9 @@ fn pick_forwarded(k: &Pick, hist: &[Sent]) -> usize {
 }
 
 /// The packet `k` refers to among the forwarded ones, whatever the pick (cloud replies and
-/// errors: what gets answered in real life), else any.
+/// errors), else any.
 fn pick_forwarded_cloud(k: &Pick, hist: &[Sent]) -> usize {
-    let forwarded: Vec<usize> = (0..hist.len())
-        .filter(|&i| {
-            matches!(
-                hist[i].decision,
-                Some(
-                    Decision::Deliver { .. }
-                        | Decision::Encapsulate { .. }
-                        | Decision::ToInternet { .. }
-                )
-            )
-        })
-        .collect();
+    let forwarded = forwarded(hist);
     if forwarded.is_empty() {
         k.index(hist.len())
     } else {
@@ -1788,55 +1802,22 @@ fn cloud_op() -> impl Strategy<Value = Op> {
 
 /// A conversation through whatever NAT the first packet went through.
 fn cloud_talk() -> impl Strategy<Value = Vec<Step>> {
-    let turn = (small_dt(), prop::bool::weighted(0.7), flag_sel(1), shape());
-    (
-        pick(),
-        dt(),
-        flag_sel(1),
-        shape(),
-        prop::collection::vec(turn, 1..6),
+    conversation(
+        |k, flags, shape| Op::CReply { k, flags, shape },
+        |k, flags, shape| Op::CAgain { k, flags, shape },
     )
-        .prop_map(|(k, dt, flags, shape, turns)| {
-            let mut v = vec![Step {
-                dt,
-                op: Op::CReply { k, flags, shape },
-            }];
-            for (dt, back, flags, shape) in turns {
-                let k = Pick::Recent(0);
-                let op = if back {
-                    Op::CReply { k, flags, shape }
-                } else {
-                    Op::CAgain { k, flags, shape }
-                };
-                v.push(Step { dt, op });
-            }
-            v
-        })
 }
 
 fn cloud_fragments() -> impl Strategy<Value = Vec<Step>> {
-    let frag_dt = prop_oneof![
-        3 => Just(0u64),
-        2 => 1u64..5000,
-        1 => prop::sample::select(vec![29_999u64, 30_000, 30_001]),
-    ];
-    let later = (
-        frag_dt,
-        prop::sample::select(vec![1u16, 2, 3, 4, 185]),
-        any::<bool>(),
-        prop::sample::select(vec![8usize, 16, 40]),
-        shape(),
-    );
     (
         dt(),
         prop_oneof![cfresh(false), cfresh(true), cnet()],
-        prop::collection::vec(later, 1..4),
+        later_fragments(),
         prop::bool::weighted(0.1),
     )
         .prop_map(|(dt, mut first, laters, retopo)| {
             if let Op::CFresh { shape, .. } | Op::CNet { shape, .. } = &mut first {
-                shape.first_frag = true;
-                shape.big = None;
+                first_fragment(shape);
             }
             let mut v = vec![Step { dt, op: first }];
             if retopo {
