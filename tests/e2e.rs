@@ -1212,33 +1212,6 @@ fn lab_down_after_a_killed_daemon_leaves_nothing() {
 // ----------------------------------------------------------------------------------------------
 // 8. what conntrack and the fragment table must relate, whatever worker a packet lands on
 
-/// UDP flows from `{tag}a` to a closed port of `{tag}b`, each from its own source port; returns
-/// how many saw the ICMP port unreachable that `{tag}b`'s kernel answers (ECONNREFUSED).
-fn udp_refused(lab: &LabUp, tag: &str, flows: usize) -> usize {
-    let b_ip = lab.ip(&format!("{tag}b"));
-    in_ns(&lab.ns(&format!("{tag}a")), move || {
-        let socks: Vec<std::net::UdpSocket> = (0..flows)
-            .map(|_| {
-                let u = std::net::UdpSocket::bind(("0.0.0.0", 0)).unwrap();
-                u.connect((b_ip, 9)).unwrap();
-                u.set_nonblocking(true).unwrap();
-                u
-            })
-            .collect();
-        for u in &socks {
-            let _ = u.send(b"anyone there?");
-        }
-        thread::sleep(Duration::from_millis(1000));
-        socks
-            .iter()
-            .filter(|u| {
-                let mut buf = [0u8; 64];
-                matches!(u.recv(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
-            })
-            .count()
-    })
-}
-
 /// An ICMP error belongs to the connection it quotes: a port unreachable answering a UDP
 /// flow must come back to the flow's sender. Several flows, so that they spread over the
 /// daemons' workers.
@@ -1251,12 +1224,18 @@ fn icmp_errors_of_tracked_flows_come_back() {
     let lab = LabUp::start("e2e_ice", &pair("ie", "gre", false, 8, 8008));
     // One ICMP error per flow, without the kernel's rate limit getting in the way.
     // (/proc/sys/net is the namespace's of the thread that opens it.)
-    in_ns(&lab.ns("ieb"), || {
-        std::fs::write("/proc/sys/net/ipv4/icmp_ratelimit", "0").expect("icmp_ratelimit")
-    });
+    no_icmp_ratelimit(&lab.ns("ieb"));
     let flows = 16;
     let before = lab.stats();
-    let refused = udp_refused(&lab, "ie", flows);
+    // UDP flows from iea to a closed port of ieb, each from its own source port: each sees the
+    // ICMP port unreachable that ieb's kernel answers (ECONNREFUSED).
+    let refused = udp_refused_to(
+        &lab.ns("iea"),
+        lab.ip("ieb"),
+        9,
+        flows,
+        Duration::from_millis(1000),
+    );
     let after = lab.stats();
     assert_eq!(
         refused,

@@ -439,39 +439,6 @@ impl Drop for Stream {
     }
 }
 
-/// No rate limit on the ICMP errors a namespace's kernel sends (one error per flow).
-fn no_icmp_ratelimit(ns: &str) {
-    in_ns(ns, || {
-        std::fs::write("/proc/sys/net/ipv4/icmp_ratelimit", "0").expect("icmp_ratelimit")
-    });
-}
-
-/// `flows` connected UDP sockets of `ns`, each from its own port, send to `dst:port`, which is
-/// closed; returns how many saw the ICMP port unreachable (ECONNREFUSED).
-fn udp_refused_to(ns: &str, dst: Ipv4Addr, port: u16, flows: usize) -> usize {
-    in_ns(ns, move || {
-        let socks: Vec<UdpSocket> = (0..flows)
-            .map(|_| {
-                let u = UdpSocket::bind(("0.0.0.0", 0)).unwrap();
-                u.connect((dst, port)).unwrap();
-                u.set_nonblocking(true).unwrap();
-                u
-            })
-            .collect();
-        for u in &socks {
-            let _ = u.send(b"anyone there?");
-        }
-        thread::sleep(Duration::from_millis(500));
-        socks
-            .iter()
-            .filter(|u| {
-                let mut buf = [0u8; 64];
-                matches!(u.recv(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
-            })
-            .count()
-    })
-}
-
 /// A TCP connection from `ns` to the closed `dst:port` is refused (a reset came back).
 fn tcp_refused_to(ns: &str, dst: Ipv4Addr, port: u16) -> bool {
     in_ns(ns, move || {
@@ -933,7 +900,7 @@ fn elastic_ips(test: &str, name: &str, transport: &str, checksum: bool) {
         ("bk", &bk, "ea", ea_eip),
         ("eb", &eb, "bk", bk_eip),
     ] {
-        let udp = udp_refused_to(ns, dst, 9, 8);
+        let udp = udp_refused_to(ns, dst, 9, 8, Duration::from_millis(500));
         let tcp = tcp_refused_to(ns, dst, 9);
         if udp != 8 || !tcp {
             refusals.push(format!(

@@ -790,3 +790,36 @@ pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
         })
         .unwrap_or_default()
 }
+
+/// `flows` connected UDP sockets of `ns`, each from its own port, send to `dst:port`, which is
+/// closed; after `wait`, returns how many saw the ICMP port unreachable (ECONNREFUSED).
+pub fn udp_refused_to(ns: &str, dst: Ipv4Addr, port: u16, flows: usize, wait: Duration) -> usize {
+    in_ns(ns, move || {
+        let socks: Vec<std::net::UdpSocket> = (0..flows)
+            .map(|_| {
+                let u = std::net::UdpSocket::bind(("0.0.0.0", 0)).unwrap();
+                u.connect((dst, port)).unwrap();
+                u.set_nonblocking(true).unwrap();
+                u
+            })
+            .collect();
+        for u in &socks {
+            let _ = u.send(b"anyone there?");
+        }
+        std::thread::sleep(wait);
+        socks
+            .iter()
+            .filter(|u| {
+                let mut buf = [0u8; 64];
+                matches!(u.recv(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+            })
+            .count()
+    })
+}
+
+/// No rate limit on the ICMP errors a namespace's kernel sends (one error per flow).
+pub fn no_icmp_ratelimit(ns: &str) {
+    in_ns(ns, || {
+        std::fs::write("/proc/sys/net/ipv4/icmp_ratelimit", "0").expect("icmp_ratelimit")
+    });
+}
