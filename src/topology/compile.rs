@@ -16,6 +16,7 @@ use toml::Spanned;
 
 use super::error::TopologyError;
 use super::file::{self, PortSpec, Text};
+use super::lock::{Allocations, BasicAllocation};
 use super::model::*;
 use crate::policy::route::{NextHop, Route, Routes};
 use crate::policy::rules::{Action, Peer, PortRange, Protocol, Rule, RuleList};
@@ -26,10 +27,12 @@ pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
 pub const DEFAULT_CONNTRACK_PER_INSTANCE: u32 = 65_536;
 /// Default flow-cache slots.
 pub const DEFAULT_FLOW_CACHE: u32 = 65_536;
-/// Auto-assigned GRE keys start here, away from small hand-picked keys.
-const AUTO_KEY_BASE: u32 = 0x0100_0000;
 
-pub(super) fn compile(text: &str, file: &str) -> Result<Topology, Vec<TopologyError>> {
+pub(super) fn compile(
+    text: &str,
+    file: &str,
+    lock: &Allocations,
+) -> Result<Topology, Vec<TopologyError>> {
     let mut cx = Cx::new(text, file);
     let parsed: file::File = match toml::from_str(text) {
         Ok(f) => f,
@@ -39,7 +42,7 @@ pub(super) fn compile(text: &str, file: &str) -> Result<Topology, Vec<TopologyEr
             return Err(cx.errors);
         }
     };
-    let topo = cx.build(&parsed);
+    let topo = cx.build(&parsed, lock);
     if cx.errors.is_empty() {
         Ok(topo.expect("a topology is built whenever no error was found"))
     } else {
@@ -207,7 +210,7 @@ impl<'a> Cx<'a> {
         }
     }
 
-    fn build(&mut self, f: &file::File) -> Option<Topology> {
+    fn build(&mut self, f: &file::File, lock: &Allocations) -> Option<Topology> {
         let underlay = self.underlay(f);
         let conntrack = self.conntrack(f);
         let limits = self.limits(f);
@@ -256,7 +259,7 @@ impl<'a> Cx<'a> {
             &vpcs,
             (basic.as_ref(), internet.as_ref()),
         );
-        self.allocate_basic(f, &mut instances, basic.as_ref());
+        let allocations = self.allocate_basic(f, &mut instances, basic.as_ref(), lock);
         let interconnects = self.interconnects(
             f,
             &instance_names,
@@ -270,20 +273,35 @@ impl<'a> Cx<'a> {
             f,
             &table_vpcs,
             &vpcs,
-            &instance_names,
-            &instances,
+            (&subnets, &instance_names, &instances),
             &peering_names,
             &peerings,
             &limits,
         );
         let expects = self.expects(f, &instance_names, internet.is_some());
+        let has_internet = matches!(internet, Some(Some(_)));
+        let channels = self.channel_keys(
+            f,
+            &vpcs,
+            &peerings,
+            &interconnects,
+            &instances,
+            (has_internet, basic.is_some()),
+        );
 
         if !self.errors.is_empty() {
             return None;
         }
         // Everything below is valid by construction.
         let hosts: Vec<Host> = hosts.into_iter().map(Option::unwrap).collect();
-        let peerings: Vec<Peering> = peerings.into_iter().map(Option::unwrap).collect();
+        let mut peerings: Vec<Peering> = peerings.into_iter().map(Option::unwrap).collect();
+        for &(c, key) in &channels {
+            if let Channel::Peering { peering, to } = c {
+                let p = &mut peerings[peering.index()];
+                let side = usize::from(p.vpcs[1] == to);
+                p.keys[side] = key;
+            }
+        }
         let mut route_tables: Vec<RouteTable> = tables.into_iter().map(Option::unwrap).collect();
         for (i, v) in vpcs.iter_mut().enumerate() {
             let v = v.as_mut().unwrap();
@@ -325,6 +343,10 @@ impl<'a> Cx<'a> {
         for (i, v) in vpcs.iter().enumerate() {
             index.vpc_by_key.insert(v.key, VpcId(i as u32));
         }
+        for &(c, key) in &channels {
+            index.channel_by_key.insert(key, c);
+            index.key_by_channel.insert(c, key);
+        }
         for (i, inst) in instances.iter().enumerate() {
             let id = InstanceId(i as u32);
             index
@@ -356,6 +378,8 @@ impl<'a> Cx<'a> {
             internet: internet.flatten(),
             interconnects,
             expects,
+            allocations,
+            unlocked: Vec::new(),
             index,
         })
     }
@@ -619,15 +643,11 @@ impl<'a> Cx<'a> {
                 })
             })
             .collect();
-        // Keys not written are derived from the name, so that adding a VPC never renumbers the
-        // others; collisions probe upwards in file order.
+        // Keys not written are derived from the name alone, so that nothing else (adding,
+        // removing or renaming another VPC) ever changes them; a collision is an error
+        // (`channel_keys`), never a silent move.
         for v in out.iter_mut().flatten().filter(|v| v.key_assigned) {
-            let mut key = AUTO_KEY_BASE | (fnv1a(v.name.as_bytes()) & 0x00ff_ffff);
-            while keys.contains_key(&key) {
-                key = key.wrapping_add(1).max(AUTO_KEY_BASE);
-            }
-            keys.insert(key, v.name.clone());
-            v.key = key;
+            v.key = derived_key(KeyClass::Vpc, &v.name);
         }
         out.shrink_to_fit();
         out
@@ -687,6 +707,7 @@ impl<'a> Cx<'a> {
                 Some(Peering {
                     name: p.name.get_ref().clone(),
                     vpcs: [VpcId(a), VpcId(b)],
+                    keys: [0, 0],
                 })
             })
             .collect()
@@ -1136,6 +1157,7 @@ impl<'a> Cx<'a> {
                     eip,
                     security_groups: groups,
                     netns: i.netns.as_ref().map(|n| n.get_ref().clone()),
+                    source_check: i.source_check.as_ref().is_none_or(|c| *c.get_ref()),
                     ingress_rules: Arc::default(),
                     egress_rules: Arc::default(),
                 })
@@ -1195,6 +1217,14 @@ impl<'a> Cx<'a> {
             );
         }
         let groups = self.instance_groups(i, raw.span(), item, sg_names, limits);
+        if let Some(c) = i.source_check.as_ref().filter(|c| !*c.get_ref()) {
+            self.err(
+                c.span(),
+                item,
+                "source_check = false is for appliances in a VPC: the basic network has no routes to send anything through one",
+            );
+            return None;
+        }
         if i.subnet.is_some() || i.ip.is_some() {
             return None;
         }
@@ -1207,6 +1237,7 @@ impl<'a> Cx<'a> {
             eip: eip?,
             security_groups: groups?,
             netns: i.netns.as_ref().map(|n| n.get_ref().clone()),
+            source_check: true,
             ingress_rules: Arc::default(),
             egress_rules: Arc::default(),
         })
@@ -1258,40 +1289,86 @@ impl<'a> Cx<'a> {
         }
     }
 
-    /// Gives each basic-network instance its address: deterministic (a hash of its name,
-    /// probing upwards in file order), so the same topology always gives the same addresses
-    /// and adding an instance rarely moves another. The pool's network, gateway (first
-    /// usable) and broadcast addresses are never given.
+    /// Gives each basic-network instance its address (docs/semantics.md, 2.10): the one the
+    /// lock records, or, the first time the instance appears, a new one: a hash of its name,
+    /// probing upwards over the addresses no lock entry holds, in file order. The pool's
+    /// network, gateway (first usable) and broadcast addresses are never given. Returns the
+    /// allocations: the lock's, the new ones, and the VPC instances the lock knew as basic,
+    /// now marked migrated.
     fn allocate_basic(
         &mut self,
         f: &file::File,
         instances: &mut [Option<Instance>],
         basic: Option<&BasicNetwork>,
-    ) {
-        let Some(pool) = basic else { return };
+        lock: &Allocations,
+    ) -> Allocations {
+        let mut out = lock.clone();
+        for inst in instances.iter().flatten().filter(|i| !i.is_basic()) {
+            if let Some(a) = out.basic.get_mut(&inst.name) {
+                a.migrated = true;
+            }
+        }
+        let Some(pool) = basic else { return out };
         let base = u32::from(pool.cidr.network());
         let size = 1u64 << (32 - pool.cidr.prefix_len());
         let usable = size.saturating_sub(3).max(1);
-        let mut taken: hashbrown::HashSet<u32> = hashbrown::HashSet::new();
+        // Slot n is the address base + n + 2.
+        let slot_of = |a: Ipv4Addr| {
+            let n = u64::from(u32::from(a).wrapping_sub(base));
+            (pool.cidr.contains(&a) && (2..size - 1).contains(&n)).then(|| n - 2)
+        };
+        let mut taken: hashbrown::HashSet<u64> = lock
+            .basic
+            .values()
+            .filter_map(|a| slot_of(a.address))
+            .collect();
+        let mut pending = Vec::new();
         for (raw, inst) in f.instances.iter().zip(instances.iter_mut()) {
             let Some(inst) = inst.as_mut().filter(|i| i.is_basic()) else {
                 continue;
             };
+            let item = label("instance", &raw.get_ref().name);
+            match lock.basic.get(&inst.name) {
+                Some(a) if a.migrated => {
+                    let span = raw.get_ref().network.as_ref().map_or(raw.span(), |n| n.span());
+                    self.err(span, item, "the instance moved from the basic network into a VPC (the lock file records it): migration is one-way");
+                }
+                Some(a) if slot_of(a.address).is_some() => inst.ip = a.address,
+                Some(a) => self.err(
+                    raw.span(),
+                    item,
+                    format!("the lock file gives the instance {}, which is not a usable address of the basic pool {}: the pool cannot change under allocated addresses", a.address, pool.cidr),
+                ),
+                None => pending.push((raw, inst)),
+            }
+        }
+        for (raw, inst) in pending {
             if taken.len() as u64 >= usable {
+                let gone = lock
+                    .basic
+                    .keys()
+                    .filter(|n| !f.instances.iter().any(|i| i.get_ref().name.get_ref() == *n))
+                    .count();
                 self.err(
                     raw.span(),
                     label("instance", &raw.get_ref().name),
-                    format!("the basic pool {} is full", pool.cidr),
+                    format!("the basic pool {} is full: {} addresses are allocated ({gone} of them to instances no longer in this file: remove their entries from the lock file to free them)", pool.cidr, taken.len()),
                 );
                 continue;
             }
             let mut n = u64::from(fnv1a(inst.name.as_bytes())) % usable;
-            while taken.contains(&((n + 2) as u32)) {
+            while taken.contains(&n) {
                 n = (n + 1) % usable;
             }
-            taken.insert((n + 2) as u32);
+            taken.insert(n);
             inst.ip = Ipv4Addr::from(base + (n + 2) as u32);
+            let allocation = BasicAllocation {
+                address: inst.ip,
+                migrated: false,
+            };
+            out.basic.insert(inst.name.clone(), allocation);
         }
+        out
     }
 
     /// Basic-network interconnects: one VPC per instance, of the same tenant and region,
@@ -1367,6 +1444,173 @@ impl<'a> Cx<'a> {
             .collect()
     }
 
+    /// The GRE key of every channel (docs/semantics.md, 2.1): each derived from its own names
+    /// only, a VPC's written when the file gives one. Two equal keys are an error that names
+    /// both items: at the written key when there is one (the user's to change), else at the
+    /// later item.
+    fn channel_keys(
+        &mut self,
+        f: &file::File,
+        vpcs: &[Option<Vpc>],
+        peerings: &[Option<Peering>],
+        interconnects: &[Option<Interconnect>],
+        instances: &[Option<Instance>],
+        (internet, basic): (bool, bool),
+    ) -> Vec<(Channel, u32)> {
+        let mut uses: Vec<KeyUse> = Vec::new();
+        let vpc_name = |v: VpcId| vpcs[v.index()].as_ref().map_or("?", |v| v.name.as_str());
+        for (i, v) in vpcs.iter().enumerate() {
+            let Some(v) = v else { continue };
+            let raw = f.vpcs[i].get_ref();
+            let (span, what) = match (&raw.key, v.key_assigned) {
+                (Some(k), false) => (k.span(), format!("the key of vpc \"{}\"", v.name)),
+                _ => (
+                    raw.name.span(),
+                    format!("the key vpc \"{}\" derives from its name", v.name),
+                ),
+            };
+            let written = !v.key_assigned;
+            uses.push(KeyUse::new(
+                Channel::Vpc(VpcId(i as u32)),
+                v.key,
+                span,
+                what,
+                written,
+            ));
+        }
+        for (i, p) in peerings.iter().enumerate() {
+            let Some(p) = p else { continue };
+            for to in p.vpcs {
+                let name = format!("peering:{}>{}", p.name, vpc_name(to));
+                let what = format!(
+                    "the key of peering \"{}\" into vpc \"{}\"",
+                    p.name,
+                    vpc_name(to)
+                );
+                let c = Channel::Peering {
+                    peering: PeeringId(i as u32),
+                    to,
+                };
+                let span = f.peerings[i].get_ref().name.span();
+                uses.push(KeyUse::new(
+                    c,
+                    derived_key(KeyClass::Peering, &name),
+                    span,
+                    what,
+                    false,
+                ));
+            }
+        }
+        let mut linked: Vec<VpcId> = Vec::new();
+        for (j, ic) in interconnects.iter().enumerate() {
+            let Some(ic) = ic else { continue };
+            if linked.contains(&ic.vpc) {
+                continue;
+            }
+            linked.push(ic.vpc);
+            for to_basic in [false, true] {
+                let dir = if to_basic { "basic" } else { "vpc" };
+                let name = format!("interconnect:{}>{dir}", vpc_name(ic.vpc));
+                let what = format!(
+                    "the key of vpc \"{}\"'s interconnect (towards the {dir})",
+                    vpc_name(ic.vpc)
+                );
+                let c = Channel::Interconnect {
+                    vpc: ic.vpc,
+                    to_basic,
+                };
+                let span = f.interconnects[j].span();
+                uses.push(KeyUse::new(
+                    c,
+                    derived_key(KeyClass::Interconnect, &name),
+                    span,
+                    what,
+                    false,
+                ));
+            }
+        }
+        if internet && let Some(raw) = &f.internet {
+            let spaces = vpcs
+                .iter()
+                .enumerate()
+                .filter_map(|(i, v)| {
+                    v.as_ref()
+                        .map(|v| (Space::Vpc(VpcId(i as u32)), format!("vpc:{}", v.name)))
+                })
+                .chain(basic.then(|| (Space::Basic, "basic".to_string())));
+            for (space, label) in spaces.collect::<Vec<_>>() {
+                for inbound in [true, false] {
+                    let dir = if inbound { "in" } else { "out" };
+                    let name = format!("internet:{label}>{dir}");
+                    let what = format!("the key of {label}'s internet channel ({dir})");
+                    let c = Channel::Internet { space, inbound };
+                    uses.push(KeyUse::new(
+                        c,
+                        derived_key(KeyClass::Internet, &name),
+                        raw.span(),
+                        what,
+                        false,
+                    ));
+                }
+            }
+        }
+        for (i, inst) in instances.iter().enumerate() {
+            let Some(inst) = inst.as_ref().filter(|i| !i.source_check) else {
+                continue;
+            };
+            let name = format!("appliance:{}", inst.name);
+            let what = format!("the key of appliance \"{}\"", inst.name);
+            let span = f.instances[i].get_ref().name.span();
+            let c = Channel::Appliance(InstanceId(i as u32));
+            uses.push(KeyUse::new(
+                c,
+                derived_key(KeyClass::Appliance, &name),
+                span,
+                what,
+                false,
+            ));
+        }
+        self.key_collisions(&uses);
+        uses.into_iter().map(|u| (u.channel, u.key)).collect()
+    }
+
+    fn key_collisions(&mut self, uses: &[KeyUse]) {
+        let mut seen: HashMap<u32, usize> = HashMap::new();
+        for (n, u) in uses.iter().enumerate() {
+            let Some(&first) = seen.get(&u.key) else {
+                seen.insert(u.key, n);
+                continue;
+            };
+            let other = &uses[first];
+            if other.what == u.what {
+                // One item written twice: its duplicate name is the error.
+                continue;
+            }
+            let k = u.key;
+            let (at, message) = if u.written {
+                (
+                    u,
+                    format!("key {k} is also {}: choose another key", other.what),
+                )
+            } else if other.written {
+                (
+                    other,
+                    format!("key {k} is also {}: choose another key", u.what),
+                )
+            } else {
+                (
+                    u,
+                    format!(
+                        "{} is {k}, as is {}: rename one of them, or give the VPC a key of its own",
+                        u.what, other.what
+                    ),
+                )
+            };
+            let item = at.what.clone();
+            self.err(at.span.clone(), item, message);
+        }
+    }
+
     fn instance_groups(
         &mut self,
         i: &file::Instance,
@@ -1428,8 +1672,7 @@ impl<'a> Cx<'a> {
         f: &file::File,
         table_vpcs: &[Option<u32>],
         vpcs: &[Option<Vpc>],
-        instance_names: &Names,
-        instances: &[Option<Instance>],
+        (subnets, instance_names, instances): (&[Option<Subnet>], &Names, &[Option<Instance>]),
         peering_names: &Names,
         peerings: &[Option<Peering>],
         limits: &Limits,
@@ -1471,14 +1714,33 @@ impl<'a> Cx<'a> {
                         ok = false;
                         continue;
                     };
-                    if v.cidr.contains(&dest) {
-                        self.err(
-                            r.destination.span(),
-                            &ritem,
-                            format!("destination {dest} lies inside the VPC's CIDR {}: the local route always wins", v.cidr),
-                        );
-                        ok = false;
-                        continue;
+                    // Inside the VPC the local route wins, except for a subnet's exact CIDR
+                    // sent to an appliance (AWS's middlebox routing: a firewall between two
+                    // subnets).
+                    let subnet = subnets
+                        .iter()
+                        .flatten()
+                        .find(|s| s.vpc.0 == vpc && s.cidr == dest);
+                    match (v.cidr.contains(&dest), subnet, hop) {
+                        (false, _, _) | (true, Some(_), NextHop::Instance(_)) => {}
+                        (true, Some(s), _) => {
+                            self.err(
+                                r.next_hop.span(),
+                                &ritem,
+                                format!("a route for subnet \"{}\" ({dest}) leads to an appliance (instance:NAME) only", s.name),
+                            );
+                            ok = false;
+                            continue;
+                        }
+                        (true, None, _) => {
+                            self.err(
+                                r.destination.span(),
+                                &ritem,
+                                format!("destination {dest} lies inside the VPC's CIDR {}: the local route always wins (only a subnet's exact CIDR may be routed, to an appliance)", v.cidr),
+                            );
+                            ok = false;
+                            continue;
+                        }
                     }
                     if let Some(prev) = seen.insert(dest, n + 1) {
                         self.err(r.destination.span(), &ritem, format!("destination {dest} is already route {prev}'s"));
@@ -1754,6 +2016,43 @@ fn valid_ifname(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// One key in use, for the collision check.
+struct KeyUse {
+    channel: Channel,
+    key: u32,
+    span: Range<usize>,
+    what: String,
+    written: bool,
+}
+
+impl KeyUse {
+    fn new(channel: Channel, key: u32, span: Range<usize>, what: String, written: bool) -> KeyUse {
+        KeyUse {
+            channel,
+            key,
+            span,
+            what,
+            written,
+        }
+    }
+}
+
+/// The ranges derived keys live in, one per kind of channel (the top byte), away from small
+/// hand-picked VPC keys.
+#[derive(Clone, Copy)]
+enum KeyClass {
+    Vpc = 1,
+    Peering = 2,
+    Interconnect = 3,
+    Internet = 4,
+    Appliance = 5,
+}
+
+/// A derived GRE key: the class in the top byte, 24 bits of FNV-1a of `name` below.
+fn derived_key(class: KeyClass, name: &str) -> u32 {
+    (class as u32) << 24 | (fnv1a(name.as_bytes()) & 0x00ff_ffff)
 }
 
 fn fnv1a(bytes: &[u8]) -> u32 {

@@ -326,6 +326,8 @@ pub struct Instance {
     pub netns: Option<Text>,
     /// Elastic IP.
     pub eip: Option<Text>,
+    /// `false` for an appliance that forwards (sends with other sources than its own).
+    pub source_check: Option<Spanned<bool>>,
 }
 
 /// `[[peering]]`.

@@ -258,6 +258,9 @@ pub struct Instance {
     pub security_groups: Vec<SgId>,
     /// Namespace of its TUN device.
     pub netns: Option<String>,
+    /// False for an appliance that may send with other sources than its own address (AWS's
+    /// source/destination check); such packets stay in its VPC.
+    pub source_check: bool,
     /// Its groups' inbound rules, flattened, `sg:` peers resolved in its address space.
     pub ingress_rules: Arc<RuleList>,
     /// Its groups' outbound rules, flattened.
@@ -333,6 +336,45 @@ pub struct Peering {
     pub name: String,
     /// The two VPCs.
     pub vpcs: [VpcId; 2],
+    /// The GRE keys of its two channels: `keys[i]` carries traffic into `vpcs[i]`.
+    pub keys: [u32; 2],
+}
+
+/// A path between two address spaces across the underlay. Each has a GRE key of its own, so
+/// that a receiver learns from the key alone which space sent a packet and which receives it
+/// (docs/semantics.md, 2.1, "the key plan").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Channel {
+    /// Within one VPC: the VPC's own key.
+    Vpc(VpcId),
+    /// Across a peering, into `to` (from the peering's other VPC).
+    Peering {
+        /// The peering.
+        peering: PeeringId,
+        /// The receiving VPC.
+        to: VpcId,
+    },
+    /// Between a VPC and the basic instances linked to it: into the basic network when
+    /// `to_basic`, into the VPC otherwise.
+    Interconnect {
+        /// The VPC.
+        vpc: VpcId,
+        /// The direction.
+        to_basic: bool,
+    },
+    /// Between a space and the internet, through the internet gateway host: from the internet
+    /// (relayed by the gateway) when `inbound`, towards it otherwise.
+    Internet {
+        /// The space.
+        space: Space,
+        /// The direction.
+        inbound: bool,
+    },
+    /// Packets an appliance (`source_check = false`) sends with a source other than its own,
+    /// within its VPC.
+    Appliance(InstanceId),
+    /// Within the basic network: GRE without a key.
+    Basic,
 }
 
 /// What an `[[expect]]` sends to.
@@ -405,6 +447,13 @@ pub struct Topology {
     pub interconnects: Vec<Interconnect>,
     /// Expectations.
     pub expects: Vec<Expect>,
+    /// The provider's allocations this topology uses: those of its lock file, and any it made
+    /// (compare with the lock it was compiled with to know whether the lock must be written).
+    pub allocations: super::lock::Allocations,
+    /// The allocations the lock it was compiled with does not record, for people: empty when
+    /// the lock covers it. A daemon refuses a topology with unlocked allocations; `vpcd check`
+    /// writes them.
+    pub unlocked: Vec<String>,
     pub(crate) index: Index,
 }
 
@@ -414,6 +463,8 @@ pub(crate) struct Index {
     /// Underlay addresses and their hosts, sorted by address.
     pub host_addresses: Vec<(u32, HostId)>,
     pub vpc_by_key: HashMap<u32, VpcId>,
+    pub channel_by_key: HashMap<u32, Channel>,
+    pub key_by_channel: HashMap<Channel, u32>,
     pub instance_by_address: HashMap<(Space, Ipv4Addr), InstanceId>,
     pub instance_by_eip: HashMap<Ipv4Addr, InstanceId>,
     pub linked_vpc: HashMap<InstanceId, VpcId>,
@@ -440,6 +491,55 @@ impl Topology {
     #[inline]
     pub fn vpc_by_key(&self, key: u32) -> Option<VpcId> {
         self.index.vpc_by_key.get(&key).copied()
+    }
+
+    /// The channel a GRE key names.
+    #[inline]
+    pub fn channel(&self, key: u32) -> Option<Channel> {
+        self.index.channel_by_key.get(&key).copied()
+    }
+
+    /// The GRE key of a channel: `None` for the basic network's (no key), and for a channel
+    /// this topology does not have.
+    #[inline]
+    pub fn key_of(&self, channel: Channel) -> Option<u32> {
+        self.index.key_by_channel.get(&channel).copied()
+    }
+
+    /// Every channel with a key, by key.
+    pub fn channels(&self) -> impl Iterator<Item = (u32, Channel)> + '_ {
+        self.index.channel_by_key.iter().map(|(k, c)| (*k, *c))
+    }
+
+    /// A channel as people name it (`vpc:NAME`, `peering:NAME>VPC`, `interconnect:VPC>basic`,
+    /// `internet:VPC>in`, `appliance:NAME`, `basic`): its identity across topologies.
+    pub fn channel_name(&self, c: Channel) -> String {
+        let space = |s: Space| match s {
+            Space::Vpc(v) => self.vpc(v).name.clone(),
+            Space::Basic => "basic".to_string(),
+        };
+        match c {
+            Channel::Vpc(v) => format!("vpc:{}", self.vpc(v).name),
+            Channel::Peering { peering, to } => format!(
+                "peering:{}>{}",
+                self.peerings[peering.index()].name,
+                self.vpc(to).name
+            ),
+            Channel::Interconnect { vpc, to_basic } => format!(
+                "interconnect:{}>{}",
+                self.vpc(vpc).name,
+                if to_basic { "basic" } else { "vpc" }
+            ),
+            Channel::Internet { space: s, inbound } => {
+                format!(
+                    "internet:{}>{}",
+                    space(s),
+                    if inbound { "in" } else { "out" }
+                )
+            }
+            Channel::Appliance(i) => format!("appliance:{}", self.instance(i).name),
+            Channel::Basic => "basic".to_string(),
+        }
     }
 
     /// The instance of `vpc` with address `ip`.

@@ -1936,59 +1936,148 @@ fn auto_keys_are_deterministic_and_stable() {
     assert_eq!(keys(&before), keys(&after));
 }
 
-#[test]
-fn auto_keys_never_collide_with_explicit_keys() {
-    let vb_key = valid(BASE).vpcs[1].key;
-    // vc claims vb's assigned key explicitly: vb moves, vc keeps what it wrote.
-    let t = valid(&format!("{BASE}{VC}key = {vb_key}\n"));
-    let vb = &t.vpcs[1];
-    let vc = &t.vpcs[2];
-    assert_eq!((vc.key, vc.key_assigned), (vb_key, false));
-    assert!(vb.key_assigned);
-    assert_ne!(vb.key, vb_key);
-    assert_eq!(t.vpc_by_key(vb_key), Some(VpcId(2)));
-    assert_eq!(t.vpc_by_key(vb.key), Some(VpcId(1)));
-}
-
-#[test]
-fn auto_keys_never_collide_with_each_other() {
-    // The keys are derived from the names (FNV-1a, 24 bits): find two names that hash alike,
-    // so that one of them must probe.
+/// Two VPC names whose derived keys are equal (FNV-1a, 24 bits).
+fn colliding_names() -> (String, String) {
     let fnv = |s: &str| {
         s.bytes().fold(0x811c_9dc5u32, |h, b| {
             (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
         }) & 0x00ff_ffff
     };
     let mut seen = std::collections::HashMap::new();
-    let (a, b) = (0..)
+    (0..)
         .find_map(|i| {
             let name = format!("v{i}");
             seen.insert(fnv(&name), name.clone())
                 .map(|other| (other, name))
         })
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn an_explicit_key_equal_to_a_derived_one_is_an_error_naming_both() {
+    let vb_key = valid(BASE).vpcs[1].key;
+    // vc claims vb's derived key: an error at vc's key, naming vb; vb never moves.
+    let e = invalid(&format!("{BASE}{VC}key = {vb_key}\n"));
+    assert_eq!(e.len(), 1, "{}", render(&e));
+    assert_eq!((e[0].line, e[0].column), (END + 5, 7));
+    assert_eq!(e[0].item, "the key of vpc \"vc\"");
+    assert_eq!(
+        e[0].message,
+        format!(
+            "key {vb_key} is also the key vpc \"vb\" derives from its name: choose another key"
+        )
+    );
+    // Written before vb in the file: the same error, still at the written key.
+    let first = BASE.replace(
+        "[[vpc]]\nname = \"vb\"",
+        &format!("{VC}key = {vb_key}\n\n[[vpc]]\nname = \"vb\""),
+    );
+    let e = invalid(&first);
+    assert_eq!(e.len(), 1, "{}", render(&e));
+    assert_eq!(e[0].item, "the key of vpc \"vc\"");
+    assert!(
+        e[0].message.contains("vpc \"vb\" derives"),
+        "{}",
+        render(&e)
+    );
+}
+
+#[test]
+fn two_names_deriving_one_key_are_an_error_naming_both() {
+    let (a, b) = colliding_names();
     let mut text = String::new();
-    for (name, cidr) in [(&a, "10.0.0.0/16"), (&b, "10.0.0.0/16")] {
+    for name in [&a, &b] {
         text.push_str(&format!(
-            "[[vpc]]\nname = \"{name}\"\ntenant = \"t\"\ncidr = \"{cidr}\"\n"
+            "[[vpc]]\nname = \"{name}\"\ntenant = \"t\"\ncidr = \"10.0.0.0/16\"\n"
         ));
     }
-    let t = valid(&text);
-    assert_ne!(t.vpcs[0].key, t.vpcs[1].key, "{a} and {b}");
-    assert_eq!(keys(&t), keys(&valid(&text)));
+    let e = invalid(&text);
+    assert_eq!(e.len(), 1, "{}", render(&e));
+    assert_eq!(e[0].line, 6, "{}", render(&e));
+    assert!(
+        e[0].message.contains(&format!("vpc \"{a}\"")),
+        "{}",
+        render(&e)
+    );
+    assert!(
+        e[0].message.contains(&format!("vpc \"{b}\"")),
+        "{}",
+        render(&e)
+    );
+    assert!(e[0].message.contains("give the VPC a key of its own"));
+    // Either one with a key of its own is valid, and the other keeps its derived key.
+    let fixed = format!("{text}key = 5\n");
+    let t = valid(&fixed);
+    assert_eq!(t.vpcs[1].key, 5);
+    assert_eq!(
+        t.vpcs[0].key,
+        valid(
+            &text
+                .split("[[vpc]]")
+                .nth(1)
+                .map(|v| format!("[[vpc]]{v}"))
+                .unwrap()
+        )
+        .vpcs[0]
+            .key
+    );
+}
 
-    // Many VPCs, all with distinct keys, each found by its key.
-    let many: String = (0..2000)
-        .map(|i| format!("[[vpc]]\nname = \"n{i}\"\ntenant = \"t\"\ncidr = \"10.0.0.0/16\"\n"))
-        .collect();
-    let t = valid(&many);
-    let mut k: Vec<u32> = t.vpcs.iter().map(|v| v.key).collect();
-    k.sort_unstable();
-    k.dedup();
-    assert_eq!(k.len(), 2000);
-    for (i, v) in t.vpcs.iter().enumerate() {
-        assert_eq!(t.vpc_by_key(v.key), Some(VpcId(i as u32)));
+#[test]
+fn every_channel_has_a_key_of_its_own_derived_from_its_names() {
+    let text = format!(
+        "{BASE}{CLASSIC}[[peering]]\nname = \"p\"\nvpcs = [\"va\", \"vb\"]\n[[interconnect]]\ninstance = \"classic-1\"\nvpc = \"va\"\n"
+    );
+    let t = valid(&text);
+    let mut keys: Vec<(u32, String)> = t.channels().map(|(k, c)| (k, t.channel_name(c))).collect();
+    keys.sort();
+    let names: Vec<&str> = keys.iter().map(|(_, n)| n.as_str()).collect();
+    let mut want = vec![
+        "vpc:va",
+        "vpc:vb",
+        "peering:p>va",
+        "peering:p>vb",
+        "interconnect:va>vpc",
+        "interconnect:va>basic",
+        "internet:va>in",
+        "internet:va>out",
+        "internet:vb>in",
+        "internet:vb>out",
+        "internet:basic>in",
+        "internet:basic>out",
+    ];
+    want.sort();
+    let mut got = names.clone();
+    got.sort();
+    assert_eq!(got, want);
+    for (k, c) in t.channels() {
+        assert_eq!(t.channel(k), Some(c));
+        assert_eq!(t.key_of(c), Some(k));
     }
+    // Each key depends on its own names only: another VPC, peering or instance changes none.
+    let more = format!("{text}{VC}[[peering]]\nname = \"q\"\nvpcs = [\"va\", \"vc\"]\n");
+    let t2 = valid(&more);
+    for (k, name) in &keys {
+        assert_eq!(
+            t2.channel(*k).map(|c| t2.channel_name(c)).as_deref(),
+            Some(name.as_str())
+        );
+    }
+    assert_eq!(
+        t.peerings[0].keys,
+        [
+            t.key_of(Channel::Peering {
+                peering: PeeringId(0),
+                to: VpcId(0)
+            })
+            .unwrap(),
+            t.key_of(Channel::Peering {
+                peering: PeeringId(0),
+                to: VpcId(1)
+            })
+            .unwrap()
+        ]
+    );
 }
 
 #[test]
@@ -2421,5 +2510,191 @@ fn basic_network_internet_and_interconnects() {
     assert_eq!(
         t.instance(web1).ingress_rules.evaluate(&icmp(c2_ip)),
         Outcome::NoMatch
+    );
+}
+
+/// A small pool (13 usable addresses) and basic instances whose names probe into neighbouring
+/// slots: without a record, the second one's address depends on the first one's presence.
+fn small_pool(names: &[&str], migrated: Option<&str>) -> String {
+    let mut text = format!(
+        "{BASE}[basic]\ncidr = \"10.128.0.0/28\"\n[[subnet]]\nname = \"sa2\"\nvpc = \"va\"\ncidr = \"10.0.2.0/24\"\n"
+    );
+    for n in names {
+        if Some(*n) == migrated {
+            text.push_str(&format!(
+                "[[instance]]\nname = \"{n}\"\nhost = \"h1\"\nsubnet = \"sa2\"\nip = \"10.0.2.9\"\nsecurity_groups = [\"sg-web\"]\n"
+            ));
+        } else {
+            text.push_str(&format!(
+                "[[instance]]\nname = \"{n}\"\nhost = \"h1\"\nnetwork = \"basic\"\ntenant = \"alice\"\nsecurity_groups = [\"sg-web\"]\n"
+            ));
+        }
+    }
+    text
+}
+
+/// Two names that hash to the same slot of a 13-address pool.
+fn same_slot() -> (String, String) {
+    let slot = |s: &str| {
+        s.bytes().fold(0x811c_9dc5u32, |h, b| {
+            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+        }) % 13
+    };
+    let mut seen = std::collections::HashMap::new();
+    (0..)
+        .find_map(|i| {
+            let n = format!("c{i}");
+            seen.insert(slot(&n), n.clone()).map(|o| (o, n))
+        })
+        .unwrap()
+}
+
+fn locked(text: &str, lock: &Allocations) -> Result<Topology, Vec<TopologyError>> {
+    Topology::parse_locked(text, FILE, lock).map_err(|e| e.errors().to_vec())
+}
+
+fn ip_of(t: &Topology, name: &str) -> Ipv4Addr {
+    t.instance(t.instance_named(name).unwrap()).ip
+}
+
+#[test]
+fn a_basic_address_never_moves_once_the_lock_records_it() {
+    let (a, b) = same_slot();
+    let both = valid(&small_pool(&[&a, &b], None));
+    assert_eq!(both.unlocked.len(), 2, "{:?}", both.unlocked);
+    let lock = both.allocations.clone();
+    // Without a record, b's address depends on a: alone it takes a's slot.
+    let alone = valid(&small_pool(&[&b], None));
+    assert_ne!(ip_of(&alone, &b), ip_of(&both, &b));
+    // With the lock, b keeps its address when a leaves, migrates, or comes back in another order.
+    for text in [
+        small_pool(&[&b], None),
+        small_pool(&[&a, &b], Some(&a)),
+        small_pool(&[&b, &a], None),
+    ] {
+        let t = locked(&text, &lock).unwrap();
+        assert_eq!(ip_of(&t, &b), ip_of(&both, &b));
+    }
+    let t = locked(&small_pool(&[&b, &a], None), &lock).unwrap();
+    assert!(t.unlocked.is_empty(), "{:?}", t.unlocked);
+    assert_eq!(ip_of(&t, &a), ip_of(&both, &a));
+    // A newcomer never takes an address the lock holds, even one of an instance that left.
+    let t = locked(&small_pool(&[&b, "newcomer"], None), &lock).unwrap();
+    let n = ip_of(&t, "newcomer");
+    assert!(n != ip_of(&both, &a) && n != ip_of(&both, &b));
+    assert_eq!(
+        t.unlocked,
+        vec![format!("basic instance newcomer: address {n}")]
+    );
+    // The lock round-trips through its file and compiles to the same addresses.
+    let reread = Allocations::parse(&lock.render(FILE), "lab.lock").unwrap();
+    assert_eq!(reread, lock);
+}
+
+#[test]
+fn migration_is_recorded_and_one_way() {
+    let (a, b) = same_slot();
+    let lock = valid(&small_pool(&[&a, &b], None)).allocations;
+    let moved = locked(&small_pool(&[&a, &b], Some(&a)), &lock).unwrap();
+    assert_eq!(ip_of(&moved, &a), Ipv4Addr::new(10, 0, 2, 9));
+    assert_eq!(
+        moved.unlocked,
+        vec![format!(
+            "instance {a}: moved from the basic network into a VPC (one-way)"
+        )]
+    );
+    assert!(moved.allocations.basic[&a].migrated);
+    // Back into the basic network: refused, at the instance's network key.
+    let e = locked(&small_pool(&[&a, &b], None), &moved.allocations).unwrap_err();
+    assert_eq!(e.len(), 1, "{}", render(&e));
+    assert!(
+        e[0].message.contains("migration is one-way"),
+        "{}",
+        render(&e)
+    );
+    assert_eq!(e[0].item, format!("instance \"{a}\""));
+    // Its old address stays reserved: nobody else gets it.
+    let t = locked(
+        &small_pool(&[&b, "x1", "x2", "x3"], Some(&a)),
+        &moved.allocations,
+    )
+    .unwrap();
+    for n in ["x1", "x2", "x3"] {
+        assert_ne!(ip_of(&t, n), ip_of(&valid(&small_pool(&[&a], None)), &a));
+    }
+}
+
+#[test]
+fn a_lock_the_pool_cannot_honour_is_an_error() {
+    let (a, _) = same_slot();
+    let lock = valid(&small_pool(&[&a], None)).allocations;
+    let text = small_pool(&[&a], None).replace("10.128.0.0/28", "10.129.0.0/28");
+    let e = locked(&text, &lock).unwrap_err();
+    assert!(
+        e[0].message
+            .contains("the pool cannot change under allocated addresses"),
+        "{}",
+        render(&e)
+    );
+    // A full pool names the entries of instances that left.
+    let many: Vec<String> = (0..13).map(|i| format!("n{i}")).collect();
+    let names: Vec<&str> = many.iter().map(String::as_str).collect();
+    let lock = valid(&small_pool(&names, None)).allocations;
+    let e = locked(
+        &small_pool(&[&names[..12], &["late"]].concat(), None),
+        &lock,
+    )
+    .unwrap_err();
+    assert!(
+        e[0].message.contains(
+            "is full: 13 addresses are allocated (1 of them to instances no longer in this file"
+        ),
+        "{}",
+        render(&e)
+    );
+}
+
+#[test]
+fn appliances_and_subnet_routes() {
+    let fw = "[[subnet]]\nname = \"sa2\"\nvpc = \"va\"\ncidr = \"10.0.2.0/24\"\n[[instance]]\nname = \"fw\"\nhost = \"h1\"\nsubnet = \"sa2\"\nip = \"10.0.2.10\"\nsecurity_groups = [\"sg-web\"]\nsource_check = false\n";
+    let t = valid(&format!("{BASE}{fw}"));
+    let id = t.instance_named("fw").unwrap();
+    assert!(!t.instance(id).source_check);
+    assert!(t.instance(t.instance_named("web-1").unwrap()).source_check);
+    assert!(
+        t.key_of(Channel::Appliance(id))
+            .is_some_and(|k| k >> 24 == 5)
+    );
+    // A route for a subnet's exact CIDR to an appliance is valid ...
+    let route = |dest: &str, hop: &str| {
+        format!("{BASE}{fw}").replace(
+            "{ destination = \"0.0.0.0/0\", next_hop = \"instance:web-1\" },",
+            &format!("{{ destination = \"{dest}\", next_hop = \"{hop}\" }},"),
+        )
+    };
+    let t = valid(&route("10.0.2.0/24", "instance:fw"));
+    let rt = &t.route_tables[t.subnet(SubnetId(0)).route_table.index()];
+    assert_eq!(rt.routes.as_slice()[0].next_hop, NextHop::Instance(id.0));
+    // ... to anything else, or for another block inside the VPC, it is not.
+    let e = invalid(&route("10.0.2.0/24", "drop"));
+    assert!(
+        e[0].message
+            .contains("leads to an appliance (instance:NAME) only"),
+        "{}",
+        render(&e)
+    );
+    let e = invalid(&route("10.0.2.0/25", "instance:fw"));
+    assert!(
+        e[0].message.contains("the local route always wins"),
+        "{}",
+        render(&e)
+    );
+    // The basic network has no routes to forward through an appliance.
+    let e = invalid(&format!("{BASE}{CLASSIC}source_check = false\n"));
+    assert!(
+        e[0].message
+            .contains("source_check = false is for appliances in a VPC"),
+        "{}",
+        render(&e)
     );
 }
