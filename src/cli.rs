@@ -9,12 +9,19 @@ use vpcd::Topology;
 use vpcd::lab::{DEFAULT_TOPOLOGY, Lab};
 use vpcd::topology::{ExpectSource, ExpectTarget, Network};
 
-/// `vpcd check FILE`.
-pub fn check(file: &Path) -> ExitCode {
+/// `vpcd check FILE [--locked]`: validates, prints a summary, and records the provider's new
+/// allocations in the lock file beside FILE (`--locked`: refuses to, as `cargo --locked`).
+pub fn check(file: &Path, locked: bool) -> ExitCode {
     match Topology::load(file) {
         Ok(t) => {
             print!("{}", summary(&t));
-            ExitCode::SUCCESS
+            match write_lock(file, &t, locked) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Err(e) => {
             eprintln!("{e}");
@@ -25,6 +32,37 @@ pub fn check(file: &Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Writes the allocations `t` made that its lock file does not record yet; with `locked`, an
+/// out-of-date lock is an error instead.
+pub fn write_lock(file: &Path, t: &Topology, locked: bool) -> anyhow::Result<()> {
+    if t.unlocked.is_empty() {
+        return Ok(());
+    }
+    let lock = vpcd::topology::lock_path(file);
+    if locked {
+        anyhow::bail!(
+            "{}: out of date ({}); run `vpcd check {}` to record them",
+            lock.display(),
+            t.unlocked.join("; "),
+            file.display()
+        );
+    }
+    let name = file
+        .file_name()
+        .map_or(String::new(), |n| n.to_string_lossy().into_owned());
+    std::fs::write(&lock, t.allocations.render(&name))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", lock.display()))?;
+    println!(
+        "{}: recorded {} allocation(s):",
+        lock.display(),
+        t.unlocked.len()
+    );
+    for line in &t.unlocked {
+        println!("  {line}");
+    }
+    Ok(())
 }
 
 /// A one-screen summary of a valid topology.

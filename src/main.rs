@@ -17,10 +17,14 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Validate a topology file and print a summary, or every error (exit status 1).
+    /// Validate a topology file and print a summary, or every error (exit status 1). New
+    /// provider allocations (basic-network addresses) are recorded in FILE's lock file.
     Check {
         /// The topology file.
         file: PathBuf,
+        /// Fail instead of writing the lock file when it is out of date.
+        #[arg(long)]
+        locked: bool,
     },
     /// Run one host's data plane: a TUN device per local instance, the underlay, the workers.
     Run {
@@ -100,6 +104,17 @@ enum LabCommand {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // Before anything is opened, so that every descriptor above stderr is an inherited one.
+    let closed = match &args.command {
+        Command::Run { .. } => match vpcd::daemon::close_inherited_descriptors() {
+            Ok(n) => n,
+            Err(e) => {
+                eprintln!("vpcd: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => 0,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -107,7 +122,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match args.command {
-        Command::Check { file } => cli::check(&file),
+        Command::Check { file, locked } => cli::check(&file, locked),
         Command::Lab { command } => cli::lab(command_of(command)),
         Command::Run {
             topology,
@@ -116,6 +131,9 @@ fn main() -> ExitCode {
             stats,
             netns,
         } => {
+            if closed > 0 {
+                tracing::info!(closed, "closed inherited file descriptors");
+            }
             let opts = vpcd::daemon::Options {
                 topology,
                 host,

@@ -77,7 +77,9 @@ drop_reasons! {
     GreBadChecksum => "GRE checksum is wrong",
     GreProtocolMismatch => "GRE protocol type does not match the inner packet",
     GreProtocolUnsupported => "GRE protocol type is not IPv4",
-    InnerSourceNotOnSender => "inner source is not an instance of the sending host",
+    UnderlayTooBig => "decapsulated packet is larger than the instance MTU (the kernel reassembled outer fragments)",
+    InnerSourceNotOnSender => "inner source is not an instance of the sending host (on an internet channel: not a public address from the internet gateway)",
+    GreKeyMismatch => "the sender's route does not lead where the GRE key's channel goes",
     NotLocalDestination => "decapsulated packet is for no instance on this host",
     // --- routing ---
     NoRoute => "no route matches the destination",
@@ -90,6 +92,7 @@ drop_reasons! {
     NoSuchEip => "packet from the internet to an address that is no Elastic IP",
     BasicOtherTenant => "basic network: the two instances belong to different tenants",
     BasicOtherRegion => "basic network: the two instances are in different regions",
+    ForeignSourceLeavesVpc => "an appliance's packet with a source other than its own may only go to an instance of its own VPC",
     // --- policy ---
     AclEgress => "network ACL of the source subnet denies the packet (egress)",
     AclIngress => "network ACL of the destination subnet denies the packet (ingress)",

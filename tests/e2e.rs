@@ -1352,3 +1352,340 @@ netns = "e2-v6{i}"
         );
     }
 }
+
+// ----------------------------------------------------------------------------------------------
+// 10. packets the underlay reassembles beyond the instance MTU
+
+/// Sends from an attacker plugged into the underlay, as host-a (the right key, an inner source
+/// of host-a), GRE whose inner packet is 8000 bytes, in outer IPv4 fragments: host-b's kernel
+/// reassembles them before its underlay socket sees them (a raw socket and a UDP socket both
+/// get whole packets), so vpcd meets an inner packet no instance device could carry and must
+/// drop it (`UnderlayTooBig`) rather than deliver it. The same packet small and unfragmented
+/// is delivered (the path, the listener and the crafting work). tshark on host-b's underlay
+/// device checks what was sent: the fragments, and, reassembled, the key and the inner packet.
+fn underlay_refuses_oversize(test: &str, lab_name: &str, tag: &str, transport: &str, n: u8) {
+    if !can_run(test, &[Tool::Ip, Tool::Scapy, Tool::Tshark]) {
+        return;
+    }
+    let key = 5000 + u32::from(n);
+    let lab = LabUp::start(lab_name, &pair(tag, transport, false, n, key));
+    let b = format!("{tag}b");
+    let (a_ip, b_ip) = (lab.ip(&format!("{tag}a")), lab.ip(&b));
+    let atk = attacker(&lab, "192.0.2.99");
+    let host_b = lab.lab.host_ns("host-b");
+    let mac = mac_of(&host_b, "ul0");
+    let script = script("gre_attack.py");
+    let send = |count: &str, case: &str| {
+        let spec = format!("{case}:192.0.2.1:{key}:{a_ip}:{b_ip}");
+        python_in(
+            &atk,
+            &[
+                script.to_str().unwrap(),
+                "atk0",
+                &mac,
+                "192.0.2.2",
+                transport,
+                count,
+                &spec,
+            ],
+        );
+    };
+
+    // The control: small and whole, it is delivered.
+    let listener = Listener::udp(&lab.ns(&b), &b, 7000);
+    let before = lab.stats();
+    send("1", "valid");
+    thread::sleep(Duration::from_millis(300));
+    let after = lab.stats();
+    let seen: Vec<String> = listener.finish().into_iter().map(|s| s.data).collect();
+    assert_eq!(
+        seen,
+        vec!["e2e valid".to_string()],
+        "{transport}: the small control packet; {}",
+        after.diff(&before)
+    );
+    // Its answer to the forged inner source (and the ICMP error that may come back) are done.
+    thread::sleep(Duration::from_millis(300));
+
+    // 8000 bytes inside, in outer fragments, three times.
+    let packets = 3;
+    let listener = Listener::udp(&lab.ns(&b), &b, 7000);
+    let cap = Capture::start(
+        &host_b,
+        "ul0",
+        "src host 192.0.2.1 and dst host 192.0.2.2",
+        &format!("{tag}-oversize"),
+        20,
+    );
+    let before = lab.stats();
+    send(&packets.to_string(), "oversize");
+    thread::sleep(Duration::from_millis(500));
+    let after = lab.stats();
+    let file = cap.stop();
+    let seen = listener.finish();
+
+    // What reached host-b: fragments of at most 1400 bytes of payload (6 per packet), the
+    // last of each reassembled by tshark into GRE with the VPC's key around an inner IPv4
+    // packet of 8000 bytes from a's address to b's UDP port 7000.
+    let decode = ["-d", "udp.port==4754,gre"];
+    let fragments = tshark_fields(
+        &file,
+        &[
+            &decode[..],
+            &["-Y", "ip.flags.mf == 1 || ip.frag_offset > 0"],
+        ]
+        .concat(),
+        &["ip.id", "ip.len"],
+    );
+    let reassembled = tshark_fields(
+        &file,
+        &[&decode[..], &["-Y", "gre && ip.reassembled.length"]].concat(),
+        &[
+            "ip.id",
+            "ip.fragment.count",
+            "gre.key",
+            "ip.src",
+            "ip.dst",
+            "ip.len",
+            "udp.dstport",
+        ],
+    );
+    let _ = std::fs::remove_file(&file);
+    eprintln!("{transport}: {} fragments; reassembled:", fragments.len());
+    for r in &reassembled {
+        eprintln!("  {}", r.join(" | "));
+    }
+    assert_eq!(
+        fragments.len(),
+        6 * packets,
+        "{transport}: outer fragments on host-b's ul0: {fragments:?}"
+    );
+    for f in &fragments {
+        let len: usize = f[1].split(',').next().unwrap().parse().unwrap();
+        assert!(
+            len <= 20 + 1400,
+            "{transport}: fragment of {len} bytes: {f:?}"
+        );
+    }
+    assert_eq!(reassembled.len(), packets, "{transport}: {reassembled:?}");
+    let inner_port = if transport == "gre" {
+        "7000"
+    } else {
+        "4754,7000"
+    };
+    for r in &reassembled {
+        assert_eq!(r[1], "6", "{transport}: fragments of {r:?}");
+        assert_eq!(
+            r[2],
+            format!("0x{key:08x}"),
+            "{transport}: GRE key of {r:?}"
+        );
+        assert_eq!(
+            r[3],
+            format!("192.0.2.1,{a_ip}"),
+            "{transport}: sources {r:?}"
+        );
+        assert_eq!(
+            r[4],
+            format!("192.0.2.2,{b_ip}"),
+            "{transport}: destinations {r:?}"
+        );
+        assert!(
+            r[5].ends_with(",8000"),
+            "{transport}: the inner packet of {r:?} should be 8000 bytes"
+        );
+        assert_eq!(r[6], inner_port, "{transport}: UDP ports of {r:?}");
+    }
+
+    // What vpcd made of it: nothing delivered, the drop counted.
+    let seen: Vec<(std::net::SocketAddr, usize)> =
+        seen.into_iter().map(|s| (s.from, s.data.len())).collect();
+    assert!(
+        seen.is_empty(),
+        "{transport}: 8000-byte inner packets reached {b}'s listener: {seen:?}; {}",
+        after.diff(&before)
+    );
+    assert_eq!(
+        after.grew(&before, "host-b", &format!("instance.{b}.received")),
+        0,
+        "{transport}: {}",
+        after.diff(&before)
+    );
+    let too_big = after.dropped(&before, "host-b", "UnderlayTooBig");
+    assert!(
+        too_big >= 1,
+        "{transport}: host-b should count UnderlayTooBig (the decapsulated packet is larger than the instance MTU); {}",
+        after.diff(&before)
+    );
+}
+
+#[test]
+fn gre_reassembled_beyond_the_instance_mtu_is_dropped() {
+    underlay_refuses_oversize(
+        "gre_reassembled_beyond_the_instance_mtu_is_dropped",
+        "e2e_ovg",
+        "og",
+        "gre",
+        53,
+    );
+}
+
+#[test]
+fn gre_in_udp_reassembled_beyond_the_instance_mtu_is_dropped() {
+    underlay_refuses_oversize(
+        "gre_in_udp_reassembled_beyond_the_instance_mtu_is_dropped",
+        "e2e_ovu",
+        "ou",
+        "gre-udp",
+        54,
+    );
+}
+
+// ----------------------------------------------------------------------------------------------
+// 11. a daemon keeps nothing open of whoever started it
+
+/// True when `pid` runs and is not a zombie.
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| !r.trim_start().starts_with('Z'))
+    })
+}
+
+/// `vpcd run` closes every descriptor it inherited beyond stdin, stdout and stderr. host-a's
+/// daemon is restarted from a shell that holds a file open without close-on-exec on
+/// descriptors 7 (writing) and 9 (reading), as a careless supervisor or a shell script would:
+/// no descriptor of the daemon may lead to that file, and the daemon still forwards.
+#[test]
+fn daemons_close_the_descriptors_they_inherit() {
+    let test = "daemons_close_the_descriptors_they_inherit";
+    if !can_run(test, &[Tool::Ip, Tool::Ping]) {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    use std::process::{Command, Stdio};
+    let lab = LabUp::start("e2e_fds", &pair("fd", "gre", false, 15, 1515));
+    let (a_ns, b_ip) = (lab.ns("fda"), lab.ip("fdb"));
+    let dir = lab.lab.dir();
+    let marker = dir.join("inherited");
+    std::fs::write(&marker, "").unwrap();
+    let id = |m: std::fs::Metadata| (m.dev(), m.ino());
+    let marker_id = id(std::fs::metadata(&marker).unwrap());
+    // `bash -c 'exec 7>>FILE 9<FILE; exec CMD...'`: CMD starts with both open.
+    let shell = |cmd: &[&str]| {
+        let mut c = Command::new("bash");
+        c.args(["-c", r#"exec 7>>"$1" 9<"$1"; shift; exec "$@""#, "bash"])
+            .arg(&marker)
+            .args(cmd)
+            .stdin(Stdio::null());
+        c
+    };
+    // The mechanism: what the shell starts inherits them.
+    let o = shell(&["readlink", "/proc/self/fd/7", "/proc/self/fd/9"])
+        .output()
+        .unwrap();
+    let m = marker.display().to_string();
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .collect::<Vec<_>>(),
+        [m.as_str(), m.as_str()],
+        "the shell should pass descriptors 7 and 9 on"
+    );
+
+    // Stop the lab's daemon of host-a; start another the shell's way.
+    let old = lab.lab.daemon_pid("host-a").expect("host-a's pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while running(old) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!running(old), "host-a's daemon {old} did not stop");
+    let (topo, stats) = (lab.lab.topology_path(), dir.join("fd-host-a.stats"));
+    let log = std::fs::File::create(dir.join("fd-host-a.log")).unwrap();
+    // Its command line names the lab's directory: if the test fails, `lab down` stops it.
+    let mut daemon = shell(&[
+        VPCD,
+        "run",
+        "--netns",
+        &lab.lab.host_ns("host-a"),
+        "--topology",
+        topo.to_str().unwrap(),
+        "--host",
+        "host-a",
+        "--stats",
+        stats.to_str().unwrap(),
+        "--workers",
+        "2",
+    ])
+    .stdout(log.try_clone().unwrap())
+    .stderr(log)
+    .spawn()
+    .expect("bash -c ... vpcd run");
+    let pid = daemon.id();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !stats.exists() && daemon.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    let log_text = || std::fs::read_to_string(dir.join("fd-host-a.log")).unwrap_or_default();
+    assert!(
+        stats.exists(),
+        "the restarted daemon did not start:\n{}",
+        log_text()
+    );
+
+    // Every descriptor of the running daemon (a sub-process would be another pid): its
+    // number, where its link points, and the (device, inode) of what it leads to.
+    type Descriptor = (String, String, Option<(u64, u64)>);
+    let fds: Vec<Descriptor> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let target = std::fs::read_link(e.path()).unwrap_or_default();
+            let to = std::fs::metadata(e.path()).ok().map(id);
+            let fd = e.file_name().to_string_lossy().into_owned();
+            (fd, target.display().to_string(), to)
+        })
+        .collect();
+    let forwards = ping(&a_ns, b_ip, 3);
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while daemon.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        daemon.try_wait().unwrap().is_some(),
+        "the restarted daemon {pid} did not stop on SIGTERM"
+    );
+
+    let leaked: Vec<&Descriptor> = fds
+        .iter()
+        .filter(|(_, _, to)| *to == Some(marker_id))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "the daemon kept descriptors it inherited: {leaked:?}; all of them: {fds:?}"
+    );
+    for std_fd in ["0", "1", "2"] {
+        assert!(
+            fds.iter().any(|(fd, _, _)| fd == std_fd),
+            "the daemon closed its descriptor {std_fd}: {fds:?}"
+        );
+    }
+    assert_eq!(
+        forwards,
+        3,
+        "fda -> fdb through the restarted daemon; its log:\n{}",
+        log_text()
+    );
+}

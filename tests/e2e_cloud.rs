@@ -267,6 +267,16 @@ fn transfer(src_ns: &str, dst_ns: &str, dst: Ipv4Addr, port: u16, len: usize, wh
     assert_eq!(echoed, Some(fnv(&data)), "{what}: the receiver's hash");
 }
 
+/// The GRE key of the channel named `name` (`peering:pcx-ab>vpc-b`, `internet:vpc-e>in`, ...:
+/// docs/semantics.md 2.1).
+fn key_of(lab: &LabUp, name: &str) -> u32 {
+    let t = &lab.topo;
+    t.channels()
+        .find(|&(_, c)| t.channel_name(c) == name)
+        .map(|(k, _)| k)
+        .unwrap_or_else(|| panic!("no channel {name}"))
+}
+
 /// Lines of a host's log that contain `needle`.
 fn log_count(lab: &LabUp, host: &str, needle: &str) -> usize {
     std::fs::read_to_string(lab.lab.log_path(host))
@@ -275,12 +285,15 @@ fn log_count(lab: &LabUp, host: &str, needle: &str) -> usize {
         .count()
 }
 
-/// Writes `text` as the lab's topology, sends SIGHUP to every daemon and waits until each
-/// host's log has one more line containing `outcome`.
+/// Writes `text` as the lab's topology, records its allocations in the lab's lock file as a
+/// user would (`vpcd check`; an invalid file records nothing), sends SIGHUP to every daemon
+/// and waits until each host's log has one more line containing `outcome`.
 fn reload(lab: &LabUp, text: &str, outcome: &str) {
     let hosts: Vec<String> = lab.topo.hosts.iter().map(|h| h.name.clone()).collect();
     let before: Vec<usize> = hosts.iter().map(|h| log_count(lab, h, outcome)).collect();
-    std::fs::write(lab.lab.topology_path(), text).expect("writing the lab's topology");
+    let path = lab.lab.topology_path();
+    std::fs::write(&path, text).expect("writing the lab's topology");
+    vpcd(&["check", path.to_str().unwrap()]);
     let daemons = lab.lab.daemons();
     assert_eq!(daemons.len(), hosts.len(), "daemons: {daemons:?}");
     for (h, pid) in &daemons {
@@ -823,19 +836,29 @@ fn elastic_ips(test: &str, name: &str, transport: &str, checksum: bool) {
         1 << 20,
         "internet -> eb's EIP, TCP",
     );
-    // The gateway relays to eb through the underlay, translated, with vpc-e's key; eb's host
-    // sends the replies back to the gateway untranslated.
+    // The gateway relays to eb through the underlay, translated, on vpc-e's channel from the
+    // internet; eb's host sends the replies back to the gateway untranslated, on vpc-e's
+    // channel to the internet.
     let rows = gre_on_wire(&lab, &format!("{name}-relay"), || {
         assert_eq!(ping(&inet, eb_eip, 3), 3, "internet -> eb: ping");
     });
-    for (dir, inner) in [
-        (("192.0.2.1", "192.0.2.2"), (INTERNET, eb_ip)),
-        (("192.0.2.2", "192.0.2.1"), (eb_ip, INTERNET)),
+    for (dir, inner, channel) in [
+        (
+            ("192.0.2.1", "192.0.2.2"),
+            (INTERNET, eb_ip),
+            "internet:vpc-e>in",
+        ),
+        (
+            ("192.0.2.2", "192.0.2.1"),
+            (eb_ip, INTERNET),
+            "internet:vpc-e>out",
+        ),
     ] {
         let got = gre_rows(&rows, dir, inner);
         assert!(got.len() >= 3, "GRE {dir:?} carrying {inner:?}: {rows:?}");
+        let key = key_of(&lab, channel);
         for r in got {
-            assert_eq!(r[3], format!("0x{:08x}", 4020), "vpc-e's key: {r:?}");
+            assert_eq!(r[3], format!("0x{key:08x}"), "{channel}'s key: {r:?}");
             if checksum {
                 assert!(r[5] == "1" && r[6] == "1", "GRE checksum: {r:?}");
             }
@@ -1148,15 +1171,24 @@ fn peering_carries_both_ways_but_is_not_transitive_and_needs_a_return_route() {
     let [a1, b1, c1, d1] = ["a1", "b1", "c1", "d1"].map(|i| lab.ns(i));
     let [a1_ip, b1_ip, c1_ip, d1_ip] = ["a1", "b1", "c1", "d1"].map(|i| lab.ip(i));
 
-    // A <-> B, across tenants and hosts: on the wire, each packet carries the key of the VPC
-    // it goes to.
+    // A <-> B, across tenants and hosts: on the wire, each packet carries the key of the
+    // peering's channel into the VPC it goes to (neither VPC's own key).
     let rows = gre_on_wire(&lab, "ec_peer", || {
         assert_eq!(ping(&a1, b1_ip, 3), 3, "a1 -> b1: ping over pcx-ab");
     });
     for (dir, inner, key) in [
-        (("192.0.2.1", "192.0.2.2"), (a1_ip, b1_ip), 3002u32),
-        (("192.0.2.2", "192.0.2.1"), (b1_ip, a1_ip), 3001),
+        (
+            ("192.0.2.1", "192.0.2.2"),
+            (a1_ip, b1_ip),
+            key_of(&lab, "peering:pcx-ab>vpc-b"),
+        ),
+        (
+            ("192.0.2.2", "192.0.2.1"),
+            (b1_ip, a1_ip),
+            key_of(&lab, "peering:pcx-ab>vpc-a"),
+        ),
     ] {
+        assert!(key != 3001 && key != 3002, "a peering's keys are its own");
         let got = gre_rows(&rows, dir, inner);
         assert!(got.len() >= 3, "GRE {dir:?} carrying {inner:?}: {rows:?}");
         for r in got {
@@ -1334,13 +1366,21 @@ fn interconnect_links_one_basic_instance_to_one_vpc_without_transit() {
         ["classic-1", "classic-2", "va1", "va2", "p1"].map(|i| lab.ip(i));
 
     // classic-1 <-> vpc-a at private addresses, across hosts and on the same host. On the
-    // wire: towards vpc-a with vpc-a's key, towards classic-1 with none.
+    // wire: each way on its own channel of vpc-a's interconnect.
     let rows = gre_on_wire(&lab, "ec_ic", || {
         assert_eq!(ping(&c1, va1_ip, 3), 3, "classic-1 -> va1: ping");
     });
     for (dir, inner, key) in [
-        (("192.0.2.2", "192.0.2.1"), (c1_ip, va1_ip), Some(4040u32)),
-        (("192.0.2.1", "192.0.2.2"), (va1_ip, c1_ip), None),
+        (
+            ("192.0.2.2", "192.0.2.1"),
+            (c1_ip, va1_ip),
+            Some(key_of(&lab, "interconnect:vpc-a>vpc")),
+        ),
+        (
+            ("192.0.2.1", "192.0.2.2"),
+            (va1_ip, c1_ip),
+            Some(key_of(&lab, "interconnect:vpc-a>basic")),
+        ),
     ] {
         let got = gre_rows(&rows, dir, inner);
         assert!(got.len() >= 3, "GRE {dir:?} carrying {inner:?}: {rows:?}");

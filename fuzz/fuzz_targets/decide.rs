@@ -309,7 +309,8 @@ fn side(transport: &str, checksum: bool, tiny: bool) -> Side {
     let topo = topologies[0].clone();
     let host = topo.host_named("host-a").unwrap();
     let pipeline = if tiny {
-        Pipeline::with_limits(topo, host, 3, 2, 16)
+        // One of 64 shards of the topology's table: 4 entries, 1 per owner.
+        Pipeline::shard(topo, host, 64, 0)
     } else {
         Pipeline::new(topo, host)
     };

@@ -41,7 +41,7 @@ use crate::io::underlay::{UnderlayRx, UnderlayTx};
 use crate::pipeline::{Counters, Pipeline, RuleRef};
 use crate::reason::DropReason;
 use crate::time::MonotonicClock;
-use crate::topology::{HostId, InstanceId, Topology, Transport};
+use crate::topology::{HostId, InstanceId, Topology, Transport, live_refusals};
 use crate::wire::ipv4;
 pub use pool::Pool;
 pub use worker::{DeviceTable, Devices, Lane, Msg, Packet, Wiring, Worker, WorkerReport};
@@ -136,7 +136,7 @@ struct Daemon {
     lanes: Option<Arc<[Lane]>>,
     devices: Vec<Device>,
     pool: Pool,
-    seed: u32,
+    seed: u64,
     affinity: Affinity,
     internet: Option<Arc<Tun>>,
     created_netns: Vec<String>,
@@ -144,12 +144,46 @@ struct Daemon {
     stats_seq: u64,
 }
 
+/// Closes every descriptor this process inherited beyond stdin, stdout and stderr; returns
+/// how many. A daemon lives for long and enters namespaces: whatever the shell, a supervisor
+/// or a lab that started it left open without close-on-exec (a file, a pipe, another
+/// namespace's socket, a descriptor of a namespace) would stay open for its whole life,
+/// readable by it and kept alive by it. Call it first thing in `main`, before anything of
+/// this process opens a descriptor: the ones it closes must belong to no object here.
+pub fn close_inherited_descriptors() -> Result<usize> {
+    use nix::dir::Dir;
+    use nix::fcntl::OFlag;
+    use nix::sys::stat::Mode;
+    use std::os::fd::{AsRawFd, RawFd};
+
+    // List first, close after: closing while iterating would change what is iterated.
+    let inherited: Vec<RawFd> = {
+        let mut dir = Dir::open(
+            "/proc/self/fd",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .context("listing /proc/self/fd")?;
+        let own = dir.as_raw_fd();
+        dir.iter()
+            .filter_map(|e| e.ok()?.file_name().to_str().ok()?.parse::<RawFd>().ok())
+            .filter(|&fd| fd > 2 && fd != own)
+            .collect()
+    };
+    for &fd in &inherited {
+        // By number: nothing here owns it. Linux releases the descriptor even when close
+        // reports an error (EINTR, EIO).
+        let _ = nix::unistd::close(fd);
+    }
+    Ok(inherited.len())
+}
+
 /// Runs the daemon until SIGINT or SIGTERM.
 pub fn run(opts: Options) -> Result<()> {
     if let Some(ns) = &opts.netns {
         netns::enter_for_good(ns)?;
     }
-    let topo = Arc::new(Topology::load(&opts.topology)?);
+    let topo = Arc::new(load(&opts.topology)?);
     let host = topo.host_named(&opts.host).ok_or_else(|| {
         anyhow!(
             "{}: no host named \"{}\"",
@@ -178,7 +212,7 @@ pub fn run(opts: Options) -> Result<()> {
         devices: Vec::new(),
         pool: Pool::new(),
         seed,
-        affinity: Affinity::new(seed, workers, &topo),
+        affinity: Affinity::new((seed ^ (seed >> 32)) as u32, workers, &topo),
         internet: None,
         created_netns: Vec::new(),
         stats_path,
@@ -195,9 +229,10 @@ impl Daemon {
         let address = t.host(self.host).address;
         let transport = t.underlay.transport;
         self.open_internet(&t)?;
-        let devices = self.open_devices(&t)?;
+        let opened = self.open_new_devices(&t, self.host)?;
+        self.devices.extend(opened);
+        let devices = self.device_table(&t, self.host);
         let clock = MonotonicClock::new();
-        let limits = t.conntrack;
         let n = workers as u32;
         let mut inboxes = Vec::with_capacity(workers);
         let mut lanes = Vec::with_capacity(workers);
@@ -214,14 +249,8 @@ impl Daemon {
         let lanes: Arc<[Lane]> = lanes.into();
         self.lanes = Some(lanes.clone());
         for (k, inbox) in inboxes.into_iter().enumerate() {
-            let mut p = Pipeline::with_limits(
-                t.clone(),
-                self.host,
-                limits.max_entries.div_ceil(n),
-                limits.max_per_instance.div_ceil(n),
-                limits.flow_cache,
-            );
-            p.set_flow_seed(self.seed);
+            // Every worker's tables share one seed: a flow hashes alike wherever it is read.
+            let p = Pipeline::shard(t.clone(), self.host, n, self.seed);
             let (devices, pool, lanes, affinity) = (
                 devices.clone(),
                 self.pool.clone(),
@@ -254,18 +283,13 @@ impl Daemon {
         Ok(())
     }
 
-    /// Opens the device of every local instance, creating missing namespaces.
-    fn open_devices(&mut self, t: &Topology) -> Result<Devices> {
-        let mut devices: Vec<Option<Arc<Tun>>> = vec![None; t.instances.len()];
-        let existing: BTreeMap<String, Arc<Tun>> = self
-            .devices
-            .iter()
-            .map(|d| (d.name.clone(), d.tun.clone()))
-            .collect();
-        for id in t.instances_on(self.host) {
+    /// Opens the device of every instance of `t` on `host` that has none yet, creating missing
+    /// namespaces. Nothing is kept when one fails: the devices opened so far close.
+    fn open_new_devices(&mut self, t: &Topology, host: HostId) -> Result<Vec<Device>> {
+        let mut opened = Vec::new();
+        for id in t.instances_on(host) {
             let inst = t.instance(id);
-            if let Some(dev) = existing.get(&inst.name) {
-                devices[id.index()] = Some(dev.clone());
+            if self.devices.iter().any(|d| d.name == inst.name) {
                 continue;
             }
             if let Some(ns) = &inst.netns
@@ -286,18 +310,30 @@ impl Daemon {
             };
             let tun = Tun::open(cfg).with_context(|| format!("instance {}", inst.name))?;
             info!(instance = %inst.name, ip = %inst.ip, netns = inst.netns.as_deref().unwrap_or("-"), "device up");
-            let tun = Arc::new(tun);
-            self.devices.push(Device {
+            opened.push(Device {
                 name: inst.name.clone(),
-                tun: tun.clone(),
+                tun: Arc::new(tun),
                 address: (inst.ip, inst.prefix),
             });
-            devices[id.index()] = Some(tun);
         }
-        Ok(Arc::new(DeviceTable {
-            instances: devices,
+        Ok(opened)
+    }
+
+    /// The workers' device table for `t`: each local instance's device, by id.
+    fn device_table(&self, t: &Topology, host: HostId) -> Devices {
+        let mut instances: Vec<Option<Arc<Tun>>> = vec![None; t.instances.len()];
+        for id in t.instances_on(host) {
+            let name = &t.instance(id).name;
+            instances[id.index()] = self
+                .devices
+                .iter()
+                .find(|d| d.name == *name)
+                .map(|d| d.tun.clone());
+        }
+        Arc::new(DeviceTable {
+            instances,
             internet: self.internet.clone(),
-        }))
+        })
     }
 
     /// On the internet gateway: the internet's device, in the internet's namespace, with the
@@ -354,70 +390,62 @@ impl Daemon {
         })
     }
 
-    /// Re-reads the topology (SIGHUP). An invalid file changes nothing.
+    /// Re-reads the topology (SIGHUP). An invalid file, or one that changes what every host
+    /// must agree on while running, changes nothing.
     fn reload(&mut self) {
-        let path = self.opts.topology.clone();
-        let t = match Topology::load(&path) {
-            Ok(t) => Arc::new(t),
-            Err(e) => {
-                error!("reload refused, the running topology stays:\n{e}");
-                return;
-            }
-        };
-        let Some(host) = t.host_named(&self.opts.host) else {
-            error!(host = %self.opts.host, "reload refused: the new topology has no such host");
-            return;
-        };
-        if t.underlay != self.topo.underlay
-            || t.host(host).address != self.topo.host(self.host).address
-            || internet_of(&t) != internet_of(&self.topo)
-        {
-            error!(
-                "reload refused: the underlay (transport, MTU, checksum, this host's address) and [internet] cannot change while running"
-            );
-            return;
+        match self.try_reload() {
+            Ok(()) => info!("topology reloaded"),
+            Err(e) => error!("reload refused, the running topology stays:\n{e:#}"),
         }
-        self.host = host;
-        // Instances that stay keep their device; a new address is applied to it.
-        let wanted: BTreeMap<String, InstanceId> = t
+    }
+
+    /// The reload as a transaction: the new topology is checked and the new devices opened
+    /// before anything of the running state changes; then it is committed whole.
+    fn try_reload(&mut self) -> Result<()> {
+        let t = Arc::new(load(&self.opts.topology)?);
+        let host = t
+            .host_named(&self.opts.host)
+            .ok_or_else(|| anyhow!("the new topology has no host named \"{}\"", self.opts.host))?;
+        let refusals = live_refusals(&self.topo, &t);
+        if !refusals.is_empty() {
+            bail!("{}", refusals.join("\n"));
+        }
+        let opened = self.open_new_devices(&t, host)?;
+        // Commit. Instances that stay keep their device; a new address is applied to it.
+        let wanted: BTreeMap<&str, InstanceId> = t
             .instances_on(host)
-            .map(|id| (t.instance(id).name.clone(), id))
+            .map(|id| (t.instance(id).name.as_str(), id))
             .collect();
-        let mut kept = Vec::new();
-        for mut d in self.devices.drain(..) {
-            match wanted.get(&d.name) {
-                Some(&id) => {
-                    let inst = t.instance(id);
-                    let prefix = inst.prefix;
-                    if d.address != (inst.ip, prefix) {
-                        match readdress(&d.tun, inst.ip, prefix) {
-                            Ok(()) => {
-                                d.address = (inst.ip, prefix);
-                                info!(instance = %d.name, ip = %inst.ip, "device readdressed");
-                            }
-                            Err(e) => error!(instance = %d.name, error = %e, "readdress failed"),
-                        }
-                    }
-                    kept.push(d);
-                }
+        self.devices.retain(|d| {
+            let stays = wanted.contains_key(d.name.as_str());
+            if !stays {
                 // The workers let go of it with the new device table; it closes then.
-                None => info!(instance = %d.name, "instance left this host: device closed"),
+                info!(instance = %d.name, "instance left this host: device closed");
+            }
+            stays
+        });
+        for d in &mut self.devices {
+            let inst = t.instance(wanted[d.name.as_str()]);
+            if d.address == (inst.ip, inst.prefix) {
+                continue;
+            }
+            match readdress(&d.tun, inst.ip, inst.prefix) {
+                Ok(()) => {
+                    d.address = (inst.ip, inst.prefix);
+                    info!(instance = %d.name, ip = %inst.ip, "device readdressed");
+                }
+                Err(e) => error!(instance = %d.name, error = %e, "readdress failed"),
             }
         }
-        self.devices = kept;
-        let devices = match self.open_devices(&t) {
-            Ok(d) => d,
-            Err(e) => {
-                error!(error = %e, "reload: opening new devices failed");
-                return;
-            }
-        };
+        self.devices.extend(opened);
+        self.host = host;
+        let devices = self.device_table(&t, host);
         self.affinity.update(&t);
         for lane in self.lanes.iter().flat_map(|l| l.iter()) {
             lane.send_blocking(Msg::Topology(t.clone(), devices.clone()));
         }
         self.topo = t;
-        info!("topology reloaded");
+        Ok(())
     }
 
     /// Sweeps expired connections and writes the statistics file.
@@ -430,12 +458,16 @@ impl Daemon {
         let mut total = Counters::new(self.topo.instances.len());
         let mut connections = 0;
         let mut handoff_drops = 0;
+        let (mut evicted, mut refused_full, mut refused_instance) = (0, 0, 0);
         for _ in 0..lanes.len() {
             match rx.recv_timeout(Duration::from_millis(500)) {
                 Ok(r) => {
                     total.merge(&r.counters);
                     connections += r.connections;
                     handoff_drops += r.handoff_drops;
+                    evicted += r.conntrack.evicted;
+                    refused_full += r.conntrack.refused_full;
+                    refused_instance += r.conntrack.refused_instance;
                 }
                 Err(_) => break,
             }
@@ -448,7 +480,9 @@ impl Daemon {
             &total,
             connections,
         );
-        let text = format!("{text}handoff_drops {handoff_drops}\n");
+        let text = format!(
+            "{text}conntrack_evicted {evicted}\nconntrack_refused_full {refused_full}\nconntrack_refused_instance {refused_instance}\nhandoff_drops {handoff_drops}\n"
+        );
         let tmp = self.stats_path.with_extension("tmp");
         if let Some(dir) = self.stats_path.parent() {
             let _ = std::fs::create_dir_all(dir);
@@ -509,16 +543,21 @@ where
         .map_err(|_| anyhow!("thread {name} died while starting"))?
 }
 
-/// What of `[internet]` must stay while running (the gateway by name: ids may move).
-fn internet_of(t: &Topology) -> Option<(ipnet::Ipv4Net, String, Option<String>, Ipv4Addr)> {
-    t.internet.as_ref().map(|i| {
-        (
-            i.cidr,
-            t.host(i.gateway).name.clone(),
-            i.netns.clone(),
-            i.client,
-        )
-    })
+/// Loads a topology with its lock file; a daemon never allocates, so a lock that does not
+/// record every allocation the topology needs is an error (every host must read the same
+/// record: docs/semantics.md 2.10).
+fn load(path: &Path) -> Result<Topology> {
+    let t = Topology::load(path)?;
+    if !t.unlocked.is_empty() {
+        bail!(
+            "{}: the lock file does not record {}: run `vpcd check {}` to record it, and give every host the same {}",
+            crate::topology::lock_path(path).display(),
+            t.unlocked.join("; "),
+            path.display(),
+            crate::topology::lock_path(path).display(),
+        );
+    }
+    Ok(t)
 }
 
 /// Refuses a second daemon for the same host in the same network namespace.
@@ -537,9 +576,10 @@ fn lock(host: &str) -> Result<File> {
     }
 }
 
-fn rand_seed() -> u32 {
+/// The daemon's seed: the one source of randomness, drawn at the edge and passed to the core.
+fn rand_seed() -> u64 {
     use std::hash::BuildHasher;
-    foldhash::fast::RandomState::default().hash_one(std::process::id()) as u32
+    foldhash::fast::RandomState::default().hash_one(std::process::id())
 }
 
 /// The statistics file: one `name value` line per counter.

@@ -147,6 +147,8 @@ pub struct WorkerReport {
     pub counters: Counters,
     /// Its tracked connections.
     pub connections: usize,
+    /// Its connection table's counts (evictions, refusals).
+    pub conntrack: crate::policy::conntrack::ConntrackStats,
     /// Batches it could not hand over (an owner's inbox was full).
     pub handoff_drops: u64,
 }
@@ -308,6 +310,7 @@ impl Worker {
                     let _ = reply.send(WorkerReport {
                         counters: self.pipeline.counters().clone(),
                         connections: self.pipeline.conntrack().len(),
+                        conntrack: self.pipeline.conntrack().stats(),
                         handoff_drops: self.handoff_drops,
                     });
                 }

@@ -9,7 +9,9 @@
 //! No kernel GRE module is needed: a raw socket for protocol 47 receives GRE whole, outer IPv4
 //! header included. Sending goes through a separate `IPPROTO_RAW` socket (vpcd writes the
 //! outer header itself, IP_HDRINCL implied), which receives nothing, so that only one socket
-//! gets a copy of each incoming GRE packet.
+//! gets a copy of each incoming GRE packet. GRE-in-UDP senders are bound to ports of their
+//! own (the source ports), which anyone may send to; a socket filter gives them no receive
+//! path.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -20,7 +22,7 @@ use nix::sys::socket::{
     ControlMessage, MsgFlags, MultiHeaders, SockaddrIn, recvmmsg, sendmmsg, sendmsg,
 };
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use socket2::{Domain, Protocol, SockAddr, SockFilter, Socket, Type};
 
 use crate::topology::Transport;
 use crate::wire::PacketBuf;
@@ -231,8 +233,10 @@ impl UnderlayTx {
                 let mut pool = Vec::with_capacity(UDP_SOURCES);
                 for _ in 0..UDP_SOURCES {
                     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+                    // Before the bind, so that nothing is ever queued on it.
+                    receive_nothing(&s)?;
                     bind_ephemeral(&s, local)?;
-                    buffers(&s);
+                    let _ = s.set_send_buffer_size(SOCKET_BUFFER);
                     let state = UdpSocketState::new(UdpSockRef::from(&s))?;
                     pool.push((s, state));
                 }
@@ -405,6 +409,25 @@ impl UnderlayTx {
     }
 }
 
+/// A classic BPF program of one instruction, `ret #0`: keep 0 bytes of every packet, that is,
+/// drop it.
+const DROP_ALL: [SockFilter; 1] = [SockFilter::new(BPF_RET | BPF_K, 0, 0, 0)];
+/// BPF_RET | BPF_K (linux/bpf_common.h): return the constant `k`.
+const BPF_RET: u16 = 0x06;
+const BPF_K: u16 = 0x00;
+
+/// Gives a sending socket no receive path. A GRE-in-UDP sender is bound to a port (its
+/// source port) that anyone on the underlay can send to, and nothing ever reads it: without
+/// this, datagrams sent there would queue in the socket up to its receive buffer, memory held
+/// for nothing. The filter drops them before they are queued (the kernel counts them in the
+/// socket's `drops`); the receive buffer is the smallest the kernel allows as well, so that
+/// were the filter ever missing, a datagram or two could wait there, not megabytes.
+fn receive_nothing(s: &Socket) -> io::Result<()> {
+    s.attach_filter(&DROP_ALL)?;
+    // The kernel raises 0 to its minimum (SOCK_MIN_RCVBUF).
+    s.set_recv_buffer_size(0)
+}
+
 /// Binds a GRE-in-UDP sender to a port of the range RFC 8086 §3.2.1 asks for (49152-65535),
 /// picked at random among the free ones.
 fn bind_ephemeral(s: &Socket, local: Ipv4Addr) -> io::Result<()> {
@@ -487,4 +510,78 @@ pub fn peek_inner(frame: &[u8], transport: Transport) -> &[u8] {
         + 4 * ((f >> 13) & 1) as usize
         + 4 * ((f >> 12) & 1) as usize;
     frame.get(gre_at + len..).unwrap_or(&[])
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// The `rx_queue` (bytes waiting) and `drops` columns of /proc/net/udp for the socket
+    /// bound to 127.0.0.1:`port` in this network namespace.
+    fn queue_and_drops(port: u16) -> Option<(u64, u64)> {
+        let table = std::fs::read_to_string("/proc/net/udp").ok()?;
+        // Addresses are in host byte order: 127.0.0.1 reads 0100007F on little-endian.
+        let local = format!("{:08X}:{port:04X}", u32::from(Ipv4Addr::LOCALHOST).to_be());
+        table.lines().skip(1).find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.get(1) != Some(&local.as_str()) {
+                return None;
+            }
+            let (_, rx) = f.get(4)?.split_once(':')?;
+            let rx = u64::from_str_radix(rx, 16).ok()?;
+            let drops = f.get(12)?.parse().ok()?;
+            Some((rx, drops))
+        })
+    }
+
+    /// Datagrams sent to a GRE-in-UDP sender's port (its flows' source port, reachable from
+    /// the whole underlay) are dropped by the kernel, not queued in a socket no one reads.
+    #[test]
+    fn datagrams_sent_to_a_gre_udp_sender_are_not_queued() {
+        let tx = UnderlayTx::open(Transport::GreUdp, Ipv4Addr::LOCALHOST).expect("open");
+        let TxKind::Udp(pool) = &tx.kind else {
+            panic!("GRE-in-UDP opens UDP senders");
+        };
+        let peer = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        for (s, _) in pool {
+            let port = s.local_addr().unwrap().as_socket().unwrap().port();
+            assert!(port >= 49_152, "sender on port {port}");
+            let (_, drops_before) = queue_and_drops(port).expect("the sender in /proc/net/udp");
+            for _ in 0..3 {
+                peer.send_to(b"anyone reading?", (Ipv4Addr::LOCALHOST, port))
+                    .unwrap();
+            }
+            // Loopback delivers within the send, or nearly: wait until the socket has
+            // either queued or dropped all three.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            let (queued, drops) = loop {
+                let (q, d) = queue_and_drops(port).unwrap();
+                if q > 0 || d >= drops_before + 3 || Instant::now() > deadline {
+                    break (q, d - drops_before);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            };
+            assert_eq!(
+                (queued, drops),
+                (0, 3),
+                "port {port}: (bytes queued, datagrams dropped) by the sender's socket"
+            );
+            s.set_nonblocking(true).unwrap();
+            let mut buf = [0u8; 64];
+            let got = (&*s).read(&mut buf);
+            assert!(
+                matches!(&got, Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+                "port {port}: a read found {got:?}"
+            );
+            // Linux's minimum (SOCK_MIN_RCVBUF) is a few KiB, its default 208 KiB.
+            let rcvbuf = s.recv_buffer_size().unwrap();
+            assert!(
+                rcvbuf <= 8192,
+                "port {port}: receive buffer of {rcvbuf} bytes"
+            );
+        }
+    }
 }

@@ -186,6 +186,11 @@ impl Lab {
         log: &mut dyn FnMut(&str),
     ) -> Result<()> {
         fs::write(self.topology_path(), text)?;
+        // A new lab is a new region: the provider's allocations start from scratch, recorded
+        // beside the lab's copy of the topology (the daemons refuse a topology their lock
+        // does not cover).
+        let lock = crate::topology::lock_path(&self.topology_path());
+        fs::write(&lock, topo.allocations.render("topology.toml"))?;
         let ul = self.underlay_ns();
         log(&format!("underlay: namespace {ul}, bridge br0"));
         self.add_netns(&ul)?;

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use super::RuleRef;
+use super::{Decision, Ingress, RuleRef};
 use crate::reason::DropReason;
 
 /// What happened to one instance's traffic on this host.
@@ -54,6 +54,48 @@ impl Counters {
         }
     }
 
+    /// Counts a decision taken for a packet from `from`.
+    pub(crate) fn count(&mut self, d: &Decision, from: Ingress) {
+        let sender = match from {
+            Ingress::Instance(id) => Some(id.index()),
+            _ => None,
+        };
+        let forwarded = match *d {
+            Decision::Drop(x) => {
+                self.drop(x.reason);
+                if let Some(rule) = x.rule {
+                    self.rule_drop(x.reason, rule);
+                }
+                if let Some(p) = sender.and_then(|s| self.ports.get_mut(s)) {
+                    p.sent_dropped += 1;
+                }
+                return;
+            }
+            Decision::FragNeeded { .. } => {
+                self.replied += 1;
+                return;
+            }
+            Decision::Deliver { to, .. } => {
+                self.delivered += 1;
+                if let Some(p) = self.ports.get_mut(to.index()) {
+                    p.received += 1;
+                }
+                true
+            }
+            Decision::Encapsulate { .. } => {
+                self.encapsulated += 1;
+                true
+            }
+            Decision::ToInternet { .. } => {
+                self.to_internet += 1;
+                true
+            }
+        };
+        if forwarded && let Some(p) = sender.and_then(|s| self.ports.get_mut(s)) {
+            p.sent += 1;
+        }
+    }
+
     /// Packets dropped for `reason`.
     pub fn drops(&self, reason: DropReason) -> u64 {
         self.drops[reason.index()]
@@ -88,10 +130,6 @@ impl Counters {
 
     pub(crate) fn rule_drop(&mut self, reason: DropReason, rule: RuleRef) {
         *self.rules.entry((reason, rule)).or_default() += 1;
-    }
-
-    pub(crate) fn port_mut(&mut self, instance: usize) -> Option<&mut PortCounters> {
-        self.ports.get_mut(instance)
     }
 
     /// Follows the instances into a new topology: `new_index(i)` is where instance `i` now

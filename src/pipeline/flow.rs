@@ -1,7 +1,7 @@
 //! The flow cache: the first packet of a flow takes the full path, later packets reuse its
 //! decision.
 //!
-//! A 2-way set-associative table of fixed size, indexed by a randomly seeded hash of the flow
+//! A 2-way set-associative table of fixed size, indexed by a seeded hash of the flow
 //! key: bounded memory, no allocation per packet, no eviction logic. A topology change bumps
 //! the generation and so invalidates every entry at once. The key holds every field the
 //! decision read, so two packets that differ in any of them never share a decision.
@@ -60,6 +60,22 @@ pub const FROM_UNDERLAY: u32 = 1 << 31;
 pub const FROM_INTERNET: u32 = u32::MAX;
 
 impl FlowKey {
+    /// The key of a TCP or UDP packet read by the fast lane.
+    #[inline]
+    pub fn from_fields(ingress: u32, tag: u64, f: crate::wire::ipv4::QuickFields) -> FlowKey {
+        FlowKey {
+            ingress,
+            tag,
+            src: f.src,
+            dst: f.dst,
+            sport: f.sport,
+            dport: f.dport,
+            protocol: f.protocol,
+            icmp_type: 0,
+            icmp_code: 0,
+        }
+    }
+
     /// The key of a packet.
     pub fn new(ingress: u32, tag: u64, ip: &Ipv4Packet) -> FlowKey {
         let (sport, dport, icmp_type, icmp_code) = match ip.l4 {
@@ -93,7 +109,7 @@ struct Slot {
 pub struct FlowCache {
     slots: Box<[Option<Slot>]>,
     mask: usize,
-    hasher: foldhash::fast::RandomState,
+    hasher: foldhash::fast::FixedState,
     clock: u32,
 }
 
@@ -112,13 +128,14 @@ pub struct Hit {
 }
 
 impl FlowCache {
-    /// A cache of `slots` entries (rounded up to a power of two, at least 2).
-    pub fn new(slots: usize) -> FlowCache {
+    /// A cache of `slots` entries (rounded up to a power of two, at least 2), its hash seeded
+    /// with `seed`.
+    pub fn new(slots: usize, seed: u64) -> FlowCache {
         let n = slots.max(2).next_power_of_two();
         FlowCache {
             slots: vec![None; n].into_boxed_slice(),
             mask: n - 1,
-            hasher: foldhash::fast::RandomState::default(),
+            hasher: foldhash::fast::FixedState::with_seed(seed ^ 0x666c_6f77),
             clock: 0,
         }
     }

@@ -46,14 +46,15 @@ impl DatagramKey {
 /// Decisions of admitted first fragments, with the topology generation they were taken in.
 #[derive(Debug)]
 pub struct FragTable {
-    map: HashMap<DatagramKey, (Decision, u64, Timestamp), foldhash::fast::RandomState>,
+    map: HashMap<DatagramKey, (Decision, u64, Timestamp), foldhash::fast::FixedState>,
     order: VecDeque<DatagramKey>,
 }
 
-impl Default for FragTable {
-    fn default() -> Self {
+impl FragTable {
+    /// An empty table, its hash seeded with `seed`.
+    pub fn new(seed: u64) -> Self {
         FragTable {
-            map: HashMap::with_hasher(Default::default()),
+            map: HashMap::with_hasher(foldhash::fast::FixedState::with_seed(seed ^ 0x6672_6167)),
             order: VecDeque::new(),
         }
     }

@@ -24,12 +24,24 @@
 //! The decision is pure: [`Pipeline::decide`] reads bytes and returns a [`Decision`];
 //! [`Pipeline::process`] applies it to a [`PacketBuf`] in place (strip the outer headers,
 //! rewrite addresses, prepend the outer headers, or turn the packet into an ICMP error) and
-//! says where the bytes go.
+//! says where the bytes go. docs/semantics.md, Part 2, is the specification.
+//!
+//! The stages are methods of one context, [`decide::Decider`] (the topology, this host, the
+//! mutable state and the time), in files of their own: the entry points ([`entry`]), the
+//! fast lane ([`fast`]), route order ([`route`]), the plan of where a packet goes and on which
+//! channel ([`plan`]), the filter (network ACLs, connection tracking, security groups:
+//! [`filter`]) and related ICMP errors ([`related`]).
 
 mod counters;
 mod decide;
+mod entry;
+mod fast;
+mod filter;
 mod flow;
 mod frag;
+mod plan;
+mod related;
+mod route;
 
 pub use crate::wire::nat::Nat;
 pub use counters::{Counters, PortCounters};
@@ -40,10 +52,10 @@ use std::sync::Arc;
 
 use hashbrown::{HashMap, HashSet};
 
-use crate::policy::conntrack::{Conntrack, Zone};
+use crate::policy::conntrack::{Conntrack, Owner};
 use crate::reason::DropReason;
 use crate::time::Timestamp;
-use crate::topology::{AclId, HostId, InstanceId, SgId, Topology, Transport};
+use crate::topology::{AclId, Channel, HostId, InstanceId, SgId, Space, Topology, Transport};
 use crate::wire::{PacketBuf, gre, icmp, ipv4, nat};
 use flow::FlowCache;
 use frag::FragTable;
@@ -193,9 +205,9 @@ struct HostView {
     instance_mtu: u16,
     generation: u64,
     local: Vec<bool>,
-    /// VPCs with an instance here (or, on the internet gateway, every VPC: it relays them).
+    /// VPCs with an instance here.
     vpc_here: Vec<bool>,
-    /// The basic network has an instance here (or this is the internet gateway).
+    /// The basic network has an instance here.
     basic_here: bool,
     /// This host is the internet gateway.
     gateway: bool,
@@ -205,8 +217,8 @@ impl HostView {
     fn new(topo: &Topology, host: HostId, generation: u64) -> HostView {
         let gateway = topo.internet.as_ref().is_some_and(|i| i.gateway == host);
         let mut local = vec![false; topo.instances.len()];
-        let mut vpc_here = vec![gateway; topo.vpcs.len()];
-        let mut basic_here = gateway;
+        let mut vpc_here = vec![false; topo.vpcs.len()];
+        let mut basic_here = false;
         for id in topo.instances_on(host) {
             local[id.index()] = true;
             match topo.instance(id).vpc() {
@@ -230,6 +242,32 @@ impl HostView {
     fn is_local(&self, id: InstanceId) -> bool {
         self.local.get(id.index()).copied().unwrap_or(false)
     }
+
+    fn space_here(&self, s: Space) -> bool {
+        match s {
+            Space::Vpc(v) => self.vpc_here.get(v.index()).copied().unwrap_or(false),
+            Space::Basic => self.basic_here,
+        }
+    }
+
+    /// The receiving side of `c` is on this host (docs/semantics.md, 2.3 step 4).
+    fn receives(&self, topo: &Topology, c: Channel) -> bool {
+        match c {
+            Channel::Vpc(v) | Channel::Peering { to: v, .. } => self.space_here(Space::Vpc(v)),
+            Channel::Interconnect { vpc, to_basic } => self.space_here(if to_basic {
+                Space::Basic
+            } else {
+                Space::Vpc(vpc)
+            }),
+            Channel::Internet { inbound: false, .. } => self.gateway,
+            Channel::Internet { space, .. } => self.space_here(space),
+            Channel::Appliance(x) => topo
+                .instance(x)
+                .vpc()
+                .is_some_and(|v| self.space_here(Space::Vpc(v))),
+            Channel::Basic => self.basic_here,
+        }
+    }
 }
 
 /// What a pipeline changes as packets pass.
@@ -245,41 +283,42 @@ pub struct Pipeline {
     topo: Arc<Topology>,
     view: HostView,
     state: State,
-    seed: u32,
+    /// The seed every table's hash and the flow hash derive from.
+    seed: u64,
+    /// The shards (workers) the host's tables are divided among.
+    shards: u32,
 }
 
 impl Pipeline {
-    /// The pipeline of `host`, with empty tables sized from the topology.
+    /// The pipeline of `host`, with empty tables sized from the topology and a fixed seed
+    /// (tests and benches; the daemon uses [`Pipeline::shard`] with a random one).
     pub fn new(topo: Arc<Topology>, host: HostId) -> Pipeline {
-        let limits = topo.conntrack;
-        Pipeline::with_limits(
-            topo,
-            host,
-            limits.max_entries,
-            limits.max_per_instance,
-            limits.flow_cache,
-        )
+        Pipeline::with_seed(topo, host, 0)
     }
 
-    /// The pipeline of `host` with explicit table sizes (a worker's shard).
-    pub fn with_limits(
-        topo: Arc<Topology>,
-        host: HostId,
-        max_entries: u32,
-        max_per_instance: u32,
-        flow_cache: u32,
-    ) -> Pipeline {
+    /// [`Pipeline::new`] with every hash seeded from `seed`, so that a run replays exactly
+    /// (as smoltcp's `random_seed` and quinn's `rng_seed`).
+    pub fn with_seed(topo: Arc<Topology>, host: HostId, seed: u64) -> Pipeline {
+        Pipeline::shard(topo, host, 1, seed)
+    }
+
+    /// One of `shards` workers' pipelines of `host`: the connection table's bounds are
+    /// divided among the shards.
+    pub fn shard(topo: Arc<Topology>, host: HostId, shards: u32, seed: u64) -> Pipeline {
+        let shards = shards.max(1);
+        let (entries, per_owner) = shard_limits(&topo, shards);
         let view = HostView::new(&topo, host, 1);
         let counters = Counters::new(topo.instances.len());
         Pipeline {
             view,
             state: State {
-                conntrack: Conntrack::new(max_entries, max_per_instance),
-                flows: FlowCache::new(flow_cache as usize),
-                frags: FragTable::default(),
+                conntrack: Conntrack::new(entries, per_owner, seed),
+                flows: FlowCache::new(topo.conntrack.flow_cache as usize, seed),
+                frags: FragTable::new(seed),
                 counters,
             },
-            seed: foldhash_seed(),
+            seed,
+            shards,
             topo,
         }
     }
@@ -315,57 +354,52 @@ impl Pipeline {
         &self.state.conntrack
     }
 
-    /// The seed of [`ipv4::flow_hash`] in this pipeline.
+    /// The seed of [`ipv4::flow_hash`] in this pipeline (workers of one daemon share it, so
+    /// that a flow's hash is the same wherever it is computed).
     pub fn flow_seed(&self) -> u32 {
-        self.seed
-    }
-
-    /// Sets the flow-hash seed (workers of one daemon share one, so that a flow's hash is the
-    /// same wherever it is computed).
-    pub fn set_flow_seed(&mut self, seed: u32) {
-        self.seed = seed;
+        (self.seed ^ (self.seed >> 32)) as u32
     }
 
     /// Installs a new topology: a new generation, so every cached decision is retaken.
-    /// Tracked connections survive (CLOUD-SEMANTICS: rules take effect for new traffic;
-    /// AWS keeps tracked connections), except those of an address that is no longer a local
-    /// instance's: an instance that moved or left ends its connections.
+    /// Tracked connections survive (docs/semantics.md 2.9: rules take effect for new traffic),
+    /// except those of a port (a local instance) that left this host or its address space.
+    /// New connection-table bounds and flow-cache size apply at once.
     pub fn set_topology(&mut self, topo: Arc<Topology>) {
-        let local_endpoints = |t: &Topology, host: HostId| -> HashSet<(Zone, Ipv4Addr)> {
-            t.instances_on(host)
-                .map(|id| (decide::zone_of(t, t.instance(id)), t.instance(id).ip))
-                .collect()
-        };
         let host_name = &self.topo.host(self.view.host).name;
         let host = topo.host_named(host_name).unwrap_or(self.view.host);
-        let before = local_endpoints(&self.topo, self.view.host);
+        let before = local_ports(&self.topo, self.view.host);
         let after = if host.index() < topo.hosts.len() {
-            local_endpoints(&topo, host)
+            local_ports(&topo, host)
         } else {
             HashSet::new()
         };
-        let gone: HashSet<(Zone, Ipv4Addr)> = before.difference(&after).copied().collect();
-        if !gone.is_empty() {
+        let ports_gone: HashSet<Owner> = before.difference(&after).copied().collect();
+        let renamed = changed_addresses(&self.topo, &topo);
+        if !ports_gone.is_empty() || !renamed.is_empty() {
             self.state.conntrack.remove_if(|c| {
-                gone.contains(&(c.key.low.zone, c.key.low.addr))
-                    || gone.contains(&(c.key.high.zone, c.key.high.addr))
+                ports_gone.contains(&c.key.port)
+                    || renamed.contains(&c.key.low.owner())
+                    || renamed.contains(&c.key.high.owner())
             });
         }
-        let generation = self.view.generation + 1;
-        self.view = HostView::new(&topo, host, generation);
+        let (entries, per_owner) = shard_limits(&topo, self.shards);
+        self.state.conntrack.set_limits(entries, per_owner);
+        if topo.conntrack.flow_cache != self.topo.conntrack.flow_cache {
+            self.state.flows = FlowCache::new(topo.conntrack.flow_cache as usize, self.seed);
+        }
+        self.view = HostView::new(&topo, host, self.view.generation + 1);
         // Counters follow instances by name: ids move when the file's order changes.
-        {
-            let by_name: HashMap<&str, usize> = topo
-                .instances
-                .iter()
-                .enumerate()
-                .map(|(i, inst)| (inst.name.as_str(), i))
-                .collect();
-            let old = &self.topo;
-            self.state.counters.renumber(topo.instances.len(), |i| {
-                by_name.get(old.instances[i].name.as_str()).copied()
-            });
-        }
+        let by_name: HashMap<&str, usize> = topo
+            .instances
+            .iter()
+            .enumerate()
+            .map(|(i, inst)| (inst.name.as_str(), i))
+            .collect();
+        let old = &self.topo;
+        self.state.counters.renumber(topo.instances.len(), |i| {
+            by_name.get(old.instances[i].name.as_str()).copied()
+        });
+        drop(by_name);
         self.state.counters.forget_rules();
         self.topo = topo;
     }
@@ -391,46 +425,15 @@ impl Pipeline {
         segmented: bool,
         now: Timestamp,
     ) -> Decision {
-        let t = &*self.topo;
-        let v = &self.view;
-        let st = &mut self.state;
-        let d = decide::decide(t, v, st, packet, from, segmented, now);
-        let c = &mut st.counters;
-        let sender = match from {
-            Ingress::Instance(id) => Some(id.index()),
-            _ => None,
+        let mut decider = decide::Decider {
+            topo: &self.topo,
+            host: &self.view,
+            state: &mut self.state,
+            now,
+            cacheable: true,
         };
-        match d {
-            Decision::Drop(x) => {
-                c.drop(x.reason);
-                if let Some(rule) = x.rule {
-                    c.rule_drop(x.reason, rule);
-                }
-                if let Some(p) = sender.and_then(|s| c.port_mut(s)) {
-                    p.sent_dropped += 1;
-                }
-            }
-            Decision::Deliver { to, .. } => {
-                c.delivered += 1;
-                if let Some(p) = c.port_mut(to.index()) {
-                    p.received += 1;
-                }
-                if let Some(p) = sender.and_then(|s| c.port_mut(s)) {
-                    p.sent += 1;
-                }
-            }
-            Decision::Encapsulate { .. } | Decision::ToInternet { .. } => {
-                if matches!(d, Decision::ToInternet { .. }) {
-                    c.to_internet += 1;
-                } else {
-                    c.encapsulated += 1;
-                }
-                if let Some(p) = sender.and_then(|s| c.port_mut(s)) {
-                    p.sent += 1;
-                }
-            }
-            Decision::FragNeeded { .. } => c.replied += 1,
-        }
+        let d = decider.decide(packet, from, segmented);
+        self.state.counters.count(&d, from);
         d
     }
 
@@ -464,7 +467,7 @@ impl Pipeline {
                 buf.pull_front(usize::from(strip));
                 nat::apply(buf.as_mut_slice(), &nat, partial);
                 let to = self.topo.host(host).address;
-                let flow_hash = ipv4::flow_hash(buf.as_slice(), self.seed);
+                let flow_hash = ipv4::flow_hash(buf.as_slice(), self.flow_seed());
                 let u = self.topo.underlay;
                 let pushed = match u.transport {
                     Transport::Gre => {
@@ -500,6 +503,51 @@ impl Pipeline {
     }
 }
 
+/// The connection-table bounds of one of `shards` shards.
+fn shard_limits(topo: &Topology, shards: u32) -> (u32, u32) {
+    let c = topo.conntrack;
+    (
+        c.max_entries.div_ceil(shards),
+        c.max_per_instance.div_ceil(shards),
+    )
+}
+
+/// The instance addresses (by zone) that stop being the same instance's: its instance left,
+/// or another took the address. Connections with such an end are over.
+fn changed_addresses(old: &Topology, new: &Topology) -> HashSet<Owner> {
+    let names = |t: &Topology| -> HashMap<Owner, String> {
+        t.instances
+            .iter()
+            .map(|i| {
+                let o = Owner {
+                    zone: decide::zone_of(t, i),
+                    addr: i.ip,
+                };
+                (o, i.name.clone())
+            })
+            .collect()
+    };
+    let after = names(new);
+    names(old)
+        .into_iter()
+        .filter(|(o, name)| after.get(o) != Some(name))
+        .map(|(o, _)| o)
+        .collect()
+}
+
+/// The ports (local instances, by zone and address) of `host`.
+fn local_ports(t: &Topology, host: HostId) -> HashSet<Owner> {
+    t.instances_on(host)
+        .map(|id| {
+            let i = t.instance(id);
+            Owner {
+                zone: decide::zone_of(t, i),
+                addr: i.ip,
+            }
+        })
+        .collect()
+}
+
 impl std::fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pipeline")
@@ -508,11 +556,6 @@ impl std::fmt::Debug for Pipeline {
             .field("conntrack", &self.state.conntrack)
             .finish()
     }
-}
-
-fn foldhash_seed() -> u32 {
-    use std::hash::BuildHasher;
-    foldhash::fast::RandomState::default().hash_one(0u32) as u32
 }
 
 #[cfg(test)]

@@ -339,14 +339,20 @@ fn basic_network_reaches_the_same_tenant_in_the_same_region_only() {
 fn elastic_ips_translate_at_the_gateway_both_ways() {
     let mut c = Cloud::new(CLOUD);
     let web1 = c.ip("web1");
-    // Out: web1's host sends to the gateway; the gateway rewrites the source to the EIP.
+    // Out: web1's host sends to the gateway on alice's channel to the internet; the gateway
+    // rewrites the source to the EIP.
     let out = syn(web1, CLIENT, 40000, 443);
+    let alice = c.t.vpcs.iter().position(|v| v.name == "alice").unwrap();
+    let alice_out = Channel::Internet {
+        space: Space::Vpc(crate::topology::VpcId(alice as u32)),
+        inbound: false,
+    };
     assert_eq!(
         c.send("web1", &out),
         Decision::Encapsulate {
             strip: 0,
             host: c.hid("g"),
-            key: Some(1001),
+            key: c.t.key_of(alice_out),
             nat: Nat::NONE
         }
     );
@@ -514,13 +520,15 @@ fn an_instance_on_the_gateway_host() {
 fn peering_needs_routes_on_both_sides_and_is_not_transitive() {
     let mut c = Cloud::new(CLOUD);
     let web1 = c.ip("web1");
-    // alice -> bob across "ab": the destination VPC's key on the wire.
+    // alice -> bob across "ab": the key of "ab" into bob on the wire.
+    let ab = c.t.peerings.iter().find(|p| p.name == "ab").unwrap();
+    let into_bob = ab.keys[usize::from(c.t.vpc(ab.vpcs[1]).name == "bob")];
     assert_eq!(
         c.send("web1", &syn(web1, [10, 1, 1, 10], 1, 80)),
         Decision::Encapsulate {
             strip: 0,
             host: c.hid("b"),
-            key: Some(2002),
+            key: Some(into_bob),
             nat: Nat::NONE
         }
     );
@@ -563,13 +571,19 @@ fn peering_needs_routes_on_both_sides_and_is_not_transitive() {
 fn the_interconnect_links_one_classic_instance_to_one_vpc_and_carries_no_transit() {
     let mut c = Cloud::new(CLOUD);
     let (c1, c2, web2) = (c.ip("classic1"), c.ip("classic2"), c.ip("web2"));
-    // classic1 reaches alice's VPC by private address, alice's key on the wire.
+    // classic1 reaches alice's VPC by private address, on alice's interconnect channel.
+    let alice =
+        crate::topology::VpcId(c.t.vpcs.iter().position(|v| v.name == "alice").unwrap() as u32);
+    let into_alice = Channel::Interconnect {
+        vpc: alice,
+        to_basic: false,
+    };
     assert_eq!(
         c.send("classic1", &udp(c1, web2, 5000, 53)),
         Decision::Encapsulate {
             strip: 0,
             host: c.hid("b"),
-            key: Some(1001),
+            key: c.t.key_of(into_alice),
             nat: Nat::NONE
         }
     );
@@ -579,7 +593,7 @@ fn the_interconnect_links_one_classic_instance_to_one_vpc_and_carries_no_transit
         &udp(c1, web2, 5000, 53),
     );
     assert!(delivered_to(&c, d, "web2"), "{d:?}");
-    // And alice's instances reach it, without a key (it is in the basic network).
+    // And alice's instances reach it, on the interconnect's other channel.
     let (d, _) = c.trip(
         Ingress::Instance(c.id("web2")),
         "b",
@@ -626,7 +640,8 @@ fn moving_an_instance_into_a_vpc_ends_its_connections_only() {
         c.send("classic2", &udp(c2, c5, 7, 7)),
         Decision::Encapsulate { .. }
     ));
-    assert_eq!(c.host("b").conntrack().len(), 2);
+    // web2 -> b1 holds two entries on host b (one per side), classic2's one.
+    assert_eq!(c.host("b").conntrack().len(), 3);
     // classic2 moves into alice's VPC with a new address.
     let moved = classic5.replace(
         "name = \"classic2\"\nhost = \"b\"\nnetwork = \"basic\"\ntenant = \"alice\"",
@@ -636,7 +651,7 @@ fn moving_an_instance_into_a_vpc_ends_its_connections_only() {
     c.host("b").set_topology(t2.clone());
     assert_eq!(
         c.host("b").conntrack().len(),
-        1,
+        2,
         "classic2's connection ended, web2's stayed"
     );
     let new_id = t2.instance_named("classic2").unwrap();

@@ -48,6 +48,22 @@ pub mod icmp_type {
             DEST_UNREACHABLE | SOURCE_QUENCH | REDIRECT | TIME_EXCEEDED | PARAMETER_PROBLEM
         )
     }
+
+    /// True for the queries and replies that carry an identifier (RFC 792, RFC 950): echo,
+    /// timestamp, information and address mask.
+    pub const fn has_ident(t: u8) -> bool {
+        matches!(t, 0 | 8 | 13..=18)
+    }
+
+    /// The identifier of an ICMP message whose 8-byte header is `h`; 0 for the types that
+    /// carry none.
+    pub fn ident(t: u8, h: &[u8]) -> u16 {
+        if has_ident(t) {
+            u16::from_be_bytes([h[4], h[5]])
+        } else {
+            0
+        }
+    }
 }
 
 /// TCP flag bits as they sit in byte 13 of the TCP header.
@@ -106,13 +122,14 @@ pub enum L4 {
         /// Destination port.
         dport: u16,
     },
-    /// ICMP type, code and (for echo) identifier.
+    /// ICMP type, code and (for queries and replies) identifier.
     Icmp {
         /// ICMP type.
         kind: u8,
         /// ICMP code.
         code: u8,
-        /// Echo identifier; 0 for other types.
+        /// The query's identifier (echo, timestamp, information, address mask); 0 for other
+        /// types.
         ident: u16,
     },
     /// Another IP protocol: only the protocol number is known.
@@ -253,11 +270,7 @@ fn with_l4(mut ip: Ipv4Packet, payload: &[u8]) -> Result<Ipv4Packet, DropReason>
                 // insist, for instance, that a timestamp message be exactly 20 bytes).
                 let h = payload.get(..8).ok_or(too_short)?;
                 let kind = h[0];
-                let ident = if matches!(kind, icmp_type::ECHO_REQUEST | icmp_type::ECHO_REPLY) {
-                    u16::from_be_bytes([h[4], h[5]])
-                } else {
-                    0
-                };
+                let ident = icmp_type::ident(kind, h);
                 L4::Icmp {
                     kind,
                     code: h[1],
@@ -297,11 +310,7 @@ pub fn parse_quoted(icmp_payload: &[u8]) -> Option<Ipv4Packet> {
         proto::ICMP => {
             let p = data.get(..8)?;
             let kind = p[0];
-            let ident = if matches!(kind, icmp_type::ECHO_REQUEST | icmp_type::ECHO_REPLY) {
-                u16::from_be_bytes([p[4], p[5]])
-            } else {
-                0
-            };
+            let ident = icmp_type::ident(kind, p);
             L4::Icmp {
                 kind,
                 code: p[1],
@@ -311,6 +320,71 @@ pub fn parse_quoted(icmp_payload: &[u8]) -> Option<Ipv4Packet> {
         _ => L4::Other,
     };
     Some(Ipv4Packet { l4, ..ip })
+}
+
+/// The flow fields of a packet read straight from its bytes, for the flow cache's fast lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuickFields {
+    /// Source address, as read.
+    pub src: u32,
+    /// Destination address, as read.
+    pub dst: u32,
+    /// Source port.
+    pub sport: u16,
+    /// Destination port.
+    pub dport: u16,
+    /// IP protocol (TCP or UDP).
+    pub protocol: u8,
+}
+
+/// Reads the flow fields of a TCP or UDP packet without parsing it, after the checks the full
+/// [`parse`] would make for such a packet: an option-less IPv4 header, the exact total length,
+/// not a fragment, a whole TCP or UDP header. `None` for anything else: take the full parse.
+#[inline]
+pub fn quick_key(p: &[u8]) -> Option<(QuickFields, L4)> {
+    let h = p.get(..HEADER_LEN)?;
+    if h[0] != 0x45
+        || usize::from(u16::from_be_bytes([h[2], h[3]])) != p.len()
+        || h[6] & 0x3f != 0
+        || h[7] != 0
+    {
+        return None;
+    }
+    let word = |at: usize| u32::from_be_bytes([p[at], p[at + 1], p[at + 2], p[at + 3]]);
+    let l4 = match h[9] {
+        proto::TCP => {
+            let t = p.get(20..40)?;
+            let doff = usize::from(t[12] >> 4) * 4;
+            if doff < 20 || 20 + doff > p.len() {
+                return None;
+            }
+            L4::Tcp {
+                sport: u16::from_be_bytes([t[0], t[1]]),
+                dport: u16::from_be_bytes([t[2], t[3]]),
+                flags: TcpFlags(t[13]),
+            }
+        }
+        proto::UDP => {
+            let u = p.get(20..28)?;
+            L4::Udp {
+                sport: u16::from_be_bytes([u[0], u[1]]),
+                dport: u16::from_be_bytes([u[2], u[3]]),
+            }
+        }
+        _ => return None,
+    };
+    let (sport, dport) = match l4 {
+        L4::Tcp { sport, dport, .. } | L4::Udp { sport, dport } => (sport, dport),
+        _ => (0, 0),
+    };
+    let fields = QuickFields {
+        src: word(12),
+        dst: word(16),
+        sport,
+        dport,
+        protocol: h[9],
+    };
+    Some((fields, l4))
 }
 
 /// The outer IPv4 header of a packet from the underlay.

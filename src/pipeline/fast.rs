@@ -1,0 +1,39 @@
+//! The fast lane: a packet whose flow is cached reuses its decision (docs/semantics.md 2.8),
+//! after its connections are updated by it.
+
+use super::Decision;
+use super::decide::Decider;
+use super::flow::FlowKey;
+use crate::policy::conntrack::Track;
+use crate::wire::ipv4::{self, L4};
+
+impl Decider<'_> {
+    /// The cached decision for `key`, with the connections behind it updated by this packet's
+    /// flags; `None` to take the full path (nothing cached, or a connection is gone).
+    #[inline]
+    pub fn cached(&mut self, key: &FlowKey, l4: &L4) -> Option<Decision> {
+        let st = &mut *self.state;
+        let hit = st.flows.get(key, self.host.generation)?;
+        for (r, src) in hit.conns.iter().zip([hit.egress_src, hit.ingress_src]) {
+            let Some(r) = r else { continue };
+            match st.conntrack.track(*r, &src, l4, self.now) {
+                Track::Accepted(_) | Track::Ended => {}
+                Track::Invalid(reason) => return Some(Decision::drop(reason)),
+                Track::Reopen | Track::Gone => return None,
+            }
+        }
+        st.counters.cache_hits += 1;
+        Some(hit.decision)
+    }
+
+    /// The fast lane of a packet whose flow is cached: the key is read straight from the
+    /// bytes ([`ipv4::quick_key`]), after the checks the full parse would make for such a
+    /// packet. Everything else the decision depended on (the sender, the source address, the
+    /// destination) is in the key. `None`: take the full path.
+    #[inline]
+    pub fn quick(&mut self, ingress: u32, tag: u64, pkt: &[u8]) -> Option<Decision> {
+        let (fields, l4) = ipv4::quick_key(pkt)?;
+        let key = FlowKey::from_fields(ingress, tag, fields);
+        self.cached(&key, &l4)
+    }
+}

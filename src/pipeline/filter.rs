@@ -1,0 +1,327 @@
+//! The filter (docs/semantics.md 2.5 step 5 and 2.7): network ACLs, then, one local side at a
+//! time, connection tracking and security groups.
+//!
+//! A side is one end of the packet on this host: the egress side of a local sender, the
+//! ingress side of a local target. Each side's connection lives in an entry of its own port
+//! (the instance), so two instances of one host, or an appliance and the instances it
+//! forwards between, never share their state.
+
+use super::decide::{Decider, INTERNET, Origin, Slow, policy_drop, ports, zone_of};
+use super::plan::Plan;
+use super::{Decision, RuleRef};
+use crate::policy::conntrack::{ConnKey, ConnRef, Endpoint, Open, Owner, Track, Zone, tcp};
+use crate::policy::rules::{Outcome, RuleList, Subject};
+use crate::reason::DropReason;
+use crate::topology::{InstanceId, SgId};
+use crate::wire::ipv4::{Ipv4Packet, L4, icmp_type};
+
+/// One local side of a packet.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Side {
+    /// The local instance whose side it is.
+    pub instance: InstanceId,
+    /// Its port: the instance's zone and address.
+    pub port: Owner,
+    /// The target's side (else the sender's).
+    pub ingress: bool,
+    /// The packet's source end as this side sees it.
+    pub src: Endpoint,
+    /// The packet's destination end as this side sees it.
+    pub dst: Endpoint,
+}
+
+impl Side {
+    fn key(&self, ip: &Ipv4Packet) -> Option<ConnKey> {
+        ConnKey::of(self.port, ip.protocol, &ip.l4, self.src, self.dst)
+    }
+}
+
+/// The destination port rules match, for TCP and UDP.
+fn rule_port(ip: &Ipv4Packet, reverse: bool) -> Option<u16> {
+    match ip.l4 {
+        L4::Tcp { sport, dport, .. } | L4::Udp { sport, dport } => {
+            Some(if reverse { sport } else { dport })
+        }
+        _ => None,
+    }
+}
+
+/// An ACL's verdict; the error names the deciding rule (`None`: no rule matched).
+fn acl_allows(list: &RuleList, s: &Subject) -> Result<(), Option<u16>> {
+    match list.evaluate(s) {
+        Outcome::Accepted(_) => Ok(()),
+        Outcome::Dropped(o) => Err(Some(o.rule)),
+        Outcome::NoMatch => Err(None),
+    }
+}
+
+/// A security-group list's verdict; the error names the deciding rule.
+fn sg_allows(list: &RuleList, s: &Subject, instance: InstanceId) -> Result<(), RuleRef> {
+    match list.evaluate(s) {
+        Outcome::Accepted(_) => Ok(()),
+        Outcome::Dropped(o) => Err(RuleRef::SecurityGroup {
+            group: SgId(o.owner),
+            rule: o.rule,
+        }),
+        Outcome::NoMatch => Err(RuleRef::SecurityGroupsEnd { instance }),
+    }
+}
+
+impl Decider<'_> {
+    /// Network ACLs: stateless, VPC subnets only, not inside one subnet (unless translated).
+    pub fn acls(&self, origin: Origin, plan: &Plan, ip: &Ipv4Packet) -> Result<(), Decision> {
+        let t = self.topo;
+        let src = origin
+            .source()
+            .map(|s| t.instance(s))
+            .and_then(|s| s.subnet());
+        let dst = plan.target.map(|d| t.instance(d)).and_then(|d| d.subnet());
+        if plan.nat.is_none() && src.is_some() && src == dst {
+            return Ok(());
+        }
+        let subject = |peer| Subject {
+            peer,
+            protocol: ip.protocol,
+            dport: rule_port(ip, false),
+        };
+        let acl_of = |s: Option<crate::topology::SubnetId>| s.and_then(|s| t.subnet(s).acl);
+        if matches!(origin, Origin::Local { .. })
+            && let Some(acl) = acl_of(src)
+            && let Err(rule) = acl_allows(&t.acls[acl.index()].egress_list, &subject(ip.dst))
+        {
+            return Err(policy_drop(
+                DropReason::AclEgress,
+                RuleRef::Acl { acl, rule },
+            ));
+        }
+        let seen_src = plan.nat.src.unwrap_or(ip.src);
+        if plan.target_local
+            && let Some(acl) = acl_of(dst)
+            && let Err(rule) = acl_allows(&t.acls[acl.index()].ingress_list, &subject(seen_src))
+        {
+            return Err(policy_drop(
+                DropReason::AclIngress,
+                RuleRef::Acl { acl, rule },
+            ));
+        }
+        Ok(())
+    }
+
+    /// The local sides of a packet (2.7, "Sides"). `zone` is the sender's.
+    pub fn sides(
+        &self,
+        origin: Origin,
+        zone: Zone,
+        plan: &Plan,
+        ip: &Ipv4Packet,
+    ) -> [Option<Side>; 2] {
+        let t = self.topo;
+        let (sp, dp) = ports(ip);
+        let translated = !plan.nat.is_none();
+        let target = plan
+            .target
+            .map(|id| (id, t.instance(id), zone_of(t, t.instance(id))));
+        let egress = match origin {
+            Origin::Local { id, .. } => {
+                let far = match target {
+                    Some((_, _, z)) if !translated && !plan.to_internet => z,
+                    _ => INTERNET,
+                };
+                Some(Side {
+                    instance: id,
+                    port: Owner {
+                        zone,
+                        addr: t.instance(id).ip,
+                    },
+                    ingress: false,
+                    src: Endpoint {
+                        zone,
+                        addr: ip.src,
+                        port: sp,
+                    },
+                    dst: Endpoint {
+                        zone: far,
+                        addr: ip.dst,
+                        port: dp,
+                    },
+                })
+            }
+            _ => None,
+        };
+        let ingress = target.filter(|_| plan.target_local).map(|(id, inst, tz)| {
+            let near = if translated || matches!(origin, Origin::Internet { .. }) {
+                INTERNET
+            } else {
+                zone
+            };
+            Side {
+                instance: id,
+                port: Owner {
+                    zone: tz,
+                    addr: inst.ip,
+                },
+                ingress: true,
+                src: Endpoint {
+                    zone: near,
+                    addr: plan.nat.src.unwrap_or(ip.src),
+                    port: sp,
+                },
+                // The destination as delivered: the target's address after NAT, else the
+                // packet's (an appliance receives packets for other addresses).
+                dst: Endpoint {
+                    zone: tz,
+                    addr: plan.nat.dst.unwrap_or(ip.dst),
+                    port: dp,
+                },
+            }
+        });
+        [egress, ingress]
+    }
+
+    /// Connection tracking and security groups for the local sides.
+    pub fn filter(
+        &mut self,
+        origin: Origin,
+        zone: Zone,
+        plan: &Plan,
+        ip: &Ipv4Packet,
+        pkt: &[u8],
+    ) -> Slow {
+        let sides = self.sides(origin, zone, plan, ip);
+        if matches!(ip.l4, L4::Icmp { kind, .. } if icmp_type::is_error(kind)) {
+            return Slow::uncached(if self.related(&sides, ip, pkt) {
+                plan.forward
+            } else {
+                Decision::drop(DropReason::IcmpErrorUnrelated)
+            });
+        }
+        let keys = sides.map(|s| s.and_then(|s| s.key(ip)));
+        if sides.iter().flatten().count() > keys.iter().flatten().count() {
+            // ICMP other than a query or its reply: the rules judge it each time.
+            let all = [sides[0].is_some(), sides[1].is_some()];
+            return Slow::uncached(match self.groups(&sides, all, ip, false) {
+                Ok(()) => plan.forward,
+                Err(d) => d,
+            });
+        }
+        let merged = keys[0].is_some() && keys[0] == keys[1];
+        let mut found = [false; 2];
+        let mut conns: [Option<ConnRef>; 2] = [None, None];
+        let mut ended = false;
+        for n in 0..2 {
+            let (Some(side), Some(key)) = (sides[n], keys[n]) else {
+                continue;
+            };
+            if n == 1 && merged {
+                (found[1], conns[1]) = (found[0], conns[0]);
+                continue;
+            }
+            let Some(r) = self.state.conntrack.lookup(&key, self.now) else {
+                continue;
+            };
+            match self.state.conntrack.track(r, &side.src, &ip.l4, self.now) {
+                Track::Accepted(_) => (found[n], conns[n]) = (true, Some(r)),
+                Track::Ended => (found[n], ended) = (true, true),
+                Track::Invalid(reason) => return Slow::uncached(Decision::drop(reason)),
+                Track::Reopen | Track::Gone => {}
+            }
+        }
+        let need = [
+            sides[0].is_some() && !found[0],
+            sides[1].is_some() && !found[1],
+        ];
+        if need.contains(&true)
+            && let Err(d) = self.open(&sides, keys, need, merged, &mut conns, ip)
+        {
+            return Slow::uncached(d);
+        }
+        Slow {
+            decision: plan.forward,
+            conns,
+            sources: sides.map(|s| s.map_or(Endpoint::NONE, |s| s.src)),
+            cacheable: !ended,
+        }
+    }
+
+    /// New traffic (2.7, "New traffic"): what may open, the groups (the other way round for a
+    /// TCP pickup they refuse), then the entries.
+    fn open(
+        &mut self,
+        sides: &[Option<Side>; 2],
+        keys: [Option<ConnKey>; 2],
+        need: [bool; 2],
+        merged: bool,
+        conns: &mut [Option<ConnRef>; 2],
+        ip: &Ipv4Packet,
+    ) -> Result<(), Decision> {
+        let pickup = match ip.l4 {
+            L4::Tcp { flags, .. } if !tcp::valid_flags(flags) => {
+                return Err(Decision::drop(DropReason::TcpInvalid));
+            }
+            L4::Tcp { flags, .. } => match tcp::opens(flags) {
+                Some(tcp::TcpState::SynSent) => false,
+                Some(_) => true,
+                None => return Err(Decision::drop(DropReason::TcpNoConnection)),
+            },
+            _ => false,
+        };
+        let reverse = match self.groups(sides, need, ip, false) {
+            Ok(()) => false,
+            Err(_) if pickup && self.groups(sides, need, ip, true).is_ok() => true,
+            Err(d) => return Err(d),
+        };
+        for n in 0..2 {
+            let (Some(side), Some(key), true) = (sides[n], keys[n], need[n]) else {
+                continue;
+            };
+            if n == 1 && merged {
+                conns[1] = conns[0];
+                continue;
+            }
+            let opener = if reverse { side.dst } else { side.src };
+            let how = if pickup {
+                Open::Pickup { reply: reverse }
+            } else {
+                Open::New
+            };
+            let r = self
+                .state
+                .conntrack
+                .open(key, opener, opener.owner(), how, self.now)
+                .map_err(Decision::drop)?;
+            conns[n] = Some(r);
+        }
+        Ok(())
+    }
+
+    /// The security groups of the sides in `need`, egress before ingress; `reverse` judges the
+    /// packet as a reply of a connection its destination opened (a TCP pickup).
+    fn groups(
+        &self,
+        sides: &[Option<Side>; 2],
+        need: [bool; 2],
+        ip: &Ipv4Packet,
+        reverse: bool,
+    ) -> Result<(), Decision> {
+        let t = self.topo;
+        for (side, _) in sides.iter().zip(need).filter(|(_, n)| *n) {
+            let Some(s) = side else { continue };
+            let inst = t.instance(s.instance);
+            // The far end: the destination for the sender, the source for the target.
+            let peer = if s.ingress { s.src.addr } else { s.dst.addr };
+            let outbound = s.ingress == reverse;
+            let (rules, reason) = if outbound {
+                (&inst.egress_rules, DropReason::SgEgress)
+            } else {
+                (&inst.ingress_rules, DropReason::SgIngress)
+            };
+            let subject = Subject {
+                peer,
+                protocol: ip.protocol,
+                dport: rule_port(ip, reverse),
+            };
+            sg_allows(rules, &subject, s.instance).map_err(|rule| policy_drop(reason, rule))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,222 @@
+//! Route order (docs/semantics.md 2.6): where an instance's packet goes.
+//!
+//! For a VPC instance: the local route (unless a subnet route sends the destination's subnet
+//! through an appliance), a basic instance linked to the VPC, the longest custom route, and
+//! only when nothing matched, the instance's Elastic IP for a public destination. For a basic
+//! instance: the pool (same tenant, same region), its linked VPC, its Elastic IP. Before all
+//! of these, for a local sender: the replies of connections that came in through its Elastic
+//! IP leave through it.
+
+use std::net::Ipv4Addr;
+
+use super::decide::{Decider, INTERNET, is_public, ports, zone_of};
+use crate::policy::conntrack::{ConnKey, Endpoint};
+use crate::policy::route::NextHop;
+use crate::reason::DropReason;
+use crate::topology::{Instance, InstanceId, Network, PeeringId, Space, Topology};
+use crate::wire::ipv4::{self, Ipv4Packet, L4, icmp_type};
+
+/// Where a route leads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Target {
+    /// An instance; `peering` when reached across a peering connection.
+    Instance {
+        id: InstanceId,
+        peering: Option<PeeringId>,
+    },
+    /// The internet, through the sender's Elastic IP.
+    Internet,
+}
+
+impl Target {
+    fn local(id: InstanceId) -> Target {
+        Target::Instance { id, peering: None }
+    }
+}
+
+/// The route of `sender` (the instance `src`) towards `dst`.
+pub(super) fn route(
+    t: &Topology,
+    sender: InstanceId,
+    src: &Instance,
+    dst: Ipv4Addr,
+) -> Result<Target, DropReason> {
+    match &src.network {
+        Network::Basic { tenant } => basic_route(t, sender, src, tenant, dst),
+        Network::Vpc { vpc, subnet } => {
+            let v = t.vpc(*vpc);
+            let table = &t.route_tables[t.subnet(*subnet).route_table.index()];
+            let custom = table.routes.lookup(dst).map(|(_, r)| r);
+            if v.cidr.contains(&dst) {
+                // Only a subnet route lies inside the VPC's CIDR; any other match is a wider
+                // route the local route beats.
+                return match custom {
+                    Some(r) if v.cidr.contains(&r.destination) => {
+                        hop(t, sender, src, *vpc, r.next_hop, dst)
+                    }
+                    _ => instance_in(t, Space::Vpc(*vpc), dst),
+                };
+            }
+            if let Some(classic) = t.instance_in(Space::Basic, dst)
+                && t.linked_vpc(classic) == Some(*vpc)
+            {
+                return Ok(Target::local(classic));
+            }
+            match custom {
+                Some(r) => hop(t, sender, src, *vpc, r.next_hop, dst),
+                None => eip_or(src, dst, DropReason::NoRoute),
+            }
+        }
+    }
+}
+
+fn basic_route(
+    t: &Topology,
+    sender: InstanceId,
+    src: &Instance,
+    tenant: &str,
+    dst: Ipv4Addr,
+) -> Result<Target, DropReason> {
+    if let Some(pool) = t.basic
+        && pool.cidr.contains(&dst)
+    {
+        let id = t
+            .instance_in(Space::Basic, dst)
+            .ok_or(DropReason::NoSuchInstance)?;
+        let other = t.instance(id);
+        if !matches!(&other.network, Network::Basic { tenant: o } if o == tenant) {
+            return Err(DropReason::BasicOtherTenant);
+        }
+        if t.host(other.host).region != t.host(src.host).region {
+            return Err(DropReason::BasicOtherRegion);
+        }
+        return Ok(Target::local(id));
+    }
+    if let Some(vpc) = t.linked_vpc(sender)
+        && t.vpc(vpc).cidr.contains(&dst)
+    {
+        return instance_in(t, Space::Vpc(vpc), dst);
+    }
+    eip_or(src, dst, DropReason::NoRoute)
+}
+
+fn instance_in(t: &Topology, space: Space, dst: Ipv4Addr) -> Result<Target, DropReason> {
+    t.instance_in(space, dst)
+        .map(Target::local)
+        .ok_or(DropReason::NoSuchInstance)
+}
+
+/// Through the sender's Elastic IP for a public destination, else `fallback`.
+fn eip_or(src: &Instance, dst: Ipv4Addr, fallback: DropReason) -> Result<Target, DropReason> {
+    if src.eip.is_some() && is_public(dst) {
+        Ok(Target::Internet)
+    } else {
+        Err(fallback)
+    }
+}
+
+/// Where a custom route's next hop leads.
+fn hop(
+    t: &Topology,
+    sender: InstanceId,
+    src: &Instance,
+    vpc: crate::topology::VpcId,
+    next: NextHop,
+    dst: Ipv4Addr,
+) -> Result<Target, DropReason> {
+    match next {
+        NextHop::Drop => Err(DropReason::RouteDrop),
+        NextHop::Internet if src.eip.is_some() => Ok(Target::Internet),
+        NextHop::Internet => Err(DropReason::NoEip),
+        NextHop::Instance(i) if i == sender.0 => Err(DropReason::RouteLoop),
+        NextHop::Instance(i) => Ok(Target::local(InstanceId(i))),
+        NextHop::Peering(p) => {
+            let [a, b] = t.peerings[p as usize].vpcs;
+            let peer = if a == vpc { b } else { a };
+            if !t.vpc(peer).cidr.contains(&dst) {
+                return Err(DropReason::PeeringNotTransitive);
+            }
+            let id = t.instance_at(peer, dst).ok_or(DropReason::NoSuchInstance)?;
+            Ok(Target::Instance {
+                id,
+                peering: Some(PeeringId(p)),
+            })
+        }
+    }
+}
+
+impl Decider<'_> {
+    /// The route of a local sender: the replies of a connection that came in through its
+    /// Elastic IP leave through it, whatever the routes say; the rest follows route order.
+    /// A decision that depended on there being no such connection is not cached (a later
+    /// packet of the same flow may be a reply).
+    pub fn local_route(
+        &mut self,
+        id: InstanceId,
+        ip: &Ipv4Packet,
+        pkt: &[u8],
+    ) -> Result<Target, DropReason> {
+        let src = self.topo.instance(id);
+        if src.eip.is_none() || !is_public(ip.dst) {
+            return route(self.topo, id, src, ip.dst);
+        }
+        if self.came_in_through_eip(id, ip, pkt) {
+            return Ok(Target::Internet);
+        }
+        let target = route(self.topo, id, src, ip.dst);
+        if target != Ok(Target::Internet) {
+            self.cacheable = false;
+        }
+        target
+    }
+
+    /// True when this packet of local instance `id` belongs to a connection that a public
+    /// end opened to it (for an ICMP error: the connection its quote belongs to).
+    fn came_in_through_eip(&mut self, id: InstanceId, ip: &Ipv4Packet, pkt: &[u8]) -> bool {
+        let inst = self.topo.instance(id);
+        let zone = zone_of(self.topo, inst);
+        let port = Endpoint {
+            zone,
+            addr: inst.ip,
+            port: 0,
+        }
+        .owner();
+        let key = match ip.l4 {
+            L4::Icmp { kind, .. } if icmp_type::is_error(kind) => {
+                let Some(q) = pkt.get(ip.l4_offset() + 8..).and_then(ipv4::parse_quoted) else {
+                    return false;
+                };
+                let (qs, qd) = ports(&q);
+                let from = Endpoint {
+                    zone: INTERNET,
+                    addr: q.src,
+                    port: qs,
+                };
+                let to = Endpoint {
+                    zone,
+                    addr: q.dst,
+                    port: qd,
+                };
+                ConnKey::of(port, q.protocol, &q.l4, from, to)
+            }
+            _ => {
+                let (sp, dp) = ports(ip);
+                let from = Endpoint {
+                    zone,
+                    addr: ip.src,
+                    port: sp,
+                };
+                let to = Endpoint {
+                    zone: INTERNET,
+                    addr: ip.dst,
+                    port: dp,
+                };
+                ConnKey::of(port, ip.protocol, &ip.l4, from, to)
+            }
+        };
+        let ct = &mut self.state.conntrack;
+        key.and_then(|k| ct.lookup(&k, self.now))
+            .and_then(|r| ct.get(r))
+            .is_some_and(|c| c.opener.zone == INTERNET)
+    }
+}
