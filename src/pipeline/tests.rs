@@ -1217,3 +1217,29 @@ fn no_panic_on_short_or_garbage_input_from_either_side() {
         drop(DropReason::UnknownPort)
     );
 }
+
+#[test]
+fn reloaded_connection_limits_and_flow_cache_size_take_effect() {
+    let text = |entries: u32, per: u32, cache: u32| {
+        format!("[conntrack]\nmax_entries = {entries}\nmax_per_instance = {per}\nflow_cache = {cache}\n{TOPOLOGY}")
+    };
+    let t = Arc::new(Topology::parse(&text(1000, 1000, 64), "a.toml").unwrap());
+    let mut a = Pipeline::new(t.clone(), t.host_named("a").unwrap());
+    assert_eq!(a.conntrack().limits(), (1000, 1000));
+    let t2 = Arc::new(Topology::parse(&text(500, 3, 1024), "b.toml").unwrap());
+    a.set_topology(t2.clone());
+    assert_eq!(a.conntrack().limits(), (500, 3));
+    // The new share holds: db-local opens 5 UDP flows, 3 stay.
+    let db = Ingress::Instance(t2.instance_named("db-local").unwrap());
+    for port in 0..5 {
+        a.decide(&udp(DB_LOCAL, 1000 + port, NAT, 53), db, now(0));
+    }
+    let owner = crate::policy::conntrack::Owner {
+        zone: crate::policy::conntrack::Zone::vpc(1001),
+        addr: DB_LOCAL.into(),
+    };
+    assert_eq!(a.conntrack().owned_by(&owner), 3);
+    // A shard's share is the host's divided among the workers.
+    let shard = Pipeline::shard(t2.clone(), t2.host_named("a").unwrap(), 4, 7);
+    assert_eq!(shard.conntrack().limits(), (125, 1));
+}

@@ -188,8 +188,11 @@ pub struct Tcp {
     fin_seen: bool,
     /// The connection went through SYN_SENT2.
     simultaneous: bool,
-    /// The last packet accepted was a RST, from this direction.
-    last_rst: Option<Direction>,
+    /// The last packet accepted (changing the state or ignored): its direction and class.
+    last: Option<(Direction, Class)>,
+    /// A client SYN was ignored in LAST_ACK: the server's next ACK may be the RFC 5961
+    /// challenge ACK answering it, not the last ACK (IP_CT_EXP_CHALLENGE_ACK).
+    challenge: bool,
 }
 
 /// What a packet does to a tracked TCP connection.
@@ -220,7 +223,8 @@ impl Tcp {
             assured: false,
             fin_seen: false,
             simultaneous: false,
-            last_rst: None,
+            last: None,
+            challenge: false,
         };
         let timeout = match state {
             Established => UNACKNOWLEDGED_TIMEOUT,
@@ -241,23 +245,20 @@ impl Tcp {
         let old = self.state;
         let mut new = match TABLE[dir as usize][class as usize][old.column()] {
             Cell::Invalid => return Step::Invalid,
-            Cell::Ignore => {
-                // Ignored, but seen: a reply still counts as one (IPS_SEEN_REPLY is set
-                // for every accepted packet).
-                self.last_rst = None;
-                self.seen_reply |= dir == Direction::Reply;
-                return Step::Unrefreshed;
-            }
+            Cell::Ignore => return self.ignore(dir, class),
             Cell::To(s) => s,
         };
         if new == SynSent && matches!(old, TimeWait | Close) {
             // RFC 1122 4.2.2.13: a SYN may reopen a closed connection; the kernel does when
             // the connection was closing, or aborted from this very direction.
-            if self.fin_seen || self.last_rst == Some(dir) {
+            if self.fin_seen || self.last == Some((dir, Class::Rst)) {
                 return Step::Reopen;
             }
-            self.last_rst = None;
-            self.seen_reply |= dir == Direction::Reply;
+            return self.ignore(dir, class);
+        }
+        if new == TimeWait && old == LastAck && self.challenged(dir, class) {
+            // RFC 5961: the answer to a SYN the table ignored is no last ACK.
+            self.challenge = false;
             return Step::Unrefreshed;
         }
         if new == SynSent2 {
@@ -267,40 +268,60 @@ impl Tcp {
             new = Established;
         }
         self.state = new;
-        self.last_rst = (class == Class::Rst).then_some(dir);
+        self.last = Some((dir, class));
         if old != new && new == FinWait {
             self.fin_seen = true;
         }
+        let step = self.refresh(old, new, class);
+        if dir == Direction::Reply {
+            self.seen_reply = true;
+        }
+        step
+    }
+
+    /// An ignored packet: accepted, the state unchanged; it is still the last packet, and a
+    /// reply still counts as one (IPS_SEEN_REPLY is set for every accepted packet).
+    fn ignore(&mut self, dir: Direction, class: Class) -> Step {
+        self.challenge = class == Class::Syn && dir == Direction::Original && self.state == LastAck;
+        self.last = Some((dir, class));
+        self.seen_reply |= dir == Direction::Reply;
+        Step::Unrefreshed
+    }
+
+    /// An ACK from the other end right after a client SYN ignored in LAST_ACK.
+    fn challenged(&self, dir: Direction, class: Class) -> bool {
+        self.challenge
+            && class == Class::Ack
+            && matches!(self.last, Some((d, Class::Syn)) if d != dir)
+    }
+
+    /// How a packet that moved the state from `old` to `new` refreshes the entry.
+    fn refresh(&mut self, old: TcpState, new: TcpState, class: Class) -> Step {
         let timeout = if class == Class::Rst {
             Close.timeout_secs()
         } else {
             new.timeout_secs()
         };
-        let step = if !self.seen_reply {
-            if class == Class::Rst {
-                // "If only reply is a RST, we can consider ourselves not to have an
-                // established connection": the entry ends at once.
-                Step::End
-            } else if class == Class::Syn && old == SynSent {
-                // A retransmitted SYN does not keep the entry alive.
-                Step::Unrefreshed
-            } else if new == Established {
-                Step::Update {
-                    timeout: timeout.min(UNACKNOWLEDGED_TIMEOUT),
-                }
-            } else {
-                Step::Update { timeout }
-            }
-        } else {
+        if self.seen_reply {
             if !self.assured && matches!(old, SynRecv | Established) && new == Established {
                 self.assured = true;
             }
-            Step::Update { timeout }
-        };
-        if dir == Direction::Reply {
-            self.seen_reply = true;
+            return Step::Update { timeout };
         }
-        step
+        if class == Class::Rst {
+            // "If only reply is a RST, we can consider ourselves not to have an established
+            // connection": the entry ends at once.
+            Step::End
+        } else if class == Class::Syn && old == SynSent {
+            // A retransmitted SYN does not keep the entry alive.
+            Step::Unrefreshed
+        } else if new == Established {
+            Step::Update {
+                timeout: timeout.min(UNACKNOWLEDGED_TIMEOUT),
+            }
+        } else {
+            Step::Update { timeout }
+        }
     }
 }
 
@@ -423,6 +444,25 @@ mod tests {
         assert_eq!(t.step(O, TcpFlags(SYN)), Step::Unrefreshed);
         assert_eq!(t.step(R, TcpFlags(SYN)), Step::Invalid);
         assert_eq!(t.state, Close);
+    }
+
+    #[test]
+    fn a_challenge_ack_in_last_ack_is_no_last_ack() {
+        // Found by tests/kernel_conntrack.rs against Linux: after both FINs, a client SYN is
+        // ignored and the server's ACK answering it leaves LAST_ACK as it is.
+        let closing = [(R, SYNACK), (O, ACK), (O, FINACK), (R, FINACK)];
+        let (mut t, _) = run(&closing);
+        assert_eq!(t.state, LastAck);
+        assert_eq!(t.step(O, TcpFlags(SYN)), Step::Unrefreshed);
+        assert_eq!(t.step(R, TcpFlags(ACK)), Step::Unrefreshed);
+        assert_eq!(t.state, LastAck);
+        // The client's own last ACK then ends it in TIME_WAIT.
+        assert!(matches!(t.step(O, TcpFlags(ACK)), Step::Update { .. }));
+        assert_eq!(t.state, TimeWait);
+        // Without the ignored SYN, the server's ACK is the last ACK.
+        let (mut t, _) = run(&closing);
+        t.step(R, TcpFlags(ACK));
+        assert_eq!(t.state, TimeWait);
     }
 
     #[test]
