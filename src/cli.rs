@@ -1,33 +1,121 @@
 //! Subcommands that print for people.
+//!
+//! Everything they print goes through [`outln!`] and [`errln!`] (or the [`Out`] writer),
+//! never `print!`: those panic when the reader has gone (`vpcd check FILE | head`).
 
+use std::io;
 use std::path::Path;
-use std::process::ExitCode;
-
 use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Writes a line to standard output through [`Out`] (no panic when the reader has gone).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!($crate::cli::Out, $($arg)*);
+    }};
+}
+
+/// Writes to standard output through [`Out`], without a newline.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!($crate::cli::Out, $($arg)*);
+    }};
+}
+
+/// Writes a line to standard error through [`ErrOut`] (no panic when the reader has gone).
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!($crate::cli::ErrOut, $($arg)*);
+    }};
+}
+
+static STDOUT_GONE: AtomicBool = AtomicBool::new(false);
+static STDERR_GONE: AtomicBool = AtomicBool::new(false);
+
+/// Writes through `w`; once its reader has gone (EPIPE), everything written is discarded,
+/// so that the command still does its work (a lock file written, a lab torn down) and exits
+/// with its own status, quietly.
+fn write_or_discard(w: &mut dyn io::Write, gone: &AtomicBool, buf: &[u8]) -> io::Result<usize> {
+    if gone.load(Ordering::Relaxed) {
+        return Ok(buf.len());
+    }
+    match w.write(buf) {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+            gone.store(true, Ordering::Relaxed);
+            Ok(buf.len())
+        }
+        r => r,
+    }
+}
+
+fn flush_or_discard(w: &mut dyn io::Write, gone: &AtomicBool) -> io::Result<()> {
+    if gone.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    match w.flush() {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+            gone.store(true, Ordering::Relaxed);
+            Ok(())
+        }
+        r => r,
+    }
+}
+
+/// Standard output for people: locked for each write, and a reader that went away ends
+/// the output, not the program.
+pub struct Out;
+
+impl io::Write for Out {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        write_or_discard(&mut io::stdout().lock(), &STDOUT_GONE, buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        flush_or_discard(&mut io::stdout().lock(), &STDOUT_GONE)
+    }
+}
+
+/// Standard error, likewise.
+pub struct ErrOut;
+
+impl io::Write for ErrOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        write_or_discard(&mut io::stderr().lock(), &STDERR_GONE, buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        flush_or_discard(&mut io::stderr().lock(), &STDERR_GONE)
+    }
+}
 
 use vpcd::Topology;
 use vpcd::lab::{DEFAULT_TOPOLOGY, Lab};
 use vpcd::topology::{ExpectSource, ExpectTarget, Network};
 
-/// `vpcd check FILE [--locked]`: validates, prints a summary, and records the provider's new
-/// allocations in the lock file beside FILE (`--locked`: refuses to, as `cargo --locked`).
-pub fn check(file: &Path, locked: bool) -> ExitCode {
+/// `vpcd check FILE [--locked] [--full]`: validates, prints a summary (every item with
+/// `full`), and records the provider's new allocations in the lock file beside FILE
+/// (`--locked`: refuses to, as `cargo --locked`).
+pub fn check(file: &Path, locked: bool, full: bool) -> ExitCode {
     match Topology::load(file) {
         Ok(t) => {
-            print!("{}", summary(&t));
+            out!("{}", summary(&t, full));
             match write_lock(file, &t, locked) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("{e:#}");
+                    errln!("{e:#}");
                     ExitCode::FAILURE
                 }
             }
         }
         Err(e) => {
-            eprintln!("{e}");
+            errln!("{e}");
             let n = e.errors().len();
             if n > 0 {
-                eprintln!("{n} error{}", if n == 1 { "" } else { "s" });
+                errln!("{n} error{}", if n == 1 { "" } else { "s" });
             }
             ExitCode::FAILURE
         }
@@ -54,19 +142,42 @@ pub fn write_lock(file: &Path, t: &Topology, locked: bool) -> anyhow::Result<()>
         .map_or(String::new(), |n| n.to_string_lossy().into_owned());
     std::fs::write(&lock, t.allocations.render(&name))
         .map_err(|e| anyhow::anyhow!("{}: {e}", lock.display()))?;
-    println!(
+    outln!(
         "{}: recorded {} allocation(s):",
         lock.display(),
         t.unlocked.len()
     );
     for line in &t.unlocked {
-        println!("  {line}");
+        outln!("  {line}");
     }
     Ok(())
 }
 
-/// A one-screen summary of a valid topology.
-pub fn summary(t: &Topology) -> String {
+/// How many items of each list a summary shows (`vpcd check --full`: every one): a topology
+/// of any size fits a screen (58 lines at most), and the examples show whole.
+const SHOWN_HOSTS: usize = 6;
+const SHOWN_VPCS: usize = 6;
+/// The subnets are listed under their VPCs while the listed VPCs have at most this many.
+const SHOWN_SUBNETS: usize = 12;
+const SHOWN_INSTANCES: usize = 8;
+const SHOWN_EXPECTS: usize = 13;
+
+/// How many of `n` items to list: all with `full`, otherwise at most `cap`.
+fn shown(n: usize, cap: usize, full: bool) -> usize {
+    if full { n } else { n.min(cap) }
+}
+
+/// The line after a list cut short.
+fn more(s: &mut String, indent: &str, left: usize, what: &str) {
+    use std::fmt::Write;
+    if left > 0 {
+        let _ = writeln!(s, "{indent}… {left} more {what} (vpcd check --full)");
+    }
+}
+
+/// A summary of a valid topology: its settings, the counts of each kind, and the first items
+/// of each list, so that it fits a screen whatever the size; with `full`, every item.
+pub fn summary(t: &Topology, full: bool) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     let u = &t.underlay;
@@ -80,7 +191,8 @@ pub fn summary(t: &Topology) -> String {
         if u.checksum { ", GRE checksums" } else { "" }
     );
     let _ = writeln!(s, "hosts ({}):", t.hosts.len());
-    for h in &t.hosts {
+    let n = shown(t.hosts.len(), SHOWN_HOSTS, full);
+    for h in &t.hosts[..n] {
         let _ = writeln!(
             s,
             "  {:<12} {:<15} region {}",
@@ -89,18 +201,32 @@ pub fn summary(t: &Topology) -> String {
             h.region
         );
     }
+    more(&mut s, "  ", t.hosts.len() - n, "hosts");
     let _ = writeln!(s, "vpcs ({}):", t.vpcs.len());
-    for (vi, v) in t.vpcs.iter().enumerate() {
+    let n = shown(t.vpcs.len(), SHOWN_VPCS, full);
+    let subnets_of = |vi: usize| t.subnets.iter().filter(move |sn| sn.vpc.index() == vi);
+    let with_subnets =
+        full || (0..n).map(|vi| subnets_of(vi).count()).sum::<usize>() <= SHOWN_SUBNETS;
+    for (vi, v) in t.vpcs[..n].iter().enumerate() {
+        let count = if with_subnets {
+            String::new()
+        } else {
+            let k = subnets_of(vi).count();
+            format!(", {k} subnet{}", if k == 1 { "" } else { "s" })
+        };
         let _ = writeln!(
             s,
-            "  {:<12} tenant {:<10} {:<18} key {}{}",
+            "  {:<12} tenant {:<10} {:<18} key {}{}{count}",
             v.name,
             v.tenant,
             v.cidr.to_string(),
             v.key,
             if v.key_assigned { " (assigned)" } else { "" }
         );
-        for sn in t.subnets.iter().filter(|sn| sn.vpc.index() == vi) {
+        if !with_subnets {
+            continue;
+        }
+        for sn in subnets_of(vi) {
             let rt = &t.route_tables[sn.route_table.index()];
             let acl = sn
                 .acl
@@ -116,6 +242,7 @@ pub fn summary(t: &Topology) -> String {
             );
         }
     }
+    more(&mut s, "  ", t.vpcs.len() - n, "vpcs");
     if let Some(b) = &t.basic {
         let _ = writeln!(
             s,
@@ -136,8 +263,13 @@ pub fn summary(t: &Topology) -> String {
                 .unwrap_or_default()
         );
     }
-    let _ = writeln!(s, "instances ({}):", t.instances.len());
-    for (n, i) in t.instances.iter().enumerate() {
+    if full {
+        let _ = writeln!(s, "instances ({}):", t.instances.len());
+    } else {
+        let _ = writeln!(s, "instances ({}):", instance_counts(t));
+    }
+    let n = shown(t.instances.len(), SHOWN_INSTANCES, full);
+    for (n, i) in t.instances[..n].iter().enumerate() {
         let groups: Vec<&str> = i
             .security_groups
             .iter()
@@ -167,6 +299,7 @@ pub fn summary(t: &Topology) -> String {
             groups.join(", ")
         );
     }
+    more(&mut s, "  ", t.instances.len() - n, "instances");
     let rules: usize = t
         .security_groups
         .iter()
@@ -187,7 +320,8 @@ pub fn summary(t: &Topology) -> String {
         t.peerings.len()
     );
     let _ = writeln!(s, "expectations: {}", t.expects.len());
-    for e in &t.expects {
+    let n = shown(t.expects.len(), SHOWN_EXPECTS, full);
+    for e in &t.expects[..n] {
         let to = match &e.to {
             ExpectTarget::Instance(id) => t.instance(*id).name.clone(),
             ExpectTarget::Address(a) => a.to_string(),
@@ -205,6 +339,36 @@ pub fn summary(t: &Topology) -> String {
             port,
             if e.reach { "reaches" } else { "blocked" }
         );
+    }
+    more(&mut s, "  ", t.expects.len() - n, "expectations");
+    s
+}
+
+/// `10000: 9990 in VPCs, 10 basic; 25 with an Elastic IP; host-a 5000, host-b 5000` (the
+/// hosts' shares while they are few).
+fn instance_counts(t: &Topology) -> String {
+    let total = t.instances.len();
+    let basic = t
+        .instances
+        .iter()
+        .filter(|i| matches!(i.network, Network::Basic { .. }))
+        .count();
+    let eips = t.instances.iter().filter(|i| i.eip.is_some()).count();
+    let mut s = format!("{total}: {} in VPCs, {basic} basic", total - basic);
+    if eips > 0 {
+        s += &format!("; {eips} with an Elastic IP");
+    }
+    if total > 0 && t.hosts.len() <= SHOWN_HOSTS {
+        let per: Vec<String> = t
+            .hosts
+            .iter()
+            .enumerate()
+            .map(|(hi, h)| {
+                let k = t.instances.iter().filter(|i| i.host.index() == hi).count();
+                format!("{} {k}", h.name)
+            })
+            .collect();
+        s += &format!("; {}", per.join(", "));
     }
     s
 }
@@ -234,11 +398,11 @@ pub enum LabCmd {
 }
 
 fn say(line: &str) {
-    println!("[lab] {line}");
+    outln!("[lab] {line}");
 }
 
 fn fail(e: anyhow::Error) -> ExitCode {
-    eprintln!("vpcd lab: {e:#}");
+    errln!("vpcd lab: {e:#}");
     ExitCode::FAILURE
 }
 
@@ -294,7 +458,7 @@ pub fn lab(cmd: LabCmd) -> ExitCode {
                 Ok(l) => l,
                 Err(e) => return fail(e),
             };
-            match vpcd::lab::check(&lab, &mut std::io::stdout()) {
+            match vpcd::lab::check(&lab, &mut Out) {
                 Ok(r) if r.failures() == 0 => ExitCode::SUCCESS,
                 Ok(_) => ExitCode::FAILURE,
                 Err(e) => fail(e),
@@ -311,10 +475,10 @@ pub fn lab(cmd: LabCmd) -> ExitCode {
             };
             lab.refresh_stats();
             for h in &t.hosts {
-                println!("== {} ({})", h.name, h.address);
+                outln!("== {} ({})", h.name, h.address);
                 for (k, v) in lab.read_stats(&h.name) {
                     if v > 0 && k != "seq" {
-                        println!("  {k:<48} {v}");
+                        outln!("  {k:<48} {v}");
                     }
                 }
             }
@@ -334,7 +498,7 @@ fn demo(workers: Option<usize>) -> ExitCode {
         "vpcd lab demo: two hosts, two tenants with the same 10.0.0.0/16 and the same instance addresses",
     );
     match Topology::parse(DEFAULT_TOPOLOGY, "lab.toml") {
-        Ok(t) => print!("{}", summary(&t)),
+        Ok(t) => out!("{}", summary(&t, false)),
         Err(e) => return fail(e.into()),
     }
     if lab.dir().exists() {
@@ -350,10 +514,10 @@ fn demo(workers: Option<usize>) -> ExitCode {
         return fail(e);
     }
     say("checking every expectation with real traffic (ping, TCP, UDP):");
-    let result = vpcd::lab::check(&lab, &mut std::io::stdout());
+    let result = vpcd::lab::check(&lab, &mut Out);
     say("tearing down");
     if let Err(e) = lab.down(&mut say) {
-        eprintln!("vpcd lab: {e:#}");
+        errln!("vpcd lab: {e:#}");
     }
     match result {
         Ok(r) if r.failures() == 0 => {
@@ -368,5 +532,223 @@ fn demo(workers: Option<usize>) -> ExitCode {
             ExitCode::FAILURE
         }
         Err(e) => fail(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A region of 10,000 instances: 20 hosts, 40 VPCs of 250 instances each (one subnet
+    /// apiece), 50 basic instances and some Elastic IPs.
+    fn big() -> String {
+        let mut s = String::from(
+            "[underlay]\ntransport = \"gre-udp\"\n\n[basic]\ncidr = \"10.128.0.0/16\"\n\n\
+             [internet]\ncidr = \"203.0.113.0/24\"\ngateway = \"h00\"\n\n\
+             [[security_group]]\nname = \"sg\"\n\
+             egress = [ { action = \"accept\", protocol = \"all\", destination = \"0.0.0.0/0\" } ]\n",
+        );
+        for h in 0..20 {
+            s += &format!(
+                "\n[[host]]\nname = \"h{h:02}\"\naddress = \"192.0.2.{}\"\n",
+                h + 1
+            );
+        }
+        let mut n = 0;
+        for v in 0..40 {
+            s += &format!(
+                "\n[[vpc]]\nname = \"vpc{v:02}\"\ntenant = \"t{v:02}\"\ncidr = \"10.{v}.0.0/16\"\n\n\
+                 [[subnet]]\nname = \"net{v:02}\"\nvpc = \"vpc{v:02}\"\ncidr = \"10.{v}.0.0/20\"\n"
+            );
+            for k in 0..250 {
+                let eip = if n < 40 {
+                    format!("eip = \"203.0.113.{}\"\n", n + 10)
+                } else {
+                    String::new()
+                };
+                s += &format!(
+                    "\n[[instance]]\nname = \"i{n:05}\"\nhost = \"h{:02}\"\nsubnet = \"net{v:02}\"\n\
+                     ip = \"10.{v}.{}.{}\"\nsecurity_groups = [\"sg\"]\n{eip}",
+                    n % 20,
+                    1 + k / 200,
+                    10 + k % 200
+                );
+                n += 1;
+            }
+        }
+        for b in 0..50 {
+            s += &format!(
+                "\n[[instance]]\nname = \"b{b:02}\"\nnetwork = \"basic\"\ntenant = \"t00\"\n\
+                 host = \"h{:02}\"\nsecurity_groups = [\"sg\"]\n",
+                b % 20
+            );
+        }
+        for e in 0..30 {
+            s += &format!(
+                "\n[[expect]]\nfrom = \"i{e:05}\"\nto = \"i{:05}\"\nprotocol = \"icmp\"\nreach = false\n",
+                e + 1
+            );
+        }
+        s
+    }
+
+    /// The summary of 10,000 instances fits a screen: counts per kind, the first few of each
+    /// list and what was left out; `--full` lists every item.
+    #[test]
+    fn the_summary_of_a_big_region_fits_a_screen() {
+        let t = Topology::parse(&big(), "big.toml").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(t.instances.len(), 10_050);
+        let s = summary(&t, false);
+        let lines: Vec<&str> = s.lines().collect();
+        assert!(lines.len() <= 60, "{} lines:\n{s}", lines.len());
+        for want in [
+            "hosts (20):",
+            "  … 14 more hosts (vpcd check --full)",
+            "vpcs (40):",
+            "  … 34 more vpcs (vpcd check --full)",
+            "instances (10050: 10000 in VPCs, 50 basic; 40 with an Elastic IP):",
+            "  … 10042 more instances (vpcd check --full)",
+            "expectations: 30",
+            "  … 17 more expectations (vpcd check --full)",
+        ] {
+            assert!(lines.contains(&want), "no line {want:?} in:\n{s}");
+        }
+        // The VPCs shown with their keys, and their subnets while they are few.
+        let vpc00 = lines
+            .iter()
+            .find(|l| l.starts_with("  vpc00 "))
+            .expect("vpc00");
+        assert!(vpc00.contains(&format!("key {}", t.vpcs[0].key)), "{vpc00}");
+        assert!(
+            lines.iter().any(|l| l.starts_with("    subnet net05 ")),
+            "{s}"
+        );
+        assert!(!s.contains("subnet net06"), "{s}");
+        let listed = |name: &str| {
+            let head = format!("  {name:<12} ");
+            lines.iter().any(|l| l.starts_with(&head))
+        };
+        assert!(listed("i00007") && !listed("i00008"), "{s}");
+
+        let full = summary(&t, true);
+        let lines: Vec<&str> = full.lines().collect();
+        assert!(!full.contains("more"), "--full leaves nothing out");
+        assert!(lines.contains(&"instances (10050):"));
+        for i in &t.instances {
+            let name = format!("  {:<12} ", i.name);
+            assert!(
+                lines.iter().any(|l| l.starts_with(&name)),
+                "{} missing",
+                i.name
+            );
+        }
+        for v in &t.vpcs {
+            assert!(
+                lines
+                    .iter()
+                    .any(|l| l.starts_with(&format!("  {:<12} ", v.name)))
+            );
+        }
+        assert_eq!(
+            lines
+                .iter()
+                .filter(|l| l.starts_with("    subnet "))
+                .count(),
+            40
+        );
+        // Header (2), hosts (21), VPCs with a subnet each (41), internet and basic (2),
+        // instances (10,051), rules (1), expectations (31).
+        assert_eq!(lines.len(), 2 + 21 + 81 + 2 + 10_051 + 1 + 31);
+    }
+
+    /// Many subnets are counted on their VPC's line instead of listed.
+    #[test]
+    fn many_subnets_are_counted() {
+        let mut text = String::from("[[host]]\nname = \"h\"\naddress = \"192.0.2.1\"\n");
+        for v in 0..3 {
+            text +=
+                &format!("\n[[vpc]]\nname = \"v{v}\"\ntenant = \"t\"\ncidr = \"10.{v}.0.0/16\"\n");
+            for n in 0..5 {
+                text += &format!(
+                    "\n[[subnet]]\nname = \"s{v}{n}\"\nvpc = \"v{v}\"\ncidr = \"10.{v}.{n}.0/24\"\n"
+                );
+            }
+        }
+        let t = Topology::parse(&text, "subnets.toml").unwrap_or_else(|e| panic!("{e}"));
+        let short = summary(&t, false);
+        assert!(!short.contains("    subnet "), "{short}");
+        assert_eq!(
+            short.lines().filter(|l| l.ends_with(", 5 subnets")).count(),
+            3,
+            "{short}"
+        );
+        let full = summary(&t, true);
+        assert_eq!(
+            full.lines()
+                .filter(|l| l.starts_with("    subnet "))
+                .count(),
+            15
+        );
+    }
+
+    /// A small topology shows whole: the summary is the full list, with counts in the
+    /// instances' heading.
+    #[test]
+    fn a_small_topology_shows_whole() {
+        let t = Topology::parse(vpcd::lab::DEFAULT_TOPOLOGY, "lab.toml").unwrap();
+        let short = summary(&t, false);
+        let full = summary(&t, true);
+        assert!(!short.contains("more"), "{short}");
+        let heading = |s: &str| {
+            s.lines()
+                .find(|l| l.starts_with("instances ("))
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(
+            heading(&full),
+            format!("instances ({}):", t.instances.len())
+        );
+        assert!(heading(&short).starts_with(&format!("instances ({}: ", t.instances.len())));
+        assert!(heading(&short).contains("host-a "), "{}", heading(&short));
+        let rest = |s: &str| -> Vec<String> {
+            s.lines()
+                .filter(|l| !l.starts_with("instances ("))
+                .map(str::to_string)
+                .collect()
+        };
+        assert_eq!(rest(&short), rest(&full));
+        assert_eq!(
+            full.lines()
+                .filter(|l| l.starts_with("  ") && l.contains(" -> "))
+                .count(),
+            t.expects.len()
+        );
+    }
+
+    /// Once the reader has gone (EPIPE), writes are discarded instead of failing (or, with
+    /// `print!`, panicking); other errors still show.
+    #[test]
+    fn a_reader_that_went_away_ends_the_output_quietly() {
+        let (reader, mut writer) = std::io::pipe().unwrap();
+        let gone = AtomicBool::new(false);
+        assert_eq!(write_or_discard(&mut writer, &gone, b"one\n").unwrap(), 4);
+        drop(reader);
+        assert_eq!(write_or_discard(&mut writer, &gone, b"two\n").unwrap(), 4);
+        assert!(gone.load(Ordering::Relaxed));
+        assert_eq!(write_or_discard(&mut writer, &gone, b"three\n").unwrap(), 6);
+        flush_or_discard(&mut writer, &gone).unwrap();
+
+        struct Full;
+        impl io::Write for Full {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::Error::from_raw_os_error(28))
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let fresh = AtomicBool::new(false);
+        assert!(write_or_discard(&mut Full, &fresh, b"x").is_err());
     }
 }

@@ -1,10 +1,12 @@
 //! The `vpcd` command line.
 
+use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+#[macro_use]
 mod cli;
 
 /// vpcd: a userspace VPC data plane.
@@ -25,6 +27,10 @@ enum Command {
         /// Fail instead of writing the lock file when it is out of date.
         #[arg(long)]
         locked: bool,
+        /// List every host, VPC, subnet, instance and expectation (the summary shows the
+        /// first few of each).
+        #[arg(long)]
+        full: bool,
     },
     /// Run one host's data plane: a TUN device per local instance, the underlay, the workers.
     Run {
@@ -109,7 +115,7 @@ fn main() -> ExitCode {
         Command::Run { .. } => match vpcd::daemon::close_inherited_descriptors() {
             Ok(n) => n,
             Err(e) => {
-                eprintln!("vpcd: {e:#}");
+                errln!("vpcd: {e:#}");
                 return ExitCode::FAILURE;
             }
         },
@@ -120,9 +126,13 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours for a person at a terminal, none in a log file or a pipe.
+        .with_ansi(std::io::stderr().is_terminal())
+        // A log whose reader has gone is not worth a message about it (on that same stderr).
+        .log_internal_errors(false)
         .init();
     match args.command {
-        Command::Check { file, locked } => cli::check(&file, locked),
+        Command::Check { file, locked, full } => cli::check(&file, locked, full),
         Command::Lab { command } => cli::lab(command_of(command)),
         Command::Run {
             topology,
@@ -131,6 +141,11 @@ fn main() -> ExitCode {
             stats,
             netns,
         } => {
+            // The process's name (/proc/PID/comm, what ps and pidof show): `vpcd`, also when
+            // it was started as /proc/self/exe (the lab), which would make it `exe`.
+            if let Err(e) = nix::sys::prctl::set_name(c"vpcd") {
+                tracing::warn!(error = %e, "cannot name the process");
+            }
             if closed > 0 {
                 tracing::info!(closed, "closed inherited file descriptors");
             }
@@ -144,7 +159,7 @@ fn main() -> ExitCode {
             match vpcd::daemon::run(opts) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("vpcd: {e:#}");
+                    errln!("vpcd: {e:#}");
                     ExitCode::FAILURE
                 }
             }

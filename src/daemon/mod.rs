@@ -228,6 +228,12 @@ impl Daemon {
         let t = self.topo.clone();
         let address = t.host(self.host).address;
         let transport = t.underlay.transport;
+        let place = match &self.opts.netns {
+            Some(ns) => format!("{}, in network namespace {ns}", transport.word()),
+            None => transport.word().to_string(),
+        };
+        // Before any device is made: a host started where its address is not fails at once.
+        crate::io::underlay::check_local(address).with_context(|| format!("underlay ({place})"))?;
         self.open_internet(&t)?;
         let opened = self.open_new_devices(&t, self.host)?;
         self.devices.extend(opened);
@@ -251,20 +257,21 @@ impl Daemon {
         for (k, inbox) in inboxes.into_iter().enumerate() {
             // Every worker's tables share one seed: a flow hashes alike wherever it is read.
             let p = Pipeline::shard(t.clone(), self.host, n, self.seed);
-            let (devices, pool, lanes, affinity) = (
+            let (devices, pool, lanes, affinity, place) = (
                 devices.clone(),
                 self.pool.clone(),
                 lanes.clone(),
                 self.affinity.clone(),
+                place.clone(),
             );
             // The sockets are opened by the thread that uses them (their batch headers are
             // not Send); the thread reports whether that worked.
             spawn_with_setup(format!("vpcd-worker-{k}"), move || {
                 let sock = UnderlayTx::open(transport, address)
-                    .with_context(|| format!("underlay sending socket on {address}"))?;
+                    .with_context(|| format!("underlay ({place}), sending"))?;
                 let rx = if k == 0 || transport == Transport::GreUdp {
                     let rx = UnderlayRx::open(transport, address)
-                        .with_context(|| format!("underlay on {address} ({})", transport.word()))?;
+                        .with_context(|| format!("underlay ({place})"))?;
                     Some((rx, transport))
                 } else {
                     None
@@ -295,9 +302,7 @@ impl Daemon {
             if let Some(ns) = &inst.netns
                 && !netns::exists(ns)
             {
-                netns::ip(&["netns", "add", ns])
-                    .with_context(|| format!("creating namespace {ns}"))?;
-                netns::ip_in(Some(ns), &["link", "set", "lo", "up"])?;
+                create_netns(ns)?;
                 self.created_netns.push(ns.clone());
             }
             let cfg = TunConfig {
@@ -345,8 +350,7 @@ impl Daemon {
         if let Some(ns) = &inet.netns
             && !netns::exists(ns)
         {
-            netns::ip(&["netns", "add", ns]).with_context(|| format!("creating namespace {ns}"))?;
-            netns::ip_in(Some(ns), &["link", "set", "lo", "up"])?;
+            create_netns(ns)?;
             self.created_netns.push(ns.clone());
         }
         let cfg = TunConfig {
@@ -500,7 +504,7 @@ impl Daemon {
             lane.send_blocking(Msg::Stop);
         }
         for ns in self.created_netns.drain(..) {
-            match netns::ip(&["netns", "del", &ns]) {
+            match netns::del(&ns) {
                 Ok(()) => info!(netns = %ns, "namespace removed"),
                 Err(e) => warn!(netns = %ns, error = %e, "namespace removal"),
             }
@@ -509,15 +513,21 @@ impl Daemon {
     }
 }
 
+/// Gives a device its new address (the old ones go) and routes everything through it again.
 fn readdress(tun: &Tun, ip: Ipv4Addr, prefix: u8) -> std::io::Result<()> {
     let cfg = tun.config();
-    let ns = cfg.netns.as_deref();
-    netns::ip_in(ns, &["addr", "flush", "dev", &cfg.name])?;
-    netns::ip_in(
-        ns,
-        &["addr", "add", &format!("{ip}/{prefix}"), "dev", &cfg.name],
-    )?;
-    netns::ip_in(ns, &["route", "replace", "default", "dev", &cfg.name])
+    let nl = netns::Netlink::open_in(cfg.netns.as_deref())?;
+    nl.flush_addresses(&cfg.name)?;
+    nl.add_address(&cfg.name, ip, prefix)?;
+    nl.replace_default_route(&cfg.name)
+}
+
+/// Creates an instance's (or the internet's) namespace, its loopback up.
+fn create_netns(ns: &str) -> Result<()> {
+    netns::add(ns).with_context(|| format!("creating namespace {ns}"))?;
+    netns::Netlink::open_in(Some(ns))
+        .and_then(|nl| nl.link_up("lo"))
+        .with_context(|| format!("namespace {ns}: loopback"))
 }
 
 /// Spawns a thread that first runs `setup` (opening what the thread will own) and reports
@@ -560,20 +570,66 @@ fn load(path: &Path) -> Result<Topology> {
     Ok(t)
 }
 
-/// Refuses a second daemon for the same host in the same network namespace.
-fn lock(host: &str) -> Result<File> {
-    std::fs::create_dir_all(RUN_DIR).with_context(|| format!("creating {RUN_DIR}"))?;
+/// A daemon's lock: held (flock) while it runs, its file removed when it stops. A daemon
+/// killed with SIGKILL leaves the file behind; the next one for the same host and namespace
+/// locks and reuses it.
+pub struct LockFile {
+    path: PathBuf,
+    _file: File,
+}
+
+impl LockFile {
+    /// The lock file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for LockFile {
+    fn drop(&mut self) {
+        // Removed while still locked (the descriptor closes after this): a daemon starting
+        // now either fails to lock the old file, or finds it gone (see `lock`).
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The lock file of a daemon for `host` in the current thread's network namespace.
+pub fn lock_path(host: &str) -> PathBuf {
     let ns = netns::current_id().unwrap_or_default();
     let digits: String = ns.chars().filter(char::is_ascii_digit).collect();
-    let path = Path::new(RUN_DIR).join(format!("{host}-{digits}.lock"));
-    let f = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(_) => bail!(
-            "another vpcd is already running for host \"{host}\" in this network namespace (lock {})",
-            path.display()
-        ),
+    Path::new(RUN_DIR).join(format!("{host}-{digits}.lock"))
+}
+
+/// Refuses a second daemon for the same host in the same network namespace.
+pub fn lock(host: &str) -> Result<LockFile> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::create_dir_all(RUN_DIR).with_context(|| format!("creating {RUN_DIR}"))?;
+    let path = lock_path(host);
+    // A daemon that stops removes its file while holding its lock: one that opened the file
+    // just before may lock it after, a file no longer at the path. So the lock counts only
+    // if the path still names the locked file; otherwise try again with the new one.
+    for _ in 0..100 {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        if f.try_lock().is_err() {
+            bail!(
+                "another vpcd is already running for host \"{host}\" in this network namespace (lock {})",
+                path.display()
+            );
+        }
+        let held = f.metadata()?;
+        match std::fs::metadata(&path) {
+            Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => {
+                return Ok(LockFile { path, _file: f });
+            }
+            _ => continue,
+        }
     }
+    bail!("cannot lock {}: it keeps being replaced", path.display())
 }
 
 /// The daemon's seed: the one source of randomness, drawn at the edge and passed to the core.
@@ -655,4 +711,41 @@ pub fn parse_stats(text: &str) -> BTreeMap<String, u64> {
             Some((k.to_string(), v.trim().parse().ok()?))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lock refuses a second daemon, and its file goes when the daemon stops; a file
+    /// left by a killed daemon is locked again and reused.
+    #[test]
+    fn the_lock_file_goes_with_the_daemon() {
+        if std::fs::create_dir_all(RUN_DIR).is_err() {
+            eprintln!(
+                "\n!!!!!!!! SKIPPED `the_lock_file_goes_with_the_daemon`: {RUN_DIR} cannot be made !!!!!!!!\n"
+            );
+            return;
+        }
+        let host = format!("unit-test-{}", std::process::id());
+        let path = lock_path(&host);
+        let held = lock(&host).unwrap();
+        assert_eq!(held.path(), path);
+        assert!(path.exists());
+        let second = lock(&host).map(|_| ()).unwrap_err().to_string();
+        assert!(
+            second.starts_with(&format!(
+                "another vpcd is already running for host \"{host}\" in this network namespace"
+            )),
+            "{second}"
+        );
+        drop(held);
+        assert!(!path.exists(), "{} left behind", path.display());
+        // As a SIGKILLed daemon leaves it: an unlocked file at the path.
+        std::fs::write(&path, "").unwrap();
+        let again = lock(&host).unwrap();
+        assert!(lock(&host).is_err());
+        drop(again);
+        assert!(!path.exists());
+    }
 }

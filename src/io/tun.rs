@@ -75,7 +75,7 @@ impl Tun {
                 ),
             )
         })?;
-        netns::ip_in(ns, &["route", "replace", "default", "dev", &config.name])?;
+        netns::Netlink::open_in(ns)?.replace_default_route(&config.name)?;
         dev.set_nonblocking(true)?;
         Ok(Tun { dev, config })
     }

@@ -84,9 +84,7 @@ impl UnderlayRx {
             Transport::Gre => {
                 let s = raw_socket(47)?;
                 s.bind(&SockAddr::from(SocketAddrV4::new(local, 0)))
-                    .map_err(|e| {
-                        io::Error::new(e.kind(), format!("raw GRE socket on {local}: {e}"))
-                    })?;
+                    .map_err(|e| bind_error(e, local, "raw GRE socket"))?;
                 buffers(&s);
                 RxKind::Raw(s)
             }
@@ -97,9 +95,7 @@ impl UnderlayRx {
                 // the senders' flows (their source ports) over them.
                 s.set_reuse_port(true)?;
                 s.bind(&SockAddr::from(SocketAddrV4::new(local, UDP_PORT)))
-                    .map_err(|e| {
-                        io::Error::new(e.kind(), format!("UDP {local}:{UDP_PORT}: {e}"))
-                    })?;
+                    .map_err(|e| bind_error(e, local, &format!("UDP port {UDP_PORT}")))?;
                 buffers(&s);
                 let state = UdpSocketState::new(UdpSockRef::from(&s))?;
                 RxKind::Udp(s, state)
@@ -435,16 +431,45 @@ fn bind_ephemeral(s: &Socket, local: Ipv4Addr) -> io::Result<()> {
     let start = foldhash::fast::RandomState::default().hash_one(std::process::id()) as u16;
     for n in 0..16_384u16 {
         let port = 49_152 + (start.wrapping_add(n) & 0x3fff);
-        if s.bind(&SockAddr::from(SocketAddrV4::new(local, port)))
-            .is_ok()
-        {
-            return Ok(());
+        match s.bind(&SockAddr::from(SocketAddrV4::new(local, port))) {
+            Ok(()) => return Ok(()),
+            // No port will do: the address is not ours.
+            Err(e) if e.raw_os_error() == Some(EADDRNOTAVAIL) => {
+                return Err(bind_error(e, local, "GRE-in-UDP sender"));
+            }
+            Err(_) => {}
         }
     }
     Err(io::Error::new(
         io::ErrorKind::AddrInUse,
         "no free UDP port in 49152-65535",
     ))
+}
+
+/// Fails, saying so, when `local` is not an address of this machine (of the current
+/// thread's network namespace): checked the way the underlay's sockets will be bound, so an
+/// address the kernel accepts otherwise (AnyIP routes, `ip_nonlocal_bind`) passes too.
+pub fn check_local(local: Ipv4Addr) -> io::Result<()> {
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    s.bind(&SockAddr::from(SocketAddrV4::new(local, 0)))
+        .map_err(|e| bind_error(e, local, "UDP socket"))
+}
+
+/// EADDRNOTAVAIL: binding to an address that no interface of the namespace has.
+const EADDRNOTAVAIL: i32 = nix::errno::Errno::EADDRNOTAVAIL as i32;
+
+/// A bind's error as a sentence: an address that is not this machine's says so (the
+/// kernel's own words, "Cannot assign requested address", name neither the address nor the
+/// reason).
+fn bind_error(e: io::Error, local: Ipv4Addr, what: &str) -> io::Error {
+    if e.raw_os_error() == Some(EADDRNOTAVAIL) {
+        io::Error::new(
+            io::ErrorKind::AddrNotAvailable,
+            format!("{local} is not an address of this machine"),
+        )
+    } else {
+        io::Error::new(e.kind(), format!("{what} on {local}: {e}"))
+    }
 }
 
 /// IPPROTO_RAW: a send-only raw socket whose packets carry their own IPv4 header.
@@ -535,6 +560,49 @@ mod tests {
             let drops = f.get(12)?.parse().ok()?;
             Some((rx, drops))
         })
+    }
+
+    /// A host started where its underlay address is not configured is told so, by every
+    /// socket that binds to it, for both transports (not "no free UDP port", not "Cannot
+    /// assign requested address").
+    #[test]
+    fn an_address_of_another_machine_is_named() {
+        use crate::io::netns;
+        let root = std::fs::read_to_string("/proc/self/status")
+            .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:\t0\t")));
+        if !root {
+            eprintln!(
+                "\n!!!!!!!! SKIPPED `an_address_of_another_machine_is_named`: needs root !!!!!!!!\n"
+            );
+            return;
+        }
+        let ns = "vpcd-ut-underlay";
+        if netns::exists(ns) {
+            netns::del(ns).unwrap();
+        }
+        netns::add(ns).unwrap();
+        // Up, as every machine's: in a namespace that never had an address (so no local
+        // routing table yet) Linux lets a socket bind to any address.
+        netns::Netlink::open_in(Some(ns))
+            .and_then(|nl| nl.link_up("lo"))
+            .unwrap();
+        let addr = Ipv4Addr::new(192, 0, 2, 1);
+        let errors = netns::within(Some(ns), || {
+            Ok([
+                check_local(addr).err(),
+                UnderlayTx::open(Transport::GreUdp, addr).err(),
+                UnderlayRx::open(Transport::GreUdp, addr).err(),
+                UnderlayRx::open(Transport::Gre, addr).err(),
+            ])
+        });
+        netns::del(ns).unwrap();
+        for (n, e) in errors.unwrap().into_iter().enumerate() {
+            let e = e.unwrap_or_else(|| panic!("socket {n} opened on {addr}"));
+            assert_eq!(e.to_string(), "192.0.2.1 is not an address of this machine");
+            assert_eq!(e.kind(), io::ErrorKind::AddrNotAvailable);
+        }
+        // An address that is here passes.
+        check_local(Ipv4Addr::LOCALHOST).unwrap();
     }
 
     /// Datagrams sent to a GRE-in-UDP sender's port (its flows' source port, reachable from

@@ -17,13 +17,14 @@ pub use check::{CheckReport, check};
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write as _;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::io::netns;
+use crate::io::netns::{self, Netlink};
 use crate::topology::Topology;
 
 /// The topology `vpcd lab up` and `vpcd lab demo` use when given none.
@@ -125,8 +126,8 @@ impl Lab {
             );
         }
         self.note(&format!("netns {name}"))?;
-        netns::ip(&["netns", "add", name])?;
-        netns::ip_in(Some(name), &["link", "set", "lo", "up"])?;
+        netns::add(name)?;
+        Netlink::open_in(Some(name))?.link_up("lo")?;
         Ok(())
     }
 
@@ -194,8 +195,9 @@ impl Lab {
         let ul = self.underlay_ns();
         log(&format!("underlay: namespace {ul}, bridge br0"));
         self.add_netns(&ul)?;
-        netns::ip_in(Some(&ul), &["link", "add", "br0", "type", "bridge"])?;
-        netns::ip_in(Some(&ul), &["link", "set", "br0", "up"])?;
+        let bridge = Netlink::open_in(Some(&ul))?;
+        bridge.add_bridge("br0")?;
+        bridge.link_up("br0")?;
         for (n, h) in topo.hosts.iter().enumerate() {
             let ns = self.host_ns(&h.name);
             log(&format!(
@@ -204,27 +206,14 @@ impl Lab {
             ));
             self.add_netns(&ns)?;
             let port = format!("p{n}");
-            netns::ip(&[
-                "link", "add", "ul0", "netns", &ns, "type", "veth", "peer", "name", &port, "netns",
-                &ul,
-            ])?;
-            netns::ip_in(Some(&ul), &["link", "set", &port, "master", "br0", "up"])?;
-            netns::ip_in(
-                Some(&ns),
-                &["addr", "add", &format!("{}/32", h.address), "dev", "ul0"],
-            )?;
-            netns::ip_in(Some(&ns), &["link", "set", "ul0", "up"])?;
+            bridge.add_veth_pair("ul0", Some(&ns), &port, None)?;
+            bridge.set_master(&port, "br0")?;
+            bridge.link_up(&port)?;
+            let host = Netlink::open_in(Some(&ns))?;
+            host.add_address("ul0", h.address, 32)?;
+            host.link_up("ul0")?;
             for other in topo.hosts.iter().filter(|o| o.name != h.name) {
-                netns::ip_in(
-                    Some(&ns),
-                    &[
-                        "route",
-                        "add",
-                        &format!("{}/32", other.address),
-                        "dev",
-                        "ul0",
-                    ],
-                )?;
+                host.add_route(other.address, 32, "ul0")?;
             }
         }
         for i in &topo.instances {
@@ -245,8 +234,11 @@ impl Lab {
             let ns = self.host_ns(&h.name);
             let logf = File::create(self.log_path(&h.name))?;
             // This very executable, even if a rebuild replaced the file meanwhile.
+            // It shows as `vpcd` (argv[0]; the daemon names its process so too), for ps
+            // and pidof, not as `exe`.
             let mut cmd = Command::new("/proc/self/exe");
-            cmd.args(["run", "--netns", &ns, "--topology"])
+            cmd.arg0("vpcd")
+                .args(["run", "--netns", &ns, "--topology"])
                 .arg(self.topology_path())
                 .args(["--host", &h.name, "--stats"])
                 .arg(self.stats_path(&h.name))
@@ -351,7 +343,7 @@ impl Lab {
         spaces.dedup();
         let mut removed = 0;
         for ns in spaces.iter().filter(|n| netns::exists(n)) {
-            match netns::ip(&["netns", "del", ns]) {
+            match netns::del(ns) {
                 Ok(()) => removed += 1,
                 Err(e) => log(&format!("warning: {e}")),
             }

@@ -1221,7 +1221,9 @@ fn no_panic_on_short_or_garbage_input_from_either_side() {
 #[test]
 fn reloaded_connection_limits_and_flow_cache_size_take_effect() {
     let text = |entries: u32, per: u32, cache: u32| {
-        format!("[conntrack]\nmax_entries = {entries}\nmax_per_instance = {per}\nflow_cache = {cache}\n{TOPOLOGY}")
+        format!(
+            "[conntrack]\nmax_entries = {entries}\nmax_per_instance = {per}\nflow_cache = {cache}\n{TOPOLOGY}"
+        )
     };
     let t = Arc::new(Topology::parse(&text(1000, 1000, 64), "a.toml").unwrap());
     let mut a = Pipeline::new(t.clone(), t.host_named("a").unwrap());
