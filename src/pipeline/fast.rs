@@ -14,9 +14,18 @@ impl Decider<'_> {
     pub fn cached(&mut self, key: &FlowKey, l4: &L4) -> Option<Decision> {
         let st = &mut *self.state;
         let hit = st.flows.get(key, self.host.generation)?;
-        for (r, src) in hit.conns.iter().zip([hit.egress_src, hit.ingress_src]) {
-            let Some(r) = r else { continue };
-            match st.conntrack.track(*r, &src, l4, self.now) {
+        let sides = hit.conns.iter().zip([hit.egress_src, hit.ingress_src]);
+        let sides = sides.filter_map(|(r, src)| Some(((*r)?, src)));
+        // A packet that reopens an entry, or finds one gone, takes the full path before any
+        // entry is updated.
+        if !sides
+            .clone()
+            .all(|(r, src)| st.conntrack.continues(r, &src, l4, self.now))
+        {
+            return None;
+        }
+        for (r, src) in sides {
+            match st.conntrack.track(r, &src, l4, self.now) {
                 Track::Accepted(_) | Track::Ended => {}
                 Track::Invalid(reason) => return Some(Decision::drop(reason)),
                 Track::Reopen | Track::Gone => return None,

@@ -9,7 +9,9 @@
 use super::decide::{Decider, INTERNET, Origin, Slow, policy_drop, ports, zone_of};
 use super::plan::Plan;
 use super::{Decision, RuleRef};
-use crate::policy::conntrack::{ConnKey, ConnRef, Endpoint, Open, Owner, Track, Zone, tcp};
+use crate::policy::conntrack::{
+    ConnKey, ConnRef, Endpoint, Open, Owner, Track, Zone, icmp_query, tcp,
+};
 use crate::policy::rules::{Outcome, RuleList, Subject};
 use crate::reason::DropReason;
 use crate::topology::{InstanceId, SgId};
@@ -34,6 +36,12 @@ impl Side {
     fn key(&self, ip: &Ipv4Packet) -> Option<ConnKey> {
         ConnKey::of(self.port, ip.protocol, &ip.l4, self.src, self.dst)
     }
+}
+
+/// An ICMP reply (echo, timestamp, information, address mask): it only ever belongs to its
+/// query's entry.
+fn is_icmp_reply(ip: &Ipv4Packet) -> bool {
+    matches!(ip.l4, L4::Icmp { kind, .. } if matches!(icmp_query(kind), Some((_, false))))
 }
 
 /// The destination port rules match, for TCP and UDP.
@@ -204,7 +212,15 @@ impl Decider<'_> {
                 Err(d) => d,
             });
         }
-        let merged = keys[0].is_some() && keys[0] == keys[1];
+        // An instance to its own Elastic IP: both sides are one, with the egress side's key
+        // (for an ICMP query the requester differs between the two views).
+        let merged = match sides {
+            [Some(e), Some(i)] => {
+                e.port == i.port
+                    && ((e.src, e.dst) == (i.src, i.dst) || (e.src, e.dst) == (i.dst, i.src))
+            }
+            _ => false,
+        };
         let mut found = [false; 2];
         let mut conns: [Option<ConnRef>; 2] = [None, None];
         let mut ended = false;
@@ -213,7 +229,8 @@ impl Decider<'_> {
                 continue;
             };
             if n == 1 && merged {
-                (found[1], conns[1]) = (found[0], conns[0]);
+                // One entry, tracked once (the fast lane too: it has no second handle).
+                found[1] = found[0];
                 continue;
             }
             let Some(r) = self.state.conntrack.lookup(&key, self.now) else {
@@ -230,6 +247,13 @@ impl Decider<'_> {
             sides[0].is_some() && !found[0],
             sides[1].is_some() && !found[1],
         ];
+        if need.contains(&true) && is_icmp_reply(ip) {
+            // A reply that answers no query of ours opens nothing: the rules judge it.
+            return Slow::uncached(match self.groups(&sides, need, ip, false) {
+                Ok(()) => plan.forward,
+                Err(d) => d,
+            });
+        }
         if need.contains(&true)
             && let Err(d) = self.open(&sides, keys, need, merged, &mut conns, ip)
         {
@@ -275,7 +299,6 @@ impl Decider<'_> {
                 continue;
             };
             if n == 1 && merged {
-                conns[1] = conns[0];
                 continue;
             }
             let opener = if reverse { side.dst } else { side.src };

@@ -10,7 +10,7 @@ impl Decider<'_> {
     /// True when, for every side, the quoted packet belongs to an entry of the side's port.
     /// The quote travelled from the error's destination (as this side knows it, whatever NAT
     /// did to the quote) towards the quote's destination, on the error sender's side.
-    pub fn related(&mut self, sides: &[Option<Side>; 2], ip: &Ipv4Packet, pkt: &[u8]) -> bool {
+    pub fn related(&self, sides: &[Option<Side>; 2], ip: &Ipv4Packet, pkt: &[u8]) -> bool {
         let Some(q) = pkt.get(ip.l4_offset() + 8..).and_then(ipv4::parse_quoted) else {
             return false;
         };
@@ -26,7 +26,7 @@ impl Decider<'_> {
                 port: qd,
             };
             ConnKey::of(side.port, q.protocol, &q.l4, from, to)
-                .is_some_and(|k| self.state.conntrack.lookup(&k, self.now).is_some())
+                .is_some_and(|k| self.state.conntrack.find_live(&k, self.now).is_some())
         })
     }
 }

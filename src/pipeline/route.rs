@@ -172,7 +172,7 @@ impl Decider<'_> {
 
     /// True when this packet of local instance `id` belongs to a connection that a public
     /// end opened to it (for an ICMP error: the connection its quote belongs to).
-    fn came_in_through_eip(&mut self, id: InstanceId, ip: &Ipv4Packet, pkt: &[u8]) -> bool {
+    fn came_in_through_eip(&self, id: InstanceId, ip: &Ipv4Packet, pkt: &[u8]) -> bool {
         let inst = self.topo.instance(id);
         let zone = zone_of(self.topo, inst);
         let port = Endpoint {
@@ -214,9 +214,14 @@ impl Decider<'_> {
                 ConnKey::of(port, ip.protocol, &ip.l4, from, to)
             }
         };
-        let ct = &mut self.state.conntrack;
-        key.and_then(|k| ct.lookup(&k, self.now))
-            .and_then(|r| ct.get(r))
-            .is_some_and(|c| c.opener.zone == INTERNET)
+        // A packet that reopens the connection belongs to a new one, opened by the instance.
+        let src = Endpoint {
+            zone,
+            addr: ip.src,
+            port: ports(ip).0,
+        };
+        let ct = &self.state.conntrack;
+        key.and_then(|k| ct.find_live(&k, self.now))
+            .is_some_and(|c| c.opener.zone == INTERNET && !c.reopened_by(&src, &ip.l4))
     }
 }

@@ -206,6 +206,29 @@ impl LabUp {
         )
     }
 
+    /// Every host's counters once the instances' traffic has settled (no instance counter
+    /// moved for 500 ms, at most 5 s): the start of a window that must see nothing, so that
+    /// the last packets of earlier flows (a FIN, a delayed ACK) don't count in it.
+    pub fn quiet_stats(&self) -> Stats {
+        let instances = |s: &Stats| -> Vec<u64> {
+            s.0.values()
+                .flat_map(|m| m.iter())
+                .filter(|(k, _)| k.starts_with("instance."))
+                .map(|(_, v)| *v)
+                .collect()
+        };
+        let mut last = self.stats();
+        for _ in 0..10 {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            let now = self.stats();
+            if instances(&now) == instances(&last) {
+                return now;
+            }
+            last = now;
+        }
+        last
+    }
+
     /// Every host's log, for a failing test's report.
     pub fn logs(&self) -> String {
         let mut s = String::new();

@@ -1,26 +1,30 @@
-//! The reference evaluator: the specification's decision, step by step, with linear scans.
+//! The reference evaluator: the specification's decision (docs/semantics.md Part 2), step by
+//! step, with linear scans. Connection tracking and security groups are in [`super::policy`].
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use vpcd::pipeline::Nat;
 use vpcd::policy::route::NextHop;
-use vpcd::policy::rules::{Action, Peer, Protocol, Rule};
-use vpcd::topology::{AclId, HostId, InstanceId, Network, SgId};
-use vpcd::{Decision, DropReason, Dropped, Ingress, RuleRef, Topology};
+use vpcd::topology::{Channel, HostId, InstanceId, Network, Space, VpcId};
+use vpcd::{Decision, DropReason, Dropped, Ingress, Topology};
 
-use super::conntrack::{Applied, Endpoint, Table, opens_tcp, tcp_flags};
-use super::wire::{self, Frag, ICMP, Inner, L4, TCP, UDP};
+use super::conntrack::Table;
+use super::wire::{self, Frag, Inner, L4, UDP};
 
 /// The conntrack zone every basic-network instance shares (above every GRE key).
+/// SPEC: zones are ordered (for the eviction's ties) as the VPCs' keys, then the basic
+/// network, then the internet.
 pub const BASIC: u64 = 1 << 32;
 /// The conntrack zone of public addresses.
 pub const INTERNET: u64 = 2 << 32;
 
 /// Where a datagram's fragments come from: a local instance, a sending host (with the GRE
 /// key, `BASIC` for none), or the internet's device.
+/// SPEC: "the same ingress" of 2.5 step 1 is, for the underlay, the same sending host and the
+/// same GRE key (channel).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum From {
+pub(super) enum From {
     Local(usize),
     Host(usize, u64),
     Internet,
@@ -28,18 +32,34 @@ enum From {
 
 /// An address space, as the model names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Sp {
+pub(super) enum Sp {
     Vpc(usize),
     Basic,
 }
 
+impl Sp {
+    fn of(s: Space) -> Sp {
+        match s {
+            Space::Vpc(v) => Sp::Vpc(v.index()),
+            Space::Basic => Sp::Basic,
+        }
+    }
+
+    fn space(self) -> Space {
+        match self {
+            Sp::Vpc(v) => Space::Vpc(VpcId(v as u32)),
+            Sp::Basic => Space::Basic,
+        }
+    }
+}
+
 /// Who a packet comes from, for the flow decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Origin {
-    /// A local instance.
-    Local(usize),
-    /// An instance on the sending host.
-    Remote(usize),
+pub(super) enum Origin {
+    /// A local instance; `foreign` when its source is not its own address (source check off).
+    Local { i: usize, foreign: bool },
+    /// An instance on the sending host, and the channel its packet came on.
+    Remote { s: usize, channel: Channel },
     /// The internet's device (on the gateway host).
     Internet,
     /// The internet, relayed by the gateway into a space.
@@ -47,17 +67,30 @@ enum Origin {
 }
 
 impl Origin {
-    fn instance(self) -> Option<usize> {
+    pub(super) fn instance(self) -> Option<usize> {
         match self {
-            Origin::Local(s) | Origin::Remote(s) => Some(s),
+            Origin::Local { i, .. } => Some(i),
+            Origin::Remote { s, .. } => Some(s),
             _ => None,
+        }
+    }
+
+    pub(super) fn local(self) -> bool {
+        matches!(self, Origin::Local { .. })
+    }
+
+    pub(super) fn foreign(self) -> bool {
+        match self {
+            Origin::Local { foreign, .. } => foreign,
+            Origin::Remote { channel, .. } => matches!(channel, Channel::Appliance(_)),
+            _ => false,
         }
     }
 }
 
-/// Step 1's target.
-#[derive(Debug, Clone, Copy)]
-enum Target {
+/// The target of 2.5 step 2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Target {
     Internet,
     /// An instance, reached through this peering (if any).
     Inst(usize, Option<usize>),
@@ -76,36 +109,18 @@ struct FragRecord {
     dropped_since: bool,
 }
 
-/// One side's connection: the key as the side sees it (packet's source end first), who owns
-/// it, and the peer its security groups see.
-#[derive(Debug, Clone, Copy)]
-struct Side {
-    owner: usize,
-    ingress: bool,
-    src: Endpoint,
-    dst: Endpoint,
-    peer: Ipv4Addr,
-}
-
 /// One host's reference model.
 pub struct Model {
-    topo: Arc<Topology>,
-    host: usize,
+    pub(super) topo: Arc<Topology>,
+    pub(super) host: usize,
     pub conntrack: Table,
     frags: Vec<FragRecord>,
     /// What the model went through (for the coverage report).
     pub events: std::cell::RefCell<std::collections::BTreeMap<String, usize>>,
 }
 
-fn drop(reason: DropReason) -> Decision {
+pub(super) fn drop(reason: DropReason) -> Decision {
     Decision::Drop(Dropped { reason, rule: None })
-}
-
-fn drop_rule(reason: DropReason, rule: RuleRef) -> Decision {
-    Decision::Drop(Dropped {
-        reason,
-        rule: Some(rule),
-    })
 }
 
 fn forwards(d: &Decision) -> bool {
@@ -136,10 +151,11 @@ pub fn instance_mtu(topo: &Topology) -> u16 {
 
 impl Model {
     pub fn new(topo: Arc<Topology>, host: HostId) -> Model {
+        let c = topo.conntrack;
         Model {
             topo,
             host: host.0 as usize,
-            conntrack: Table::default(),
+            conntrack: Table::new(c.max_entries, c.max_per_instance),
             frags: Vec::new(),
             events: Default::default(),
         }
@@ -148,6 +164,8 @@ impl Model {
     /// A new topology: remembered first-fragment decisions are forgotten (connections stay:
     /// this is only called with an unchanged topology).
     pub fn set_topology(&mut self, topo: Arc<Topology>) {
+        self.conntrack.max_entries = topo.conntrack.max_entries as usize;
+        self.conntrack.max_per_owner = topo.conntrack.max_per_instance as usize;
         self.topo = topo;
         if !self.frags.is_empty() {
             self.note("frag: records forgotten by a topology change");
@@ -155,34 +173,24 @@ impl Model {
         self.frags.clear();
     }
 
-    fn note(&self, event: impl Into<String>) {
+    pub(super) fn note(&self, event: impl Into<String>) {
         *self.events.borrow_mut().entry(event.into()).or_default() += 1;
     }
 
     // ----- the topology, read by linear scans ----------------------------------------------
 
-    fn space(&self, i: usize) -> Sp {
-        match self.topo.instances[i].network {
-            Network::Vpc { vpc, .. } => Sp::Vpc(vpc.0 as usize),
-            Network::Basic { .. } => Sp::Basic,
-        }
+    pub(super) fn space(&self, i: usize) -> Sp {
+        Sp::of(self.topo.instances[i].space())
     }
 
-    fn zone(&self, i: usize) -> u64 {
+    pub(super) fn zone(&self, i: usize) -> u64 {
         match self.space(i) {
             Sp::Vpc(v) => u64::from(self.topo.vpcs[v].key),
             Sp::Basic => BASIC,
         }
     }
 
-    fn key(&self, i: usize) -> Option<u32> {
-        match self.space(i) {
-            Sp::Vpc(v) => Some(self.topo.vpcs[v].key),
-            Sp::Basic => None,
-        }
-    }
-
-    fn host_of(&self, i: usize) -> usize {
+    pub(super) fn host_of(&self, i: usize) -> usize {
         self.topo.instances[i].host.0 as usize
     }
 
@@ -200,6 +208,15 @@ impl Model {
             .find(|&i| self.space(i) == sp && self.topo.instances[i].ip == ip)
     }
 
+    /// Whether a space has an instance on this host.
+    fn here(&self, sp: Sp) -> bool {
+        (0..self.topo.instances.len()).any(|i| self.space(i) == sp && self.host_of(i) == self.host)
+    }
+
+    fn eip_owner(&self, a: Ipv4Addr) -> Option<usize> {
+        self.topo.instances.iter().position(|i| i.eip == Some(a))
+    }
+
     /// The VPC a basic instance is linked to.
     fn linked(&self, i: usize) -> Option<usize> {
         self.topo
@@ -209,11 +226,23 @@ impl Model {
             .map(|c| c.vpc.0 as usize)
     }
 
-    /// The longest-prefix route of a route table for `dst`.
-    fn lpm(&self, table: usize, dst: Ipv4Addr) -> Option<NextHop> {
+    /// The other VPC of peering `pp`, seen from `v`.
+    fn peer_of(&self, pp: usize, v: usize) -> usize {
+        let [a, b] = self.topo.peerings[pp].vpcs;
+        if a.index() == v { b.index() } else { a.index() }
+    }
+
+    /// The longest-prefix route of a route table for `dst` among those `keep` accepts.
+    fn longest(
+        &self,
+        table: usize,
+        dst: Ipv4Addr,
+        keep: impl Fn(&ipnet::Ipv4Net) -> bool,
+    ) -> Option<NextHop> {
         let mut best: Option<&vpcd::policy::route::Route> = None;
         for r in self.topo.route_tables[table].routes.as_slice() {
             if r.destination.contains(&dst)
+                && keep(&r.destination)
                 && best.is_none_or(|b| r.destination.prefix_len() > b.destination.prefix_len())
             {
                 best = Some(r);
@@ -222,18 +251,16 @@ impl Model {
         best.map(|r| r.next_hop)
     }
 
-    fn subnet_table(&self, i: usize) -> Option<usize> {
+    /// The longest route of a table for `dst` (any route).
+    pub(super) fn lpm(&self, table: usize, dst: Ipv4Addr) -> Option<NextHop> {
+        self.longest(table, dst, |_| true)
+    }
+
+    pub(super) fn subnet_table(&self, i: usize) -> Option<usize> {
         match self.topo.instances[i].network {
             Network::Vpc { subnet, .. } => {
                 Some(self.topo.subnets[subnet.index()].route_table.index())
             }
-            Network::Basic { .. } => None,
-        }
-    }
-
-    fn subnet_acl(&self, i: usize) -> Option<AclId> {
-        match self.topo.instances[i].network {
-            Network::Vpc { subnet, .. } => self.topo.subnets[subnet.index()].acl,
             Network::Basic { .. } => None,
         }
     }
@@ -245,180 +272,203 @@ impl Model {
     // ----- the decision ----------------------------------------------------------------------
 
     pub fn decide(&mut self, bytes: &[u8], ingress: Ingress, now: u64) -> Decision {
-        match self.decide_inner(bytes, ingress, now) {
+        let r = match ingress {
+            Ingress::Instance(id) => self.decide_instance(bytes, id.0 as usize, now),
+            Ingress::Internet => self.decide_internet(bytes, now),
+            Ingress::UnderlayIp | Ingress::UnderlayUdp { .. } => {
+                self.decide_underlay(bytes, ingress, now)
+            }
+        };
+        match r {
             Ok(d) | Err(d) => d,
         }
     }
 
-    fn decide_inner(
+    /// 2.2: from a local instance's device.
+    fn decide_instance(&mut self, bytes: &[u8], i: usize, now: u64) -> Result<Decision, Decision> {
+        let topo = self.topo.clone();
+        // 1.
+        if i >= topo.instances.len() || self.host_of(i) != self.host {
+            return Err(drop(DropReason::UnknownPort));
+        }
+        let inst = &topo.instances[i];
+        // 2.
+        let p = wire::parse_inner(bytes).map_err(drop)?;
+        // 3.
+        let foreign = p.src != inst.ip;
+        if foreign && inst.source_check {
+            return Err(drop(DropReason::SourceSpoofed));
+        }
+        if foreign {
+            self.note("appliance: a foreign source from a local appliance");
+        }
+        // 4.
+        self.destination_check(&p)?;
+        // 5.
+        let mtu = instance_mtu(&topo);
+        if bytes.len() > usize::from(mtu) {
+            return Err(if p.df {
+                Decision::FragNeeded {
+                    to: InstanceId(i as u32),
+                    mtu,
+                }
+            } else {
+                drop(DropReason::OversizeNoDf)
+            });
+        }
+        // 6.
+        if inst.is_basic() {
+            self.note("origin: local basic instance");
+        }
+        let origin = Origin::Local { i, foreign };
+        Ok(self.flow(&p, origin, 0, From::Local(i), now))
+    }
+
+    /// 2.4: from the internet's device.
+    fn decide_internet(&mut self, bytes: &[u8], now: u64) -> Result<Decision, Decision> {
+        if !self.is_gateway() {
+            return Err(drop(DropReason::UnknownPort));
+        }
+        let p = wire::parse_inner(bytes).map_err(drop)?;
+        self.destination_check(&p)?;
+        Ok(self.flow(&p, Origin::Internet, 0, From::Internet, now))
+    }
+
+    /// 2.3: from the underlay.
+    fn decide_underlay(
         &mut self,
         bytes: &[u8],
         ingress: Ingress,
         now: u64,
     ) -> Result<Decision, Decision> {
         let topo = self.topo.clone();
-        match ingress {
-            Ingress::Instance(id) => {
-                // 1.
-                let i = id.0 as usize;
-                if i >= topo.instances.len() || topo.instances[i].host.0 as usize != self.host {
-                    return Err(drop(DropReason::UnknownPort));
-                }
-                let inst = &topo.instances[i];
-                // 2.
-                let p = wire::parse_inner(bytes).map_err(drop)?;
-                // 3.
-                if p.src != inst.ip {
-                    return Err(drop(DropReason::SourceSpoofed));
-                }
-                // 4.
-                self.destination_check(&p)?;
-                // 5.
-                let mtu = instance_mtu(&topo);
-                if bytes.len() > usize::from(mtu) {
-                    return Err(if p.df {
-                        Decision::FragNeeded { to: id, mtu }
-                    } else {
-                        drop(DropReason::OversizeNoDf)
-                    });
-                }
-                // 6.
-                if inst.is_basic() {
-                    self.note("origin: local basic instance");
-                }
-                Ok(self.flow(&p, Origin::Local(i), 0, From::Local(i), now))
+        // 1.
+        let (sender, gre_at) = match ingress {
+            Ingress::UnderlayIp => {
+                let me = topo.hosts[self.host].address;
+                wire::parse_outer(bytes, me).map_err(drop)?
             }
-            Ingress::Internet => {
-                if !self.is_gateway() {
-                    return Err(drop(DropReason::UnknownPort));
-                }
-                let p = wire::parse_inner(bytes).map_err(drop)?;
-                self.destination_check(&p)?;
-                Ok(self.flow(&p, Origin::Internet, 0, From::Internet, now))
-            }
-            Ingress::UnderlayIp | Ingress::UnderlayUdp { .. } => {
-                let (sender, gre_at) = match ingress {
-                    Ingress::UnderlayIp => {
-                        let me = topo.hosts[self.host].address;
-                        wire::parse_outer(bytes, me).map_err(drop)?
-                    }
-                    Ingress::UnderlayUdp { from } => (from, 0),
-                    Ingress::Instance(_) | Ingress::Internet => unreachable!(),
-                };
-                let Some(sender_host) = topo.hosts.iter().position(|h| h.address == sender) else {
-                    return Err(drop(DropReason::UnknownUnderlaySource));
-                };
-                if sender_host == self.host {
-                    return Err(drop(DropReason::UnderlayFromSelf));
-                }
-                let g = &bytes[gre_at..];
-                let gre = wire::parse_gre(g).map_err(drop)?;
-                let here = |sp: Sp| {
-                    (0..topo.instances.len())
-                        .any(|i| self.space(i) == sp && self.host_of(i) == self.host)
-                };
-                let space = match gre.key {
-                    Some(key) => {
-                        let Some(vpc) = topo.vpcs.iter().position(|v| v.key == key) else {
-                            return Err(drop(DropReason::GreUnknownKey));
-                        };
-                        if !here(Sp::Vpc(vpc)) && !self.is_gateway() {
-                            return Err(drop(DropReason::GreKeyNotOnHost));
-                        }
-                        Sp::Vpc(vpc)
-                    }
-                    None => {
-                        if topo.basic.is_none() {
-                            return Err(drop(DropReason::GreNoKey));
-                        }
-                        if !here(Sp::Basic) && !self.is_gateway() {
-                            return Err(drop(DropReason::GreKeyNotOnHost));
-                        }
-                        Sp::Basic
-                    }
-                };
-                let inner_bytes = &g[gre.hlen..];
-                let p = wire::parse_inner(inner_bytes).map_err(drop)?;
-                self.destination_check(&p)?;
-                let strip = (gre_at + gre.hlen) as u16;
-                let origin = match self.source_on(sender_host, space, p.src, p.dst) {
-                    Some(s) => Origin::Remote(s),
-                    None if Some(sender_host) == self.gateway() && !private(p.src) => {
-                        self.note(if space == Sp::Basic {
-                            "origin: the internet relayed into the basic network"
-                        } else {
-                            "origin: the internet relayed into a VPC"
-                        });
-                        Origin::Relayed(space)
-                    }
-                    None => return Err(drop(DropReason::InnerSourceNotOnSender)),
-                };
-                let tag = gre.key.map_or(BASIC, u64::from);
-                Ok(self.flow(&p, origin, strip, From::Host(sender_host, tag), now))
-            }
+            Ingress::UnderlayUdp { from } => (from, 0),
+            Ingress::Instance(_) | Ingress::Internet => unreachable!(),
+        };
+        // 2.
+        let Some(sender_host) = topo.hosts.iter().position(|h| h.address == sender) else {
+            return Err(drop(DropReason::UnknownUnderlaySource));
+        };
+        if sender_host == self.host {
+            return Err(drop(DropReason::UnderlayFromSelf));
         }
+        // 3.
+        let g = &bytes[gre_at..];
+        let gre = wire::parse_gre(g).map_err(drop)?;
+        // 4.
+        let channel = self.underlay_channel(gre.key)?;
+        // 5. SPEC: the inner packet's length is the bytes after the GRE header.
+        let inner_bytes = &g[gre.hlen..];
+        if inner_bytes.len() > usize::from(instance_mtu(&topo)) {
+            return Err(drop(DropReason::UnderlayTooBig));
+        }
+        // 6.
+        let p = wire::parse_inner(inner_bytes).map_err(drop)?;
+        self.destination_check(&p)?;
+        // 7.
+        let origin = self.underlay_origin(channel, sender_host, p.src)?;
+        self.note(format!(
+            "underlay: arrived on a {} channel",
+            channel_kind(channel)
+        ));
+        // 8.
+        let strip = (gre_at + gre.hlen) as u16;
+        let tag = gre.key.map_or(BASIC, u64::from);
+        Ok(self.flow(&p, origin, strip, From::Host(sender_host, tag), now))
     }
 
-    /// The source instance of an underlay packet: on the sending host, with the inner source
-    /// address, in the key's space, else in the spaces that may send into it. Among several
-    /// candidates (overlapping peered or linked VPCs), the first, in the order own space,
-    /// peerings, interconnects (file order), whose own route leads to `dst` inside `space`;
-    /// when none does, the first candidate.
-    fn source_on(&self, host: usize, space: Sp, src: Ipv4Addr, dst: Ipv4Addr) -> Option<usize> {
+    /// 2.3 step 4: the channel of a GRE key, whose receiving side must be on this host.
+    fn underlay_channel(&self, key: Option<u32>) -> Result<Channel, Decision> {
+        let c = match key {
+            None if self.topo.basic.is_none() => return Err(drop(DropReason::GreNoKey)),
+            None => Channel::Basic,
+            Some(k) => self
+                .topo
+                .channel(k)
+                .ok_or(drop(DropReason::GreUnknownKey))?,
+        };
+        // SPEC: the receiving side of `interconnect:V>basic` is on this host when the basic
+        // network has an instance here (any, linked to V or not); the target check follows.
+        let receives = match c {
+            Channel::Vpc(v)
+            | Channel::Peering { to: v, .. }
+            | Channel::Interconnect {
+                vpc: v,
+                to_basic: false,
+            } => self.here(Sp::Vpc(v.index())),
+            Channel::Interconnect { to_basic: true, .. } | Channel::Basic => self.here(Sp::Basic),
+            Channel::Internet {
+                space,
+                inbound: true,
+            } => self.here(Sp::of(space)),
+            Channel::Internet { inbound: false, .. } => self.is_gateway(),
+            // SPEC: the receiving side of `appliance:X` is X's VPC.
+            Channel::Appliance(x) => self.here(self.space(x.index())),
+        };
+        if !receives {
+            return Err(drop(DropReason::GreKeyNotOnHost));
+        }
+        Ok(c)
+    }
+
+    /// 2.3 step 7: the sender, by channel, on the sending host `h`.
+    fn underlay_origin(&self, c: Channel, h: usize, src: Ipv4Addr) -> Result<Origin, Decision> {
         let topo = &self.topo;
-        let n = topo.instances.len();
-        let on = |i: usize| self.host_of(i) == host && topo.instances[i].ip == src;
-        let mut found: Vec<(usize, &'static str)> = Vec::new();
-        if let Some(s) = (0..n).find(|&i| on(i) && self.space(i) == space) {
-            found.push((s, "underlay source: its own space"));
-        }
-        let in_vpc = |v: usize| (0..n).find(|&i| on(i) && self.space(i) == Sp::Vpc(v));
-        match space {
-            Sp::Vpc(w) => {
-                for p in &topo.peerings {
-                    let [a, b] = [p.vpcs[0].index(), p.vpcs[1].index()];
-                    let other = if a == w {
-                        b
-                    } else if b == w {
-                        a
-                    } else {
-                        continue;
-                    };
-                    if let Some(s) = in_vpc(other) {
-                        found.push((s, "underlay source: an instance of a peered VPC"));
-                    }
-                }
-                for c in topo.interconnects.iter().filter(|c| c.vpc.index() == w) {
-                    let i = c.instance.index();
-                    if on(i) {
-                        found.push((i, "underlay source: a basic instance linked to the VPC"));
-                    }
-                }
+        let on = |i: usize| self.host_of(i) == h && topo.instances[i].ip == src;
+        let find = |f: &dyn Fn(usize) -> bool| (0..topo.instances.len()).find(|&i| on(i) && f(i));
+        let in_vpc = |v: usize| find(&|i| self.space(i) == Sp::Vpc(v));
+        let s = match c {
+            Channel::Vpc(v)
+            | Channel::Interconnect {
+                vpc: v,
+                to_basic: true,
             }
-            Sp::Basic => {
-                for c in &topo.interconnects {
-                    if let Some(s) = in_vpc(c.vpc.index()) {
-                        found.push((s, "underlay source: an instance of a linked VPC"));
-                    }
-                }
+            | Channel::Internet {
+                space: Space::Vpc(v),
+                inbound: false,
+            } => in_vpc(v.index()),
+            Channel::Peering { peering, to } => in_vpc(self.peer_of(peering.index(), to.index())),
+            Channel::Interconnect {
+                vpc,
+                to_basic: false,
+            } => find(&|i| self.space(i) == Sp::Basic && self.linked(i) == Some(vpc.index())),
+            Channel::Basic
+            | Channel::Internet {
+                space: Space::Basic,
+                inbound: false,
+            } => find(&|i| self.space(i) == Sp::Basic),
+            Channel::Appliance(x) => (self.host_of(x.index()) == h).then_some(x.index()),
+            Channel::Internet {
+                space,
+                inbound: true,
+            } => {
+                // SPEC: a public source is one outside RFC 1918.
+                return if Some(h) == self.gateway() && !private(src) {
+                    self.note("origin: the internet relayed by the gateway");
+                    Ok(Origin::Relayed(Sp::of(space)))
+                } else {
+                    Err(drop(DropReason::InnerSourceNotOnSender))
+                };
             }
+        };
+        let Some(s) = s else {
+            return Err(drop(DropReason::InnerSourceNotOnSender));
+        };
+        if (0..topo.instances.len()).any(|i| i != s && on(i)) {
+            self.note(format!(
+                "underlay: the sender's address is another's too on its host ({} key)",
+                channel_kind(c)
+            ));
         }
-        if found.len() > 1 {
-            self.note("underlay source: several candidates");
-        }
-        let leads_here = |s: usize| matches!(self.route(s, dst), Ok(Target::Inst(t, _)) if self.space(t) == space);
-        let (s, why) = found
-            .iter()
-            .copied()
-            .find(|&(s, _)| leads_here(s))
-            .or(found.first().copied())?;
-        if why != "underlay source: its own space" {
-            self.note(why);
-        }
-        Some(s)
+        Ok(Origin::Remote { s, channel: c })
     }
 
-    /// Step 4: unicast, and not into the underlay.
     fn destination_check(&self, p: &Inner<'_>) -> Result<(), Decision> {
         if p.dst == Ipv4Addr::BROADCAST || p.dst.octets()[0] & 0xf0 == 224 {
             return Err(drop(DropReason::NotUnicast));
@@ -434,6 +484,9 @@ impl Model {
         Ok(())
     }
 
+    // ----- 2.5 the flow decision ---------------------------------------------------------
+
+    /// Step 1 (fragments), then the rest for whole packets and first fragments.
     fn flow(
         &mut self,
         p: &Inner<'_>,
@@ -442,54 +495,14 @@ impl Model {
         from: From,
         now: u64,
     ) -> Decision {
-        let same = |r: &FragRecord| {
-            r.from == from && r.src == p.src && r.dst == p.dst && r.proto == p.proto && r.id == p.id
-        };
-        // a.
         if p.frag == Frag::Later {
-            let found = self
-                .frags
-                .iter()
-                .find(|r| same(r))
-                .map(|r| (r.decision, now.saturating_sub(r.at), r.dropped_since));
-            if let Some((_, age, true)) = found
-                && age <= 30_000
-            {
-                self.note("frag: later fragment after a forwarded first and a dropped first");
-            }
-            let found = found.map(|(d, age, _)| (d, age));
-            return match found {
-                Some((d, age)) if age <= 30_000 => {
-                    self.note(if age == 30_000 {
-                        "frag: later fragment at exactly 30 s"
-                    } else {
-                        "frag: later fragment follows its first"
-                    });
-                    match d {
-                        Decision::Deliver { to, nat, .. } => Decision::Deliver { to, strip, nat },
-                        Decision::Encapsulate { host, key, nat, .. } => Decision::Encapsulate {
-                            strip,
-                            host,
-                            key,
-                            nat,
-                        },
-                        Decision::ToInternet { nat, .. } => Decision::ToInternet { strip, nat },
-                        d => d,
-                    }
-                }
-                Some((_, age)) => {
-                    self.note(if age == 30_001 {
-                        "frag: later fragment 30.001 s after its first"
-                    } else {
-                        "frag: later fragment after the window"
-                    });
-                    drop(DropReason::FragmentWithoutFirst)
-                }
-                None => drop(DropReason::FragmentWithoutFirst),
-            };
+            return self.later_fragment(p, strip, from, now);
         }
         let d = match self.flow_whole(p, origin, strip, now) {
             Ok(d) | Err(d) => d,
+        };
+        let same = |r: &FragRecord| {
+            r.from == from && r.src == p.src && r.dst == p.dst && r.proto == p.proto && r.id == p.id
         };
         if p.frag == Frag::First && forwards(&d) {
             self.frags.retain(|r| !same(r));
@@ -511,89 +524,49 @@ impl Model {
         d
     }
 
-    /// Step 1 for an instance origin: the route from `s`'s point of view.
-    fn route(&self, s: usize, dst: Ipv4Addr) -> Result<Target, Decision> {
-        let topo = &self.topo;
-        let sender = &topo.instances[s];
-        let eip = sender.eip.is_some();
-        match self.space(s) {
-            Sp::Vpc(v) => {
-                if topo.vpcs[v].cidr.contains(&dst) {
-                    return self
-                        .find(Sp::Vpc(v), dst)
-                        .map(|t| Target::Inst(t, None))
-                        .ok_or(drop(DropReason::NoSuchInstance));
+    fn later_fragment(&mut self, p: &Inner<'_>, strip: u16, from: From, now: u64) -> Decision {
+        let found = self
+            .frags
+            .iter()
+            .find(|r| {
+                r.from == from
+                    && r.src == p.src
+                    && r.dst == p.dst
+                    && r.proto == p.proto
+                    && r.id == p.id
+            })
+            .map(|r| (r.decision, now.saturating_sub(r.at), r.dropped_since));
+        match found {
+            Some((d, age, dropped_since)) if age <= 30_000 => {
+                if dropped_since {
+                    self.note("frag: later fragment after a forwarded first and a dropped first");
                 }
-                if let Some(b) = self.find(Sp::Basic, dst)
-                    && self.linked(b) == Some(v)
-                {
-                    self.note("route: VPC to its linked basic instance");
-                    return Ok(Target::Inst(b, None));
-                }
-                let table = self.subnet_table(s).unwrap();
-                match self.lpm(table, dst) {
-                    None if eip && !private(dst) => {
-                        self.note("route: no route, Elastic IP, public destination");
-                        Ok(Target::Internet)
-                    }
-                    None => Err(drop(DropReason::NoRoute)),
-                    Some(NextHop::Drop) => Err(drop(DropReason::RouteDrop)),
-                    Some(NextHop::Internet) if eip => Ok(Target::Internet),
-                    Some(NextHop::Internet) => Err(drop(DropReason::NoEip)),
-                    Some(NextHop::Instance(x)) if x as usize == s => {
-                        Err(drop(DropReason::RouteLoop))
-                    }
-                    Some(NextHop::Instance(x)) => Ok(Target::Inst(x as usize, None)),
-                    Some(NextHop::Peering(pp)) => {
-                        let vpcs = topo.peerings[pp as usize].vpcs;
-                        let w = if vpcs[0].index() == v {
-                            vpcs[1].index()
-                        } else {
-                            vpcs[0].index()
-                        };
-                        if !topo.vpcs[w].cidr.contains(&dst) {
-                            return Err(drop(DropReason::PeeringNotTransitive));
-                        }
-                        self.note(format!("route: through peering #{pp}"));
-                        self.find(Sp::Vpc(w), dst)
-                            .map(|t| Target::Inst(t, Some(pp as usize)))
-                            .ok_or(drop(DropReason::NoSuchInstance))
-                    }
+                self.note(if age == 30_000 {
+                    "frag: later fragment at exactly 30 s"
+                } else {
+                    "frag: later fragment follows its first"
+                });
+                match d {
+                    Decision::Deliver { to, nat, .. } => Decision::Deliver { to, strip, nat },
+                    Decision::Encapsulate { host, key, nat, .. } => Decision::Encapsulate {
+                        strip,
+                        host,
+                        key,
+                        nat,
+                    },
+                    Decision::ToInternet { nat, .. } => Decision::ToInternet { strip, nat },
+                    d => d,
                 }
             }
-            Sp::Basic => {
-                if let Some(pool) = &topo.basic
-                    && pool.cidr.contains(&dst)
-                {
-                    let b = self
-                        .find(Sp::Basic, dst)
-                        .ok_or(drop(DropReason::NoSuchInstance))?;
-                    let tenant = |i: usize| match &topo.instances[i].network {
-                        Network::Basic { tenant } => tenant.clone(),
-                        Network::Vpc { .. } => unreachable!(),
-                    };
-                    if tenant(b) != tenant(s) {
-                        return Err(drop(DropReason::BasicOtherTenant));
-                    }
-                    if self.region(b) != self.region(s) {
-                        return Err(drop(DropReason::BasicOtherRegion));
-                    }
-                    return Ok(Target::Inst(b, None));
-                }
-                if let Some(v) = self.linked(s)
-                    && topo.vpcs[v].cidr.contains(&dst)
-                {
-                    self.note("route: basic instance to its linked VPC");
-                    return self
-                        .find(Sp::Vpc(v), dst)
-                        .map(|t| Target::Inst(t, None))
-                        .ok_or(drop(DropReason::NoSuchInstance));
-                }
-                if eip && !private(dst) {
-                    return Ok(Target::Internet);
-                }
-                Err(drop(DropReason::NoRoute))
+            Some((_, age, _)) => {
+                self.note(if age == 30_001 {
+                    "frag: later fragment 30.001 s after its first"
+                } else {
+                    "frag: later fragment after the window"
+                });
+                drop(DropReason::FragmentWithoutFirst)
             }
+            None => drop(DropReason::FragmentWithoutFirst),
         }
     }
 
@@ -604,94 +577,339 @@ impl Model {
         strip: u16,
         now: u64,
     ) -> Result<Decision, Decision> {
-        let topo = self.topo.clone();
         let mut nat = Nat::NONE;
-        // 1. the target
-        let target = match origin {
-            Origin::Local(s) | Origin::Remote(s) => self.route(s, p.dst)?,
+        match self.target(p, origin, &mut nat, now)? {
+            Target::Internet => self.towards_internet(p, origin, strip, nat, now),
+            Target::Inst(t, via) => self.towards_instance(p, origin, (t, via), strip, nat, now),
+        }
+    }
+
+    /// Step 2: the target.
+    fn target(
+        &mut self,
+        p: &Inner<'_>,
+        origin: Origin,
+        nat: &mut Nat,
+        now: u64,
+    ) -> Result<Target, Decision> {
+        match origin {
+            Origin::Local { i, foreign } => {
+                let t = if self.eip_reply(i, p, now) {
+                    self.note("route: an Elastic IP reply, first");
+                    Target::Internet
+                } else {
+                    self.route(i, p.dst)?
+                };
+                if foreign {
+                    self.stays_in_vpc(i, t)?;
+                }
+                Ok(t)
+            }
+            Origin::Remote { s, channel } => self.remote_target(p, s, channel),
             Origin::Internet => {
-                let t = topo
-                    .instances
-                    .iter()
-                    .position(|i| i.eip == Some(p.dst))
-                    .ok_or(drop(DropReason::NoSuchEip))?;
-                nat.dst = Some(topo.instances[t].ip);
-                Target::Inst(t, None)
+                let t = self.eip_owner(p.dst).ok_or(drop(DropReason::NoSuchEip))?;
+                nat.dst = Some(self.topo.instances[t].ip);
+                Ok(Target::Inst(t, None))
             }
             Origin::Relayed(sp) => {
-                let t = (0..topo.instances.len())
-                    .find(|&i| {
-                        self.space(i) == sp
-                            && topo.instances[i].ip == p.dst
-                            && self.host_of(i) == self.host
-                    })
+                let t = self
+                    .find(sp, p.dst)
+                    .filter(|&t| self.host_of(t) == self.host)
                     .ok_or(drop(DropReason::NotLocalDestination))?;
-                Target::Inst(t, None)
+                Ok(Target::Inst(t, None))
             }
-        };
-        let local = matches!(origin, Origin::Local(_));
-        // 2. the internet
-        let (t, via) = match target {
-            Target::Inst(t, via) => (t, via),
-            Target::Internet => {
-                let s = origin.instance().unwrap();
-                let Some(gw) = self.gateway() else {
-                    unreachable!("an Elastic IP without [internet]")
-                };
-                if gw != self.host {
-                    if !local {
-                        return Err(drop(DropReason::NotLocalDestination));
-                    }
-                    self.note("internet: to the gateway");
-                    let forward = Decision::Encapsulate {
-                        strip: 0,
-                        host: HostId(gw as u32),
-                        key: self.key(s),
-                        nat: Nat::NONE,
-                    };
-                    return self.local_egress(p, s, forward, now);
-                }
-                nat.src = topo.instances[s].eip;
-                if let Some(t) = topo.instances.iter().position(|i| i.eip == Some(p.dst)) {
-                    self.note(if local {
-                        "internet: hairpin from a local instance"
-                    } else {
-                        "internet: hairpin relayed"
-                    });
-                    nat.dst = Some(topo.instances[t].ip);
-                    (t, None)
-                } else if !local {
-                    self.note("internet: relayed out");
-                    return Ok(Decision::ToInternet { strip, nat });
-                } else {
-                    self.note("internet: out from a local instance");
-                    let forward = Decision::ToInternet { strip: 0, nat };
-                    return self.local_egress(p, s, forward, now);
-                }
-            }
-        };
-        // 3. an instance
-        let target = &topo.instances[t];
-        let t_here = target.host.0 as usize == self.host;
-        let gateway_translates = self.is_gateway() && !nat.is_none();
-        if !local && !t_here && !gateway_translates {
-            return Err(drop(DropReason::NotLocalDestination));
         }
-        let s = origin.instance();
+    }
+
+    /// Step 2 for a remote sender: its route, which must lead to the channel the packet came
+    /// on and end at an instance of this host.
+    fn remote_target(
+        &mut self,
+        p: &Inner<'_>,
+        s: usize,
+        channel: Channel,
+    ) -> Result<Target, Decision> {
+        // SPEC: no route and no check of the destination on `internet:*>out`: the gateway
+        // writes even a private destination to the internet device (unless an Elastic IP).
+        if let Channel::Internet { inbound: false, .. } = channel {
+            self.note("gateway: a remote sender's packet for the internet");
+            return Ok(Target::Internet);
+        }
+        let foreign = matches!(channel, Channel::Appliance(_));
+        let t = self.route(s, p.dst)?;
+        // SPEC: the checks in the order of 2.5 step 2: the channel, a foreign packet's VPC,
+        // then a local end.
+        let leads = self.channel_to(s, t, foreign);
+        if leads != channel {
+            self.note(format!(
+                "underlay: key mismatch ({} key, route to a {} channel)",
+                channel_kind(channel),
+                channel_kind(leads)
+            ));
+            return Err(drop(DropReason::GreKeyMismatch));
+        }
+        if foreign {
+            self.stays_in_vpc(s, t)?;
+        }
+        match t {
+            Target::Inst(x, _) if self.host_of(x) == self.host => Ok(t),
+            _ => Err(drop(DropReason::NotLocalDestination)),
+        }
+    }
+
+    /// A foreign packet must lead to an instance of the sender's own VPC.
+    fn stays_in_vpc(&self, s: usize, t: Target) -> Result<(), Decision> {
+        match t {
+            Target::Inst(x, None) if self.space(x) == self.space(s) => {
+                self.note("appliance: a foreign packet stays in its VPC");
+                Ok(())
+            }
+            _ => {
+                self.note("appliance: a foreign packet tries to leave its VPC");
+                Err(drop(DropReason::ForeignSourceLeavesVpc))
+            }
+        }
+    }
+
+    /// The channel from sender `s` to a target (2.5 step 4's forward).
+    pub(super) fn channel_to(&self, s: usize, t: Target, foreign: bool) -> Channel {
+        let vpc = |v: usize| VpcId(v as u32);
+        match t {
+            Target::Internet => Channel::Internet {
+                space: self.space(s).space(),
+                inbound: false,
+            },
+            // SPEC: a foreign packet's route leads to its appliance channel, whatever it
+            // reaches (one leaving the VPC is then refused as leaving).
+            Target::Inst(_, _) if foreign => Channel::Appliance(InstanceId(s as u32)),
+            Target::Inst(x, Some(pp)) => Channel::Peering {
+                peering: vpcd::topology::PeeringId(pp as u32),
+                to: self.topo.instances[x].vpc().unwrap(),
+            },
+            Target::Inst(x, None) => match (self.space(s), self.space(x)) {
+                (Sp::Vpc(v), Sp::Basic) => Channel::Interconnect {
+                    vpc: vpc(v),
+                    to_basic: true,
+                },
+                (Sp::Basic, Sp::Vpc(w)) => Channel::Interconnect {
+                    vpc: vpc(w),
+                    to_basic: false,
+                },
+                (Sp::Basic, Sp::Basic) => Channel::Basic,
+                (_, Sp::Vpc(w)) => Channel::Vpc(vpc(w)),
+            },
+        }
+    }
+
+    /// 2.6's first rule: I has an Elastic IP, the destination is public, and I's connection
+    /// for this packet exists and was opened by the public end.
+    fn eip_reply(&self, i: usize, p: &Inner<'_>, now: u64) -> bool {
+        if self.topo.instances[i].eip.is_none() || private(p.dst) {
+            return false;
+        }
+        let side = self.egress_side(p, i, INTERNET);
+        let key = if wire::is_icmp_error(p) {
+            self.quote_key(p, &side)
+        } else {
+            self.packet_key(p, &side)
+        };
+        // SPEC: "exists" is a live entry; the check removes and refreshes nothing. A packet
+        // that reopens the entry belongs to a new connection, opened by I.
+        let flags = match p.l4 {
+            L4::Tcp { flags, .. } => flags,
+            _ => 0,
+        };
+        key.and_then(|k| self.conntrack.find_live(&k, now))
+            .is_some_and(|e| e.opener().zone == INTERNET && !e.reopened_by(side.src, flags))
+    }
+
+    // ----- 2.6 route order ---------------------------------------------------------------
+
+    /// The route from `s`'s point of view.
+    fn route(&self, s: usize, dst: Ipv4Addr) -> Result<Target, Decision> {
+        match self.space(s) {
+            Sp::Vpc(v) => self.route_vpc(s, v, dst),
+            Sp::Basic => self.route_basic(s, dst),
+        }
+    }
+
+    fn route_vpc(&self, s: usize, v: usize, dst: Ipv4Addr) -> Result<Target, Decision> {
+        let topo = &self.topo;
+        let vnet = topo.vpcs[v].cidr;
+        let table = self.subnet_table(s).unwrap();
+        let eip = topo.instances[s].eip.is_some();
+        // 1.
+        if vnet.contains(&dst) {
+            return match self.longest(table, dst, |d| vnet.contains(d)) {
+                Some(NextHop::Instance(x)) if x as usize == s => Err(drop(DropReason::RouteLoop)),
+                Some(NextHop::Instance(x)) => {
+                    self.note("route: a subnet route to an appliance");
+                    Ok(Target::Inst(x as usize, None))
+                }
+                _ => self
+                    .find(Sp::Vpc(v), dst)
+                    .map(|t| Target::Inst(t, None))
+                    .ok_or(drop(DropReason::NoSuchInstance)),
+            };
+        }
+        // 2.
+        if let Some(b) = self.find(Sp::Basic, dst)
+            && self.linked(b) == Some(v)
+        {
+            self.note("route: VPC to its linked basic instance");
+            return Ok(Target::Inst(b, None));
+        }
+        // 3., 4.
+        match self.lpm(table, dst) {
+            None if eip && !private(dst) => {
+                self.note("route: no route, Elastic IP, public destination");
+                Ok(Target::Internet)
+            }
+            None => Err(drop(DropReason::NoRoute)),
+            Some(NextHop::Drop) => Err(drop(DropReason::RouteDrop)),
+            Some(NextHop::Internet) if eip => Ok(Target::Internet),
+            Some(NextHop::Internet) => Err(drop(DropReason::NoEip)),
+            Some(NextHop::Instance(x)) if x as usize == s => Err(drop(DropReason::RouteLoop)),
+            Some(NextHop::Instance(x)) => Ok(Target::Inst(x as usize, None)),
+            Some(NextHop::Peering(pp)) => {
+                let w = self.peer_of(pp as usize, v);
+                if !topo.vpcs[w].cidr.contains(&dst) {
+                    return Err(drop(DropReason::PeeringNotTransitive));
+                }
+                self.note(format!("route: through peering #{pp}"));
+                self.find(Sp::Vpc(w), dst)
+                    .map(|t| Target::Inst(t, Some(pp as usize)))
+                    .ok_or(drop(DropReason::NoSuchInstance))
+            }
+        }
+    }
+
+    fn route_basic(&self, s: usize, dst: Ipv4Addr) -> Result<Target, Decision> {
+        let topo = &self.topo;
+        if let Some(pool) = &topo.basic
+            && pool.cidr.contains(&dst)
+        {
+            let b = self
+                .find(Sp::Basic, dst)
+                .ok_or(drop(DropReason::NoSuchInstance))?;
+            let tenant = |i: usize| match &topo.instances[i].network {
+                Network::Basic { tenant } => tenant.clone(),
+                Network::Vpc { .. } => unreachable!(),
+            };
+            if tenant(b) != tenant(s) {
+                return Err(drop(DropReason::BasicOtherTenant));
+            }
+            if self.region(b) != self.region(s) {
+                return Err(drop(DropReason::BasicOtherRegion));
+            }
+            return Ok(Target::Inst(b, None));
+        }
+        if let Some(v) = self.linked(s)
+            && topo.vpcs[v].cidr.contains(&dst)
+        {
+            self.note("route: basic instance to its linked VPC");
+            return self
+                .find(Sp::Vpc(v), dst)
+                .map(|t| Target::Inst(t, None))
+                .ok_or(drop(DropReason::NoSuchInstance));
+        }
+        if topo.instances[s].eip.is_some() && !private(dst) {
+            return Ok(Target::Internet);
+        }
+        Err(drop(DropReason::NoRoute))
+    }
+
+    // ----- 2.5 steps 3 and 4 -------------------------------------------------------------
+
+    /// Step 3: the internet as target.
+    fn towards_internet(
+        &mut self,
+        p: &Inner<'_>,
+        origin: Origin,
+        strip: u16,
+        mut nat: Nat,
+        now: u64,
+    ) -> Result<Decision, Decision> {
+        let s = origin
+            .instance()
+            .expect("only instances route to the internet");
+        let local = origin.local();
+        let Some(gw) = self.gateway() else {
+            return Err(drop(DropReason::NoEip));
+        };
+        if gw != self.host {
+            if !local {
+                return Err(drop(DropReason::NotLocalDestination));
+            }
+            self.note("internet: to the gateway");
+            let channel = Channel::Internet {
+                space: self.space(s).space(),
+                inbound: false,
+            };
+            let forward = Decision::Encapsulate {
+                strip: 0,
+                host: HostId(gw as u32),
+                key: self.topo.key_of(channel),
+                nat: Nat::NONE,
+            };
+            return self.local_egress(p, s, forward, now);
+        }
+        let Some(eip) = self.topo.instances[s].eip else {
+            return Err(drop(DropReason::NoEip));
+        };
+        nat.src = Some(eip);
+        if let Some(t) = self.eip_owner(p.dst) {
+            self.note(if local {
+                "internet: hairpin from a local instance"
+            } else {
+                "internet: hairpin relayed"
+            });
+            nat.dst = Some(self.topo.instances[t].ip);
+            return self.towards_instance(p, origin, (t, None), strip, nat, now);
+        }
+        if !local {
+            self.note("internet: relayed out");
+            return Ok(Decision::ToInternet { strip, nat });
+        }
+        self.note("internet: out from a local instance");
+        self.local_egress(p, s, Decision::ToInternet { strip: 0, nat }, now)
+    }
+
+    /// Step 4 (then 5 and 6): an instance T as target.
+    fn towards_instance(
+        &mut self,
+        p: &Inner<'_>,
+        origin: Origin,
+        (t, via): (usize, Option<usize>),
+        strip: u16,
+        nat: Nat,
+        now: u64,
+    ) -> Result<Decision, Decision> {
+        let topo = self.topo.clone();
+        let target = &topo.instances[t];
+        let t_here = self.host_of(t) == self.host;
+        let translated = !nat.is_none();
+        if !origin.local() && !t_here {
+            if !(self.is_gateway() && translated) {
+                return Err(drop(DropReason::NotLocalDestination));
+            }
+            self.note("gateway: relayed with NAT, no policy");
+            let channel = Channel::Internet {
+                space: target.space(),
+                inbound: true,
+            };
+            let key = topo.key_of(channel);
+            return Ok(Decision::Encapsulate {
+                strip,
+                host: target.host,
+                key,
+                nat,
+            });
+        }
         if let Some(pp) = via
             && t_here
         {
-            let s = s.unwrap();
-            let back = self.lpm(self.subnet_table(t).unwrap(), topo.instances[s].ip);
-            if back != Some(NextHop::Peering(pp as u32)) {
-                if let Some(NextHop::Peering(other)) = back {
-                    self.note(format!(
-                        "peering: return route through another peering (#{other} for #{pp})"
-                    ));
-                }
-                return Err(drop(DropReason::PeeringNoReturnRoute));
-            }
-            self.note("peering: return route checked");
+            self.return_route(origin.instance().unwrap(), t, pp)?;
         }
         let forward = if t_here {
             Decision::Deliver {
@@ -700,424 +918,55 @@ impl Model {
                 nat,
             }
         } else {
+            // A local sender: on the channel from it to T, or relayed from the internet after
+            // the gateway's translation. SPEC: a hairpin from a local sender to a T on another
+            // host goes on `internet:T's space>in` (the only channel whose receiver takes a
+            // public source).
+            let s = origin.instance().unwrap();
+            let channel = if translated {
+                Channel::Internet {
+                    space: target.space(),
+                    inbound: true,
+                }
+            } else {
+                self.channel_to(s, Target::Inst(t, via), origin.foreign())
+            };
             Decision::Encapsulate {
                 strip,
                 host: target.host,
-                key: self.key(t),
+                key: topo.key_of(channel),
                 nat,
             }
         };
-        if !local && !t_here {
-            self.note("gateway: relayed with NAT, no policy");
-            return Ok(forward);
-        }
-        let translated = !nat.is_none();
-        let subnet_of_s = s.and_then(|s| topo.instances[s].subnet());
-        let same_subnet = !translated && subnet_of_s.is_some() && subnet_of_s == target.subnet();
-        if translated && subnet_of_s.is_some() && subnet_of_s == target.subnet() {
-            self.note("acl: same subnet through the gateway's NAT: ACLs apply");
-        }
-        let seen = nat.src.unwrap_or(p.src);
-        // ACLs
-        if !same_subnet {
-            if local && let Some(acl) = self.subnet_acl(s.unwrap()) {
-                self.acl(acl, false, p, p.dst, s.unwrap())?;
-            }
-            if t_here && let Some(acl) = self.subnet_acl(t) {
-                self.acl(acl, true, p, seen, t)?;
-            }
-        }
-        // The connection sides.
-        let (sp, dp) = p.ct_ports();
-        let egress = local.then(|| {
-            let s = s.unwrap();
-            Side {
-                owner: s,
-                ingress: false,
-                src: Endpoint {
-                    zone: self.zone(s),
-                    addr: p.src,
-                    port: sp,
-                },
-                dst: Endpoint {
-                    zone: if translated { INTERNET } else { self.zone(t) },
-                    addr: p.dst,
-                    port: dp,
-                },
-                peer: p.dst,
-            }
-        });
-        let ingress = t_here.then(|| {
-            let near = match origin {
-                _ if translated => INTERNET,
-                Origin::Internet | Origin::Relayed(_) => INTERNET,
-                Origin::Local(s) | Origin::Remote(s) => self.zone(s),
-            };
-            Side {
-                owner: t,
-                ingress: true,
-                src: Endpoint {
-                    zone: near,
-                    addr: seen,
-                    port: sp,
-                },
-                dst: Endpoint {
-                    zone: self.zone(t),
-                    // The destination as delivered: T's address after NAT, else the packet's
-                    // (another address than T's when a route sends it to an appliance). The
-                    // spec says "T's ip", and also that the keys are equal when no NAT
-                    // applies; see `ambiguity_the_ingress_key_of_an_appliance_...`.
-                    addr: nat.dst.unwrap_or(p.dst),
-                    port: dp,
-                },
-                peer: seen,
-            }
-        });
-        if translated {
-            self.note(format!(
-                "nat: {} side(s) here",
-                usize::from(egress.is_some()) + usize::from(ingress.is_some())
-            ));
-        }
-        self.policy(p, egress, ingress, forward, now)
+        self.instance_policy(p, origin, t, nat, forward, now)
     }
 
-    /// The local egress policy of a packet leaving local instance `s` for the internet.
-    fn local_egress(
-        &mut self,
-        p: &Inner<'_>,
-        s: usize,
-        forward: Decision,
-        now: u64,
-    ) -> Result<Decision, Decision> {
-        if let Some(acl) = self.subnet_acl(s) {
-            self.acl(acl, false, p, p.dst, s)?;
-        }
-        let (sp, dp) = p.ct_ports();
-        let side = Side {
-            owner: s,
-            ingress: false,
-            src: Endpoint {
-                zone: self.zone(s),
-                addr: p.src,
-                port: sp,
-            },
-            dst: Endpoint {
-                zone: INTERNET,
-                addr: p.dst,
-                port: dp,
-            },
-            peer: p.dst,
-        };
-        self.policy(p, Some(side), None, forward, now)
-    }
-
-    fn acl(
-        &self,
-        acl: AclId,
-        ingress: bool,
-        p: &Inner<'_>,
-        peer: Ipv4Addr,
-        owner: usize,
-    ) -> Result<(), Decision> {
-        let a = &self.topo.acls[acl.index()];
-        let rules = if ingress { &a.ingress } else { &a.egress };
-        if !private(peer) {
-            self.note(if ingress {
-                "acl: ingress evaluated on a public peer"
-            } else {
-                "acl: egress evaluated on a public peer"
-            });
-        }
-        match self.first_match(rules, p, peer, owner) {
-            Some((_, Action::Accept)) => Ok(()),
-            found => Err(drop_rule(
-                if ingress {
-                    DropReason::AclIngress
-                } else {
-                    DropReason::AclEgress
-                },
-                RuleRef::Acl {
-                    acl: AclId(acl.0),
-                    rule: found.map(|(i, _)| i as u16),
-                },
-            )),
-        }
-    }
-
-    /// ICMP errors, connection tracking and security groups, for the local sides.
-    fn policy(
-        &mut self,
-        p: &Inner<'_>,
-        egress: Option<Side>,
-        ingress: Option<Side>,
-        forward: Decision,
-        now: u64,
-    ) -> Result<Decision, Decision> {
-        let sides: Vec<Side> = egress.into_iter().chain(ingress).collect();
-        // e. ICMP errors
-        if let L4::Icmp { ty, .. } = p.l4
-            && [3, 4, 5, 11, 12].contains(&ty)
-        {
-            let related = wire::quoted(p).is_some_and(|(qp, _qs, qd, qsp, qdp)| {
-                sides.iter().all(|side| {
-                    self.conntrack
-                        .find_live(
-                            qp,
-                            Endpoint {
-                                zone: side.dst.zone,
-                                addr: side.dst.addr,
-                                port: qsp,
-                            },
-                            Endpoint {
-                                zone: side.src.zone,
-                                addr: qd,
-                                port: qdp,
-                            },
-                            now,
-                        )
-                        .is_some()
-                })
-            });
-            if let Some((_, qs, ..)) = wire::quoted(p)
-                && related
-                && qs != p.dst
-            {
-                self.note("icmp error: related, the quote's source is not the destination");
+    /// Across a peering: T's subnet's route table must send the sender's address back.
+    fn return_route(&self, s: usize, t: usize, pp: usize) -> Result<(), Decision> {
+        let back = self.lpm(self.subnet_table(t).unwrap(), self.topo.instances[s].ip);
+        if back != Some(NextHop::Peering(pp as u32)) {
+            if let Some(NextHop::Peering(other)) = back {
+                self.note(format!(
+                    "peering: return route through another peering (#{other} for #{pp})"
+                ));
             }
-            self.note(match (related, sides.len()) {
-                (true, 1) => "icmp error: related",
-                (false, 1) => "icmp error: unrelated",
-                (true, _) => "icmp error: related (both sides here)",
-                (false, _) => "icmp error: unrelated (both sides here)",
-            });
-            if related
-                && sides
-                    .iter()
-                    .any(|x| x.src.zone == INTERNET || x.dst.zone == INTERNET)
-            {
-                self.note("icmp error: related, through NAT or from the internet");
-            }
-            return if related {
-                Ok(forward)
-            } else {
-                Err(drop(DropReason::IcmpErrorUnrelated))
-            };
+            return Err(drop(DropReason::PeeringNoReturnRoute));
         }
-        // f. connection tracking, side by side (one connection when the keys are equal)
-        // Equal keys (no NAT), or mirrored ones (an instance to its own Elastic IP with equal
-        // ports: the same unordered key): one connection, applied once, the egress's way.
-        let merged = sides.len() == 2
-            && ((sides[0].src, sides[0].dst) == (sides[1].src, sides[1].dst)
-                || (sides[0].src, sides[0].dst) == (sides[1].dst, sides[1].src));
-        if merged && sides[0].src != sides[1].src {
-            self.note("ct: the two sides' keys are mirrored (self hairpin): one connection");
-        }
-        let flags = match p.l4 {
-            L4::Tcp { flags, .. } => Some(flags),
-            _ => None,
-        };
-        let mut need = vec![false; sides.len()];
-        for (n, side) in sides.iter().enumerate() {
-            if merged && n == 1 {
-                need[1] = need[0];
-                break;
-            }
-            let (a, b) = (side.src, side.dst);
-            if let Some(c) = self.conntrack.find_any(p.proto, a, b) {
-                match c.slack(now) {
-                    0 => self.note("ct: entry used at exactly its timeout"),
-                    -1 => self.note("ct: entry expired 1 ms ago"),
-                    x if x < 0 => self.note("ct: entry expired"),
-                    _ => {}
-                }
-            }
-            match self.conntrack.find_live(p.proto, a, b, now) {
-                Some((i, dir)) => {
-                    let before = self.conntrack.conns[i].tcp;
-                    let applied = self.conntrack.apply(i, dir, flags, now);
-                    let name = match p.proto {
-                        TCP => "tcp",
-                        UDP => "udp",
-                        ICMP => "icmp",
-                        _ => "other",
-                    };
-                    if p.proto == TCP {
-                        let after = self.conntrack.conns[i].tcp;
-                        self.note(match applied {
-                            Applied::Accepted => {
-                                format!("ct tcp: {before:?} -> {after:?} ({dir:?})")
-                            }
-                            Applied::Invalid => format!("ct tcp: invalid in {before:?} ({dir:?})"),
-                            Applied::Reopen => format!("ct tcp: reopen from {before:?}"),
-                        });
-                    } else {
-                        self.note(format!("ct {name}: {dir:?} packet"));
-                    }
-                    if a.zone >= BASIC || b.zone >= BASIC {
-                        self.note(format!(
-                            "ct: live connection in zones {}/{}",
-                            zone_name(a.zone),
-                            zone_name(b.zone)
-                        ));
-                    }
-                    match applied {
-                        Applied::Accepted => {}
-                        Applied::Invalid => return Err(drop(DropReason::TcpInvalid)),
-                        Applied::Reopen => {
-                            self.conntrack.remove(i);
-                            need[n] = true;
-                        }
-                    }
-                }
-                None => need[n] = true,
-            }
-        }
-        if !need.contains(&true) {
-            return Ok(forward);
-        }
-        // g. new traffic
-        let tracked = !matches!(p.l4, L4::Icmp { ty, .. } if ty != 8);
-        if tracked && p.proto == TCP {
-            let f = flags.unwrap_or(0);
-            if tcp_flags(f).is_none() {
-                return Err(drop(DropReason::TcpInvalid));
-            }
-            if !opens_tcp(f) {
-                return Err(drop(DropReason::TcpNoConnection));
-            }
-        }
-        // h., i. security groups
-        for (n, side) in sides.iter().enumerate() {
-            if need[n] {
-                let reason = if side.ingress {
-                    DropReason::SgIngress
-                } else {
-                    DropReason::SgEgress
-                };
-                self.groups(side.owner, side.ingress, p, side.peer, reason)?;
-            }
-        }
-        // j.
-        if tracked {
-            for (n, side) in sides.iter().enumerate() {
-                if need[n] && !(merged && n == 1) {
-                    self.note(format!(
-                        "ct: open (protocol {}, zones {}/{})",
-                        p.proto,
-                        zone_name(side.src.zone),
-                        zone_name(side.dst.zone)
-                    ));
-                    self.conntrack.open(p.proto, side.src, side.dst, now);
-                }
-            }
-        }
-        Ok(forward)
-    }
-
-    /// The security groups of instance `owner` in one direction.
-    fn groups(
-        &self,
-        owner: usize,
-        ingress: bool,
-        p: &Inner<'_>,
-        peer: Ipv4Addr,
-        reason: DropReason,
-    ) -> Result<(), Decision> {
-        if !private(peer) {
-            self.note(if ingress {
-                "sg: ingress evaluated on a public peer"
-            } else {
-                "sg: egress evaluated on a public peer"
-            });
-        }
-        for &g in &self.topo.instances[owner].security_groups {
-            let sg = &self.topo.security_groups[g.index()];
-            let rules = if ingress { &sg.ingress } else { &sg.egress };
-            if let Some((i, action)) = self.first_match(rules, p, peer, owner) {
-                return match action {
-                    Action::Accept => Ok(()),
-                    Action::Drop => Err(drop_rule(
-                        reason,
-                        RuleRef::SecurityGroup {
-                            group: SgId(g.0),
-                            rule: i as u16,
-                        },
-                    )),
-                };
-            }
-        }
-        Err(drop_rule(
-            reason,
-            RuleRef::SecurityGroupsEnd {
-                instance: InstanceId(owner as u32),
-            },
-        ))
-    }
-
-    /// The first rule of `rules` matching the packet, with `peer` the remote address and
-    /// `owner` the instance whose rules these are (for `sg:` peers).
-    fn first_match(
-        &self,
-        rules: &[Rule],
-        p: &Inner<'_>,
-        peer: Ipv4Addr,
-        owner: usize,
-    ) -> Option<(usize, Action)> {
-        rules
-            .iter()
-            .position(|r| self.matches(r, p, peer, owner))
-            .map(|i| (i, rules[i].action))
-    }
-
-    fn matches(&self, r: &Rule, p: &Inner<'_>, peer: Ipv4Addr, owner: usize) -> bool {
-        let proto_ok = match r.protocol {
-            Protocol::All => true,
-            Protocol::Tcp => p.proto == TCP,
-            Protocol::Udp => p.proto == UDP,
-            Protocol::Icmp => p.proto == ICMP,
-        };
-        if !proto_ok {
-            return false;
-        }
-        if !r.ports.is_empty() {
-            let port = match p.l4 {
-                L4::Tcp { dport, .. } | L4::Udp { dport, .. } => dport,
-                _ => return false,
-            };
-            if !r.ports.iter().any(|pr| pr.first <= port && port <= pr.last) {
-                return false;
-            }
-        }
-        match r.peer {
-            Peer::Cidr(net) => net.contains(&peer),
-            Peer::Group(g) => {
-                let space = self.space(owner);
-                let member = |i: usize| {
-                    let x = &self.topo.instances[i];
-                    x.ip == peer && x.security_groups.contains(&SgId(g))
-                };
-                let n = self.topo.instances.len();
-                let here = (0..n).any(|i| self.space(i) == space && member(i));
-                if here {
-                    self.note(if space == Sp::Basic {
-                        "rule: sg: peer matched (basic)"
-                    } else {
-                        "rule: sg: peer matched"
-                    });
-                } else if (0..n).any(member) {
-                    self.note("rule: sg: peer is a member in another space only");
-                }
-                here
-            }
-        }
+        self.note("peering: return route checked");
+        Ok(())
     }
 }
 
-fn zone_name(z: u64) -> &'static str {
-    match z {
-        BASIC => "basic",
-        INTERNET => "internet",
-        _ => "vpc",
+/// A channel's kind, for the coverage report.
+pub(super) fn channel_kind(c: Channel) -> &'static str {
+    match c {
+        Channel::Vpc(_) => "vpc",
+        Channel::Peering { .. } => "peering",
+        Channel::Interconnect { to_basic: true, .. } => "interconnect>basic",
+        Channel::Interconnect { .. } => "interconnect>vpc",
+        Channel::Internet { inbound: true, .. } => "internet>in",
+        Channel::Internet { .. } => "internet>out",
+        Channel::Appliance(_) => "appliance",
+        Channel::Basic => "basic",
     }
 }

@@ -5,7 +5,8 @@ use std::net::Ipv4Addr;
 
 use proptest::prelude::*;
 use proptest::sample::Index;
-use vpcd::topology::Space;
+use vpcd::policy::route::NextHop;
+use vpcd::topology::{Channel, HostId, InstanceId, PeeringId, Space, VpcId};
 use vpcd::{Decision, Ingress, Topology};
 
 use super::build::{self, GreOpts, Ip4};
@@ -41,8 +42,36 @@ pub enum Proto {
     Raw(u8),
 }
 
+/// The reply type of an ICMP query type, and the other way round.
+fn icmp_answer(ty: u8) -> Option<u8> {
+    match ty {
+        8 => Some(0),
+        0 => Some(8),
+        13 | 15 | 17 => Some(ty + 1),
+        14 | 16 | 18 => Some(ty - 1),
+        _ => None,
+    }
+}
+
 impl Proto {
-    fn reversed(self, flags: u8) -> Proto {
+    /// The packet the other end sends back: ports swapped, TCP with `flags`; ICMP queries and
+    /// replies answered by their counterpart, or (`twist` 0) by the same type (a query from
+    /// the responder's side), or (`twist` 1) by the counterpart of another query kind.
+    fn reversed(self, flags: u8, twist: u8) -> Proto {
+        match self {
+            Proto::Icmp { ty, code, ident } if icmp_answer(ty).is_some() => {
+                let ty = match twist {
+                    0 => ty,
+                    1 => [0u8, 14, 16, 18, 8][usize::from(ty) % 5],
+                    _ => icmp_answer(ty).unwrap(),
+                };
+                Proto::Icmp { ty, code, ident }
+            }
+            other => other.reversed_ports(flags),
+        }
+    }
+
+    fn reversed_ports(self, flags: u8) -> Proto {
         match self {
             Proto::Tcp { sport, dport, .. } => Proto::Tcp {
                 sport: dport,
@@ -53,8 +82,6 @@ impl Proto {
                 sport: dport,
                 dport: sport,
             },
-            Proto::Icmp { ty: 8, code, ident } => Proto::Icmp { ty: 0, code, ident },
-            Proto::Icmp { ty: 0, code, ident } => Proto::Icmp { ty: 8, code, ident },
             other => other,
         }
     }
@@ -122,11 +149,20 @@ pub enum L4Gen {
         sport: Index,
         dport: Index,
     },
-    Echo {
+    /// Any ICMP message (errors quote nothing: they are made by the error steps).
+    Icmp {
+        ty: u8,
+        code: u8,
         ident: u16,
-        reply: bool,
     },
-    Icmp(u8),
+    /// Explicit ports (floods of distinct connections): TCP, UDP, or ICMP echo with the
+    /// source port as identifier.
+    Ports {
+        proto: u8,
+        sport: u16,
+        dport: u16,
+        flags: u8,
+    },
     Raw(u8),
 }
 
@@ -183,7 +219,10 @@ pub enum OuterTweak {
 #[derive(Debug, Clone)]
 pub enum KeyTweak {
     Right,
-    OtherVpc(Index),
+    /// Another channel's key.
+    Other(Index),
+    /// The key of a channel from the sender's space (often not the one its route takes).
+    Sibling(Index),
     Unknown,
 }
 
@@ -223,6 +262,10 @@ pub struct Shape {
     pub id: u16,
     pub mutation: Option<Mutation>,
     pub encap: Encap,
+    /// How an ICMP query or reply is answered (see [`Proto::reversed`]).
+    pub twist: u8,
+    /// An appliance (source check off) sends with another source: which (see `foreign_src`).
+    pub foreign: Option<Index>,
 }
 
 #[derive(Debug, Clone)]
@@ -360,6 +403,12 @@ pub enum Op {
         k: Pick,
         via: Index,
     },
+    /// An appliance (source check off) that received a packet for another address sends it
+    /// on, unchanged (a foreign source); the VPC and the cloud mix alike.
+    Forward {
+        k: Pick,
+        shape: Shape,
+    },
     /// The same topology installed again (`set_topology`): no packet.
     Retopo,
 }
@@ -439,6 +488,7 @@ impl Op {
             Op::CLater { .. } => "cloud: later fragment",
             Op::CRekey { .. } => "cloud: same inner packet, another key",
             Op::CImpostor { .. } => "cloud: same inner packet, another way in",
+            Op::Forward { .. } => "forwarded by an appliance",
             Op::Retopo => "topology installed again",
         }
     }
@@ -490,11 +540,22 @@ fn l4() -> impl Strategy<Value = L4Gen> {
         50 => (any::<Index>(), any::<Index>(), flags(0))
             .prop_map(|(sport, dport, flags)| L4Gen::Tcp { sport, dport, flags }),
         25 => (any::<Index>(), any::<Index>()).prop_map(|(sport, dport)| L4Gen::Udp { sport, dport }),
-        15 => (prop_oneof![Just(0u16), Just(7u16), Just(0x1234u16)], prop::bool::weighted(0.2))
-            .prop_map(|(ident, reply)| L4Gen::Echo { ident, reply }),
-        3 => prop::sample::select(vec![13u8, 14, 9, 3, 11]).prop_map(L4Gen::Icmp),
+        18 => icmp(),
         6 => prop::sample::select(vec![47u8, 50, 132, 4]).prop_map(L4Gen::Raw),
     ]
+}
+
+/// ICMP: mostly queries, every type 0 to 18 and some unassigned ones, with codes.
+fn icmp() -> impl Strategy<Value = L4Gen> {
+    let ty = prop_oneof![
+        10 => prop::sample::select(vec![8u8, 8, 8, 13, 15, 17]),
+        3 => prop::sample::select(vec![0u8, 14, 16, 18]),
+        4 => 0u8..=18,
+        1 => prop::sample::select(vec![19u8, 30, 42, 255]),
+    ];
+    let code = prop_oneof![6 => Just(0u8), 1 => prop::sample::select(vec![1u8, 3, 4, 15, 255])];
+    let ident = prop::sample::select(vec![0u16, 7, 7, 0x1234, 0xffff]);
+    (ty, code, ident).prop_map(|(ty, code, ident)| L4Gen::Icmp { ty, code, ident })
 }
 
 fn dst() -> impl Strategy<Value = Dst> {
@@ -559,7 +620,8 @@ fn encap() -> impl Strategy<Value = Encap> {
         prop::bool::weighted(0.3),
         prop_oneof![
             40 => Just(KeyTweak::Right),
-            1 => any::<Index>().prop_map(KeyTweak::OtherVpc),
+            2 => any::<Index>().prop_map(KeyTweak::Other),
+            2 => any::<Index>().prop_map(KeyTweak::Sibling),
             1 => Just(KeyTweak::Unknown),
         ],
         prop_oneof![
@@ -581,7 +643,7 @@ fn encap() -> impl Strategy<Value = Encap> {
         })
 }
 
-fn shape() -> impl Strategy<Value = Shape> {
+pub(super) fn shape() -> BoxedStrategy<Shape> {
     (
         0usize..48,
         prop::bool::weighted(0.02),
@@ -596,20 +658,27 @@ fn shape() -> impl Strategy<Value = Shape> {
         prop_oneof![4 => 0u16..3, 1 => any::<u16>()],
         prop::option::weighted(0.05, mutation()),
         encap(),
+        0u8..8,
+        prop::option::weighted(0.35, any::<Index>()),
     )
         .prop_map(
-            |(payload, spoof, port, df, big, first_frag, id, mutation, encap)| Shape {
-                payload,
-                spoof,
-                port,
-                df,
-                big,
-                first_frag,
-                id,
-                mutation,
-                encap,
+            |(payload, spoof, port, df, big, first_frag, id, mutation, encap, twist, foreign)| {
+                Shape {
+                    payload,
+                    spoof,
+                    port,
+                    df,
+                    big,
+                    first_frag,
+                    id,
+                    mutation,
+                    encap,
+                    twist,
+                    foreign,
+                }
             },
         )
+        .boxed()
 }
 
 fn fresh(remote: bool) -> impl Strategy<Value = Op> {
@@ -632,13 +701,14 @@ fn fresh(remote: bool) -> impl Strategy<Value = Op> {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        30 => fresh(false),
-        14 => fresh(true),
-        22 => (pick(), flag_sel(1), shape()).prop_map(|(k, flags, shape)| Op::Reply { k, flags, shape }),
-        9 => (pick(), flag_sel(2), shape()).prop_map(|(k, flags, shape)| Op::Again { k, flags, shape }),
-        15 => pick().prop_map(|k| Op::Repeat { k }),
-        8 => (pick(), shape()).prop_map(|(k, shape)| Op::Mirror { k, shape }),
-        3 => (pick(), any::<Index>()).prop_map(|(k, via)| Op::Impostor { k, via }),
+        30 => fresh(false).boxed(),
+        14 => fresh(true).boxed(),
+        22 => (pick(), flag_sel(1), shape()).prop_map(|(k, flags, shape)| Op::Reply { k, flags, shape }).boxed(),
+        9 => (pick(), flag_sel(2), shape()).prop_map(|(k, flags, shape)| Op::Again { k, flags, shape }).boxed(),
+        15 => pick().prop_map(|k| Op::Repeat { k }).boxed(),
+        8 => (pick(), shape()).prop_map(|(k, shape)| Op::Mirror { k, shape }).boxed(),
+        4 => (pick(), shape()).prop_map(|(k, shape)| Op::Forward { k, shape }).boxed(),
+        3 => (pick(), any::<Index>()).prop_map(|(k, via)| Op::Impostor { k, via }).boxed(),
         5 => (
             pick(),
             prop::sample::select(vec![3u8, 3, 3, 11, 4, 5, 12, 13]),
@@ -655,7 +725,7 @@ fn op() -> impl Strategy<Value = Op> {
             ],
             shape(),
         )
-            .prop_map(|(k, ty, code, quote, shape)| Op::IcmpError { k, ty, code, quote, shape }),
+            .prop_map(|(k, ty, code, quote, shape)| Op::IcmpError { k, ty, code, quote, shape }).boxed(),
         5 => (
             pick(),
             prop::sample::select(vec![1u16, 2, 3, 4, 185]),
@@ -663,7 +733,7 @@ fn op() -> impl Strategy<Value = Op> {
             prop::sample::select(vec![8usize, 16, 40]),
             shape(),
         )
-            .prop_map(|(k, offset, mf, len, shape)| Op::Later { k, offset, mf, len, shape }),
+            .prop_map(|(k, offset, mf, len, shape)| Op::Later { k, offset, mf, len, shape }).boxed(),
     ]
 }
 
@@ -674,6 +744,7 @@ fn dt() -> impl Strategy<Value = u64> {
         1 => 2000u64..20_000,
         2 => prop::sample::select(vec![
             10_000u64, 29_999, 30_000, 30_001, 59_999, 60_000, 60_001, 120_000, 120_001, 200_000,
+            300_000, 300_001,
         ]),
         1 => 0u64..200_000,
     ]
@@ -792,10 +863,13 @@ fn fragments() -> impl Strategy<Value = Vec<Step>> {
 }
 
 pub fn steps() -> impl Strategy<Value = Vec<Step>> {
+    // Boxed: a union's value tree holds room for every branch's, and the vector moves them.
     let unit = prop_oneof![
-        14 => (dt(), op()).prop_map(|(dt, op)| vec![Step { dt, op }]),
-        3 => talk(),
-        1 => fragments(),
+        14 => (dt(), op()).prop_map(|(dt, op)| vec![Step { dt, op }]).boxed(),
+        3 => talk().boxed(),
+        1 => fragments().boxed(),
+        1 => super::units::flood(false).boxed(),
+        2 => super::units::tcp_script(false).boxed(),
     ];
     (
         (dt(), fresh(false)).prop_map(|(dt, op)| Step { dt, op }),
@@ -873,6 +947,7 @@ impl Resolver<'_> {
             | Op::CRekey { .. }
             | Op::CImpostor { .. } => self.resolve_cloud(op, hist, at),
             Op::Retopo => unreachable!("run by the test itself"),
+            Op::Forward { k, shape } => self.forward(k, hist, shape, at),
             Op::Fresh {
                 remote,
                 wide,
@@ -908,6 +983,7 @@ impl Resolver<'_> {
                         let same: Vec<usize> = (0..n)
                             .filter(|&j| self.topo.instances[j].vpc().unwrap().index() == vpc)
                             .collect();
+                        let same = not_self(same, s, i);
                         self.topo.instances[same[i.index(same.len())]].ip
                     }
                     Dst::LocalSameVpc(i) => {
@@ -917,11 +993,12 @@ impl Resolver<'_> {
                                     && self.local(j)
                             })
                             .collect();
-                        if same.is_empty() {
+                        if same.iter().all(|&j| j == s) {
                             same = (0..n)
                                 .filter(|&j| self.topo.instances[j].vpc().unwrap().index() == vpc)
                                 .collect();
                         }
+                        let same = not_self(same, s, i);
                         self.topo.instances[same[i.index(same.len())]].ip
                     }
                     Dst::AnyInstance(i) => self.topo.instances[i.index(n)].ip,
@@ -939,39 +1016,8 @@ impl Resolver<'_> {
                     Dst::Outside(i) => ip(OUTSIDE[i.index(OUTSIDE.len())]),
                     Dst::Special(i) => ip(SPECIAL[i.index(SPECIAL.len())]),
                 };
-                let proto = match l4 {
-                    L4Gen::Tcp {
-                        sport,
-                        dport,
-                        flags,
-                    } => Proto::Tcp {
-                        sport: SPORTS[sport.index(SPORTS.len())],
-                        dport: DPORTS[dport.index(DPORTS.len())],
-                        flags: *flags,
-                    },
-                    L4Gen::Udp { sport, dport } => Proto::Udp {
-                        sport: SPORTS[sport.index(SPORTS.len())],
-                        dport: DPORTS[dport.index(DPORTS.len())],
-                    },
-                    L4Gen::Echo { ident, reply } => Proto::Icmp {
-                        ty: if *reply { 0 } else { 8 },
-                        code: 0,
-                        ident: *ident,
-                    },
-                    L4Gen::Icmp(ty) => Proto::Icmp {
-                        ty: *ty,
-                        code: 0,
-                        ident: 0,
-                    },
-                    L4Gen::Raw(p) => Proto::Raw(*p),
-                };
-                let src = if shape.spoof {
-                    let mut o = si.ip.octets();
-                    o[3] ^= 1;
-                    ip(o)
-                } else {
-                    si.ip
-                };
+                let proto = proto_of(l4);
+                let src = self.source_of(s, shape);
                 self.emit("fresh", s, vpc, src, d, proto, None, shape, at)
             }
             Op::Refirst { k, flags, shape } => {
@@ -1028,7 +1074,6 @@ impl Resolver<'_> {
                         self.wrap(
                             &format!("#{ki} mirrored by i{t} in v{vpc}"),
                             t,
-                            vpc,
                             f.inner.clone(),
                             flow,
                             &shape.port,
@@ -1108,7 +1153,8 @@ impl Resolver<'_> {
                         f.vpc,
                         f.dst,
                         f.src,
-                        f.proto.reversed(flags.resolve(f.proto.flags(), true)),
+                        f.proto
+                            .reversed(flags.resolve(f.proto.flags(), true), shape.twist),
                         None,
                         shape,
                         at,
@@ -1250,7 +1296,7 @@ impl Resolver<'_> {
                 } else {
                     f.encap.clone()
                 };
-                self.wrap(&what, f.sender, f.vpc, inner, f, &shape.port, &encap, at)
+                self.wrap(&what, f.sender, inner, f, &shape.port, &encap, at)
             }
         }
     }
@@ -1263,13 +1309,7 @@ impl Resolver<'_> {
         match h.decision {
             Some(Decision::Deliver { to, .. }) => Some(to.0 as usize),
             Some(Decision::Encapsulate { host, key, .. }) => {
-                let on = |i: usize| {
-                    let x = &self.topo.instances[i];
-                    x.host == host && Some(self.vpc_key(x.vpc().unwrap().index())) == key
-                };
-                (0..n)
-                    .find(|&i| on(i) && self.topo.instances[i].ip == f.dst)
-                    .or_else(|| (0..n).find(|&i| on(i)))
+                self.reached(self.channel_of_key(key)?, host, f.dst)
             }
             _ => (0..n).find(|&i| {
                 let x = &self.topo.instances[i];
@@ -1338,16 +1378,7 @@ impl Resolver<'_> {
             encap: shape.encap.clone(),
             cloud: None,
         };
-        self.wrap(
-            &desc,
-            sender,
-            vpc,
-            inner,
-            flow,
-            &shape.port,
-            &shape.encap,
-            at,
-        )
+        self.wrap(&desc, sender, inner, flow, &shape.port, &shape.encap, at)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1355,7 +1386,6 @@ impl Resolver<'_> {
         &self,
         what: &str,
         sender: usize,
-        vpc: usize,
         inner: Vec<u8>,
         mut flow: Flow,
         port: &PortTweak,
@@ -1385,8 +1415,8 @@ impl Resolver<'_> {
         let hosts = &self.topo.hosts;
         let sender_host = self.topo.instances[sender].host.index();
         let right = hosts[sender_host].address;
-        let key = self.vpc_key(vpc);
-        let (ingress, bytes, desc) = self.underlay(what, right, Some(key), inner, e);
+        let key = self.key_towards(sender, flow.src, flow.dst, false);
+        let (ingress, bytes, desc) = self.underlay(what, (right, key), Some(sender), inner, e);
         Sent {
             ingress,
             bytes,
@@ -1402,8 +1432,8 @@ impl Resolver<'_> {
     fn underlay(
         &self,
         what: &str,
-        right: Ipv4Addr,
-        right_key: Option<u32>,
+        (right, right_key): (Ipv4Addr, Option<u32>),
+        sender: Option<usize>,
         inner: Vec<u8>,
         e: &Encap,
     ) -> (Ingress, Vec<u8>, String) {
@@ -1416,7 +1446,11 @@ impl Resolver<'_> {
         };
         let key = match &e.key {
             KeyTweak::Right => right_key,
-            KeyTweak::OtherVpc(i) => Some(self.vpc_key(i.index(self.topo.vpcs.len()))),
+            KeyTweak::Other(i) => Some(self.any_key(i)),
+            KeyTweak::Sibling(i) => match sender {
+                Some(s) => self.sibling_key(s, i),
+                None => Some(self.any_key(i)),
+            },
             KeyTweak::Unknown => Some(424_242),
         };
         let mut o = GreOpts {
@@ -1493,6 +1527,17 @@ impl Resolver<'_> {
             (Ingress::UnderlayIp, b)
         };
         (ingress, bytes, desc)
+    }
+}
+
+/// Candidates without the sender itself, when there are others (and one time in eight anyway:
+/// an instance talking to itself is one side).
+fn not_self(v: Vec<usize>, s: usize, i: &Index) -> Vec<usize> {
+    let others: Vec<usize> = v.iter().copied().filter(|&j| j != s).collect();
+    if others.is_empty() || i.index(8) == 0 {
+        v
+    } else {
+        others
     }
 }
 
@@ -1640,6 +1685,17 @@ pub enum RelayKey {
     Right,
     None,
     Other(Index),
+    /// A channel from the sender's space.
+    Sibling(Index),
+}
+
+/// How a cloud packet is sent: as routed, as a reply (an Elastic IP's connection goes back
+/// out through it), or straight through the internet's device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Way {
+    Routed,
+    Reply,
+    Raw,
 }
 
 /// Who sent a cloud packet.
@@ -1673,7 +1729,7 @@ struct Landing {
     seen_dst: Ipv4Addr,
 }
 
-fn cdst() -> impl Strategy<Value = CDst> {
+pub(super) fn cdst() -> impl Strategy<Value = CDst> {
     prop_oneof![
         6 => any::<Index>().prop_map(CDst::SameSpace),
         5 => any::<Index>().prop_map(CDst::LocalSameSpace),
@@ -1756,14 +1812,14 @@ fn crelay() -> impl Strategy<Value = Op> {
 
 fn cloud_op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        24 => cfresh(false),
-        14 => cfresh(true),
-        8 => cnet(),
-        4 => crelay(),
-        22 => (pick(), flag_sel(1), shape()).prop_map(|(k, flags, shape)| Op::CReply { k, flags, shape }),
-        8 => (pick(), flag_sel(2), shape()).prop_map(|(k, flags, shape)| Op::CAgain { k, flags, shape }),
-        12 => pick().prop_map(|k| Op::Repeat { k }),
-        2 => (pick(), any::<Index>()).prop_map(|(k, via)| Op::Impostor { k, via }),
+        24 => cfresh(false).boxed(),
+        14 => cfresh(true).boxed(),
+        8 => cnet().boxed(),
+        4 => crelay().boxed(),
+        22 => (pick(), flag_sel(1), shape()).prop_map(|(k, flags, shape)| Op::CReply { k, flags, shape }).boxed(),
+        8 => (pick(), flag_sel(2), shape()).prop_map(|(k, flags, shape)| Op::CAgain { k, flags, shape }).boxed(),
+        12 => pick().prop_map(|k| Op::Repeat { k }).boxed(),
+        2 => (pick(), any::<Index>()).prop_map(|(k, via)| Op::Impostor { k, via }).boxed(),
         5 => (
             pick(),
             prop::sample::select(vec![3u8, 3, 3, 11, 4, 5, 12]),
@@ -1777,7 +1833,7 @@ fn cloud_op() -> impl Strategy<Value = Op> {
             ],
             shape(),
         )
-            .prop_map(|(k, ty, code, quote, shape)| Op::CError { k, ty, code, quote, shape }),
+            .prop_map(|(k, ty, code, quote, shape)| Op::CError { k, ty, code, quote, shape }).boxed(),
         3 => (
             pick(),
             prop::sample::select(vec![1u16, 2, 3, 4, 185]),
@@ -1785,18 +1841,20 @@ fn cloud_op() -> impl Strategy<Value = Op> {
             prop::sample::select(vec![8usize, 16, 40]),
             shape(),
         )
-            .prop_map(|(k, offset, mf, len, shape)| Op::CLater { k, offset, mf, len, shape }),
+            .prop_map(|(k, offset, mf, len, shape)| Op::CLater { k, offset, mf, len, shape }).boxed(),
         2 => (
             pick(),
             prop_oneof![
                 3 => Just(RelayKey::Right),
                 1 => Just(RelayKey::None),
                 1 => any::<Index>().prop_map(RelayKey::Other),
+                2 => any::<Index>().prop_map(RelayKey::Sibling),
             ],
         )
-            .prop_map(|(k, key)| Op::CRekey { k, key }),
-        2 => (pick(), any::<Index>()).prop_map(|(k, via)| Op::CImpostor { k, via }),
-        1 => Just(Op::Retopo),
+            .prop_map(|(k, key)| Op::CRekey { k, key }).boxed(),
+        2 => (pick(), any::<Index>()).prop_map(|(k, via)| Op::CImpostor { k, via }).boxed(),
+        4 => (pick(), shape()).prop_map(|(k, shape)| Op::Forward { k, shape }).boxed(),
+        1 => Just(Op::Retopo).boxed(),
     ]
 }
 
@@ -1843,9 +1901,11 @@ fn cloud_fragments() -> impl Strategy<Value = Vec<Step>> {
 /// Packet sequences for cloud topologies.
 pub fn cloud_steps() -> impl Strategy<Value = Vec<Step>> {
     let unit = prop_oneof![
-        14 => (dt(), cloud_op()).prop_map(|(dt, op)| vec![Step { dt, op }]),
-        4 => cloud_talk(),
-        1 => cloud_fragments(),
+        14 => (dt(), cloud_op()).prop_map(|(dt, op)| vec![Step { dt, op }]).boxed(),
+        4 => cloud_talk().boxed(),
+        1 => cloud_fragments().boxed(),
+        1 => super::units::flood(true).boxed(),
+        2 => super::units::tcp_script(true).boxed(),
     ];
     (
         (dt(), cfresh(false)).prop_map(|(dt, op)| Step { dt, op }),
@@ -1873,15 +1933,34 @@ fn proto_of(l4: &L4Gen) -> Proto {
             sport: SPORTS[sport.index(SPORTS.len())],
             dport: DPORTS[dport.index(DPORTS.len())],
         },
-        L4Gen::Echo { ident, reply } => Proto::Icmp {
-            ty: if *reply { 0 } else { 8 },
-            code: 0,
+        L4Gen::Icmp { ty, code, ident } => Proto::Icmp {
+            ty: *ty,
+            code: *code,
             ident: *ident,
         },
-        L4Gen::Icmp(ty) => Proto::Icmp {
-            ty: *ty,
+        L4Gen::Ports {
+            proto: 6,
+            sport,
+            dport,
+            flags,
+        } => Proto::Tcp {
+            sport: *sport,
+            dport: *dport,
+            flags: *flags,
+        },
+        L4Gen::Ports {
+            proto: 17,
+            sport,
+            dport,
+            ..
+        } => Proto::Udp {
+            sport: *sport,
+            dport: *dport,
+        },
+        L4Gen::Ports { sport, .. } => Proto::Icmp {
+            ty: 8,
             code: 0,
-            ident: 0,
+            ident: *sport,
         },
         L4Gen::Raw(p) => Proto::Raw(*p),
     }
@@ -1977,38 +2056,196 @@ impl Resolver<'_> {
             .collect()
     }
 
-    /// The key `r`'s host encapsulates a packet to `dst` with (its route, roughly).
-    fn key_towards(&self, r: usize, dst: Ipv4Addr) -> Option<u32> {
+    /// The longest route of `s`'s subnet table holding `dst`.
+    fn lpm(&self, s: usize, dst: Ipv4Addr) -> Option<NextHop> {
+        let subnet = self.topo.instances[s].subnet()?;
+        let table = self.topo.subnet(subnet).route_table.index();
+        self.topo.route_tables[table]
+            .routes
+            .as_slice()
+            .iter()
+            .filter(|r| r.destination.contains(&dst))
+            .max_by_key(|r| r.destination.prefix_len())
+            .map(|r| r.next_hop)
+    }
+
+    /// The channel `s`'s host sends its packet from `src` to `dst` on: the generator's guess
+    /// at the sender's route (the model decides). An appliance's foreign source goes on its
+    /// own channel; a public destination reached through the Elastic IP on the internet's
+    /// (`reply`: also where a route sends it elsewhere, as an Elastic IP reply does).
+    fn channel_towards(&self, s: usize, src: Ipv4Addr, dst: Ipv4Addr, reply: bool) -> Channel {
         let t = self.topo;
-        match t.instances[r].vpc() {
-            Some(v) => {
-                let v = v.index();
-                if t.vpcs[v].cidr.contains(&dst) {
-                    return Some(self.vpc_key(v));
+        let inst = &t.instances[s];
+        if src != inst.ip && !inst.source_check {
+            return Channel::Appliance(InstanceId(s as u32));
+        }
+        let eip_out = inst.eip.is_some() && !private(dst) && t.internet.is_some();
+        let out = Channel::Internet {
+            space: inst.space(),
+            inbound: false,
+        };
+        let Some(v) = inst.vpc() else {
+            return match self.linked_vpc(s) {
+                _ if t.basic.is_some_and(|b| b.cidr.contains(&dst)) => Channel::Basic,
+                Some(v) if t.vpcs[v].cidr.contains(&dst) => Channel::Interconnect {
+                    vpc: VpcId(v as u32),
+                    to_basic: false,
+                },
+                _ if eip_out => out,
+                _ => Channel::Basic,
+            };
+        };
+        if t.vpc(v).cidr.contains(&dst) {
+            return Channel::Vpc(v);
+        }
+        let n = t.instances.len();
+        if (0..n).any(|b| {
+            t.instances[b].is_basic()
+                && t.instances[b].ip == dst
+                && self.linked_vpc(b) == Some(v.index())
+        }) {
+            return Channel::Interconnect {
+                vpc: v,
+                to_basic: true,
+            };
+        }
+        match self.lpm(s, dst) {
+            Some(NextHop::Peering(p)) => {
+                let [a, b] = t.peerings[p as usize].vpcs;
+                let to = if a == v { b } else { a };
+                Channel::Peering {
+                    peering: PeeringId(p),
+                    to,
                 }
-                if (0..t.instances.len()).any(|b| {
-                    t.instances[b].is_basic()
-                        && t.instances[b].ip == dst
-                        && self.linked_vpc(b) == Some(v)
-                }) {
-                    return None;
-                }
-                for w in self.peers(v) {
-                    if t.vpcs[w].cidr.contains(&dst) {
-                        return Some(self.vpc_key(w));
-                    }
-                }
-                Some(self.vpc_key(v))
             }
-            None => {
-                if t.basic.is_some_and(|b| b.cidr.contains(&dst)) {
-                    return None;
-                }
-                match self.linked_vpc(r) {
-                    Some(v) if t.vpcs[v].cidr.contains(&dst) => Some(self.vpc_key(v)),
-                    _ => None,
-                }
+            Some(NextHop::Internet) => out,
+            Some(NextHop::Instance(_)) if reply && eip_out => out,
+            None if eip_out => out,
+            _ => Channel::Vpc(v),
+        }
+    }
+
+    /// The GRE key of a channel (none for the basic network's).
+    fn key_of_channel(&self, c: Channel) -> Option<u32> {
+        self.topo.key_of(c)
+    }
+
+    fn key_towards(&self, s: usize, src: Ipv4Addr, dst: Ipv4Addr, reply: bool) -> Option<u32> {
+        self.key_of_channel(self.channel_towards(s, src, dst, reply))
+    }
+
+    /// Every channel's key, in order.
+    fn channel_keys(&self) -> Vec<u32> {
+        let mut keys: Vec<u32> = self.topo.channels().map(|(k, _)| k).collect();
+        keys.sort_unstable();
+        keys
+    }
+
+    /// Some channel's key (often the wrong one for the packet).
+    fn any_key(&self, i: &Index) -> u32 {
+        let keys = self.channel_keys();
+        keys[i.index(keys.len())]
+    }
+
+    /// The space a channel's packets come from (none for the internet's inbound ones).
+    fn tx_space(&self, c: Channel) -> Option<Space> {
+        Some(match c {
+            Channel::Vpc(v)
+            | Channel::Interconnect {
+                vpc: v,
+                to_basic: true,
+            } => Space::Vpc(v),
+            Channel::Peering { peering, to } => {
+                let [a, b] = self.topo.peerings[peering.index()].vpcs;
+                Space::Vpc(if a == to { b } else { a })
             }
+            Channel::Interconnect { .. } | Channel::Basic => Space::Basic,
+            Channel::Internet {
+                space,
+                inbound: false,
+            } => space,
+            Channel::Internet { .. } => return None,
+            Channel::Appliance(x) => self.topo.instance(x).space(),
+        })
+    }
+
+    /// The key of some channel from `s`'s space (the basic network's: none).
+    fn sibling_key(&self, s: usize, i: &Index) -> Option<u32> {
+        let sp = self.space(s);
+        let mut keys: Vec<Option<u32>> = self
+            .channel_keys()
+            .into_iter()
+            .filter(|&k| self.topo.channel(k).and_then(|c| self.tx_space(c)) == Some(sp))
+            .map(Some)
+            .collect();
+        if sp == Space::Basic {
+            keys.push(None);
+        }
+        keys[i.index(keys.len())]
+    }
+
+    /// The channel of a key (none: the basic network's).
+    fn channel_of_key(&self, key: Option<u32>) -> Option<Channel> {
+        match key {
+            None => Some(Channel::Basic),
+            Some(k) => self.topo.channel(k),
+        }
+    }
+
+    /// The space a channel delivers into (none for the way out to the internet).
+    fn rx_space(&self, c: Channel) -> Option<Space> {
+        Some(match c {
+            Channel::Vpc(v)
+            | Channel::Peering { to: v, .. }
+            | Channel::Interconnect {
+                vpc: v,
+                to_basic: false,
+            } => Space::Vpc(v),
+            Channel::Interconnect { to_basic: true, .. } | Channel::Basic => Space::Basic,
+            Channel::Internet {
+                space,
+                inbound: true,
+            } => space,
+            Channel::Internet { .. } => return None,
+            Channel::Appliance(x) => self.topo.instance(x).space(),
+        })
+    }
+
+    /// The instance on `host` a packet on channel `c` for `dst` reaches: the one at `dst` in
+    /// the channel's space, else any there (an appliance a route sent it to, roughly).
+    fn reached(&self, c: Channel, host: HostId, dst: Ipv4Addr) -> Option<usize> {
+        let sp = self.rx_space(c)?;
+        let n = self.topo.instances.len();
+        let on = |i: usize| {
+            let x = &self.topo.instances[i];
+            x.host == host && x.space() == sp
+        };
+        (0..n)
+            .find(|&i| on(i) && self.topo.instances[i].ip == dst)
+            .or_else(|| (0..n).find(|&i| on(i)))
+    }
+
+    /// A foreign source for appliance `s`: another instance's address, one of the
+    /// internet's, or one nobody has.
+    fn foreign_src(&self, s: usize, i: &Index) -> Ipv4Addr {
+        let mut all: Vec<Ipv4Addr> = self.topo.instances.iter().map(|x| x.ip).collect();
+        all.extend(INET_SRCS.iter().map(|a| ip(*a)));
+        all.extend(OUTSIDE.iter().map(|a| ip(*a)));
+        all.retain(|a| *a != self.topo.instances[s].ip);
+        all[i.index(all.len())]
+    }
+
+    /// The source an instance sends with, as the shape says.
+    fn source_of(&self, s: usize, shape: &Shape) -> Ipv4Addr {
+        let inst = &self.topo.instances[s];
+        match &shape.foreign {
+            Some(i) if !inst.source_check => self.foreign_src(s, i),
+            _ if shape.spoof => {
+                let mut o = inst.ip.octets();
+                o[3] ^= 1;
+                ip(o)
+            }
+            _ => inst.ip,
         }
     }
 
@@ -2051,9 +2288,9 @@ impl Resolver<'_> {
         };
         let basics = filter(&|i| t.instances[i].is_basic());
         match d {
-            CDst::SameSpace(i) => pick(filter(&|j| self.space(j) == sp), i, vec![]),
+            CDst::SameSpace(i) => pick(not_self(filter(&|j| self.space(j) == sp), s, i), i, vec![]),
             CDst::LocalSameSpace(i) => pick(
-                filter(&|j| self.space(j) == sp && self.local(j)),
+                not_self(filter(&|j| self.space(j) == sp && self.local(j)), s, i),
                 i,
                 filter(&|j| self.space(j) == sp),
             ),
@@ -2186,63 +2423,61 @@ impl Resolver<'_> {
         inner: &mut [u8],
         src: Ipv4Addr,
         dst: Ipv4Addr,
-        raw: bool,
+        way: Way,
     ) -> (Via, Ipv4Addr, Ipv4Addr) {
         let hosts = &self.topo.hosts;
         let gw = self.gateway();
         let gw_addr = hosts[gw.unwrap_or(0)].address;
-        let me = self.this;
-        match origin {
-            Origin::Inst(r) if self.local(r) => (Via::Port(r), src, dst),
+        let inbound = |x: usize| {
+            self.key_of_channel(Channel::Internet {
+                space: self.space(x),
+                inbound: true,
+            })
+        };
+        let r = match origin {
+            Origin::Inst(r) if self.local(r) => return (Via::Port(r), src, dst),
+            Origin::Net if way == Way::Raw || gw == Some(self.this) => {
+                return (Via::Internet, src, dst);
+            }
             Origin::Net => {
-                if raw || gw == Some(me) {
-                    return (Via::Internet, src, dst);
-                }
-                match self.eip_owner(dst) {
+                return match self.eip_owner(dst) {
                     Some(x) => {
                         let to = self.topo.instances[x].ip;
                         build::nat(inner, None, Some(to));
-                        let key = self.key_of(x);
-                        (Via::Underlay { from: gw_addr, key }, src, to)
-                    }
-                    None => (Via::Internet, src, dst),
-                }
-            }
-            Origin::Inst(r) => {
-                let h = self.topo.instances[r].host.index();
-                let from = hosts[h].address;
-                let eip = self.topo.instances[r].eip;
-                if private(dst) || gw.is_none() || eip.is_none() {
-                    return (
-                        Via::Underlay {
-                            from,
-                            key: self.key_towards(r, dst),
-                        },
-                        src,
-                        dst,
-                    );
-                }
-                let own = Via::Underlay {
-                    from,
-                    key: self.key_of(r),
-                };
-                if gw == Some(me) && h != me {
-                    return (own, src, dst);
-                }
-                // Through the gateway's NAT.
-                match self.eip_owner(dst) {
-                    Some(x) => {
-                        let to = self.topo.instances[x].ip;
-                        build::nat(inner, eip, Some(to));
                         let via = Via::Underlay {
                             from: gw_addr,
-                            key: self.key_of(x),
+                            key: inbound(x),
                         };
-                        (via, eip.unwrap(), to)
+                        (via, src, to)
                     }
-                    None => (own, src, dst),
-                }
+                    None => (Via::Internet, src, dst),
+                };
             }
+            Origin::Inst(r) => r,
+        };
+        let from = hosts[self.topo.instances[r].host.index()].address;
+        let c = self.channel_towards(r, src, dst, way == Way::Reply);
+        let direct = (
+            Via::Underlay {
+                from,
+                key: self.key_of_channel(c),
+            },
+            src,
+            dst,
+        );
+        let eip = self.topo.instances[r].eip;
+        match (c, self.eip_owner(dst)) {
+            // Through the gateway's NAT, turned round to an Elastic IP.
+            (Channel::Internet { inbound: false, .. }, Some(x)) if gw != Some(self.this) => {
+                let to = self.topo.instances[x].ip;
+                build::nat(inner, eip, Some(to));
+                let via = Via::Underlay {
+                    from: gw_addr,
+                    key: inbound(x),
+                };
+                (via, eip.unwrap_or(src), to)
+            }
+            _ => direct,
         }
     }
 
@@ -2257,11 +2492,11 @@ impl Resolver<'_> {
         proto: Proto,
         icmp_payload: Option<&[u8]>,
         shape: &Shape,
-        raw: bool,
+        way: Way,
         at: u64,
     ) -> Sent {
         let (mut inner, desc) = self.build_inner(src, dst, proto, icmp_payload, shape);
-        let (via, s2, d2) = self.route_here(origin, &mut inner, src, dst, raw);
+        let (via, s2, d2) = self.route_here(origin, &mut inner, src, dst, way);
         let mut what = format!("{what}: {origin:?} {desc}");
         if (s2, d2) != (src, dst) {
             what.push_str(&format!(" (arrives as {s2} -> {d2})"));
@@ -2319,7 +2554,10 @@ impl Resolver<'_> {
                 inner,
                 format!("{what} | from the internet"),
             ),
-            Via::Underlay { from, key } => self.underlay(what, from, key, inner, e),
+            Via::Underlay { from, key } => {
+                let sender = (flow.sender < n).then_some(flow.sender);
+                self.underlay(what, (from, key), sender, inner, e)
+            }
         };
         Sent {
             ingress,
@@ -2352,8 +2590,8 @@ impl Resolver<'_> {
             }),
             Decision::Encapsulate { host, key, nat, .. } => {
                 let (s1, d1) = (nat.src.unwrap_or(f.src), nat.dst.unwrap_or(f.dst));
-                let gw = self.gateway();
-                if gw == Some(host.index()) && gw != Some(self.this) && !private(d1) {
+                let ch = self.channel_of_key(key)?;
+                if let Channel::Internet { inbound: false, .. } = ch {
                     // The gateway translates what this host sent it.
                     let s2 = match c.origin {
                         Origin::Inst(r) => t.instances[r].eip.unwrap_or(s1),
@@ -2374,16 +2612,7 @@ impl Resolver<'_> {
                         },
                     });
                 }
-                let sp = match key {
-                    Some(k) => Space::Vpc(vpcd::topology::VpcId(
-                        t.vpcs.iter().position(|v| v.key == k)? as u32,
-                    )),
-                    None => Space::Basic,
-                };
-                let n = t.instances.len();
-                let x = (0..n)
-                    .find(|&x| self.space(x) == sp && at(x) == d1 && t.instances[x].host == host)
-                    .or_else(|| (0..n).find(|&x| self.space(x) == sp && at(x) == d1))?;
+                let x = self.reached(ch, host, d1)?;
                 Some(Landing {
                     rx: Origin::Inst(x),
                     rx_addr: at(x),
@@ -2423,13 +2652,7 @@ impl Resolver<'_> {
                     locals[sender.index(locals.len())]
                 };
                 let d = self.cdst(s, dst);
-                let src = if shape.spoof {
-                    let mut o = t.instances[s].ip.octets();
-                    o[3] ^= 1;
-                    ip(o)
-                } else {
-                    t.instances[s].ip
-                };
+                let src = self.source_of(s, shape);
                 let what = format!("fresh {dst:?} from i{s}");
                 self.send(
                     &what,
@@ -2439,7 +2662,11 @@ impl Resolver<'_> {
                     proto_of(l4),
                     None,
                     shape,
-                    false,
+                    if shape.twist % 2 == 1 {
+                        Way::Reply
+                    } else {
+                        Way::Routed
+                    },
                     at,
                 )
             }
@@ -2467,7 +2694,7 @@ impl Resolver<'_> {
                     proto_of(l4),
                     None,
                     shape,
-                    *raw,
+                    if *raw { Way::Raw } else { Way::Routed },
                     at,
                 )
             }
@@ -2489,9 +2716,12 @@ impl Resolver<'_> {
                     to.index(n)
                 };
                 let key = match key {
-                    RelayKey::Right => self.key_of(x),
+                    RelayKey::Right => self.key_of_channel(Channel::Internet {
+                        space: self.space(x),
+                        inbound: true,
+                    }),
                     RelayKey::None => None,
-                    RelayKey::Other(i) => Some(self.vpc_key(i.index(t.vpcs.len()))),
+                    RelayKey::Other(i) | RelayKey::Sibling(i) => Some(self.any_key(i)),
                 };
                 let proto = proto_of(l4);
                 let d = t.instances[x].ip;
@@ -2519,7 +2749,9 @@ impl Resolver<'_> {
             Op::CReply { k, flags, shape } => {
                 let ki = pick_forwarded_cloud(k, hist);
                 let f = &hist[ki].flow;
-                let proto = f.proto.reversed(flags.resolve(f.proto.flags(), true));
+                let proto = f
+                    .proto
+                    .reversed(flags.resolve(f.proto.flags(), true), shape.twist);
                 match self.landing(&hist[ki]) {
                     Some(l) => self.send(
                         &format!("reply to #{ki}"),
@@ -2529,7 +2761,7 @@ impl Resolver<'_> {
                         proto,
                         None,
                         shape,
-                        false,
+                        Way::Reply,
                         at,
                     ),
                     None => self.again(ki, hist, *flags, shape, at),
@@ -2572,7 +2804,7 @@ impl Resolver<'_> {
                     proto,
                     Some(&q),
                     shape,
-                    false,
+                    Way::Reply,
                     at,
                 )
             }
@@ -2631,13 +2863,32 @@ impl Resolver<'_> {
                     _ => (t.hosts[self.gateway().unwrap_or(0)].address, None),
                 };
                 let key = match key {
-                    RelayKey::Right if was.is_some() => None,
-                    RelayKey::Right => (0..n)
-                        .find(|&x| t.instances[x].ip == f.dst && !t.instances[x].is_basic())
-                        .and_then(|x| self.key_of(x))
-                        .or(Some(self.vpc_key(0))),
+                    RelayKey::Right => {
+                        // Another channel into a space where the destination is someone's.
+                        let mut into: Vec<Option<u32>> = self
+                            .channel_keys()
+                            .into_iter()
+                            .map(Some)
+                            .chain([None])
+                            .filter(|k| *k != was)
+                            .filter(|&k| {
+                                let sp = self.channel_of_key(k).and_then(|c| self.rx_space(c));
+                                (0..n).any(|x| {
+                                    Some(self.space(x)) == sp && t.instances[x].ip == f.dst
+                                })
+                            })
+                            .collect();
+                        if into.is_empty() {
+                            into.push(None);
+                        }
+                        into[ki % into.len()]
+                    }
                     RelayKey::None => None,
-                    RelayKey::Other(i) => Some(self.vpc_key(i.index(t.vpcs.len()))),
+                    RelayKey::Other(i) => Some(self.any_key(i)),
+                    RelayKey::Sibling(i) => match c.origin {
+                        Origin::Inst(r) => self.sibling_key(r, i),
+                        Origin::Net => Some(self.any_key(i)),
+                    },
                 };
                 let e = Encap {
                     key: KeyTweak::Right,
@@ -2662,7 +2913,7 @@ impl Resolver<'_> {
                 let key = match c.via {
                     Via::Underlay { key, .. } => key,
                     _ => match c.origin {
-                        Origin::Inst(r) => self.key_of(r),
+                        Origin::Inst(r) => self.key_towards(r, f.src, f.dst, false),
                         Origin::Net => None,
                     },
                 };
@@ -2690,6 +2941,63 @@ impl Resolver<'_> {
                 self.arrive(&what, via, f.inner.clone(), flow, &PortTweak::Right, &e, at)
             }
             _ => unreachable!("not a cloud step"),
+        }
+    }
+
+    /// An appliance sends on a packet it received for another address (see [`Op::Forward`]);
+    /// with none such, the packet `k` is repeated.
+    fn forward(&self, k: &Pick, hist: &[Sent], shape: &Shape, at: u64) -> Sent {
+        let t = self.topo;
+        let received = |i: usize| -> Option<(usize, Ipv4Addr, Ipv4Addr)> {
+            let f = &hist[i].flow;
+            let (x, src, dst) = match f.cloud {
+                Some(_) => match self.landing(&hist[i])? {
+                    Landing {
+                        rx: Origin::Inst(x),
+                        seen_src,
+                        seen_dst,
+                        ..
+                    } => (x, seen_src, seen_dst),
+                    _ => return None,
+                },
+                None => (self.receiver(&hist[i])?, f.src, f.dst),
+            };
+            let inst = &t.instances[x];
+            (!inst.source_check && dst != inst.ip).then_some((x, src, dst))
+        };
+        let found: Vec<(usize, (usize, Ipv4Addr, Ipv4Addr))> = forwarded(hist)
+            .into_iter()
+            .filter_map(|i| received(i).map(|r| (i, r)))
+            .collect();
+        if found.is_empty() {
+            let ki = k.index(hist.len());
+            let h = &hist[ki];
+            return Sent {
+                what: format!("repeat of #{ki} (no appliance received a packet to forward)"),
+                at,
+                decision: None,
+                ..h.clone()
+            };
+        }
+        let (ki, (x, src, dst)) = found[k.index(found.len())];
+        let f = &hist[ki].flow;
+        let what = format!("#{ki} forwarded by appliance i{x}");
+        match f.cloud {
+            Some(_) => self.send(
+                &what,
+                Origin::Inst(x),
+                src,
+                dst,
+                f.proto,
+                None,
+                shape,
+                Way::Routed,
+                at,
+            ),
+            None => {
+                let vpc = t.instances[x].vpc().unwrap().index();
+                self.emit(&what, x, vpc, src, dst, f.proto, None, shape, at)
+            }
         }
     }
 

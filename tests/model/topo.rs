@@ -11,7 +11,11 @@ pub const VPC_CIDRS: [(u8, u8); 4] = [(10, 0), (10, 0), (10, 1), (172, 16)];
 pub const KEYS: [u32; 6] = [1001, 2002, 0, 7, u32::MAX, 65536];
 /// Host parts of instance addresses (never .0, .1 or .255 of a /24).
 pub const IP_HOSTS: [u8; 6] = [10, 11, 20, 4, 100, 254];
-pub const ROUTE_DESTS: [&str; 8] = [
+/// Route destinations; `subnet:N` is the VPC's own subnet N (a subnet route, to an appliance).
+pub const ROUTE_DESTS: [&str; 11] = [
+    "subnet:1",
+    "subnet:2",
+    "subnet:3",
     "198.51.100.0/24",
     "0.0.0.0/0",
     "203.0.113.0/25",
@@ -47,6 +51,39 @@ pub const PORTS: [Option<&str>; 10] = [
     Some("\"1-1024\""),
 ];
 pub const PROTOS: [&str; 4] = ["all", "tcp", "udp", "icmp"];
+
+/// `[conntrack]` limits: (max_entries, max_per_instance).
+pub fn ct_limits() -> impl Strategy<Value = (u32, u32)> {
+    prop_oneof![
+        3 => Just((1_000_000u32, 1_000_000u32)),
+        2 => (
+            prop::sample::select(vec![16u32, 17, 24]),
+            prop::sample::select(vec![1u32, 2, 3, 5]),
+        ),
+        1 => (
+            prop::sample::select(vec![16u32, 17, 24]),
+            prop::sample::select(vec![8u32, 16, 24]),
+        ),
+    ]
+}
+
+fn render_conntrack(
+    out: &mut String,
+    (max_entries, max_per_instance): (u32, u32),
+    flow_cache: u32,
+) {
+    let _ = writeln!(
+        out,
+        "[conntrack]\nmax_entries = {max_entries}\nmax_per_instance = {max_per_instance}\nflow_cache = {flow_cache}\n"
+    );
+}
+
+/// The instance a route's `instance:` next hop names: appliances (source check off) twice as
+/// likely as the others.
+fn hop_instance(i: &Index, members: &[usize], appliances: &[usize]) -> String {
+    let both: Vec<usize> = appliances.iter().chain(members).copied().collect();
+    format!("instance:i{}", both[i.index(both.len())])
+}
 
 #[derive(Debug, Clone)]
 pub enum PeerSpec {
@@ -103,6 +140,8 @@ pub struct InstSpec {
     pub subnet: Index,
     pub ip: usize,
     pub sgs: Vec<Index>,
+    /// `source_check = false`.
+    pub appliance: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -113,6 +152,7 @@ pub struct TopoSpec {
     pub small_mtu: bool,
     pub flow_cache: u32,
     pub key_rot: usize,
+    pub limits: (u32, u32),
     pub vpcs: Vec<VpcSpec>,
     pub sgs: Vec<(RulesSpec, RulesSpec)>,
     pub instances: Vec<InstSpec>,
@@ -186,12 +226,14 @@ pub fn topo() -> impl Strategy<Value = TopoSpec> {
         any::<Index>(),
         prop_oneof![3 => 0..2usize, 1 => 0..IP_HOSTS.len()],
         prop::collection::vec(any::<Index>(), 1..=2),
+        prop::bool::weighted(0.2),
     )
-        .prop_map(|(host, subnet, ip, sgs)| InstSpec {
+        .prop_map(|(host, subnet, ip, sgs, appliance)| InstSpec {
             host,
             subnet,
             ip,
             sgs,
+            appliance,
         });
     (
         (
@@ -201,13 +243,19 @@ pub fn topo() -> impl Strategy<Value = TopoSpec> {
             prop::bool::weighted(0.3),
             prop_oneof![Just(16u32), Just(65536u32)],
             0..KEYS.len(),
+            ct_limits(),
         ),
         prop::collection::vec(vpc(), 1..=3),
         prop::collection::vec((rules(true), rules(true)), 1..=3),
         prop::collection::vec(inst, 2..=6),
     )
         .prop_map(
-            |((hosts, udp, checksum, small_mtu, flow_cache, key_rot), vpcs, sgs, instances)| {
+            |(
+                (hosts, udp, checksum, small_mtu, flow_cache, key_rot, limits),
+                vpcs,
+                sgs,
+                instances,
+            )| {
                 TopoSpec {
                     hosts,
                     udp,
@@ -215,6 +263,7 @@ pub fn topo() -> impl Strategy<Value = TopoSpec> {
                     small_mtu,
                     flow_cache,
                     key_rot,
+                    limits,
                     vpcs,
                     sgs,
                     instances,
@@ -272,6 +321,60 @@ fn render_rules_in(
     let _ = writeln!(out, "]");
 }
 
+/// What a VPC's routes may name: its instances, its appliances, its peering.
+struct Hops<'a> {
+    members: &'a [usize],
+    appliances: &'a [usize],
+    peering: bool,
+}
+
+/// The routes of one table of the VPC `a.b.0.0/16` with `subnets` subnets (`subnet:N`
+/// destinations only towards an appliance; duplicates and other destinations inside the VPC
+/// left out).
+fn render_routes(
+    out: &mut String,
+    (a, b): (u8, u8),
+    subnets: usize,
+    routes: &[RouteSpec],
+    hops: &Hops<'_>,
+) {
+    let vnet: ipnet::Ipv4Net = format!("{a}.{b}.0.0/16").parse().unwrap();
+    let mut seen = Vec::new();
+    for r in routes {
+        let subnet_route = ROUTE_DESTS[r.dest].starts_with("subnet:");
+        let dest = match ROUTE_DESTS[r.dest].strip_prefix("subnet:") {
+            Some(k) => {
+                let k: usize = k.parse().unwrap();
+                let to_appliance = matches!(r.hop, Hop::Instance(_)) && !hops.members.is_empty();
+                if k > subnets || !to_appliance {
+                    continue;
+                }
+                format!("{a}.{b}.{k}.0/24")
+            }
+            None => ROUTE_DESTS[r.dest].to_string(),
+        };
+        let net: ipnet::Ipv4Net = dest.parse().unwrap();
+        if (vnet.contains(&net) && !subnet_route) || seen.contains(&dest) {
+            continue;
+        }
+        seen.push(dest.clone());
+        let hop = match &r.hop {
+            Hop::Drop => "drop".to_string(),
+            Hop::Internet => "internet".to_string(),
+            Hop::Instance(i) if !hops.members.is_empty() => {
+                hop_instance(i, hops.members, hops.appliances)
+            }
+            Hop::Instance(_) => "drop".to_string(),
+            Hop::Peering if hops.peering => "peering:p0".to_string(),
+            Hop::Peering => "internet".to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "  {{ destination = \"{dest}\", next_hop = \"{hop}\" }},"
+        );
+    }
+}
+
 /// The topology text, and where each instance went. Instance 0's host is "this host".
 pub fn render(t: &TopoSpec) -> (String, Vec<Placed>) {
     let mut out = String::new();
@@ -283,11 +386,7 @@ pub fn render(t: &TopoSpec) -> (String, Vec<Placed>) {
         "[underlay]\ntransport = \"{transport}\"\nmtu = {mtu}\nchecksum = {}\n",
         t.checksum
     );
-    let _ = writeln!(
-        out,
-        "[conntrack]\nmax_entries = 1000000\nmax_per_instance = 1000000\nflow_cache = {}\n",
-        t.flow_cache
-    );
+    render_conntrack(&mut out, t.limits, t.flow_cache);
     for (h, address) in HOSTS.iter().enumerate().take(t.hosts) {
         let _ = writeln!(out, "[[host]]\nname = \"h{h}\"\naddress = \"{address}\"\n");
     }
@@ -361,36 +460,23 @@ pub fn render(t: &TopoSpec) -> (String, Vec<Placed>) {
             let _ = writeln!(out);
         }
         let members: Vec<usize> = (0..placed.len()).filter(|&i| placed[i].vpc == v).collect();
+        let appliances: Vec<usize> = members
+            .iter()
+            .copied()
+            .filter(|&i| t.instances[i].appliance)
+            .collect();
         let in_peering = peering.is_some_and(|(x, y)| x == v || y == v);
         for (n, routes) in spec.tables.iter().enumerate() {
             let _ = writeln!(
                 out,
                 "[[route_table]]\nname = \"v{v}rt{n}\"\nvpc = \"v{v}\"\nroutes = ["
             );
-            let mut seen = Vec::new();
-            for r in routes {
-                let dest = ROUTE_DESTS[r.dest];
-                let net: ipnet::Ipv4Net = dest.parse().unwrap();
-                let vnet: ipnet::Ipv4Net = format!("{a}.{b}.0.0/16").parse().unwrap();
-                if vnet.contains(&net) || seen.contains(&dest) {
-                    continue;
-                }
-                seen.push(dest);
-                let hop = match &r.hop {
-                    Hop::Drop => "drop".to_string(),
-                    Hop::Internet => "internet".to_string(),
-                    Hop::Instance(i) if !members.is_empty() => {
-                        format!("instance:i{}", members[i.index(members.len())])
-                    }
-                    Hop::Instance(_) => "drop".to_string(),
-                    Hop::Peering if in_peering => "peering:p0".to_string(),
-                    Hop::Peering => "internet".to_string(),
-                };
-                let _ = writeln!(
-                    out,
-                    "  {{ destination = \"{dest}\", next_hop = \"{hop}\" }},"
-                );
-            }
+            let hops = Hops {
+                members: &members,
+                appliances: &appliances,
+                peering: in_peering,
+            };
+            render_routes(&mut out, (a, b), spec.subnets.len(), routes, &hops);
             let _ = writeln!(out, "]\n");
         }
         for (n, (ingress, egress)) in spec.acls.iter().enumerate() {
@@ -425,9 +511,14 @@ pub fn render(t: &TopoSpec) -> (String, Vec<Placed>) {
         let [a, b, c, d] = p.ip;
         let _ = writeln!(
             out,
-            "[[instance]]\nname = \"i{n}\"\nhost = \"h{}\"\nsubnet = \"v{vpc}s{j}\"\nip = \"{a}.{b}.{c}.{d}\"\nsecurity_groups = [{}]\n",
+            "[[instance]]\nname = \"i{n}\"\nhost = \"h{}\"\nsubnet = \"v{vpc}s{j}\"\nip = \"{a}.{b}.{c}.{d}\"\nsecurity_groups = [{}]{}\n",
             p.host,
-            groups.join(", ")
+            groups.join(", "),
+            if i.appliance {
+                "\nsource_check = false"
+            } else {
+                ""
+            }
         );
     }
     (out, placed)
@@ -466,9 +557,13 @@ pub enum CDest {
     Third,
     /// The basic pool.
     Pool,
+    /// The VPC's own subnet N (a subnet route: only to an appliance).
+    OwnSubnet(u8),
 }
 
-pub const CLOUD_DESTS: [CDest; 10] = [
+pub const CLOUD_DESTS: [CDest; 12] = [
+    CDest::OwnSubnet(1),
+    CDest::OwnSubnet(2),
     CDest::Lit("0.0.0.0/0"),
     CDest::Lit("198.51.100.0/24"),
     CDest::Lit("203.0.113.0/24"),
@@ -497,6 +592,8 @@ pub struct CloudInstSpec {
     pub ip: usize,
     pub sgs: Vec<Index>,
     pub eip: bool,
+    /// `source_check = false`.
+    pub appliance: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -520,6 +617,12 @@ pub struct CloudSpec {
     pub checksum: bool,
     pub flow_cache: u32,
     pub key_rot: usize,
+    pub limits: (u32, u32),
+    /// When the third VPC overlaps VPC 0: an instance of the third VPC with the address and
+    /// host of one of VPC 0's (both peered with VPC 1).
+    pub twin: Option<Index>,
+    /// VPC 0's first table starts with `0.0.0.0/0 -> instance:` an appliance (a NAT).
+    pub nat_route: bool,
     pub peer: usize,
     pub third: Option<usize>,
     /// The third VPC belongs to tenant t0 (else t2).
@@ -609,13 +712,15 @@ pub fn cloud() -> impl Strategy<Value = CloudSpec> {
         prop_oneof![3 => 0..2usize, 1 => 0..IP_HOSTS.len()],
         prop::collection::vec(any::<Index>(), 1..=2),
         prop::bool::weighted(0.5),
+        prop::bool::weighted(0.25),
     )
-        .prop_map(|(host, subnet, ip, sgs, eip)| CloudInstSpec {
+        .prop_map(|(host, subnet, ip, sgs, eip, appliance)| CloudInstSpec {
             host,
             subnet,
             ip,
             sgs,
             eip,
+            appliance,
         });
     let basic = (
         any::<Index>(),
@@ -641,10 +746,16 @@ pub fn cloud() -> impl Strategy<Value = CloudSpec> {
             prop::bool::weighted(0.3),
             prop_oneof![Just(16u32), Just(65536u32)],
             0..KEYS.len(),
+            ct_limits(),
+            prop::option::weighted(0.5, any::<Index>()),
+            prop::bool::weighted(0.25),
         ),
         (
             0..PEER_CIDRS.len(),
-            prop::option::weighted(0.6, 0..THIRD_CIDRS.len()),
+            prop::option::weighted(
+                0.6,
+                prop_oneof![2 => Just(0usize), 3 => 0..THIRD_CIDRS.len()],
+            ),
             any::<bool>(),
             0..POOLS.len(),
             prop::bool::weighted(0.6),
@@ -659,7 +770,19 @@ pub fn cloud() -> impl Strategy<Value = CloudSpec> {
     )
         .prop_map(
             |(
-                (hosts, regions, gateway, this, udp, checksum, flow_cache, key_rot),
+                (
+                    hosts,
+                    regions,
+                    gateway,
+                    this,
+                    udp,
+                    checksum,
+                    flow_cache,
+                    key_rot,
+                    limits,
+                    twin,
+                    nat_route,
+                ),
                 (peer, third, third_t0, pool, two_tenants, client, peer2, peer2_first),
                 vpcs,
                 sgs,
@@ -674,6 +797,9 @@ pub fn cloud() -> impl Strategy<Value = CloudSpec> {
                 checksum,
                 flow_cache,
                 key_rot,
+                limits,
+                twin,
+                nat_route,
                 peer,
                 third,
                 third_t0,
@@ -744,17 +870,46 @@ impl CloudSpec {
 /// The topology text of a cloud spec.
 pub fn render_cloud(t: &CloudSpec) -> String {
     let mut out = String::new();
+    render_cloud_head(&mut out, t);
+    let nv = t.nvpcs();
+    let subnets: Vec<(usize, usize)> = (0..nv)
+        .flat_map(|v| (0..t.vpcs[v].subnets.len()).map(move |j| (v, j)))
+        .collect();
+    // VPC instances (routes name them), then basic ones.
+    let (specs, placed) = place_cloud(t, &subnets);
+    for v in 0..nv {
+        render_cloud_vpc(&mut out, t, v, &specs, &placed);
+    }
+    let _ = writeln!(out, "[[peering]]\nname = \"p0\"\nvpcs = [\"v0\", \"v1\"]\n");
+    if t.peer2 && t.third.is_some() {
+        let _ = writeln!(out, "[[peering]]\nname = \"p1\"\nvpcs = [\"v1\", \"v2\"]\n");
+    }
+    for (g, (ingress, egress)) in t.sgs.iter().enumerate() {
+        let _ = writeln!(out, "[[security_group]]\nname = \"sg{g}\"");
+        let n = t.sgs.len();
+        render_rules_in(&mut out, "ingress", "source", ingress, n, &CLOUD_RULE_CIDRS);
+        render_rules_in(
+            &mut out,
+            "egress",
+            "destination",
+            egress,
+            n,
+            &CLOUD_RULE_CIDRS,
+        );
+        let _ = writeln!(out);
+    }
+    render_cloud_instances(&mut out, t, &specs, &placed, &subnets);
+    out
+}
+
+fn render_cloud_head(out: &mut String, t: &CloudSpec) {
     let transport = if t.udp { "gre-udp" } else { "gre" };
     let _ = writeln!(
         out,
         "[underlay]\ntransport = \"{transport}\"\nmtu = 1500\nchecksum = {}\n",
         t.checksum
     );
-    let _ = writeln!(
-        out,
-        "[conntrack]\nmax_entries = 1000000\nmax_per_instance = 1000000\nflow_cache = {}\n",
-        t.flow_cache
-    );
+    render_conntrack(out, t.limits, t.flow_cache);
     for (h, address) in CLOUD_HOSTS.iter().enumerate().take(t.hosts) {
         let region = if t.regions && h == 1 { "r2" } else { "r1" };
         let _ = writeln!(
@@ -773,11 +928,12 @@ pub fn render_cloud(t: &CloudSpec) -> String {
         let _ = writeln!(out, "client = \"203.0.113.254\"");
     }
     let _ = writeln!(out);
-    let nv = t.nvpcs();
-    let subnets: Vec<(usize, usize)> = (0..nv)
-        .flat_map(|v| (0..t.vpcs[v].subnets.len()).map(move |j| (v, j)))
-        .collect();
-    // VPC instances (routes name them), then basic ones.
+}
+
+/// Where the VPC instances go: the drawn ones, and the twin (an instance of the third VPC with
+/// the address and host of one of VPC 0's, when the two overlap).
+fn place_cloud(t: &CloudSpec, subnets: &[(usize, usize)]) -> (Vec<CloudInstSpec>, Vec<Placed>) {
+    let mut specs = t.instances.clone();
     let mut placed: Vec<Placed> = Vec::new();
     for i in &t.instances {
         let (vpc, j) = subnets[i.subnet.index(subnets.len())];
@@ -797,143 +953,210 @@ pub fn render_cloud(t: &CloudSpec) -> String {
             ip,
         });
     }
-    let net = |(a, b): (u8, u8)| -> ipnet::Ipv4Net { format!("{a}.{b}.0.0/16").parse().unwrap() };
-    for v in 0..nv {
-        let spec = &t.vpcs[v];
-        let (a, b) = t.vpc_cidr(v);
+    let overlapping = t.nvpcs() == 3 && t.vpc_cidr(2) == t.vpc_cidr(0);
+    if let Some(which) = &t.twin
+        && overlapping
+    {
+        let thirds = t.vpcs[2].subnets.len();
+        let candidates: Vec<usize> = (0..placed.len())
+            .filter(|&i| placed[i].vpc == 0 && subnets[placed[i].subnet].1 < thirds)
+            .filter(|&i| !placed.iter().any(|p| p.vpc == 2 && p.ip == placed[i].ip))
+            .collect();
+        if !candidates.is_empty() {
+            let x = candidates[which.index(candidates.len())];
+            let j = subnets[placed[x].subnet].1;
+            placed.push(Placed {
+                vpc: 2,
+                subnet: subnets.iter().position(|s| *s == (2, j)).unwrap(),
+                ..placed[x].clone()
+            });
+            specs.push(CloudInstSpec {
+                eip: false,
+                appliance: false,
+                ..specs[x].clone()
+            });
+        }
+    }
+    (specs, placed)
+}
+
+fn net16((a, b): (u8, u8)) -> ipnet::Ipv4Net {
+    format!("{a}.{b}.0.0/16").parse().unwrap()
+}
+
+fn render_cloud_vpc(
+    out: &mut String,
+    t: &CloudSpec,
+    v: usize,
+    specs: &[CloudInstSpec],
+    placed: &[Placed],
+) {
+    let spec = &t.vpcs[v];
+    let (a, b) = t.vpc_cidr(v);
+    let _ = writeln!(
+        out,
+        "[[vpc]]\nname = \"v{v}\"\ntenant = \"{}\"\ncidr = \"{a}.{b}.0.0/16\"\nkey = {}\n",
+        t.tenant(v),
+        KEYS[(t.key_rot + v) % KEYS.len()]
+    );
+    for (j, s) in spec.subnets.iter().enumerate() {
         let _ = writeln!(
             out,
-            "[[vpc]]\nname = \"v{v}\"\ntenant = \"{}\"\ncidr = \"{a}.{b}.0.0/16\"\nkey = {}\n",
-            t.tenant(v),
-            KEYS[(t.key_rot + v) % KEYS.len()]
+            "[[subnet]]\nname = \"v{v}s{j}\"\nvpc = \"v{v}\"\ncidr = \"{a}.{b}.{}.0/24\"",
+            j + 1
         );
-        for (j, s) in spec.subnets.iter().enumerate() {
+        if let Some(ti) = &s.table {
             let _ = writeln!(
                 out,
-                "[[subnet]]\nname = \"v{v}s{j}\"\nvpc = \"v{v}\"\ncidr = \"{a}.{b}.{}.0/24\"",
-                j + 1
+                "route_table = \"v{v}rt{}\"",
+                ti.index(spec.tables.len())
             );
-            if let Some(ti) = &s.table {
-                let _ = writeln!(
-                    out,
-                    "route_table = \"v{v}rt{}\"",
-                    ti.index(spec.tables.len())
-                );
-            }
-            if let Some(ai) = &s.acl
-                && !spec.acls.is_empty()
-            {
-                let _ = writeln!(out, "acl = \"v{v}acl{}\"", ai.index(spec.acls.len()));
-            }
-            let _ = writeln!(out);
         }
-        let members: Vec<usize> = (0..placed.len()).filter(|&i| placed[i].vpc == v).collect();
-        let peerings = t.peerings_of(v);
-        let peer = peerings.first().map(|p| p.1);
-        let vnet = net((a, b));
-        for (n, routes) in spec.tables.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "[[route_table]]\nname = \"v{v}rt{n}\"\nvpc = \"v{v}\"\nroutes = ["
-            );
-            let mut seen: Vec<ipnet::Ipv4Net> = Vec::new();
-            let mut lines: Vec<(ipnet::Ipv4Net, String)> = Vec::new();
-            if spec.peer_route {
-                for (name, w) in &peerings {
-                    lines.push((net(t.vpc_cidr(*w)), format!("peering:{name}")));
-                }
-            }
-            for r in routes {
-                let dest: ipnet::Ipv4Net = match CLOUD_DESTS[r.dest] {
-                    CDest::Lit(s) => s.parse().unwrap(),
-                    CDest::PeerVpc => net(t.vpc_cidr(peer.unwrap_or(0))),
-                    CDest::PeerSubnet => {
-                        let (c, d) = t.vpc_cidr(peer.unwrap_or(0));
-                        format!("{c}.{d}.1.0/24").parse().unwrap()
-                    }
-                    CDest::Third if nv == 3 => net(t.vpc_cidr(2)),
-                    CDest::Third => "10.2.0.0/16".parse().unwrap(),
-                    CDest::Pool => pool,
-                };
-                let hop = match &r.hop {
-                    Hop::Drop => "drop".to_string(),
-                    Hop::Internet => "internet".to_string(),
-                    Hop::Instance(i) if !members.is_empty() => {
-                        format!("instance:i{}", members[i.index(members.len())])
-                    }
-                    Hop::Instance(_) => "drop".to_string(),
-                    Hop::Peering if !peerings.is_empty() => {
-                        let name = peerings
-                            .iter()
-                            .find(|(_, w)| net(t.vpc_cidr(*w)).contains(&dest))
-                            .unwrap_or(&peerings[0])
-                            .0;
-                        format!("peering:{name}")
-                    }
-                    Hop::Peering => "internet".to_string(),
-                };
-                lines.push((dest, hop));
-            }
-            for (dest, hop) in lines {
-                if vnet.contains(&dest) {
-                    continue;
-                }
-                if seen.contains(&dest) {
-                    continue;
-                }
-                seen.push(dest);
-                let _ = writeln!(
-                    out,
-                    "  {{ destination = \"{dest}\", next_hop = \"{hop}\" }},"
-                );
-            }
-            let _ = writeln!(out, "]\n");
+        if let Some(ai) = &s.acl
+            && !spec.acls.is_empty()
+        {
+            let _ = writeln!(out, "acl = \"v{v}acl{}\"", ai.index(spec.acls.len()));
         }
-        for (n, (ingress, egress)) in spec.acls.iter().enumerate() {
-            let _ = writeln!(out, "[[acl]]\nname = \"v{v}acl{n}\"\nvpc = \"v{v}\"");
-            render_rules_in(
-                &mut out,
-                "ingress",
-                "cidr",
-                ingress,
-                t.sgs.len(),
-                &CLOUD_RULE_CIDRS,
-            );
-            render_rules_in(
-                &mut out,
-                "egress",
-                "cidr",
-                egress,
-                t.sgs.len(),
-                &CLOUD_RULE_CIDRS,
-            );
-            let _ = writeln!(out);
-        }
-    }
-    let _ = writeln!(out, "[[peering]]\nname = \"p0\"\nvpcs = [\"v0\", \"v1\"]\n");
-    if t.peer2 && t.third.is_some() {
-        let _ = writeln!(out, "[[peering]]\nname = \"p1\"\nvpcs = [\"v1\", \"v2\"]\n");
-    }
-    for (g, (ingress, egress)) in t.sgs.iter().enumerate() {
-        let _ = writeln!(out, "[[security_group]]\nname = \"sg{g}\"");
-        render_rules_in(
-            &mut out,
-            "ingress",
-            "source",
-            ingress,
-            t.sgs.len(),
-            &CLOUD_RULE_CIDRS,
-        );
-        render_rules_in(
-            &mut out,
-            "egress",
-            "destination",
-            egress,
-            t.sgs.len(),
-            &CLOUD_RULE_CIDRS,
-        );
         let _ = writeln!(out);
     }
+    for n in 0..spec.tables.len() {
+        render_cloud_table(out, t, v, n, specs, placed);
+    }
+    for (n, (ingress, egress)) in spec.acls.iter().enumerate() {
+        let _ = writeln!(out, "[[acl]]\nname = \"v{v}acl{n}\"\nvpc = \"v{v}\"");
+        let g = t.sgs.len();
+        render_rules_in(out, "ingress", "cidr", ingress, g, &CLOUD_RULE_CIDRS);
+        render_rules_in(out, "egress", "cidr", egress, g, &CLOUD_RULE_CIDRS);
+        let _ = writeln!(out);
+    }
+}
+
+/// A cloud route's destination in VPC `v` (`peer`: the peer its routes prefer); a subnet
+/// route only towards an appliance.
+fn cloud_dest(
+    t: &CloudSpec,
+    v: usize,
+    d: CDest,
+    peer: Option<usize>,
+    to_appliance: bool,
+) -> Option<ipnet::Ipv4Net> {
+    let (a, b) = t.vpc_cidr(v);
+    Some(match d {
+        CDest::Lit(s) => s.parse().unwrap(),
+        CDest::PeerVpc => net16(t.vpc_cidr(peer.unwrap_or(0))),
+        CDest::PeerSubnet => {
+            let (c, d) = t.vpc_cidr(peer.unwrap_or(0));
+            format!("{c}.{d}.1.0/24").parse().unwrap()
+        }
+        CDest::Third if t.nvpcs() == 3 => net16(t.vpc_cidr(2)),
+        CDest::Third => "10.2.0.0/16".parse().unwrap(),
+        CDest::Pool => POOLS[t.pool].parse().unwrap(),
+        CDest::OwnSubnet(k) if usize::from(k) <= t.vpcs[v].subnets.len() && to_appliance => {
+            format!("{a}.{b}.{k}.0/24").parse().unwrap()
+        }
+        CDest::OwnSubnet(_) => return None,
+    })
+}
+
+/// The routes of VPC `v`'s table `n`, in the order they are written (the first of two equal
+/// destinations wins).
+fn cloud_routes(
+    t: &CloudSpec,
+    v: usize,
+    n: usize,
+    specs: &[CloudInstSpec],
+    placed: &[Placed],
+) -> Vec<(ipnet::Ipv4Net, String)> {
+    let spec = &t.vpcs[v];
+    let members: Vec<usize> = (0..placed.len()).filter(|&i| placed[i].vpc == v).collect();
+    let appliances: Vec<usize> = members
+        .iter()
+        .copied()
+        .filter(|&i| specs[i].appliance)
+        .collect();
+    let mut peerings = t.peerings_of(v);
+    // Odd tables prefer the peerings the other way round: where two peered VPCs overlap, the
+    // subnets of one table route their CIDR to one, those of another table to the other.
+    if n % 2 == 1 {
+        peerings.reverse();
+    }
+    let peer = peerings.first().map(|p| p.1);
+    let mut lines: Vec<(ipnet::Ipv4Net, String)> = Vec::new();
+    if t.nat_route && v == 0 && n == 0 && !members.is_empty() {
+        let nat = appliances.first().or(members.first()).unwrap();
+        lines.push(("0.0.0.0/0".parse().unwrap(), format!("instance:i{nat}")));
+    }
+    if spec.peer_route {
+        for (name, w) in &peerings {
+            lines.push((net16(t.vpc_cidr(*w)), format!("peering:{name}")));
+        }
+    }
+    for r in &spec.tables[n] {
+        let to_appliance = matches!(r.hop, Hop::Instance(_)) && !members.is_empty();
+        let Some(dest) = cloud_dest(t, v, CLOUD_DESTS[r.dest], peer, to_appliance) else {
+            continue;
+        };
+        let hop = match &r.hop {
+            Hop::Drop => "drop".to_string(),
+            Hop::Internet => "internet".to_string(),
+            Hop::Instance(i) if !members.is_empty() => hop_instance(i, &members, &appliances),
+            Hop::Instance(_) => "drop".to_string(),
+            Hop::Peering if !peerings.is_empty() => {
+                let name = peerings
+                    .iter()
+                    .find(|(_, w)| net16(t.vpc_cidr(*w)).contains(&dest))
+                    .unwrap_or(&peerings[0])
+                    .0;
+                format!("peering:{name}")
+            }
+            Hop::Peering => "internet".to_string(),
+        };
+        lines.push((dest, hop));
+    }
+    lines
+}
+
+fn render_cloud_table(
+    out: &mut String,
+    t: &CloudSpec,
+    v: usize,
+    n: usize,
+    specs: &[CloudInstSpec],
+    placed: &[Placed],
+) {
+    let _ = writeln!(
+        out,
+        "[[route_table]]\nname = \"v{v}rt{n}\"\nvpc = \"v{v}\"\nroutes = ["
+    );
+    let vnet = net16(t.vpc_cidr(v));
+    let subnet_cidrs: Vec<ipnet::Ipv4Net> = (1..=t.vpcs[v].subnets.len())
+        .map(|k| {
+            let (a, b) = t.vpc_cidr(v);
+            format!("{a}.{b}.{k}.0/24").parse().unwrap()
+        })
+        .collect();
+    let mut seen: Vec<ipnet::Ipv4Net> = Vec::new();
+    for (dest, hop) in cloud_routes(t, v, n, specs, placed) {
+        let subnet_route = subnet_cidrs.contains(&dest) && hop.starts_with("instance:");
+        if (vnet.contains(&dest) && !subnet_route) || seen.contains(&dest) {
+            continue;
+        }
+        seen.push(dest);
+        let _ = writeln!(
+            out,
+            "  {{ destination = \"{dest}\", next_hop = \"{hop}\" }},"
+        );
+    }
+    let _ = writeln!(out, "]\n");
+}
+
+fn render_cloud_instances(
+    out: &mut String,
+    t: &CloudSpec,
+    specs: &[CloudInstSpec],
+    placed: &[Placed],
+    subnets: &[(usize, usize)],
+) {
     let groups = |sgs: &[Index]| {
         let mut groups: Vec<usize> = Vec::new();
         for g in sgs {
@@ -954,12 +1177,17 @@ pub fn render_cloud(t: &CloudSpec) -> String {
             String::new()
         }
     };
-    for (n, (i, p)) in t.instances.iter().zip(&placed).enumerate() {
+    for (n, (i, p)) in specs.iter().zip(placed).enumerate() {
         let (vpc, j) = subnets[p.subnet];
         let [a, b, c, d] = p.ip;
+        let check = if i.appliance {
+            "source_check = false\n"
+        } else {
+            ""
+        };
         let _ = writeln!(
             out,
-            "[[instance]]\nname = \"i{n}\"\nhost = \"h{}\"\nsubnet = \"v{vpc}s{j}\"\nip = \"{a}.{b}.{c}.{d}\"\n{}security_groups = [{}]\n",
+            "[[instance]]\nname = \"i{n}\"\nhost = \"h{}\"\nsubnet = \"v{vpc}s{j}\"\nip = \"{a}.{b}.{c}.{d}\"\n{}{check}security_groups = [{}]\n",
             p.host,
             eip(i.eip),
             groups(&i.sgs)
@@ -985,5 +1213,4 @@ pub fn render_cloud(t: &CloudSpec) -> String {
             "[[interconnect]]\ninstance = \"b{n}\"\nvpc = \"v{v}\"\n"
         );
     }
-    out
 }

@@ -181,11 +181,7 @@ pub fn parse_inner(b: &[u8]) -> Result<Inner<'_>, DropReason> {
         },
         ICMP => L4::Icmp {
             ty: l4[0],
-            ident: if l4[0] == 8 || l4[0] == 0 {
-                be16(l4, 4)
-            } else {
-                0
-            },
+            ident: icmp_ident(l4),
         },
         _ => L4::Other,
     };
@@ -255,8 +251,31 @@ pub fn parse_gre(g: &[u8]) -> Result<Gre, DropReason> {
     Ok(Gre { hlen, key })
 }
 
-/// A quoted packet inside an ICMP error: (protocol, source, destination, ports).
-pub fn quoted(p: &Inner<'_>) -> Option<(u8, Ipv4Addr, Ipv4Addr, u16, u16)> {
+/// The identifier of an ICMP message: read for the query and reply types (0, 8, 13 to 18),
+/// 0 for the others.
+pub fn icmp_ident(m: &[u8]) -> u16 {
+    if matches!(m[0], 0 | 8 | 13..=18) {
+        be16(m, 4)
+    } else {
+        0
+    }
+}
+
+/// The packet quoted by an ICMP error, as far as connection tracking reads it.
+#[derive(Debug, Clone, Copy)]
+pub struct Quote {
+    pub proto: u8,
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub sport: u16,
+    pub dport: u16,
+    /// The quoted ICMP message's type.
+    pub icmp_type: Option<u8>,
+}
+
+/// A quoted packet inside an ICMP error: an IPv4 header (not a later fragment) and enough of
+/// its transport header for the ports (8 bytes of ICMP).
+pub fn quoted(p: &Inner<'_>) -> Option<Quote> {
     let q = p.bytes.get(p.ihl + 8..)?;
     if q.is_empty() || q[0] >> 4 != 4 {
         return None;
@@ -270,25 +289,39 @@ pub fn quoted(p: &Inner<'_>) -> Option<(u8, Ipv4Addr, Ipv4Addr, u16, u16)> {
     }
     let proto = q[9];
     let l4 = &q[qihl..];
-    let (a, b) = match proto {
+    let (sport, dport, icmp_type) = match proto {
         TCP | UDP => {
             if l4.len() < 4 {
                 return None;
             }
-            (be16(l4, 0), be16(l4, 2))
+            (be16(l4, 0), be16(l4, 2), None)
         }
         ICMP => {
             if l4.len() < 8 {
                 return None;
             }
-            let ident = if l4[0] == 8 || l4[0] == 0 {
-                be16(l4, 4)
-            } else {
-                0
-            };
-            (ident, ident)
+            let ident = icmp_ident(l4);
+            (ident, ident, Some(l4[0]))
         }
-        _ => (0, 0),
+        _ => (0, 0, None),
     };
-    Some((proto, addr(q, 12), addr(q, 16), a, b))
+    Some(Quote {
+        proto,
+        src: addr(q, 12),
+        dst: addr(q, 16),
+        sport,
+        dport,
+        icmp_type,
+    })
+}
+
+/// An ICMP error (types 3, 4, 5, 11, 12): judged by the packet it quotes.
+pub fn is_icmp_error(p: &Inner<'_>) -> bool {
+    matches!(
+        p.l4,
+        L4::Icmp {
+            ty: 3 | 4 | 5 | 11 | 12,
+            ..
+        }
+    )
 }

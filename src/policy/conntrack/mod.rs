@@ -29,7 +29,7 @@ use hashbrown::HashMap;
 
 use crate::reason::DropReason;
 use crate::time::Timestamp;
-use crate::wire::ipv4::{L4, proto};
+use crate::wire::ipv4::{L4, TcpFlags, proto};
 use owners::{Links, Owners};
 use tcp::{Step, Tcp, TcpState};
 
@@ -219,6 +219,17 @@ impl Conn {
         }
     }
 
+    /// True when a TCP packet from `src` with these transport fields would reopen this
+    /// closed connection: it then belongs to a new connection, opened by `src`.
+    pub fn reopened_by(&self, src: &Endpoint, l4: &L4) -> bool {
+        match (self.state, l4) {
+            (State::Tcp(mut t), L4::Tcp { flags, .. }) if flags.0 & TcpFlags::SYN != 0 => {
+                t.step(self.direction(src), *flags) == Step::Reopen
+            }
+            _ => false,
+        }
+    }
+
     /// Milliseconds left at `now` (0 once expired).
     pub fn remaining_ms(&self, now: Timestamp) -> u64 {
         self.timeout_ms
@@ -357,6 +368,20 @@ impl Conntrack {
             slot,
             serial: c.serial,
         })
+    }
+
+    /// The live entry of `key`; reads only (an ICMP error's quote, or the Elastic IP reply
+    /// check, removes and refreshes nothing).
+    pub fn find_live(&self, key: &ConnKey, now: Timestamp) -> Option<&Conn> {
+        let c = &self.slots[*self.map.get(key)? as usize];
+        (!c.expired(now)).then_some(c)
+    }
+
+    /// True when the entry behind `r` is live and a packet from `src` with `l4` would go on
+    /// with it (not reopen it): what the fast lane checks before it updates any entry.
+    pub fn continues(&self, r: ConnRef, src: &Endpoint, l4: &L4, now: Timestamp) -> bool {
+        self.get(r)
+            .is_some_and(|c| !c.expired(now) && !c.reopened_by(src, l4))
     }
 
     /// The entry behind a handle, if the handle is still valid.
