@@ -6,6 +6,6 @@ cd "$(dirname "$0")/.."
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
-cargo clippy --all-targets --release -- -D warnings
+cargo clippy --workspace --all-targets --release -- -D warnings
 echo "== cargo test --release"
-cargo test --release -- --test-threads="${VPCD_TEST_THREADS:-2}"
+cargo test --workspace --release -- --test-threads="${VPCD_TEST_THREADS:-2}"

@@ -42,10 +42,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use vpcd::topology::{HostId, InstanceId, Transport};
-use vpcd::wire::ipv4::{self, L4};
-use vpcd::wire::{PacketBuf, gre};
-use vpcd::{Action, Decision, Ingress, Pipeline, Timestamp, Topology};
+use vpcd_core::topology::{HostId, InstanceId, Transport};
+use vpcd_core::wire::ipv4::{self, L4};
+use vpcd_core::wire::{PacketBuf, gre};
+use vpcd_core::{Action, Decision, Ingress, Pipeline, Timestamp, Topology};
 
 const HOST_A: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 
@@ -377,7 +377,7 @@ fn check_decision(t: &Topology, host: HostId, from: Ingress, pkt: &[u8], d: Deci
                 Ingress::Instance(_) => {}
                 // host-a is the gateway: it relays the internet's packets, translated.
                 Ingress::Internet | Ingress::UnderlayIp | Ingress::UnderlayUdp { .. } => {
-                    assert!(nat != vpcd::pipeline::Nat::NONE, "a relay without NAT: {d:?}")
+                    assert!(nat != vpcd_core::pipeline::Nat::NONE, "a relay without NAT: {d:?}")
                 }
             }
         }

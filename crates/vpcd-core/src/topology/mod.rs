@@ -22,29 +22,7 @@ pub fn lock_path(topology: &Path) -> PathBuf {
     topology.with_extension("lock")
 }
 
-/// Reads a lock file; a missing one holds nothing.
-pub fn read_lock(path: &Path) -> Result<Allocations, LoadError> {
-    let file = path.display().to_string();
-    match std::fs::read_to_string(path) {
-        Ok(text) => Allocations::parse(&text, &file).map_err(LoadError::Invalid),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Allocations::none()),
-        Err(source) => Err(LoadError::Io { file, source }),
-    }
-}
-
 impl Topology {
-    /// Reads and validates a topology file with the lock file beside it
-    /// ([`Topology::unlocked`] lists what the lock does not record yet).
-    pub fn load(path: &Path) -> Result<Topology, LoadError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
-            file: file.clone(),
-            source,
-        })?;
-        let lock = read_lock(&lock_path(path))?;
-        Topology::parse_locked(&text, &file, &lock)
-    }
-
     /// Validates topology text; `file` names it in errors. The provider's allocations are
     /// made from scratch (no lock file).
     pub fn parse(text: &str, file: &str) -> Result<Topology, LoadError> {

@@ -8,8 +8,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use serde::Deserialize;
-use vpcd::wire::{PacketBuf, gre, ipv4};
-use vpcd::{Decision, DropReason, Ingress, Pipeline, Timestamp, Topology};
+use vpcd_core::wire::{PacketBuf, gre, ipv4};
+use vpcd_core::{Decision, DropReason, Ingress, Pipeline, Timestamp, Topology};
 
 #[derive(Deserialize)]
 struct Manifest {
@@ -182,7 +182,7 @@ fn the_pipeline_delivers_decap_vectors_and_drops_hostile_ones_for_their_reason()
                 Decision::Deliver {
                     to: receiver,
                     strip: v.inner_offset.unwrap() as u16,
-                    nat: vpcd::pipeline::Nat::NONE,
+                    nat: vpcd_core::pipeline::Nat::NONE,
                 },
                 "{}",
                 v.name

@@ -864,7 +864,7 @@ fn basic_network_addresses_never_move_and_migration_is_one_way_on_every_host() {
 
     // The first instance moves into vpc-m: the second keeps its address.
     reload(&lab, &text(true), "topology reloaded");
-    let now = vpcd::topology::Topology::load(&lab.lab.topology_path()).expect("the lab's topology");
+    let now = vpcd::files::load_topology(&lab.lab.topology_path()).expect("the lab's topology");
     let id = now.instance_named(&second).unwrap();
     assert_eq!(
         now.instance(id).ip,

@@ -5,9 +5,9 @@
 
 use std::net::Ipv4Addr;
 
-use vpcd::Timestamp;
-use vpcd::policy::conntrack::{ConnKey, Conntrack, Endpoint, Open, Zone};
-use vpcd::wire::ipv4::{L4, TcpFlags, proto};
+use vpcd_core::Timestamp;
+use vpcd_core::policy::conntrack::{ConnKey, Conntrack, Endpoint, Open, Zone};
+use vpcd_core::wire::ipv4::{L4, TcpFlags, proto};
 
 #[global_allocator]
 static ALLOCATOR: dhat::Alloc = dhat::Alloc;

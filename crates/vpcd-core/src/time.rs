@@ -45,30 +45,3 @@ impl std::ops::Add<Duration> for Timestamp {
         self.after(d)
     }
 }
-
-/// A monotonic clock for the I/O edge: the one place that turns `std::time::Instant` into
-/// [`Timestamp`].
-#[derive(Debug, Clone, Copy)]
-pub struct MonotonicClock {
-    origin: std::time::Instant,
-}
-
-impl MonotonicClock {
-    /// A clock whose origin is now.
-    pub fn new() -> Self {
-        MonotonicClock {
-            origin: std::time::Instant::now(),
-        }
-    }
-
-    /// The current time.
-    pub fn now(&self) -> Timestamp {
-        Timestamp(self.origin.elapsed().as_millis() as u64)
-    }
-}
-
-impl Default for MonotonicClock {
-    fn default() -> Self {
-        Self::new()
-    }
-}

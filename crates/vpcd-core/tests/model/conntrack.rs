@@ -1,12 +1,12 @@
 //! The model's connection tracking (docs/semantics.md 2.7): a plain vector scanned linearly,
-//! written from the specification (no code of `vpcd::policy::conntrack`). The TCP machine is
+//! written from the specification (no code of `vpcd_core::policy::conntrack`). The TCP machine is
 //! nf_conntrack's `tcp_conntracks` table written out literally, plus the special rules of 2.7,
 //! each in a branch of its own.
 #![allow(non_upper_case_globals)]
 
 use std::net::Ipv4Addr;
 
-use vpcd::DropReason;
+use vpcd_core::DropReason;
 
 use super::wire::{ICMP, TCP, UDP};
 

@@ -27,11 +27,12 @@ use tracing::warn;
 
 use super::Affinity;
 use super::pool::Pool;
+use crate::clock::MonotonicClock;
 use crate::io::tun::Tun;
 use crate::io::underlay::{BATCH, CutFrames, Received, UnderlayRx, UnderlayTx, peek_inner};
 use crate::pipeline::{Action, Counters, Decision, Ingress, Pipeline};
 use crate::reason::DropReason;
-use crate::time::{MonotonicClock, Timestamp};
+use crate::time::Timestamp;
 use crate::topology::{InstanceId, Topology, Transport};
 use crate::wire::gso::{self, Cut, F_NEEDS_CSUM, VNET_HDR_LEN, VnetHdr};
 use crate::wire::{PacketBuf, gre, gro, nat};

@@ -5,9 +5,9 @@ use std::net::Ipv4Addr;
 
 use proptest::prelude::*;
 use proptest::sample::Index;
-use vpcd::policy::route::NextHop;
-use vpcd::topology::{Channel, HostId, InstanceId, PeeringId, Space, VpcId};
-use vpcd::{Decision, Ingress, Topology};
+use vpcd_core::policy::route::NextHop;
+use vpcd_core::topology::{Channel, HostId, InstanceId, PeeringId, Space, VpcId};
+use vpcd_core::{Decision, Ingress, Topology};
 
 use super::build::{self, GreOpts, Ip4};
 
@@ -1102,7 +1102,7 @@ impl Resolver<'_> {
                     Ingress::Instance(_) | Ingress::Internet => {
                         let id = via.index(n + 1) as u32;
                         let id = if id as usize == n { 99 } else { id };
-                        let ingress = Ingress::Instance(vpcd::topology::InstanceId(id));
+                        let ingress = Ingress::Instance(vpcd_core::topology::InstanceId(id));
                         (ingress, h.bytes.clone(), format!("port {id}"))
                     }
                     Ingress::UnderlayUdp { .. } => {
@@ -1404,7 +1404,7 @@ impl Resolver<'_> {
                 PortTweak::Bogus => (99, " via port 99".to_string()),
             };
             return Sent {
-                ingress: Ingress::Instance(vpcd::topology::InstanceId(id)),
+                ingress: Ingress::Instance(vpcd_core::topology::InstanceId(id)),
                 bytes: inner,
                 at,
                 what: format!("{what}{note}"),
@@ -2544,7 +2544,7 @@ impl Resolver<'_> {
                     PortTweak::Bogus => (99, " via port 99".to_string()),
                 };
                 (
-                    Ingress::Instance(vpcd::topology::InstanceId(id)),
+                    Ingress::Instance(vpcd_core::topology::InstanceId(id)),
                     inner,
                     format!("{what}{note}"),
                 )

@@ -17,8 +17,8 @@ use std::net::Ipv4Addr;
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestRunner};
-use vpcd::Topology;
-use vpcd::topology::{Allocations, LoadError};
+use vpcd_core::Topology;
+use vpcd_core::topology::{Allocations, LoadError};
 
 const VPCS: [&str; 5] = ["va", "vb", "vc", "vd", "ve"];
 const BASIC: [&str; 12] = [

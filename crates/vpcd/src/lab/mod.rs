@@ -28,7 +28,7 @@ use crate::io::netns::{self, Netlink};
 use crate::topology::Topology;
 
 /// The topology `vpcd lab up` and `vpcd lab demo` use when given none.
-pub const DEFAULT_TOPOLOGY: &str = include_str!("../../examples/lab.toml");
+pub const DEFAULT_TOPOLOGY: &str = include_str!("../../../../examples/lab.toml");
 /// Where labs keep their state.
 pub const LAB_DIR: &str = "/run/vpcd-lab";
 
@@ -84,7 +84,7 @@ impl Lab {
         if !path.exists() {
             bail!("lab \"{}\" is not up (no {})", self.name, path.display());
         }
-        Ok(Topology::load(&path)?)
+        Ok(crate::files::load_topology(&path)?)
     }
 
     /// A host's statistics file.

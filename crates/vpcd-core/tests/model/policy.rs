@@ -3,9 +3,9 @@
 
 use std::net::Ipv4Addr;
 
-use vpcd::policy::rules::{Action, Peer, Protocol, Rule};
-use vpcd::topology::{AclId, InstanceId, Network, SgId};
-use vpcd::{Decision, DropReason, Dropped, RuleRef};
+use vpcd_core::policy::rules::{Action, Peer, Protocol, Rule};
+use vpcd_core::topology::{AclId, InstanceId, Network, SgId};
+use vpcd_core::{Decision, DropReason, Dropped, RuleRef};
 
 use super::conntrack::{self, Applied, Endpoint, Evicted, Key, Opening, TcpState};
 use super::eval::{BASIC, INTERNET, Model, Origin, Sp, drop, private};
@@ -93,7 +93,7 @@ impl Model {
         p: &Inner<'_>,
         origin: Origin,
         t: usize,
-        nat: vpcd::pipeline::Nat,
+        nat: vpcd_core::pipeline::Nat,
     ) -> Side {
         let (sp, dp) = p.ct_ports();
         let near = match origin {
@@ -128,7 +128,7 @@ impl Model {
         p: &Inner<'_>,
         origin: Origin,
         t: usize,
-        nat: vpcd::pipeline::Nat,
+        nat: vpcd_core::pipeline::Nat,
         forward: Decision,
         now: u64,
     ) -> Result<Decision, Decision> {

@@ -27,10 +27,10 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use etherparse::PacketBuilder;
-use vpcd::pipeline::Nat;
-use vpcd::topology::{HostId, InstanceId};
-use vpcd::wire::{PacketBuf, gre};
-use vpcd::{Action, Decision, Ingress, Pipeline, Timestamp, Topology};
+use vpcd_core::pipeline::Nat;
+use vpcd_core::topology::{HostId, InstanceId};
+use vpcd_core::wire::{PacketBuf, gre};
+use vpcd_core::{Action, Decision, Ingress, Pipeline, Timestamp, Topology};
 
 const HOST_A: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const HOST_B: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);

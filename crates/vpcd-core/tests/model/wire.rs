@@ -1,8 +1,8 @@
-//! The model's own packet parsers, written from the specification: no code of `vpcd::wire`.
+//! The model's own packet parsers, written from the specification: no code of `vpcd_core::wire`.
 
 use std::net::Ipv4Addr;
 
-use vpcd::DropReason;
+use vpcd_core::DropReason;
 
 pub const ICMP: u8 = 1;
 pub const TCP: u8 = 6;

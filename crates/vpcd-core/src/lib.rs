@@ -1,22 +1,20 @@
-//! vpcd: a userspace data plane for virtual private clouds.
+//! vpcd-core: the pure core of vpcd, a userspace data plane for virtual private clouds.
 //!
-//! The crate is layered in the order a packet lives it:
+//! Layered in the order a packet lives it:
 //!
 //! - [`wire`]: packet views and in-place builders (IPv4, GRE, GRE-in-UDP, ICMP);
-//! - [`topology`]: the TOML topology file, its validation and its compiled lookup tables;
+//! - [`topology`]: the TOML topology text, its validation and its compiled lookup tables;
 //! - [`policy`]: route tables, network ACLs, security groups and connection tracking;
 //! - [`pipeline`]: the decision: packet + where it came from + now → deliver, encapsulate or
 //!   drop with a reason.
 //!
-//! Everything above is pure: no I/O, no clock. The Linux backends (TUN devices, the underlay
-//! sockets, the daemon and the namespace lab) sit around it.
+//! Nothing here makes a system call: no files, sockets, threads or clocks (time and seeds are
+//! passed in), and no `unsafe`. The compiler checks it: this crate depends on no system crate
+//! and forbids unsafe code. The Linux edge is the `vpcd` crate.
 
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod daemon;
-pub mod io;
-pub mod lab;
 pub mod pipeline;
 pub mod policy;
 pub mod reason;

@@ -57,8 +57,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use proptest::test_runner::{Config, RngSeed, TestCaseError, TestError, TestRunner};
-use vpcd::pipeline::Nat;
-use vpcd::{Decision, DropReason, Ingress, Pipeline, Timestamp, Topology};
+use vpcd_core::pipeline::Nat;
+use vpcd_core::{Decision, DropReason, Ingress, Pipeline, Timestamp, Topology};
 
 use model::build::hex;
 use model::eval::{Model, instance_mtu};
@@ -218,7 +218,7 @@ fn run_case(
         Err(e) => return Err(format!("generator bug: invalid topology: {e}\n{text}")),
     };
     let this = match this {
-        Some(h) => vpcd::topology::HostId(h as u32),
+        Some(h) => vpcd_core::topology::HostId(h as u32),
         None => topo.instances[0].host,
     };
     let topo = Arc::new(topo);
@@ -439,7 +439,7 @@ fn unhex(s: &str) -> Vec<u8> {
 
 /// Replays packets (time in ms, ingress, hex bytes) through a pipeline and the model of the
 /// host of instance 0; returns both decisions of each.
-fn replay(text: &str, packets: &[(u64, vpcd::Ingress, &str)]) -> Vec<(Decision, Decision)> {
+fn replay(text: &str, packets: &[(u64, vpcd_core::Ingress, &str)]) -> Vec<(Decision, Decision)> {
     let topo = Arc::new(Topology::parse(text, "regression.toml").expect("valid topology"));
     let this = topo.instances[0].host;
     let mut pipeline = Pipeline::new(topo.clone(), this);
@@ -493,17 +493,17 @@ security_groups = ["sg0"]
 
 // ----- regressions: pipeline discrepancies found by `pipeline_matches_model` -----------------
 
-fn i0() -> vpcd::Ingress {
-    vpcd::Ingress::Instance(vpcd::topology::InstanceId(0))
+fn i0() -> vpcd_core::Ingress {
+    vpcd_core::Ingress::Instance(vpcd_core::topology::InstanceId(0))
 }
 
-fn i1() -> vpcd::Ingress {
-    vpcd::Ingress::Instance(vpcd::topology::InstanceId(1))
+fn i1() -> vpcd_core::Ingress {
+    vpcd_core::Ingress::Instance(vpcd_core::topology::InstanceId(1))
 }
 
 fn deliver(to: u32) -> Decision {
     Decision::Deliver {
-        to: vpcd::topology::InstanceId(to),
+        to: vpcd_core::topology::InstanceId(to),
         strip: 0,
         nat: Nat::NONE,
     }
@@ -512,7 +512,7 @@ fn deliver(to: u32) -> Decision {
 /// Delivered from the underlay (GRE-in-UDP with a key: 8 bytes of GRE in front).
 fn deliver_gre(to: u32) -> Decision {
     Decision::Deliver {
-        to: vpcd::topology::InstanceId(to),
+        to: vpcd_core::topology::InstanceId(to),
         strip: 8,
         nat: Nat::NONE,
     }
@@ -542,7 +542,7 @@ fn model_only() -> bool {
     std::env::var("VPCD_PROP_MODEL_ONLY").ok().as_deref() == Some("1")
 }
 
-fn check(text: &str, packets: &[(u64, vpcd::Ingress, &str)], spec: &[Decision]) {
+fn check(text: &str, packets: &[(u64, vpcd_core::Ingress, &str)], spec: &[Decision]) {
     let got = replay(text, packets);
     assert_eq!(got.len(), spec.len());
     for (i, (_, model)) in got.iter().enumerate() {
@@ -653,15 +653,15 @@ security_groups = ["sg0"]
 "#;
 
 fn drop_reason(reason: DropReason) -> Decision {
-    Decision::Drop(vpcd::Dropped { reason, rule: None })
+    Decision::Drop(vpcd_core::Dropped { reason, rule: None })
 }
 
 /// A drop by the implicit end of an instance's security groups.
 fn drop_end(reason: DropReason, instance: u32) -> Decision {
-    Decision::Drop(vpcd::Dropped {
+    Decision::Drop(vpcd_core::Dropped {
         reason,
-        rule: Some(vpcd::RuleRef::SecurityGroupsEnd {
-            instance: vpcd::topology::InstanceId(instance),
+        rule: Some(vpcd_core::RuleRef::SecurityGroupsEnd {
+            instance: vpcd_core::topology::InstanceId(instance),
         }),
     })
 }
@@ -987,7 +987,7 @@ fn spec_example_underlay() {
         .iter()
         .map(|(t, i, b)| (*t, *i, b.as_str()))
         .collect();
-    let id = vpcd::topology::InstanceId;
+    let id = vpcd_core::topology::InstanceId;
     check(
         TWO_HOSTS,
         &packets,
@@ -1010,7 +1010,7 @@ fn spec_example_underlay() {
             drop_reason(UnderlayTooBig),
             Decision::Encapsulate {
                 strip: 0,
-                host: vpcd::topology::HostId(1),
+                host: vpcd_core::topology::HostId(1),
                 key: Some(1001),
                 nat: Nat::NONE,
             },
@@ -1024,7 +1024,7 @@ fn spec_example_underlay() {
 /// and checks both against the decisions worked out by hand.
 fn check_on(text: &str, host: u32, packets: &[(u64, Ingress, Vec<u8>)], spec: &[Decision]) {
     let topo = Arc::new(Topology::parse(text, "example.toml").expect("valid topology"));
-    let host = vpcd::topology::HostId(host);
+    let host = vpcd_core::topology::HostId(host);
     let mut pipeline = Pipeline::new(topo.clone(), host);
     let mut model = Model::new(topo, host);
     assert_eq!(packets.len(), spec.len());
@@ -1104,7 +1104,7 @@ fn nat(src: Option<&str>, dst: Option<&str>) -> Nat {
 }
 
 fn instance(n: u32) -> Ingress {
-    Ingress::Instance(vpcd::topology::InstanceId(n))
+    Ingress::Instance(vpcd_core::topology::InstanceId(n))
 }
 
 fn from_host(n: u8) -> Ingress {
@@ -1235,8 +1235,8 @@ fn spec_example_elastic_ips_at_the_gateway() {
             gre_packet(Some(out), &udp_packet("10.0.1.10", 53, "203.0.113.11", 7)),
         ),
     ];
-    let id = vpcd::topology::InstanceId;
-    let h = vpcd::topology::HostId;
+    let id = vpcd_core::topology::InstanceId;
+    let h = vpcd_core::topology::HostId;
     check_on(
         EIPS,
         0,
@@ -1344,7 +1344,7 @@ fn spec_example_elastic_ips_behind_the_gateway() {
         &[
             Decision::Encapsulate {
                 strip: 0,
-                host: vpcd::topology::HostId(0),
+                host: vpcd_core::topology::HostId(0),
                 key: Some(out),
                 nat: Nat::NONE,
             },
@@ -1514,7 +1514,7 @@ security_groups = ["sg0"]
         (5, instance(0), p(1000, 22, ACK)),
     ];
     let hairpin = Decision::Deliver {
-        to: vpcd::topology::InstanceId(0),
+        to: vpcd_core::topology::InstanceId(0),
         strip: 0,
         nat: Nat {
             src: Some(addr(eip)),
@@ -1627,7 +1627,7 @@ fn overlapping_peered_vpcs_are_told_apart_by_their_keys() {
         ];
         let to_h1 = |name: &str| Decision::Encapsulate {
             strip: 0,
-            host: vpcd::topology::HostId(1),
+            host: vpcd_core::topology::HostId(1),
             key: Some(key(name)),
             nat: Nat::NONE,
         };
@@ -1786,7 +1786,7 @@ fn spec_example_conntrack_limit_per_host() {
     use DropReason::*;
     let (a, b, c) = ("198.51.100.1", "198.51.100.2", "198.51.100.3");
     let inbound = Decision::Deliver {
-        to: vpcd::topology::InstanceId(0),
+        to: vpcd_core::topology::InstanceId(0),
         strip: 0,
         nat: nat(None, Some("10.0.1.10")),
     };
@@ -2102,7 +2102,7 @@ fn spec_example_appliances_and_channels() {
     ];
     let to_h1 = |key: Option<u32>| Decision::Encapsulate {
         strip: 0,
-        host: vpcd::topology::HostId(1),
+        host: vpcd_core::topology::HostId(1),
         key,
         nat: Nat::NONE,
     };
@@ -2180,7 +2180,7 @@ fn spec_example_elastic_ip_replies_come_first() {
             deliver_gre(3),
             Decision::Encapsulate {
                 strip: 0,
-                host: vpcd::topology::HostId(1),
+                host: vpcd_core::topology::HostId(1),
                 key: Some(out),
                 nat: Nat::NONE,
             },

@@ -4,10 +4,10 @@
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
-use vpcd::pipeline::Nat;
-use vpcd::policy::route::NextHop;
-use vpcd::topology::{Channel, HostId, InstanceId, Network, Space, VpcId};
-use vpcd::{Decision, DropReason, Dropped, Ingress, Topology};
+use vpcd_core::pipeline::Nat;
+use vpcd_core::policy::route::NextHop;
+use vpcd_core::topology::{Channel, HostId, InstanceId, Network, Space, VpcId};
+use vpcd_core::{Decision, DropReason, Dropped, Ingress, Topology};
 
 use super::conntrack::Table;
 use super::wire::{self, Frag, Inner, L4, UDP};
@@ -140,8 +140,8 @@ pub fn private(a: Ipv4Addr) -> bool {
 pub fn instance_mtu(topo: &Topology) -> u16 {
     let u = &topo.underlay;
     let mut overhead = match u.transport {
-        vpcd::topology::Transport::Gre => 28,
-        vpcd::topology::Transport::GreUdp => 36,
+        vpcd_core::topology::Transport::Gre => 28,
+        vpcd_core::topology::Transport::GreUdp => 36,
     };
     if u.checksum {
         overhead += 4;
@@ -239,7 +239,7 @@ impl Model {
         dst: Ipv4Addr,
         keep: impl Fn(&ipnet::Ipv4Net) -> bool,
     ) -> Option<NextHop> {
-        let mut best: Option<&vpcd::policy::route::Route> = None;
+        let mut best: Option<&vpcd_core::policy::route::Route> = None;
         for r in self.topo.route_tables[table].routes.as_slice() {
             if r.destination.contains(&dst)
                 && keep(&r.destination)
@@ -683,7 +683,7 @@ impl Model {
             // reaches (one leaving the VPC is then refused as leaving).
             Target::Inst(_, _) if foreign => Channel::Appliance(InstanceId(s as u32)),
             Target::Inst(x, Some(pp)) => Channel::Peering {
-                peering: vpcd::topology::PeeringId(pp as u32),
+                peering: vpcd_core::topology::PeeringId(pp as u32),
                 to: self.topo.instances[x].vpc().unwrap(),
             },
             Target::Inst(x, None) => match (self.space(s), self.space(x)) {

@@ -100,7 +100,7 @@ use vpcd::topology::{ExpectSource, ExpectTarget, Network};
 /// `full`), and records the provider's new allocations in the lock file beside FILE
 /// (`--locked`: refuses to, as `cargo --locked`).
 pub fn check(file: &Path, locked: bool, full: bool) -> ExitCode {
-    match Topology::load(file) {
+    match vpcd::files::load_topology(file) {
         Ok(t) => {
             out!("{}", summary(&t, full));
             match write_lock(file, &t, locked) {

@@ -35,12 +35,12 @@ use hashbrown::HashMap;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use tracing::{error, info, warn};
 
+use crate::clock::MonotonicClock;
 use crate::io::netns;
 use crate::io::tun::{Tun, TunConfig};
 use crate::io::underlay::{UnderlayRx, UnderlayTx};
 use crate::pipeline::{Counters, Pipeline, RuleRef};
 use crate::reason::DropReason;
-use crate::time::MonotonicClock;
 use crate::topology::{HostId, InstanceId, Topology, Transport, live_refusals};
 use crate::wire::ipv4;
 pub use pool::Pool;
@@ -557,7 +557,7 @@ where
 /// record every allocation the topology needs is an error (every host must read the same
 /// record: docs/semantics.md 2.10).
 fn load(path: &Path) -> Result<Topology> {
-    let t = Topology::load(path)?;
+    let t = crate::files::load_topology(path)?;
     if !t.unlocked.is_empty() {
         bail!(
             "{}: the lock file does not record {}: run `vpcd check {}` to record it, and give every host the same {}",

@@ -1,0 +1,21 @@
+//! vpcd: the Linux edge of a userspace data plane for virtual private clouds, around the pure
+//! core [`vpcd_core`] (re-exported here, so `vpcd::topology` is `vpcd_core::topology`):
+//!
+//! - [`io`]: TUN devices, the underlay sockets, netlink and network namespaces;
+//! - [`daemon`]: `vpcd run`, its workers, reloads and counters;
+//! - [`lab`]: the namespace lab (`vpcd lab`);
+//! - [`files`]: reading a topology and its lock file from disk;
+//! - [`clock`]: the monotonic clock that stamps packets.
+
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod clock;
+pub mod daemon;
+pub mod files;
+pub mod io;
+pub mod lab;
+
+pub use vpcd_core::{Action, Decision, DropReason, Dropped, Ingress, Pipeline, RuleRef};
+pub use vpcd_core::{Timestamp, Topology};
+pub use vpcd_core::{pipeline, policy, reason, time, topology, wire};
