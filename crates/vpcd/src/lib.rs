@@ -5,16 +5,20 @@
 //! - [`daemon`]: `vpcd run`, its workers, reloads and counters;
 //! - [`lab`]: the namespace lab (`vpcd lab`);
 //! - [`files`]: reading a topology and its lock file from disk;
-//! - [`clock`]: the monotonic clock that stamps packets.
+//! - [`clock`]: the monotonic clock that stamps packets;
+//! - [`control`]: the control socket (`vpcd ctl`);
+//! - [`metrics`]: the counters in the Prometheus text format, and their HTTP endpoint.
 
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod clock;
+pub mod control;
 pub mod daemon;
 pub mod files;
 pub mod io;
 pub mod lab;
+pub mod metrics;
 
 pub use vpcd_core::{Action, Decision, DropReason, Dropped, Ingress, Pipeline, RuleRef};
 pub use vpcd_core::{Timestamp, Topology};
