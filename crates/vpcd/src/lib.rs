@@ -5,6 +5,7 @@
 //! - [`daemon`]: `vpcd run`, its workers, reloads and counters;
 //! - [`lab`]: the namespace lab (`vpcd lab`);
 //! - [`files`]: reading a topology and its lock file from disk;
+//! - [`capture`]: packet capture to pcapng;
 //! - [`clock`]: the monotonic clock that stamps packets;
 //! - [`control`]: the control socket (`vpcd ctl`);
 //! - [`metrics`]: the counters in the Prometheus text format, and their HTTP endpoint.
@@ -12,6 +13,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod capture;
 pub mod clock;
 pub mod control;
 pub mod daemon;
