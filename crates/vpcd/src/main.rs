@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 #[macro_use]
 mod cli;
+mod ctl;
 
 /// vpcd: a userspace VPC data plane.
 #[derive(Parser)]
@@ -49,12 +50,61 @@ enum Command {
         /// Enter this network namespace first.
         #[arg(long)]
         netns: Option<String>,
+        /// The control socket `vpcd ctl` talks to (default /run/vpcd/HOST.sock, or
+        /// /run/vpcd/NETNS.sock with --netns).
+        #[arg(long)]
+        control: Option<PathBuf>,
+        /// Serve Prometheus metrics at http://ADDR:PORT/metrics.
+        #[arg(long, value_name = "ADDR:PORT")]
+        metrics: Option<std::net::SocketAddr>,
+    },
+    /// Ask a running daemon (its control socket): status, reload, stats, clear-counters.
+    Ctl {
+        /// The daemon's host name (its socket is /run/vpcd/HOST.sock).
+        #[arg(long, conflicts_with = "control")]
+        host: Option<String>,
+        /// The daemon's control socket.
+        #[arg(long)]
+        control: Option<PathBuf>,
+        /// Answer in JSON.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: CtlCommand,
     },
     /// A whole region on this machine, in network namespaces.
     Lab {
         #[command(subcommand)]
         command: LabCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// The generation in force, the topology's hash, uptime, workers, the last reload.
+    Status,
+    /// Re-read the topology; its errors come back here.
+    Reload,
+    /// The counters.
+    Stats {
+        /// In the Prometheus text format.
+        #[arg(long)]
+        prometheus: bool,
+    },
+    /// Zero every counter.
+    ClearCounters,
+}
+
+impl CtlCommand {
+    fn request(self) -> vpcd::control::Request {
+        use vpcd::control::Request;
+        match self {
+            CtlCommand::Status => Request::Status {},
+            CtlCommand::Reload => Request::Reload {},
+            CtlCommand::Stats { prometheus } => Request::Stats { prometheus },
+            CtlCommand::ClearCounters => Request::ClearCounters {},
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -134,12 +184,30 @@ fn main() -> ExitCode {
     match args.command {
         Command::Check { file, locked, full } => cli::check(&file, locked, full),
         Command::Lab { command } => cli::lab(command_of(command)),
+        Command::Ctl {
+            host,
+            control,
+            json,
+            command,
+        } => {
+            let path = match (control, host) {
+                (Some(p), _) => p,
+                (None, Some(h)) => vpcd::control::default_path(&h),
+                (None, None) => {
+                    errln!("vpcd ctl: say which daemon: --host NAME or --control PATH");
+                    return ExitCode::from(2);
+                }
+            };
+            ctl::ctl(&path, command.request(), json)
+        }
         Command::Run {
             topology,
             host,
             workers,
             stats,
             netns,
+            control,
+            metrics,
         } => {
             // The process's name (/proc/PID/comm, what ps and pidof show): `vpcd`, also when
             // it was started as /proc/self/exe (the lab), which would make it `exe`.
@@ -153,8 +221,11 @@ fn main() -> ExitCode {
                 topology,
                 host,
                 workers: workers.unwrap_or_else(vpcd::daemon::default_workers),
+                control: control
+                    .or_else(|| netns.as_ref().map(|ns| vpcd::control::default_path(ns))),
                 stats,
                 netns,
+                metrics,
             };
             match vpcd::daemon::run(opts) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -349,6 +349,13 @@ impl Pipeline {
         &self.state.counters
     }
 
+    /// Zeroes every counter, the connection table's included (`vpcd ctl clear-counters`);
+    /// connections and cached decisions stay.
+    pub fn clear_counters(&mut self) {
+        self.state.counters = Counters::new(self.topo.instances.len());
+        self.state.conntrack.clear_stats();
+    }
+
     /// The connection table.
     pub fn conntrack(&self) -> &Conntrack {
         &self.state.conntrack

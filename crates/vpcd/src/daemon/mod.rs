@@ -17,6 +17,7 @@
 //! inbox in a batch; with one worker nothing crosses threads. The control thread runs on tokio
 //! (signals and timers); the data path runs on plain threads.
 
+mod ops;
 mod pool;
 mod worker;
 
@@ -43,6 +44,7 @@ use crate::pipeline::{Counters, Pipeline, RuleRef};
 use crate::reason::DropReason;
 use crate::topology::{HostId, InstanceId, Topology, Transport, live_refusals};
 use crate::wire::ipv4;
+use ops::topo_text;
 pub use pool::Pool;
 pub use worker::{DeviceTable, Devices, Lane, Msg, Packet, Wiring, Worker, WorkerReport};
 
@@ -112,6 +114,10 @@ pub struct Options {
     pub stats: Option<PathBuf>,
     /// A network namespace to enter first (the lab's host namespaces).
     pub netns: Option<String>,
+    /// The control socket (default: /run/vpcd/HOST.sock).
+    pub control: Option<PathBuf>,
+    /// Serve Prometheus metrics over HTTP here (`GET /metrics`).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// The default number of workers: one per core, at most 4.
@@ -142,6 +148,8 @@ struct Daemon {
     created_netns: Vec<String>,
     stats_path: PathBuf,
     stats_seq: u64,
+    /// What `vpcd ctl status` reports.
+    status: ops::Status,
 }
 
 /// Closes every descriptor this process inherited beyond stdin, stdout and stderr; returns
@@ -200,6 +208,7 @@ pub fn run(opts: Options) -> Result<()> {
         instances = topo.instances_on(host).count(), "starting"
     );
     let seed = rand_seed();
+    let topology_path = opts.topology.clone();
     let stats_path = opts
         .stats
         .clone()
@@ -217,6 +226,7 @@ pub fn run(opts: Options) -> Result<()> {
         created_netns: Vec::new(),
         stats_path,
         stats_seq: 0,
+        status: ops::Status::new(&topo_text(&topology_path)),
     };
     let result = d.start(workers).and_then(|()| d.control());
     d.cleanup();
@@ -379,11 +389,15 @@ impl Daemon {
             let mut hup = signal(SignalKind::hangup())?;
             let mut usr1 = signal(SignalKind::user_defined1())?;
             let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let (mut asked, _servers) = self.open_control()?;
             loop {
                 tokio::select! {
                     _ = term.recv() => { info!("SIGTERM: stopping"); break; }
                     _ = int.recv() => { info!("SIGINT: stopping"); break; }
-                    _ = hup.recv() => self.reload(),
+                    _ = hup.recv() => { let _ = self.reload(); }
+                    Some((request, reply)) = asked.recv() => {
+                        let _ = reply.send(self.answer(request));
+                    }
                     _ = tick.tick() => self.tick(),
                     // The lab asks for fresh statistics around each probe.
                     _ = usr1.recv() => self.tick(),
@@ -396,11 +410,15 @@ impl Daemon {
 
     /// Re-reads the topology (SIGHUP). An invalid file, or one that changes what every host
     /// must agree on while running, changes nothing.
-    fn reload(&mut self) {
-        match self.try_reload() {
+    fn reload(&mut self) -> Result<(), String> {
+        let result = self.try_reload().map_err(|e| format!("{e:#}"));
+        match &result {
             Ok(()) => info!("topology reloaded"),
-            Err(e) => error!("reload refused, the running topology stays:\n{e:#}"),
+            Err(e) => error!("reload refused, the running topology stays:\n{e}"),
         }
+        self.status
+            .reloaded(&result, &topo_text(&self.opts.topology));
+        result
     }
 
     /// The reload as a transaction: the new topology is checked and the new devices opened
@@ -454,39 +472,31 @@ impl Daemon {
 
     /// Sweeps expired connections and writes the statistics file.
     fn tick(&mut self) {
+        let totals = self.collect(Msg::Tick);
+        self.write_stats(&totals);
+    }
+
+    /// Every worker's report to `ask` (a tick, or clearing the counters), summed.
+    fn collect(&self, ask: fn(crossbeam_channel::Sender<WorkerReport>) -> Msg) -> ops::Totals {
         let lanes = self.lanes.clone().unwrap_or_else(|| Arc::from(Vec::new()));
         let (tx, rx) = bounded(lanes.len());
         for lane in lanes.iter() {
-            lane.send_blocking(Msg::Tick(tx.clone()));
+            lane.send_blocking(ask(tx.clone()));
         }
-        let mut total = Counters::new(self.topo.instances.len());
-        let mut connections = 0;
-        let mut handoff_drops = 0;
-        let (mut evicted, mut refused_full, mut refused_instance) = (0, 0, 0);
+        let mut totals = ops::Totals::new(self.topo.instances.len());
         for _ in 0..lanes.len() {
             match rx.recv_timeout(Duration::from_millis(500)) {
-                Ok(r) => {
-                    total.merge(&r.counters);
-                    connections += r.connections;
-                    handoff_drops += r.handoff_drops;
-                    evicted += r.conntrack.evicted;
-                    refused_full += r.conntrack.refused_full;
-                    refused_instance += r.conntrack.refused_instance;
-                }
+                Ok(r) => totals.add(&r),
                 Err(_) => break,
             }
         }
+        totals
+    }
+
+    /// Writes the statistics file (atomically: a temporary file renamed over it).
+    fn write_stats(&mut self, totals: &ops::Totals) {
         self.stats_seq += 1;
-        let text = stats_text(
-            &self.topo,
-            &self.opts.host,
-            self.stats_seq,
-            &total,
-            connections,
-        );
-        let text = format!(
-            "{text}conntrack_evicted {evicted}\nconntrack_refused_full {refused_full}\nconntrack_refused_instance {refused_instance}\nhandoff_drops {handoff_drops}\n"
-        );
+        let text = totals.text(&self.topo, &self.opts.host, self.stats_seq);
         let tmp = self.stats_path.with_extension("tmp");
         if let Some(dir) = self.stats_path.parent() {
             let _ = std::fs::create_dir_all(dir);

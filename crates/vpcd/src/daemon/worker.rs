@@ -80,6 +80,8 @@ pub enum Msg {
     Topology(Arc<Topology>, Devices),
     /// Expire connections, then report the counters.
     Tick(Sender<WorkerReport>),
+    /// Zero the counters (`vpcd ctl clear-counters`), then report them.
+    ClearCounters(Sender<WorkerReport>),
     /// Stop.
     Stop,
 }
@@ -308,17 +310,26 @@ impl Worker {
                 }
                 Msg::Tick(reply) => {
                     self.pipeline.sweep(self.clock.now());
-                    let _ = reply.send(WorkerReport {
-                        counters: self.pipeline.counters().clone(),
-                        connections: self.pipeline.conntrack().len(),
-                        conntrack: self.pipeline.conntrack().stats(),
-                        handoff_drops: self.handoff_drops,
-                    });
+                    let _ = reply.send(self.report());
+                }
+                Msg::ClearCounters(reply) => {
+                    self.pipeline.clear_counters();
+                    self.handoff_drops = 0;
+                    let _ = reply.send(self.report());
                 }
                 Msg::Stop => return false,
             }
         }
         true
+    }
+
+    fn report(&self) -> WorkerReport {
+        WorkerReport {
+            counters: self.pipeline.counters().clone(),
+            connections: self.pipeline.conntrack().len(),
+            conntrack: self.pipeline.conntrack().stats(),
+            handoff_drops: self.handoff_drops,
+        }
     }
 
     /// Takes packets another worker read under topology `t`: an instance's packets follow the

@@ -113,7 +113,7 @@ pub fn vpcd(args: &[&str]) -> Output {
         .expect("running vpcd")
 }
 
-fn show(o: &Output) -> String {
+pub fn show(o: &Output) -> String {
     format!(
         "exit {:?}\n--- stdout\n{}--- stderr\n{}",
         o.status.code(),

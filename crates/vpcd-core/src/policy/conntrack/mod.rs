@@ -350,6 +350,11 @@ impl Conntrack {
         self.stats
     }
 
+    /// Zeroes the counts (the entries stay).
+    pub fn clear_stats(&mut self) {
+        self.stats = ConntrackStats::default();
+    }
+
     /// Entries counted against `owner`.
     pub fn owned_by(&self, owner: &Owner) -> u32 {
         self.owners.count(owner)

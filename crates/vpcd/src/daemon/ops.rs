@@ -1,0 +1,225 @@
+//! The daemon's operator surface: the control socket's answers (`vpcd ctl`), the counters
+//! summed over the workers, and the Prometheus endpoint.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tracing::info;
+
+use super::worker::{Msg, WorkerReport};
+use super::{Daemon, stats_text};
+use crate::control::{self, Reply, Request};
+use crate::metrics;
+use crate::pipeline::Counters;
+use crate::policy::conntrack::ConntrackStats;
+use crate::topology::Topology;
+
+/// A request from the control socket with the way back to its client.
+pub(super) type Asked = (Request, crossbeam_channel::Sender<Reply>);
+
+/// What `status` reports beyond the topology.
+pub(super) struct Status {
+    started: Instant,
+    /// 1 at start, one more for each reload that took effect.
+    generation: u64,
+    /// A hash of the topology text in force (FNV-1a 64, hex).
+    topology_hash: String,
+    last_reload: Option<(Instant, Result<(), String>)>,
+}
+
+impl Status {
+    pub(super) fn new(text: &str) -> Status {
+        Status {
+            started: Instant::now(),
+            generation: 1,
+            topology_hash: fnv64(text),
+            last_reload: None,
+        }
+    }
+
+    /// Records a reload's result; `text` is the file as it is now.
+    pub(super) fn reloaded(&mut self, result: &Result<(), String>, text: &str) {
+        if result.is_ok() {
+            self.generation += 1;
+            self.topology_hash = fnv64(text);
+        }
+        self.last_reload = Some((Instant::now(), result.clone()));
+    }
+}
+
+/// The topology file's text, for its hash ("" when unreadable: the load says why).
+pub(super) fn topo_text(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+fn fnv64(text: &str) -> String {
+    let h = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{h:016x}")
+}
+
+/// The workers' reports, summed.
+pub(super) struct Totals {
+    pub counters: Counters,
+    pub connections: usize,
+    pub conntrack: ConntrackStats,
+    pub handoff_drops: u64,
+}
+
+impl Totals {
+    pub(super) fn new(instances: usize) -> Totals {
+        Totals {
+            counters: Counters::new(instances),
+            connections: 0,
+            conntrack: ConntrackStats::default(),
+            handoff_drops: 0,
+        }
+    }
+
+    pub(super) fn add(&mut self, r: &WorkerReport) {
+        self.counters.merge(&r.counters);
+        self.connections += r.connections;
+        self.handoff_drops += r.handoff_drops;
+        let (a, b) = (&mut self.conntrack, &r.conntrack);
+        a.created += b.created;
+        a.evicted += b.evicted;
+        a.expired += b.expired;
+        a.refused_full += b.refused_full;
+        a.refused_instance += b.refused_instance;
+    }
+
+    /// The statistics file's text.
+    pub(super) fn text(&self, t: &Topology, host: &str, seq: u64) -> String {
+        let text = stats_text(t, host, seq, &self.counters, self.connections);
+        let ct = &self.conntrack;
+        format!(
+            "{text}conntrack_evicted {}\nconntrack_refused_full {}\nconntrack_refused_instance {}\nhandoff_drops {}\n",
+            ct.evicted, ct.refused_full, ct.refused_instance, self.handoff_drops
+        )
+    }
+
+    fn prometheus(&self, t: &Topology, host: &str) -> String {
+        let snapshot = metrics::Snapshot {
+            topology: t,
+            host,
+            counters: &self.counters,
+            conntrack: self.conntrack,
+            connections: self.connections,
+        };
+        let mut families = metrics::families(&snapshot);
+        families.push(metrics::Family {
+            name: "vpcd_handoff_drops_total",
+            help: "Batches of packets a worker could not hand to the worker owning their flow.",
+            kind: metrics::Kind::Counter,
+            samples: vec![(Vec::new(), self.handoff_drops)],
+        });
+        metrics::render(host, &families)
+    }
+}
+
+/// The servers that feed the control loop; they stop when dropped.
+pub(super) struct Servers {
+    _control: control::Server,
+}
+
+impl Daemon {
+    /// Opens the control socket and, if asked, the metrics endpoint; their requests arrive on
+    /// the returned channel, to be answered by the control loop.
+    pub(super) fn open_control(&self) -> Result<(mpsc::Receiver<Asked>, Servers)> {
+        let (tx, rx) = mpsc::channel::<Asked>(16);
+        let path = self
+            .opts
+            .control
+            .clone()
+            .unwrap_or_else(|| control::default_path(&self.opts.host));
+        let ask = tx.clone();
+        let server = control::serve(&path, move |request| relay(&ask, request))
+            .with_context(|| format!("control socket {}", path.display()))?;
+        info!(path = %path.display(), "control socket");
+        if let Some(addr) = self.opts.metrics {
+            let scrape = move || relay(&tx, Request::Stats { prometheus: true }).text;
+            let bound = metrics::serve(addr, std::sync::Arc::new(scrape))
+                .with_context(|| format!("metrics on {addr}"))?;
+            info!(%bound, "metrics");
+        }
+        Ok((rx, Servers { _control: server }))
+    }
+
+    /// Answers one control request.
+    pub(super) fn answer(&mut self, request: Request) -> Reply {
+        match request {
+            Request::Status {} => self.status_reply(),
+            Request::Reload {} => match self.reload() {
+                Ok(()) => Reply::ok(
+                    format!("reloaded: generation {}", self.status.generation),
+                    json!({"generation": self.status.generation}),
+                ),
+                Err(e) => Reply::error(format!("reload refused, the running topology stays:\n{e}")),
+            },
+            Request::Stats { prometheus } => {
+                let totals = self.collect(Msg::Tick);
+                if prometheus {
+                    Reply::ok(totals.prometheus(&self.topo, &self.opts.host), json!(null))
+                } else {
+                    let text = totals.text(&self.topo, &self.opts.host, self.stats_seq);
+                    let map = super::parse_stats(&text);
+                    Reply::ok(text, json!(map))
+                }
+            }
+            Request::ClearCounters {} => {
+                let totals = self.collect(Msg::ClearCounters);
+                self.write_stats(&totals);
+                Reply::ok("counters cleared", json!(null))
+            }
+            Request::Flows { .. } => Reply::error("flows: not served by this daemon yet"),
+        }
+    }
+
+    fn status_reply(&self) -> Reply {
+        let s = &self.status;
+        let workers = self.lanes.as_ref().map_or(0, |l| l.len());
+        let uptime = s.started.elapsed().as_secs();
+        let last = match &s.last_reload {
+            None => "none".to_string(),
+            Some((at, Ok(()))) => format!("ok, {} s ago", at.elapsed().as_secs()),
+            Some((at, Err(e))) => format!("refused, {} s ago: {e}", at.elapsed().as_secs()),
+        };
+        let text = format!(
+            "host {}\ngeneration {}\ntopology {} ({})\nuptime {uptime} s\nworkers {workers}\nlast reload {last}\n",
+            self.opts.host,
+            s.generation,
+            self.opts.topology.display(),
+            s.topology_hash
+        );
+        let data = json!({
+            "host": self.opts.host,
+            "generation": s.generation,
+            "topology": self.opts.topology.display().to_string(),
+            "topology_hash": s.topology_hash,
+            "uptime_s": uptime,
+            "workers": workers,
+            "last_reload": s.last_reload.as_ref().map(|(at, r)| json!({
+                "ok": r.is_ok(),
+                "error": r.as_ref().err(),
+                "seconds_ago": at.elapsed().as_secs(),
+            })),
+        });
+        Reply::ok(text, data)
+    }
+}
+
+/// Hands a request to the control loop and waits for its answer (a daemon that does not
+/// answer within 20 s is reported as such).
+fn relay(tx: &mpsc::Sender<Asked>, request: Request) -> Reply {
+    let (back, answer) = crossbeam_channel::bounded(1);
+    if tx.blocking_send((request, back)).is_err() {
+        return Reply::error("the daemon is stopping");
+    }
+    answer
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|_| Reply::error("the daemon did not answer within 20 s"))
+}
