@@ -1,9 +1,9 @@
 //! Route tables: longest-prefix match over a subnet's custom routes.
 //!
 //! The local route (the VPC CIDR) is not stored here: the pipeline checks it first because it
-//! always wins (CLOUD-SEMANTICS, "the local route can't be changed"), and validation refuses
-//! custom routes inside the VPC CIDR. The match itself is prefix-trie's, so a lookup costs the
-//! depth of the trie, not the number of routes.
+//! cannot be changed (docs/semantics.md, "Route tables"; route order: 2.6), and validation
+//! refuses custom routes inside the VPC CIDR but for subnet routes to an appliance. The match
+//! itself is prefix-trie's, so a lookup costs the depth of the trie, not the number of routes.
 
 use std::net::Ipv4Addr;
 

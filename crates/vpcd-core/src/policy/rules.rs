@@ -3,8 +3,8 @@
 //! The topology keeps rules as written ([`Rule`]); evaluation uses a [`RuleList`]: the rules
 //! flattened into entries (a port list becomes one entry per range, an `sg:` peer a sorted
 //! address set) and indexed by bit vectors, so that finding the first matching entry costs
-//! the same for 5 rules or 1,000. The first entry that matches decides (CLOUD-SEMANTICS:
-//! "rules are ordered, the first match wins"); no match denies.
+//! the same for 5 rules or 1,000. The first entry that matches decides (docs/semantics.md,
+//! "Security groups" and "Network ACLs": ordered rules, first match wins); no match denies.
 
 use std::net::Ipv4Addr;
 
