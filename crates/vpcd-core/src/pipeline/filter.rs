@@ -14,7 +14,7 @@ use crate::policy::conntrack::{
 };
 use crate::policy::rules::{Outcome, RuleList, Subject};
 use crate::reason::DropReason;
-use crate::topology::{InstanceId, SgId};
+use crate::topology::{AclId, InstanceId, SgId};
 use crate::wire::ipv4::{Ipv4Packet, L4, icmp_type};
 
 /// One local side of a packet.
@@ -55,7 +55,7 @@ fn rule_port(ip: &Ipv4Packet, reverse: bool) -> Option<u16> {
 }
 
 /// An ACL's verdict; the error names the deciding rule (`None`: no rule matched).
-fn acl_allows(list: &RuleList, s: &Subject) -> Result<(), Option<u16>> {
+fn acl_allows(list: &RuleList<AclId>, s: &Subject) -> Result<(), Option<u16>> {
     match list.evaluate(s) {
         Outcome::Accepted(_) => Ok(()),
         Outcome::Dropped(o) => Err(Some(o.rule)),
@@ -64,11 +64,11 @@ fn acl_allows(list: &RuleList, s: &Subject) -> Result<(), Option<u16>> {
 }
 
 /// A security-group list's verdict; the error names the deciding rule.
-fn sg_allows(list: &RuleList, s: &Subject, instance: InstanceId) -> Result<(), RuleRef> {
+fn sg_allows(list: &RuleList<SgId>, s: &Subject, instance: InstanceId) -> Result<(), RuleRef> {
     match list.evaluate(s) {
         Outcome::Accepted(_) => Ok(()),
         Outcome::Dropped(o) => Err(RuleRef::SecurityGroup {
-            group: SgId(o.owner),
+            group: o.owner,
             rule: o.rule,
         }),
         Outcome::NoMatch => Err(RuleRef::SecurityGroupsEnd { instance }),

@@ -10,6 +10,8 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use prefix_trie::PrefixMap;
 
+use crate::ids::{InstanceId, PeeringId};
+
 /// Where a custom route sends matching traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum NextHop {
@@ -18,9 +20,9 @@ pub enum NextHop {
     /// Out through the instance's Elastic IP.
     Internet,
     /// Deliver it, unchanged, to this instance (an appliance in the same VPC).
-    Instance(u32),
+    Instance(InstanceId),
     /// Across this peering connection.
-    Peering(u32),
+    Peering(PeeringId),
 }
 
 /// One custom route.
@@ -83,14 +85,14 @@ mod tests {
     #[test]
     fn longest_prefix_wins() {
         let t = Routes::new(vec![
-            r("0.0.0.0/0", NextHop::Instance(1)),
+            r("0.0.0.0/0", NextHop::Instance(InstanceId(1))),
             r("10.9.0.0/16", NextHop::Drop),
-            r("10.9.8.0/24", NextHop::Peering(0)),
+            r("10.9.8.0/24", NextHop::Peering(PeeringId(0))),
         ]);
         let hop = |a: [u8; 4]| t.lookup(a.into()).map(|(_, r)| r.next_hop);
-        assert_eq!(hop([10, 9, 8, 7]), Some(NextHop::Peering(0)));
+        assert_eq!(hop([10, 9, 8, 7]), Some(NextHop::Peering(PeeringId(0))));
         assert_eq!(hop([10, 9, 1, 1]), Some(NextHop::Drop));
-        assert_eq!(hop([8, 8, 8, 8]), Some(NextHop::Instance(1)));
+        assert_eq!(hop([8, 8, 8, 8]), Some(NextHop::Instance(InstanceId(1))));
     }
 
     #[test]
