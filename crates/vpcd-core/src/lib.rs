@@ -2,6 +2,7 @@
 //!
 //! Layered in the order a packet lives it:
 //!
+//! - [`ids`]: the typed ids of the topology's hosts, VPCs, subnets, instances...;
 //! - [`wire`]: packet views and in-place builders (IPv4, GRE, GRE-in-UDP, ICMP);
 //! - [`topology`]: the TOML topology text, its validation and its compiled lookup tables;
 //! - [`policy`]: route tables, network ACLs, security groups and connection tracking;
@@ -15,6 +16,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod ids;
 pub mod pipeline;
 pub mod policy;
 pub mod reason;

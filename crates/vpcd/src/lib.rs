@@ -24,4 +24,4 @@ pub mod metrics;
 
 pub use vpcd_core::{Action, Decision, DropReason, Dropped, Ingress, Pipeline, RuleRef};
 pub use vpcd_core::{Timestamp, Topology};
-pub use vpcd_core::{pipeline, policy, reason, time, topology, wire};
+pub use vpcd_core::{ids, pipeline, policy, reason, time, topology, wire};

@@ -101,14 +101,6 @@ impl Counters {
         self.drops[reason.index()]
     }
 
-    /// Every reason with a non-zero count.
-    pub fn nonzero_drops(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
-        DropReason::ALL
-            .iter()
-            .map(|&r| (r, self.drops[r.index()]))
-            .filter(|(_, n)| *n > 0)
-    }
-
     /// Policy drops per deciding rule.
     pub fn rule_drops(&self) -> impl Iterator<Item = ((DropReason, RuleRef), u64)> + '_ {
         self.rules.iter().map(|(k, v)| (*k, *v))

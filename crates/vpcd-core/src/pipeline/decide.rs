@@ -17,8 +17,9 @@ use crate::wire::ipv4::{Fragment, Ipv4Packet, L4, icmp_type};
 pub(crate) const BASIC: Zone = Zone(1 << 32);
 /// The conntrack zone of the internet (public addresses).
 pub(crate) const INTERNET: Zone = Zone(2 << 32);
-/// The flow-cache tag of an underlay packet without a GRE key (the basic network).
-pub(crate) const NO_KEY_TAG: u64 = 1 << 32;
+/// [`FlowKey::gre_key`] of an underlay packet without a GRE key (the basic network): above
+/// every 32-bit key.
+pub(crate) const NO_GRE_KEY: u64 = 1 << 32;
 
 /// The conntrack zone an instance's addresses live in: its VPC's key, or the basic network.
 pub(crate) fn zone_of(t: &Topology, i: &Instance) -> Zone {
@@ -95,17 +96,17 @@ pub(super) struct Decider<'a> {
 /// What the full path found: the decision, the connections behind it (the sending side's and
 /// the receiving side's, where they are local) with the packet's source as each sees it, and
 /// whether the decision may be cached.
-pub(super) struct Slow {
+pub(super) struct FullDecision {
     pub decision: Decision,
     pub conns: [Option<ConnRef>; 2],
     pub sources: [Endpoint; 2],
     pub cacheable: bool,
 }
 
-impl Slow {
+impl FullDecision {
     /// A decision that depends only on the flow key and the topology.
-    pub fn stateless(decision: Decision) -> Slow {
-        Slow {
+    pub fn stateless(decision: Decision) -> FullDecision {
+        FullDecision {
             decision,
             conns: [None, None],
             sources: [Endpoint::NONE; 2],
@@ -114,17 +115,17 @@ impl Slow {
     }
 
     /// A decision never cached.
-    pub fn uncached(decision: Decision) -> Slow {
-        Slow {
+    pub fn uncached(decision: Decision) -> FullDecision {
+        FullDecision {
             cacheable: false,
-            ..Slow::stateless(decision)
+            ..FullDecision::stateless(decision)
         }
     }
 }
 
-impl From<Decision> for Slow {
-    fn from(d: Decision) -> Slow {
-        Slow::stateless(d)
+impl From<Decision> for FullDecision {
+    fn from(d: Decision) -> FullDecision {
+        FullDecision::stateless(d)
     }
 }
 
@@ -142,13 +143,13 @@ impl Decider<'_> {
         &mut self,
         origin: Origin,
         zone: Zone,
-        tag: u64,
+        gre_key: u64,
         ip: &Ipv4Packet,
         pkt: &[u8],
         strip: u16,
     ) -> Decision {
         let (generation, now) = (self.host.generation, self.now);
-        let key = FlowKey::new(origin.ingress(), tag, ip);
+        let key = FlowKey::new(origin.ingress(), gre_key, ip);
         if let Fragment::Later { .. } = ip.fragment {
             return match self.state.frags.follow(&key, ip.ident, generation, now) {
                 Some(d) => with_strip(d, strip),
@@ -164,7 +165,7 @@ impl Decider<'_> {
             return with_strip(d, strip);
         }
         self.state.counters.cache_misses += 1;
-        let out = self.slow(origin, zone, ip, pkt);
+        let out = self.full_path(origin, zone, ip, pkt);
         if out.cacheable && self.cacheable {
             let st = &mut *self.state;
             st.flows
@@ -180,7 +181,13 @@ impl Decider<'_> {
 
     /// The full path: the target and the plan, network ACLs, connection tracking and
     /// security groups.
-    fn slow(&mut self, origin: Origin, zone: Zone, ip: &Ipv4Packet, pkt: &[u8]) -> Slow {
+    fn full_path(
+        &mut self,
+        origin: Origin,
+        zone: Zone,
+        ip: &Ipv4Packet,
+        pkt: &[u8],
+    ) -> FullDecision {
         let plan = match self
             .target(origin, ip, pkt)
             .and_then(|t| self.plan(origin, t, ip))

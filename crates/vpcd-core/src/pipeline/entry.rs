@@ -4,7 +4,7 @@
 
 use std::net::Ipv4Addr;
 
-use super::decide::{Decider, INTERNET, NO_KEY_TAG, Origin, is_public, with_strip, zone_of};
+use super::decide::{Decider, INTERNET, NO_GRE_KEY, Origin, is_public, with_strip, zone_of};
 use super::flow::{FROM_INTERNET, FROM_UNDERLAY};
 use super::{Decision, Ingress};
 use crate::reason::DropReason;
@@ -34,7 +34,7 @@ impl Decider<'_> {
             return Decision::drop(DropReason::UnknownPort);
         }
         if (segmented || pkt.len() <= mtu)
-            && let Some(d) = self.quick(id.0, 0, pkt)
+            && let Some(d) = self.cached_from_bytes(id.0, 0, pkt)
         {
             return d;
         }
@@ -68,7 +68,7 @@ impl Decider<'_> {
         if !self.host.gateway {
             return Decision::drop(DropReason::UnknownPort);
         }
-        if let Some(d) = self.quick(FROM_INTERNET, 0, pkt) {
+        if let Some(d) = self.cached_from_bytes(FROM_INTERNET, 0, pkt) {
             return d;
         }
         let ip = match ipv4::parse(pkt) {
@@ -109,9 +109,9 @@ impl Decider<'_> {
         if inner.len() > usize::from(self.host.instance_mtu) {
             return Decision::drop(DropReason::UnderlayTooBig);
         }
-        let tag = g.key.map_or(NO_KEY_TAG, u64::from);
+        let gre_key = g.key.map_or(NO_GRE_KEY, u64::from);
         let strip = inner_at as u16;
-        if let Some(d) = self.quick(FROM_UNDERLAY | host.0, tag, inner) {
+        if let Some(d) = self.cached_from_bytes(FROM_UNDERLAY | host.0, gre_key, inner) {
             return with_strip(d, strip);
         }
         let ip = match ipv4::parse(inner) {
@@ -128,7 +128,7 @@ impl Decider<'_> {
             Some(s) => zone_of(self.topo, self.topo.instance(s)),
             None => INTERNET,
         };
-        self.flow(origin, zone, tag, &ip, inner, strip)
+        self.flow(origin, zone, gre_key, &ip, inner, strip)
     }
 
     /// The channel a GRE key names, if its receiving side is on this host (2.3 step 4).

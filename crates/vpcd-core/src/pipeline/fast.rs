@@ -40,9 +40,14 @@ impl Decider<'_> {
     /// packet. Everything else the decision depended on (the sender, the source address, the
     /// destination) is in the key. `None`: take the full path.
     #[inline]
-    pub fn quick(&mut self, ingress: u32, tag: u64, pkt: &[u8]) -> Option<Decision> {
+    pub fn cached_from_bytes(
+        &mut self,
+        ingress: u32,
+        gre_key: u64,
+        pkt: &[u8],
+    ) -> Option<Decision> {
         let (fields, l4) = ipv4::quick_key(pkt)?;
-        let key = FlowKey::from_fields(ingress, tag, fields);
+        let key = FlowKey::from_fields(ingress, gre_key, fields);
         self.cached(&key, &l4)
     }
 }

@@ -6,7 +6,7 @@
 //! (the instance), so two instances of one host, or an appliance and the instances it
 //! forwards between, never share their state.
 
-use super::decide::{Decider, INTERNET, Origin, Slow, policy_drop, ports, zone_of};
+use super::decide::{Decider, FullDecision, INTERNET, Origin, policy_drop, ports, zone_of};
 use super::plan::Plan;
 use super::{Decision, RuleRef};
 use crate::policy::conntrack::{
@@ -14,7 +14,7 @@ use crate::policy::conntrack::{
 };
 use crate::policy::rules::{Outcome, RuleList, Subject};
 use crate::reason::DropReason;
-use crate::topology::{InstanceId, SgId};
+use crate::topology::{AclId, InstanceId, SgId};
 use crate::wire::ipv4::{Ipv4Packet, L4, icmp_type};
 
 /// One local side of a packet.
@@ -55,7 +55,7 @@ fn rule_port(ip: &Ipv4Packet, reverse: bool) -> Option<u16> {
 }
 
 /// An ACL's verdict; the error names the deciding rule (`None`: no rule matched).
-fn acl_allows(list: &RuleList, s: &Subject) -> Result<(), Option<u16>> {
+fn acl_allows(list: &RuleList<AclId>, s: &Subject) -> Result<(), Option<u16>> {
     match list.evaluate(s) {
         Outcome::Accepted(_) => Ok(()),
         Outcome::Dropped(o) => Err(Some(o.rule)),
@@ -64,11 +64,11 @@ fn acl_allows(list: &RuleList, s: &Subject) -> Result<(), Option<u16>> {
 }
 
 /// A security-group list's verdict; the error names the deciding rule.
-fn sg_allows(list: &RuleList, s: &Subject, instance: InstanceId) -> Result<(), RuleRef> {
+fn sg_allows(list: &RuleList<SgId>, s: &Subject, instance: InstanceId) -> Result<(), RuleRef> {
     match list.evaluate(s) {
         Outcome::Accepted(_) => Ok(()),
         Outcome::Dropped(o) => Err(RuleRef::SecurityGroup {
-            group: SgId(o.owner),
+            group: o.owner,
             rule: o.rule,
         }),
         Outcome::NoMatch => Err(RuleRef::SecurityGroupsEnd { instance }),
@@ -194,10 +194,10 @@ impl Decider<'_> {
         plan: &Plan,
         ip: &Ipv4Packet,
         pkt: &[u8],
-    ) -> Slow {
+    ) -> FullDecision {
         let sides = self.sides(origin, zone, plan, ip);
         if matches!(ip.l4, L4::Icmp { kind, .. } if icmp_type::is_error(kind)) {
-            return Slow::uncached(if self.related(&sides, ip, pkt) {
+            return FullDecision::uncached(if self.related(&sides, ip, pkt) {
                 plan.forward
             } else {
                 Decision::drop(DropReason::IcmpErrorUnrelated)
@@ -207,7 +207,7 @@ impl Decider<'_> {
         if sides.iter().flatten().count() > keys.iter().flatten().count() {
             // ICMP other than a query or its reply: the rules judge it each time.
             let all = [sides[0].is_some(), sides[1].is_some()];
-            return Slow::uncached(match self.groups(&sides, all, ip, false) {
+            return FullDecision::uncached(match self.groups(&sides, all, ip, false) {
                 Ok(()) => plan.forward,
                 Err(d) => d,
             });
@@ -239,7 +239,7 @@ impl Decider<'_> {
             match self.state.conntrack.track(r, &side.src, &ip.l4, self.now) {
                 Track::Accepted(_) => (found[n], conns[n]) = (true, Some(r)),
                 Track::Ended => (found[n], ended) = (true, true),
-                Track::Invalid(reason) => return Slow::uncached(Decision::drop(reason)),
+                Track::Invalid(reason) => return FullDecision::uncached(Decision::drop(reason)),
                 Track::Reopen | Track::Gone => {}
             }
         }
@@ -249,7 +249,7 @@ impl Decider<'_> {
         ];
         if need.contains(&true) && is_icmp_reply(ip) {
             // A reply that answers no query of ours opens nothing: the rules judge it.
-            return Slow::uncached(match self.groups(&sides, need, ip, false) {
+            return FullDecision::uncached(match self.groups(&sides, need, ip, false) {
                 Ok(()) => plan.forward,
                 Err(d) => d,
             });
@@ -257,9 +257,9 @@ impl Decider<'_> {
         if need.contains(&true)
             && let Err(d) = self.open(&sides, keys, need, merged, &mut conns, ip)
         {
-            return Slow::uncached(d);
+            return FullDecision::uncached(d);
         }
-        Slow {
+        FullDecision {
             decision: plan.forward,
             conns,
             sources: sides.map(|s| s.map_or(Endpoint::NONE, |s| s.src)),

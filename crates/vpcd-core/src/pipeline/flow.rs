@@ -16,12 +16,12 @@ use crate::wire::ipv4::{Ipv4Packet, L4};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlowKey {
     /// Where it came from: an instance id, a host id with the top bit set, or
-    /// [`FROM_INTERNET`]. With the tag and the source address it determines the sender's
+    /// [`FROM_INTERNET`]. With the GRE key and the source address it determines the sender's
     /// zone, which so needs no field of its own.
     pub ingress: u32,
-    /// For underlay packets, the GRE key (the destination's network): the key, or 2³² for
-    /// none; 0 otherwise.
-    pub tag: u64,
+    /// For underlay packets, the GRE key they came with (it names the channel, and so the
+    /// network, they came on): the key, or 2³² for none; 0 for the packets of other ingresses.
+    pub gre_key: u64,
     /// Source address.
     pub src: u32,
     /// Destination address.
@@ -42,7 +42,7 @@ impl Hash for FlowKey {
     /// Four wide words instead of ten fields: the hash is on the fast path.
     #[inline]
     fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
-        h.write_u64(self.tag ^ u64::from(self.ingress) << 33);
+        h.write_u64(self.gre_key ^ u64::from(self.ingress) << 33);
         h.write_u64(u64::from(self.src) | u64::from(self.dst) << 32);
         h.write_u64(
             u64::from(self.sport)
@@ -62,10 +62,10 @@ pub const FROM_INTERNET: u32 = u32::MAX;
 impl FlowKey {
     /// The key of a TCP or UDP packet read by the fast lane.
     #[inline]
-    pub fn from_fields(ingress: u32, tag: u64, f: crate::wire::ipv4::QuickFields) -> FlowKey {
+    pub fn from_fields(ingress: u32, gre_key: u64, f: crate::wire::ipv4::QuickFields) -> FlowKey {
         FlowKey {
             ingress,
-            tag,
+            gre_key,
             src: f.src,
             dst: f.dst,
             sport: f.sport,
@@ -77,7 +77,7 @@ impl FlowKey {
     }
 
     /// The key of a packet.
-    pub fn new(ingress: u32, tag: u64, ip: &Ipv4Packet) -> FlowKey {
+    pub fn new(ingress: u32, gre_key: u64, ip: &Ipv4Packet) -> FlowKey {
         let (sport, dport, icmp_type, icmp_code) = match ip.l4 {
             L4::Tcp { sport, dport, .. } | L4::Udp { sport, dport } => (sport, dport, 0, 0),
             L4::Icmp { kind, code, ident } => (ident, ident, kind, code),
@@ -85,7 +85,7 @@ impl FlowKey {
         };
         FlowKey {
             ingress,
-            tag,
+            gre_key,
             src: ip.src.into(),
             dst: ip.dst.into(),
             sport,

@@ -16,7 +16,8 @@
 //! instance gets the destination subnet's ingress ACL and the destination's ingress rules.
 //! Between two local instances both sides run on the same host; across hosts the sender's host
 //! runs the egress half and the receiver's host the ingress half, so the union is the same.
-//! Traffic inside one subnet skips the ACLs (CLOUD-SEMANTICS); the basic network has none.
+//! Traffic inside one subnet skips the ACLs (docs/semantics.md 2.5 step 5); the basic network
+//! has none.
 //!
 //! The internet gateway host only relays and translates (1:1 NAT is stateless): the policy of
 //! an instance runs on that instance's host.
@@ -186,7 +187,7 @@ pub enum Action {
         to: Ipv4Addr,
         /// The GRE key used (`None`: the basic network).
         key: Option<u32>,
-        /// The flow's symmetric hash (GRE-in-UDP source port, worker choice).
+        /// The flow's symmetric hash ([`ipv4::flow_hash`]: the GRE-in-UDP sender and port).
         flow_hash: u32,
     },
     /// The buffer holds a packet for the internet: write it to the internet's device.

@@ -270,7 +270,7 @@ impl Decider<'_> {
             .map(|s| &t.route_tables[t.subnet(s).route_table.index()])
             .and_then(|rt| rt.routes.lookup(src.ip))
             .map(|(_, r)| r.next_hop);
-        if back == Some(crate::policy::route::NextHop::Peering(p.0)) {
+        if back == Some(crate::policy::route::NextHop::Peering(p)) {
             Ok(())
         } else {
             Err(Decision::drop(DropReason::PeeringNoReturnRoute))

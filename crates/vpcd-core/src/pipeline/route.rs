@@ -128,10 +128,10 @@ fn hop(
         NextHop::Drop => Err(DropReason::RouteDrop),
         NextHop::Internet if src.eip.is_some() => Ok(Target::Internet),
         NextHop::Internet => Err(DropReason::NoEip),
-        NextHop::Instance(i) if i == sender.0 => Err(DropReason::RouteLoop),
-        NextHop::Instance(i) => Ok(Target::local(InstanceId(i))),
+        NextHop::Instance(i) if i == sender => Err(DropReason::RouteLoop),
+        NextHop::Instance(i) => Ok(Target::local(i)),
         NextHop::Peering(p) => {
-            let [a, b] = t.peerings[p as usize].vpcs;
+            let [a, b] = t.peerings[p.index()].vpcs;
             let peer = if a == vpc { b } else { a };
             if !t.vpc(peer).cidr.contains(&dst) {
                 return Err(DropReason::PeeringNotTransitive);
@@ -139,7 +139,7 @@ fn hop(
             let id = t.instance_at(peer, dst).ok_or(DropReason::NoSuchInstance)?;
             Ok(Target::Instance {
                 id,
-                peering: Some(PeeringId(p)),
+                peering: Some(p),
             })
         }
     }

@@ -894,8 +894,9 @@ fn the_flow_cache_key_holds_every_field_the_decision_reads() {
     let mut code = icmp(WEB1, WEB2, 8, 1);
     code[21] = 1;
     let _ = l.a.decide(&code, web1, now(0));
-    let key =
-        |ingress: u32, tag: u64, p: &[u8]| FlowKey::new(ingress, tag, &ipv4::parse(p).unwrap());
+    let key = |ingress: u32, gre_key: u64, p: &[u8]| {
+        FlowKey::new(ingress, gre_key, &ipv4::parse(p).unwrap())
+    };
     let k1 = key(1, 0, &icmp(WEB1, WEB2, 8, 1));
     assert_ne!(k1, key(1, 0, &code), "ICMP code");
     assert_ne!(k1, key(1, 0, &icmp(WEB1, WEB2, 0, 1)), "ICMP type");

@@ -1,14 +1,16 @@
 //! Route tables: longest-prefix match over a subnet's custom routes.
 //!
 //! The local route (the VPC CIDR) is not stored here: the pipeline checks it first because it
-//! always wins (CLOUD-SEMANTICS, "the local route can't be changed"), and validation refuses
-//! custom routes inside the VPC CIDR. The match itself is prefix-trie's, so a lookup costs the
-//! depth of the trie, not the number of routes.
+//! cannot be changed (docs/semantics.md, "Route tables"; route order: 2.6), and validation
+//! refuses custom routes inside the VPC CIDR but for subnet routes to an appliance. The match
+//! itself is prefix-trie's, so a lookup costs the depth of the trie, not the number of routes.
 
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 use prefix_trie::PrefixMap;
+
+use crate::ids::{InstanceId, PeeringId};
 
 /// Where a custom route sends matching traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -18,9 +20,9 @@ pub enum NextHop {
     /// Out through the instance's Elastic IP.
     Internet,
     /// Deliver it, unchanged, to this instance (an appliance in the same VPC).
-    Instance(u32),
+    Instance(InstanceId),
     /// Across this peering connection.
-    Peering(u32),
+    Peering(PeeringId),
 }
 
 /// One custom route.
@@ -83,14 +85,14 @@ mod tests {
     #[test]
     fn longest_prefix_wins() {
         let t = Routes::new(vec![
-            r("0.0.0.0/0", NextHop::Instance(1)),
+            r("0.0.0.0/0", NextHop::Instance(InstanceId(1))),
             r("10.9.0.0/16", NextHop::Drop),
-            r("10.9.8.0/24", NextHop::Peering(0)),
+            r("10.9.8.0/24", NextHop::Peering(PeeringId(0))),
         ]);
         let hop = |a: [u8; 4]| t.lookup(a.into()).map(|(_, r)| r.next_hop);
-        assert_eq!(hop([10, 9, 8, 7]), Some(NextHop::Peering(0)));
+        assert_eq!(hop([10, 9, 8, 7]), Some(NextHop::Peering(PeeringId(0))));
         assert_eq!(hop([10, 9, 1, 1]), Some(NextHop::Drop));
-        assert_eq!(hop([8, 8, 8, 8]), Some(NextHop::Instance(1)));
+        assert_eq!(hop([8, 8, 8, 8]), Some(NextHop::Instance(InstanceId(1))));
     }
 
     #[test]

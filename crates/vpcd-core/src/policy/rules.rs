@@ -3,13 +3,14 @@
 //! The topology keeps rules as written ([`Rule`]); evaluation uses a [`RuleList`]: the rules
 //! flattened into entries (a port list becomes one entry per range, an `sg:` peer a sorted
 //! address set) and indexed by bit vectors, so that finding the first matching entry costs
-//! the same for 5 rules or 1,000. The first entry that matches decides (CLOUD-SEMANTICS:
-//! "rules are ordered, the first match wins"); no match denies.
+//! the same for 5 rules or 1,000. The first entry that matches decides (docs/semantics.md,
+//! "Security groups" and "Network ACLs": ordered rules, first match wins); no match denies.
 
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
+use crate::ids::SgId;
 use crate::wire::ipv4::proto;
 
 /// What a rule does with the packets it matches.
@@ -83,8 +84,8 @@ impl PortRange {
 pub enum Peer {
     /// An address block.
     Cidr(Ipv4Net),
-    /// `sg:NAME`: the members of this security group (by index).
-    Group(u32),
+    /// `sg:NAME`: the members of this security group.
+    Group(SgId),
 }
 
 /// A rule as written in the topology.
@@ -113,23 +114,23 @@ pub struct Subject {
     pub dport: Option<u16>,
 }
 
-/// Which rule decided: the index of the rule's owner (ACL or security group) and the rule's
-/// index within the owner's list for that direction.
+/// Which rule decided: the rule's owner `O` (an [`AclId`](crate::ids::AclId) or an
+/// [`SgId`]) and the rule's index within the owner's list for that direction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct RuleOrigin {
-    /// Index of the ACL or security group in the topology.
-    pub owner: u32,
+pub struct RuleOrigin<O> {
+    /// The ACL or security group.
+    pub owner: O,
     /// Index of the rule in the owner's ingress or egress list.
     pub rule: u16,
 }
 
 /// The outcome of a rule list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Outcome {
+pub enum Outcome<O> {
     /// A rule accepted.
-    Accepted(RuleOrigin),
+    Accepted(RuleOrigin<O>),
     /// A rule dropped.
-    Dropped(RuleOrigin),
+    Dropped(RuleOrigin<O>),
     /// No rule matched: the implicit deny at the end.
     NoMatch,
 }
@@ -139,10 +140,10 @@ const NO_SET: u32 = u32::MAX;
 /// What the matching rule means: its action, its origin, and for an `sg:` peer the address
 /// set to check.
 #[derive(Debug, Clone, Copy)]
-struct Meaning {
+struct Meaning<O> {
     accept: bool,
     set: u32,
-    origin: RuleOrigin,
+    origin: RuleOrigin<O>,
 }
 
 /// One flattened rule as compared: address and mask, first and last port, protocol (0 for
@@ -150,13 +151,26 @@ struct Meaning {
 type Entry = (u32, u32, u16, u16, u8, bool);
 
 /// Rules flattened for evaluation (a port list becomes one entry per range), with the address
-/// sets of their `sg:` peers resolved and a [`Classifier`] over them.
-#[derive(Debug, Clone, Default)]
-pub struct RuleList {
+/// sets of their `sg:` peers resolved and a [`Classifier`] over them. `O` is the kind of the
+/// rules' owners: [`AclId`](crate::ids::AclId) for an ACL's list, [`SgId`] for an instance's.
+#[derive(Debug, Clone)]
+pub struct RuleList<O> {
     entries: Box<[Entry]>,
-    meanings: Box<[Meaning]>,
+    meanings: Box<[Meaning<O>]>,
     sets: Box<[Box<[u32]>]>,
     classifier: Classifier,
+}
+
+impl<O> Default for RuleList<O> {
+    /// The empty list (which denies everything).
+    fn default() -> Self {
+        RuleList {
+            entries: Box::default(),
+            meanings: Box::default(),
+            sets: Box::default(),
+            classifier: Classifier::default(),
+        }
+    }
 }
 
 /// Bit-vector classification (Lakshman and Stiliadis, SIGCOMM 1998): each field's value
@@ -291,17 +305,17 @@ impl Classifier {
     }
 }
 
-impl RuleList {
-    /// Flattens `lists` (owner index, rules) in order into one list. `members` gives the
-    /// sorted addresses a `Peer::Group` stands for in this list's context (the same VPC).
+impl<O: Copy> RuleList<O> {
+    /// Flattens `lists` (owner, rules) in order into one list. `members` gives the sorted
+    /// addresses a `Peer::Group` stands for in this list's context (the same VPC).
     pub fn build<'a>(
-        lists: impl IntoIterator<Item = (u32, &'a [Rule])>,
-        mut members: impl FnMut(u32) -> Vec<Ipv4Addr>,
-    ) -> RuleList {
+        lists: impl IntoIterator<Item = (O, &'a [Rule])>,
+        mut members: impl FnMut(SgId) -> Vec<Ipv4Addr>,
+    ) -> RuleList<O> {
         let mut entries: Vec<Entry> = Vec::new();
         let mut meanings = Vec::new();
         let mut sets: Vec<Box<[u32]>> = Vec::new();
-        let mut set_of_group: Vec<(u32, u32)> = Vec::new();
+        let mut set_of_group: Vec<(SgId, u32)> = Vec::new();
         for (owner, rules) in lists {
             for (i, r) in rules.iter().enumerate() {
                 let (net, mask, set) = match r.peer {
@@ -371,7 +385,7 @@ impl RuleList {
     }
 
     /// First match wins; no match is [`Outcome::NoMatch`].
-    pub fn evaluate(&self, s: &Subject) -> Outcome {
+    pub fn evaluate(&self, s: &Subject) -> Outcome<O> {
         let peer = u32::from(s.peer);
         let mut found = Outcome::NoMatch;
         self.classifier.candidates(peer, s.protocol, s.dport, |k| {
@@ -393,7 +407,7 @@ impl RuleList {
     /// The same decision by scanning every entry in order (what the classifier replaces;
     /// the tests compare the two).
     #[cfg(test)]
-    fn scan(&self, s: &Subject) -> Outcome {
+    fn scan(&self, s: &Subject) -> Outcome<O> {
         let peer = u32::from(s.peer);
         for (k, e) in self.entries.iter().enumerate() {
             let port_ok = !e.5 || s.dport.is_some_and(|p| e.2 <= p && p <= e.3);
@@ -457,7 +471,7 @@ mod tests {
                 vec![]
             };
             let peer = if i % 17 == 0 {
-                Peer::Group(i % 2)
+                Peer::Group(SgId(i % 2))
             } else {
                 let prefix = [8u8, 16, 24, 32][i as usize % 4];
                 Peer::Cidr(
@@ -476,9 +490,9 @@ mod tests {
             };
             rules.push(rule(action, protocol, &ports, peer));
         }
-        let members = |g: u32| {
+        let members = |g: SgId| {
             vec![
-                Ipv4Addr::new(10, 0, 0, g as u8 + 1),
+                Ipv4Addr::new(10, 0, 0, g.0 as u8 + 1),
                 Ipv4Addr::new(10, 3, 3, 3),
             ]
         };
@@ -604,10 +618,15 @@ mod tests {
 
     #[test]
     fn group_peers_match_members_only_and_lists_concatenate_in_order() {
-        let a = [rule(Action::Accept, Protocol::Icmp, &[], Peer::Group(3))];
+        let a = [rule(
+            Action::Accept,
+            Protocol::Icmp,
+            &[],
+            Peer::Group(SgId(3)),
+        )];
         let b = [rule(Action::Drop, Protocol::All, &[], cidr("0.0.0.0/0"))];
         let l = RuleList::build([(1, &a[..]), (2, &b[..])], |g| {
-            assert_eq!(g, 3);
+            assert_eq!(g, SgId(3));
             vec![Ipv4Addr::new(10, 0, 0, 9), Ipv4Addr::new(10, 0, 0, 3)]
         });
         let icmp = |p: [u8; 4]| Subject {

@@ -6,40 +6,9 @@ use std::sync::Arc;
 use hashbrown::HashMap;
 use ipnet::Ipv4Net;
 
+pub use crate::ids::*;
 use crate::policy::route::Routes;
 use crate::policy::rules::{Protocol, Rule, RuleList};
-
-macro_rules! ids {
-    ($($(#[$doc:meta])* $name:ident;)*) => {$(
-        $(#[$doc])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub struct $name(pub u32);
-        impl $name {
-            /// The id as an index into its vector.
-            #[inline]
-            pub const fn index(self) -> usize { self.0 as usize }
-        }
-    )*};
-}
-
-ids! {
-    /// Index of a host in [`Topology::hosts`].
-    HostId;
-    /// Index of a VPC in [`Topology::vpcs`].
-    VpcId;
-    /// Index of a subnet in [`Topology::subnets`].
-    SubnetId;
-    /// Index of a route table in [`Topology::route_tables`].
-    RouteTableId;
-    /// Index of a network ACL in [`Topology::acls`].
-    AclId;
-    /// Index of a security group in [`Topology::security_groups`].
-    SgId;
-    /// Index of an instance in [`Topology::instances`]; also the port the pipeline delivers to.
-    InstanceId;
-    /// Index of a peering in [`Topology::peerings`].
-    PeeringId;
-}
 
 /// How packets cross the underlay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -197,9 +166,9 @@ pub struct Acl {
     /// Outbound rules as written.
     pub egress: Vec<Rule>,
     /// Inbound rules flattened.
-    pub ingress_list: RuleList,
+    pub ingress_list: RuleList<AclId>,
     /// Outbound rules flattened.
-    pub egress_list: RuleList,
+    pub egress_list: RuleList<AclId>,
 }
 
 /// A security group.
@@ -262,9 +231,9 @@ pub struct Instance {
     /// source/destination check); such packets stay in its VPC.
     pub source_check: bool,
     /// Its groups' inbound rules, flattened, `sg:` peers resolved in its address space.
-    pub ingress_rules: Arc<RuleList>,
+    pub ingress_rules: Arc<RuleList<SgId>>,
     /// Its groups' outbound rules, flattened.
-    pub egress_rules: Arc<RuleList>,
+    pub egress_rules: Arc<RuleList<SgId>>,
 }
 
 impl Instance {

@@ -940,9 +940,9 @@ fn routes_that_contain_the_vpc_or_cross_a_peering_are_fine() {
     assert_eq!(rta.name, "rta");
     assert!(!rta.implicit);
     let hop = |a: [u8; 4]| rta.routes.lookup(a.into()).map(|(_, r)| r.next_hop);
-    let web1 = t.instance_named("web-1").unwrap().0;
+    let web1 = t.instance_named("web-1").unwrap();
     assert_eq!(hop([10, 1, 9, 9]), Some(NextHop::Drop));
-    assert_eq!(hop([10, 1, 2, 3]), Some(NextHop::Peering(0)));
+    assert_eq!(hop([10, 1, 2, 3]), Some(NextHop::Peering(PeeringId(0))));
     assert_eq!(hop([10, 7, 0, 1]), Some(NextHop::Instance(web1)));
     assert_eq!(hop([8, 8, 8, 8]), Some(NextHop::Internet));
     assert_eq!(t.peerings[0].vpcs, [VpcId(0), VpcId(1)]);
@@ -2124,7 +2124,7 @@ fn compiled_lookups() {
     assert_eq!(t.acls[0].ingress[0].line, 46);
     assert_eq!(t.acls[0].egress[0].line, 48);
     assert_eq!(t.security_groups[0].ingress[1].line, 54);
-    assert_eq!(t.security_groups[0].ingress[1].peer, Peer::Group(0));
+    assert_eq!(t.security_groups[0].ingress[1].peer, Peer::Group(SgId(0)));
     assert_eq!(t.acls[0].ingress_list.len(), 1);
 }
 
@@ -2144,7 +2144,12 @@ fn sg_peers_resolve_to_members_in_the_same_vpc() {
         protocol: proto::TCP,
         dport: Some(port),
     };
-    let rule = |rule| Outcome::Accepted(RuleOrigin { owner: 0, rule });
+    let rule = |rule| {
+        Outcome::Accepted(RuleOrigin {
+            owner: SgId(0),
+            rule,
+        })
+    };
 
     // Pings from members of the same VPC only: web-2 has the group but not the VPC.
     for (from, outcome) in [
@@ -2182,7 +2187,10 @@ fn sg_peers_resolve_to_members_in_the_same_vpc() {
     );
     assert_eq!(
         web1.egress_rules.evaluate(&tcp([8, 8, 8, 8], 22)),
-        Outcome::Accepted(RuleOrigin { owner: 0, rule: 0 })
+        Outcome::Accepted(RuleOrigin {
+            owner: SgId(0),
+            rule: 0
+        })
     );
     // Instances with the same groups in the same VPC share their lists; across VPCs they
     // cannot.
@@ -2653,7 +2661,7 @@ fn appliances_and_subnet_routes() {
     };
     let t = valid(&route("10.0.2.0/24", "instance:fw"));
     let rt = &t.route_tables[t.subnet(SubnetId(0)).route_table.index()];
-    assert_eq!(rt.routes.as_slice()[0].next_hop, NextHop::Instance(id.0));
+    assert_eq!(rt.routes.as_slice()[0].next_hop, NextHop::Instance(id));
     // ... to anything else, or for another block inside the VPC, it is not.
     let e = invalid(&route("10.0.2.0/24", "drop"));
     assert!(

@@ -124,11 +124,6 @@ impl PacketBuf {
         self.end = (offset + len).min(self.storage.len());
     }
 
-    /// Bytes from the packet's start to the end of the storage.
-    pub fn capacity_from_start(&self) -> usize {
-        self.storage.len() - self.start
-    }
-
     /// Sets the packet length to `len`, filling new bytes with `value`; clamped to the
     /// storage.
     pub fn resize(&mut self, len: usize, value: u8) {
@@ -144,11 +139,6 @@ impl PacketBuf {
         let n = src.len().min(self.storage.len() - self.end);
         self.storage[self.end..self.end + n].copy_from_slice(&src[..n]);
         self.end += n;
-    }
-
-    /// Total storage size (headroom + capacity).
-    pub fn storage_len(&self) -> usize {
-        self.storage.len()
     }
 }
 

@@ -145,7 +145,8 @@ pub fn payload_offset(seg: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::gso::{VnetHdr, segment};
+    use crate::wire::gso::VnetHdr;
+    use crate::wire::gso::tests::cut_segments;
 
     /// A stream of `n` segments of `mss` bytes, as a TSO super-packet cut by vpcd's own
     /// segmenter: GRO must put it back together.
@@ -161,12 +162,7 @@ mod tests {
             gso_size: mss as u16,
             ..Default::default()
         };
-        let stride = 40 + mss;
-        let mut out = vec![0u8; stride * n];
-        let s = segment(&big, &hdr, &mut out, stride, 0).unwrap();
-        let segs = (0..s.count)
-            .map(|i| out[i * stride..i * stride + s.len_of(i)].to_vec())
-            .collect();
+        let segs = cut_segments(&big, &hdr).unwrap();
         (big, segs)
     }
 

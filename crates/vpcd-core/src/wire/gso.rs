@@ -9,8 +9,9 @@
 //! pseudo-header sum and must be finished before the packet leaves the host.
 //!
 //! The segmenter is vpcd's own: tun-rs has one, but it is not part of its documented API, and
-//! vpcd writes the segments directly into the stride layout that UDP GSO sends and that leaves
-//! room for the outer headers in front of each segment.
+//! vpcd's [`Cut`] copies no payload: it writes each segment's headers where the sender wants
+//! them (after room for the outer headers) and says where the segment's payload lies in the
+//! super-packet, for a gathered send.
 
 use super::ipv4::{self, proto};
 
@@ -89,9 +90,6 @@ pub enum GsoError {
     /// The header and the packet disagree (type, offsets, lengths).
     #[error("virtio-net header does not match the packet")]
     Inconsistent,
-    /// The output buffer cannot hold the segments.
-    #[error("segment buffer too small")]
-    NoRoom,
 }
 
 /// Completes a partial checksum in place: the field at `start + offset` holds the
@@ -109,62 +107,6 @@ pub fn finish_checksum(pkt: &mut [u8], start: usize, offset: usize) -> Result<()
     }
     pkt[field..field + 2].copy_from_slice(&c.to_be_bytes());
     Ok(())
-}
-
-/// A segmentation result: `count` segments at `stride` intervals; all but the last hold
-/// `full_len` bytes (prefix included), the last `last_len`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Segments {
-    /// Number of segments.
-    pub count: usize,
-    /// Length of every segment but the last, prefix included.
-    pub full_len: usize,
-    /// Length of the last segment, prefix included.
-    pub last_len: usize,
-}
-
-impl Segments {
-    /// Length of segment `i`.
-    pub fn len_of(&self, i: usize) -> usize {
-        if i + 1 == self.count {
-            self.last_len
-        } else {
-            self.full_len
-        }
-    }
-}
-
-/// Cuts the IPv4 TCP or UDP super-packet `pkt` into segments of `hdr.gso_size` payload bytes,
-/// written into `out` at `stride` intervals, each after `prefix` free bytes (for the outer
-/// headers). Each segment gets its own IPv4 header (total length, identification + i,
-/// checksum) and transport header (TCP: sequence number, FIN/PSH only on the last segment,
-/// CWR only on the first; UDP: length), and a complete transport checksum.
-pub fn segment(
-    pkt: &[u8],
-    hdr: &VnetHdr,
-    out: &mut [u8],
-    stride: usize,
-    prefix: usize,
-) -> Result<Segments, GsoError> {
-    let cut = Cut::new(pkt, hdr)?;
-    let full_len = prefix + cut.headers + cut.mss;
-    let last_payload = cut.payload(cut.count - 1).len();
-    if stride < full_len
-        || out.len() < (cut.count - 1) * stride + prefix + cut.headers + last_payload
-    {
-        return Err(GsoError::NoRoom);
-    }
-    for i in 0..cut.count {
-        let chunk = &pkt[cut.payload(i)];
-        let at = i * stride + prefix;
-        cut.write_header(pkt, i, chunk, &mut out[at..at + cut.headers]);
-        out[at + cut.headers..at + cut.headers + chunk.len()].copy_from_slice(chunk);
-    }
-    Ok(Segments {
-        count: cut.count,
-        full_len,
-        last_len: prefix + cut.headers + last_payload,
-    })
 }
 
 /// How a super-packet is cut: `count` segments, each with `headers` bytes of IPv4 and
@@ -264,12 +206,6 @@ impl Cut {
     }
 }
 
-/// The length of one full segment of `pkt` (IPv4 and transport headers plus `gso_size`):
-/// the stride of a UDP GSO train, less the outer headers.
-pub fn segment_len(pkt: &[u8], hdr: &VnetHdr) -> Result<usize, GsoError> {
-    Ok(header_lengths(pkt, hdr)?.1 + usize::from(hdr.gso_size))
-}
-
 /// (IPv4 header length, IPv4 + transport header length), checked against the header.
 fn header_lengths(pkt: &[u8], hdr: &VnetHdr) -> Result<(usize, usize), GsoError> {
     let ip = pkt.first().ok_or(GsoError::Inconsistent)?;
@@ -292,7 +228,7 @@ fn header_lengths(pkt: &[u8], hdr: &VnetHdr) -> Result<(usize, usize), GsoError>
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use etherparse::{Ipv4HeaderSlice, TcpHeaderSlice, UdpHeaderSlice};
 
@@ -336,6 +272,20 @@ mod tests {
         assert!(VnetHdr::parse(&b[..9]).is_none());
     }
 
+    /// Cuts `pkt` as the worker does: each segment's headers written by [`Cut::write_header`]
+    /// followed by its payload, [`Cut::payload`] of the super-packet.
+    pub(crate) fn cut_segments(pkt: &[u8], hdr: &VnetHdr) -> Result<Vec<Vec<u8>>, GsoError> {
+        let cut = Cut::new(pkt, hdr)?;
+        let segments = (0..cut.count).map(|i| {
+            let chunk = &pkt[cut.payload(i)];
+            let mut seg = vec![0u8; cut.headers];
+            cut.write_header(pkt, i, chunk, &mut seg);
+            seg.extend_from_slice(chunk);
+            seg
+        });
+        Ok(segments.collect())
+    }
+
     #[test]
     fn tcp_super_packet_is_cut_with_sequence_flags_and_checksums() {
         let pkt = super_tcp(3000, 0x18 | 0x01 | 0x80); // PSH ACK FIN CWR
@@ -347,20 +297,13 @@ mod tests {
             csum_start: 20,
             csum_offset: 16,
         };
-        let stride = 8 + 40 + 1400;
-        let mut out = vec![0u8; stride * 3];
-        let s = segment(&pkt, &hdr, &mut out, stride, 8).unwrap();
-        assert_eq!(
-            s,
-            Segments {
-                count: 3,
-                full_len: stride,
-                last_len: 8 + 40 + 200
-            }
-        );
+        let cut = Cut::new(&pkt, &hdr).unwrap();
+        assert_eq!((cut.count, cut.headers, cut.mss), (3, 40, 1400));
+        let segs = cut_segments(&pkt, &hdr).unwrap();
+        let lens: Vec<usize> = segs.iter().map(Vec::len).collect();
+        assert_eq!(lens, [40 + 1400, 40 + 1400, 40 + 200]);
         let mut payload = Vec::new();
-        for i in 0..3 {
-            let seg = &out[i * stride + 8..i * stride + s.len_of(i)];
+        for (i, seg) in segs.iter().enumerate() {
             let (seq, flags, n) = verify_tcp(seg);
             assert_eq!(seq, 1000 + 1400 * i as u32);
             assert_eq!(u16::from_be_bytes([seg[4], seg[5]]), 0x1234 + i as u16);
@@ -370,6 +313,30 @@ mod tests {
             payload.extend_from_slice(&seg[40..40 + n]);
         }
         assert_eq!(payload, pkt[40..]);
+    }
+
+    #[test]
+    fn headers_are_written_after_the_room_left_for_outer_headers() {
+        let pkt = super_tcp(3000, 0x10);
+        let hdr = VnetHdr {
+            gso_type: gso_type::TCPV4,
+            gso_size: 1000,
+            ..Default::default()
+        };
+        let cut = Cut::new(&pkt, &hdr).unwrap();
+        let want = cut_segments(&pkt, &hdr).unwrap();
+        // As the worker lays them out: outer-header room, then the segment's headers.
+        let mut heads = vec![0xeeu8; 8 + cut.headers];
+        for (i, seg) in want.iter().enumerate() {
+            let chunk = &pkt[cut.payload(i)];
+            cut.write_header(&pkt, i, chunk, &mut heads[8..]);
+            assert_eq!(
+                &heads[..8],
+                &[0xee; 8],
+                "the outer headers' room is left alone"
+            );
+            assert_eq!(&heads[8..], &seg[..cut.headers]);
+        }
     }
 
     #[test]
@@ -387,13 +354,12 @@ mod tests {
             csum_start: 20,
             csum_offset: 6,
         };
-        let stride = 1028;
-        let mut out = vec![0u8; stride * 3];
-        let s = segment(&pkt, &hdr, &mut out, stride, 0).unwrap();
-        assert_eq!(s.count, 3);
-        for i in 0..3 {
-            let seg = &out[i * stride..i * stride + s.len_of(i)];
+        let segs = cut_segments(&pkt, &hdr).unwrap();
+        let lens: Vec<usize> = segs.iter().map(Vec::len).collect();
+        assert_eq!(lens, [1028, 1028, 528]);
+        for seg in &segs {
             let ip = Ipv4HeaderSlice::from_slice(seg).unwrap();
+            assert_eq!(ip.total_len() as usize, seg.len());
             let udp = UdpHeaderSlice::from_slice(&seg[20..]).unwrap();
             assert_eq!(udp.length() as usize, seg.len() - 20);
             assert_eq!(
@@ -406,44 +372,28 @@ mod tests {
     }
 
     #[test]
-    fn inconsistent_headers_and_small_buffers_are_refused() {
+    fn inconsistent_headers_are_refused() {
         let pkt = super_tcp(3000, 0x10);
         let udp_hdr = VnetHdr {
             gso_type: gso_type::UDP_L4,
             gso_size: 1000,
             ..Default::default()
         };
-        let mut out = vec![0u8; 10_000];
-        assert_eq!(
-            segment(&pkt, &udp_hdr, &mut out, 1100, 0),
-            Err(GsoError::Inconsistent)
-        );
+        assert_eq!(Cut::new(&pkt, &udp_hdr), Err(GsoError::Inconsistent));
         let zero = VnetHdr {
             gso_type: gso_type::TCPV4,
             gso_size: 0,
             ..Default::default()
         };
-        assert_eq!(
-            segment(&pkt, &zero, &mut out, 1100, 0),
-            Err(GsoError::Inconsistent)
-        );
+        assert_eq!(Cut::new(&pkt, &zero), Err(GsoError::Inconsistent));
         let tcp = VnetHdr {
             gso_type: gso_type::TCPV4,
             gso_size: 1000,
             ..Default::default()
         };
-        assert_eq!(
-            segment(&pkt, &tcp, &mut out[..2000], 1040, 0),
-            Err(GsoError::NoRoom)
-        );
-        assert_eq!(
-            segment(&pkt, &tcp, &mut out, 1000, 0),
-            Err(GsoError::NoRoom)
-        );
-        assert_eq!(
-            segment(&[0x45], &tcp, &mut out, 1040, 0),
-            Err(GsoError::Inconsistent)
-        );
+        assert_eq!(Cut::new(&[0x45], &tcp), Err(GsoError::Inconsistent));
+        assert_eq!(Cut::new(&pkt[..30], &tcp), Err(GsoError::Inconsistent));
+        assert_eq!(Cut::new(&pkt, &tcp).map(|c| c.count), Ok(3));
     }
 
     #[test]

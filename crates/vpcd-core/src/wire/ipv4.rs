@@ -52,7 +52,7 @@ pub mod icmp_type {
     /// True for the queries and replies that carry an identifier (RFC 792, RFC 950): echo,
     /// timestamp, information and address mask.
     pub const fn has_ident(t: u8) -> bool {
-        matches!(t, 0 | 8 | 13..=18)
+        matches!(t, ECHO_REPLY | ECHO_REQUEST | 13..=18)
     }
 
     /// The identifier of an ICMP message whose 8-byte header is `h`; 0 for the types that
@@ -424,8 +424,10 @@ pub fn parse_outer(bytes: &[u8]) -> Result<Outer, DropReason> {
 }
 
 /// A hash of a packet's flow that is the same in both directions (addresses and ports are
-/// combined symmetrically), mixed with `seed`. It picks the GRE-in-UDP source port and the
-/// worker that owns the flow. Reads fixed offsets only; short packets hash what they have.
+/// combined symmetrically), mixed with `seed`: the ports of TCP and UDP, found after the
+/// header's own length (IHL), and none for later fragments or other protocols. It picks a
+/// flow's GRE-in-UDP sender, hence its UDP source port; the worker that owns a flow is
+/// [`pair_hash`]'s. Never fails: bytes a short packet lacks count as zeros.
 pub fn flow_hash(bytes: &[u8], seed: u32) -> u32 {
     let word = |at: usize| -> u32 {
         bytes

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use vpcd_core::pipeline::Nat;
 use vpcd_core::policy::route::NextHop;
-use vpcd_core::topology::{Channel, HostId, InstanceId, Network, Space, VpcId};
+use vpcd_core::topology::{Channel, HostId, InstanceId, Network, PeeringId, Space, VpcId};
 use vpcd_core::{Decision, DropReason, Dropped, Ingress, Topology};
 
 use super::conntrack::Table;
@@ -741,8 +741,10 @@ impl Model {
         // 1.
         if vnet.contains(&dst) {
             return match self.longest(table, dst, |d| vnet.contains(d)) {
-                Some(NextHop::Instance(x)) if x as usize == s => Err(drop(DropReason::RouteLoop)),
-                Some(NextHop::Instance(x)) => {
+                Some(NextHop::Instance(InstanceId(x))) if x as usize == s => {
+                    Err(drop(DropReason::RouteLoop))
+                }
+                Some(NextHop::Instance(InstanceId(x))) => {
                     self.note("route: a subnet route to an appliance");
                     Ok(Target::Inst(x as usize, None))
                 }
@@ -769,9 +771,11 @@ impl Model {
             Some(NextHop::Drop) => Err(drop(DropReason::RouteDrop)),
             Some(NextHop::Internet) if eip => Ok(Target::Internet),
             Some(NextHop::Internet) => Err(drop(DropReason::NoEip)),
-            Some(NextHop::Instance(x)) if x as usize == s => Err(drop(DropReason::RouteLoop)),
-            Some(NextHop::Instance(x)) => Ok(Target::Inst(x as usize, None)),
-            Some(NextHop::Peering(pp)) => {
+            Some(NextHop::Instance(InstanceId(x))) if x as usize == s => {
+                Err(drop(DropReason::RouteLoop))
+            }
+            Some(NextHop::Instance(InstanceId(x))) => Ok(Target::Inst(x as usize, None)),
+            Some(NextHop::Peering(PeeringId(pp))) => {
                 let w = self.peer_of(pp as usize, v);
                 if !topo.vpcs[w].cidr.contains(&dst) {
                     return Err(drop(DropReason::PeeringNotTransitive));
@@ -944,8 +948,8 @@ impl Model {
     /// Across a peering: T's subnet's route table must send the sender's address back.
     fn return_route(&self, s: usize, t: usize, pp: usize) -> Result<(), Decision> {
         let back = self.lpm(self.subnet_table(t).unwrap(), self.topo.instances[s].ip);
-        if back != Some(NextHop::Peering(pp as u32)) {
-            if let Some(NextHop::Peering(other)) = back {
+        if back != Some(NextHop::Peering(PeeringId(pp as u32))) {
+            if let Some(NextHop::Peering(PeeringId(other))) = back {
                 self.note(format!(
                     "peering: return route through another peering (#{other} for #{pp})"
                 ));

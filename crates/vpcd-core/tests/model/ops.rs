@@ -2110,7 +2110,7 @@ impl Resolver<'_> {
             };
         }
         match self.lpm(s, dst) {
-            Some(NextHop::Peering(p)) => {
+            Some(NextHop::Peering(PeeringId(p))) => {
                 let [a, b] = t.peerings[p as usize].vpcs;
                 let to = if a == v { b } else { a };
                 Channel::Peering {

@@ -640,7 +640,7 @@ impl Model {
         }
         match r.peer {
             Peer::Cidr(net) => net.contains(&peer),
-            Peer::Group(g) => self.group_member(g, peer, owner),
+            Peer::Group(SgId(g)) => self.group_member(g, peer, owner),
         }
     }
 

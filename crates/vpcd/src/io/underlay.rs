@@ -21,14 +21,14 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{
     ControlMessage, MsgFlags, MultiHeaders, SockaddrIn, recvmmsg, sendmmsg, sendmsg,
 };
-use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
+use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
 use socket2::{Domain, Protocol, SockAddr, SockFilter, Socket, Type};
 
 use crate::topology::Transport;
 use crate::wire::PacketBuf;
 use crate::wire::buf::HEADROOM;
 use crate::wire::gre::UDP_PORT;
-use crate::wire::gso::{Cut, Segments};
+use crate::wire::gso::Cut;
 
 /// Packets per batch (recvmmsg, sendmmsg, handoff between threads).
 pub const BATCH: usize = 64;
@@ -262,59 +262,6 @@ impl UnderlayTx {
                     }
                 }
                 Ok(sent)
-            }
-        }
-    }
-
-    /// Sends the segments of a super-packet laid out at `stride` intervals in `frames`.
-    /// GRE-in-UDP: UDP GSO, at most 64 segments and 65,507 bytes per send; raw GRE: one
-    /// message per segment.
-    pub fn send_segments(
-        &mut self,
-        frames: &[u8],
-        segs: &Segments,
-        stride: usize,
-        to: Ipv4Addr,
-        hash: u32,
-    ) -> io::Result<()> {
-        match &self.kind {
-            TxKind::Raw(_) => {
-                let msgs: Vec<(&[u8], Ipv4Addr, u32)> = (0..segs.count)
-                    .map(|i| (&frames[i * stride..i * stride + segs.len_of(i)], to, hash))
-                    .collect();
-                for chunk in msgs.chunks(BATCH) {
-                    self.send(chunk)?;
-                }
-                Ok(())
-            }
-            TxKind::Udp(pool) => {
-                let (s, state) = &pool[hash as usize % pool.len()];
-                let per_send = (MAX_UDP_GSO_BYTES / stride)
-                    .clamp(1, MAX_UDP_GSO_SEGMENTS)
-                    .min(state.max_gso_segments().max(1));
-                let mut first = 0;
-                while first < segs.count {
-                    let last = (first + per_send).min(segs.count) - 1;
-                    let end = last * stride + segs.len_of(last);
-                    let contents = &frames[first * stride..end];
-                    let t = Transmit {
-                        destination: SocketAddr::V4(SocketAddrV4::new(to, UDP_PORT)),
-                        ecn: None,
-                        contents,
-                        segment_size: (last > first).then_some(stride),
-                        src_ip: None,
-                    };
-                    match state.try_send(UdpSockRef::from(s), &t) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            wait_writable(s)?;
-                            state.try_send(UdpSockRef::from(s), &t)?;
-                        }
-                        Err(e) => return Err(e),
-                    }
-                    first = last + 1;
-                }
-                Ok(())
             }
         }
     }

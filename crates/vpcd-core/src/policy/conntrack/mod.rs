@@ -230,12 +230,6 @@ impl Conn {
         }
     }
 
-    /// Milliseconds left at `now` (0 once expired).
-    pub fn remaining_ms(&self, now: Timestamp) -> u64 {
-        self.timeout_ms
-            .saturating_sub(now.millis().saturating_sub(self.last_seen.millis()))
-    }
-
     fn expired(&self, now: Timestamp) -> bool {
         now.millis().saturating_sub(self.last_seen.millis()) > self.timeout_ms
     }
@@ -355,7 +349,8 @@ impl Conntrack {
         self.stats = ConntrackStats::default();
     }
 
-    /// Entries counted against `owner`.
+    /// Entries counted against `owner` (the tests' view of the owner limits).
+    #[cfg(test)]
     pub fn owned_by(&self, owner: &Owner) -> u32 {
         self.owners.count(owner)
     }

@@ -525,7 +525,7 @@ pub(super) fn nth(net: Ipv4Net, n: u32) -> Ipv4Addr {
 }
 
 /// Why `ip` is reserved in `subnet`: the network address, the gateway (first usable) and the
-/// broadcast address (CLOUD-SEMANTICS: the first two addresses and the last one).
+/// broadcast address (docs/semantics.md, "Networks": the first two addresses and the last one).
 pub(super) fn reserved(subnet: Ipv4Net, ip: Ipv4Addr) -> Option<&'static str> {
     if ip == subnet.network() {
         Some("the network address")

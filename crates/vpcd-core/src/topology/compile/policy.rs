@@ -45,7 +45,7 @@ impl Scope<'_> {
                     }
                 }
                 let [ingress, egress] = lists;
-                let owner = id as u32;
+                let owner = AclId(id as u32);
                 Some(Acl {
                     name: a.name.get_ref().clone(),
                     vpc: VpcId(vpc?),
@@ -225,7 +225,7 @@ impl Scope<'_> {
                 );
                 return None;
             }
-            return Some(NextHop::Instance(id));
+            return Some(NextHop::Instance(InstanceId(id)));
         }
         if let Some(name) = s.strip_prefix("peering:") {
             let Some(&id) = peering_names.get(name) else {
@@ -241,7 +241,7 @@ impl Scope<'_> {
                 );
                 return None;
             }
-            return Some(NextHop::Peering(id));
+            return Some(NextHop::Peering(PeeringId(id)));
         }
         d.err(
             t.span(),
@@ -304,7 +304,7 @@ pub(super) fn check_rule(
     let peer = match peer.get_ref().strip_prefix("sg:") {
         Some(name) => match groups {
             Some(groups) => match groups.get(name) {
-                Some(&g) => Some(Peer::Group(g)),
+                Some(&g) => Some(Peer::Group(SgId(g))),
                 None => {
                     d.err(
                         peer.span(),
@@ -402,7 +402,7 @@ fn ports(
 /// `sg:` peers resolve to the members of the group in the same address space: the same VPC,
 /// or, for a basic-network instance, the basic network.
 pub(super) fn compile_instance_rules(instances: &mut [Instance], groups: &[SecurityGroup]) {
-    type Lists = (Arc<RuleList>, Arc<RuleList>);
+    type Lists = (Arc<RuleList<SgId>>, Arc<RuleList<SgId>>);
     let mut cache: HashMap<(Space, Vec<SgId>), Lists> = HashMap::new();
     let members: Vec<(Space, Ipv4Addr, Vec<SgId>)> = instances
         .iter()
@@ -413,23 +413,23 @@ pub(super) fn compile_instance_rules(instances: &mut [Instance], groups: &[Secur
         let lists = cache
             .entry((vpc, inst.security_groups.clone()))
             .or_insert_with(|| {
-                let in_vpc = |g: u32| {
+                let in_vpc = |g: SgId| {
                     members
                         .iter()
-                        .filter(|(v, _, gs)| *v == vpc && gs.contains(&SgId(g)))
+                        .filter(|(v, _, gs)| *v == vpc && gs.contains(&g))
                         .map(|(_, ip, _)| *ip)
                         .collect()
                 };
                 let ingress = RuleList::build(
                     inst.security_groups
                         .iter()
-                        .map(|g| (g.0, &groups[g.index()].ingress[..])),
+                        .map(|g| (*g, &groups[g.index()].ingress[..])),
                     in_vpc,
                 );
                 let egress = RuleList::build(
                     inst.security_groups
                         .iter()
-                        .map(|g| (g.0, &groups[g.index()].egress[..])),
+                        .map(|g| (*g, &groups[g.index()].egress[..])),
                     in_vpc,
                 );
                 (Arc::new(ingress), Arc::new(egress))
