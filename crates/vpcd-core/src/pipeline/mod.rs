@@ -198,6 +198,45 @@ pub enum Action {
     Drop(Dropped),
 }
 
+/// Where the bytes of a forwarded packet go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Egress {
+    /// A local instance's TUN device.
+    Instance(InstanceId),
+    /// The internet's device (this host is the internet gateway).
+    Internet,
+    /// The underlay, to another host, with the outer headers to put in front.
+    Underlay {
+        /// The receiving host's underlay address.
+        to: Ipv4Addr,
+        /// The outer headers.
+        encap: gre::Encap,
+        /// The flow's symmetric hash (GRE-in-UDP source port).
+        flow_hash: u32,
+    },
+}
+
+/// The transmit plan of a forwarding decision, its NAT applied: the packet to write starts
+/// `start` bytes into the bytes the decision was taken for (the outer headers it came with
+/// are left behind), and goes to `to` (with new outer headers, for the underlay). The one
+/// description of what to write, for a whole packet ([`Pipeline::apply`]), a datagram of a
+/// GRO train or a super-packet cut into segments (the daemon's segmented paths).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxPlan {
+    /// Where.
+    pub to: Egress,
+    /// Bytes of incoming outer headers in front of the packet to write.
+    pub start: usize,
+}
+
+/// Where a forwarding decision sends a packet, before its plan is made.
+#[derive(Clone, Copy)]
+enum Dest {
+    Instance(InstanceId),
+    Internet,
+    Host(HostId, Option<u32>),
+}
+
 /// What this host is, derived from the topology.
 #[derive(Debug)]
 struct HostView {
@@ -451,57 +490,90 @@ impl Pipeline {
         self.apply(d, buf, false)
     }
 
-    /// Applies a decision to the packet it was taken for, in place. `partial`: the packet's
-    /// transport checksum is a partial one (a TUN super-packet with CHECKSUM_PARTIAL), which
-    /// NAT must update as such.
-    pub fn apply(&mut self, d: Decision, buf: &mut PacketBuf, partial: bool) -> Action {
-        match d {
-            Decision::Deliver { to, strip, nat } => {
-                buf.pull_front(usize::from(strip));
-                nat::apply(buf.as_mut_slice(), &nat, partial);
-                Action::Deliver(to)
-            }
-            Decision::ToInternet { strip, nat } => {
-                buf.pull_front(usize::from(strip));
-                nat::apply(buf.as_mut_slice(), &nat, partial);
-                Action::ToInternet
-            }
+    /// The transmit plan of decision `d` for the bytes `pkt` it was taken for (a whole
+    /// packet, a datagram in a GRO train or a super-packet), the decision's NAT applied to
+    /// them in place. `partial`: the packet's transport checksum is a partial one (a TUN
+    /// super-packet with CHECKSUM_PARTIAL), which NAT must update as such. `None` when `d`
+    /// forwards nothing (a drop, or an ICMP error to build: [`Pipeline::apply`]).
+    pub fn transmit_plan(&self, d: &Decision, pkt: &mut [u8], partial: bool) -> Option<TxPlan> {
+        let (strip, nat, dest) = match *d {
+            Decision::Deliver { to, strip, nat } => (strip, nat, Dest::Instance(to)),
+            Decision::ToInternet { strip, nat } => (strip, nat, Dest::Internet),
             Decision::Encapsulate {
                 strip,
                 host,
                 key,
                 nat,
-            } => {
-                buf.pull_front(usize::from(strip));
-                nat::apply(buf.as_mut_slice(), &nat, partial);
+            } => (strip, nat, Dest::Host(host, key)),
+            Decision::FragNeeded { .. } | Decision::Drop(_) => return None,
+        };
+        let start = usize::from(strip).min(pkt.len());
+        let inner = &mut pkt[start..];
+        nat::apply(inner, &nat, partial);
+        let to = match dest {
+            Dest::Instance(id) => Egress::Instance(id),
+            Dest::Internet => Egress::Internet,
+            Dest::Host(host, key) => {
                 let to = self.topo.host(host).address;
-                let flow_hash = ipv4::flow_hash(buf.as_slice(), self.flow_seed());
                 let u = self.topo.underlay;
-                let pushed = match u.transport {
-                    Transport::Gre => {
-                        gre::encapsulate_ip(buf, self.view.address, to, key, u.checksum)
-                    }
-                    Transport::GreUdp => gre::push_header(buf, key, u.checksum),
-                };
-                match pushed {
-                    Ok(()) => Action::Transmit { to, key, flow_hash },
-                    Err(_) => self.count_late_drop(DropReason::NoHeadroom),
+                let outer = (u.transport == Transport::Gre).then_some((self.view.address, to));
+                Egress::Underlay {
+                    to,
+                    encap: gre::Encap {
+                        outer,
+                        key,
+                        checksum: u.checksum,
+                    },
+                    flow_hash: ipv4::flow_hash(inner, self.flow_seed()),
                 }
             }
-            Decision::FragNeeded { to, mtu } => {
-                let t = &self.topo;
-                let inst = t.instance(to);
-                let gateway = match (inst.subnet(), t.basic) {
-                    (Some(s), _) => t.subnet(s).gateway,
-                    (None, Some(b)) => b.gateway,
-                    (None, None) => Ipv4Addr::UNSPECIFIED,
-                };
-                match icmp::frag_needed_in_place(buf, gateway, mtu) {
-                    Ok(()) => Action::Reply(to),
-                    Err(_) => self.count_late_drop(DropReason::NoHeadroom),
-                }
-            }
-            Decision::Drop(d) => Action::Drop(d),
+        };
+        Some(TxPlan { to, start })
+    }
+
+    /// Applies a decision to the packet it was taken for, in place: its
+    /// [`Pipeline::transmit_plan`] (the outer headers it came with removed, the new ones
+    /// prepended), or the ICMP error it asks for. `partial` as for the plan.
+    pub fn apply(&mut self, d: Decision, buf: &mut PacketBuf, partial: bool) -> Action {
+        let Some(plan) = self.transmit_plan(&d, buf.as_mut_slice(), partial) else {
+            return match d {
+                Decision::FragNeeded { to, mtu } => self.frag_needed(buf, to, mtu),
+                Decision::Drop(x) => Action::Drop(x),
+                // Every other decision forwards, and has a plan.
+                _ => self.count_late_drop(DropReason::NoHeadroom),
+            };
+        };
+        buf.pull_front(plan.start);
+        match plan.to {
+            Egress::Instance(id) => Action::Deliver(id),
+            Egress::Internet => Action::ToInternet,
+            Egress::Underlay {
+                to,
+                encap,
+                flow_hash,
+            } => match encap.prepend(buf) {
+                Ok(()) => Action::Transmit {
+                    to,
+                    key: encap.key,
+                    flow_hash,
+                },
+                Err(_) => self.count_late_drop(DropReason::NoHeadroom),
+            },
+        }
+    }
+
+    /// Turns the packet in `buf` into an ICMP "fragmentation needed" for instance `to`.
+    fn frag_needed(&mut self, buf: &mut PacketBuf, to: InstanceId, mtu: u16) -> Action {
+        let t = &self.topo;
+        let inst = t.instance(to);
+        let gateway = match (inst.subnet(), t.basic) {
+            (Some(s), _) => t.subnet(s).gateway,
+            (None, Some(b)) => b.gateway,
+            (None, None) => Ipv4Addr::UNSPECIFIED,
+        };
+        match icmp::frag_needed_in_place(buf, gateway, mtu) {
+            Ok(()) => Action::Reply(to),
+            Err(_) => self.count_late_drop(DropReason::NoHeadroom),
         }
     }
 

@@ -164,6 +164,63 @@ pub fn write_encap_gathered(
     }
 }
 
+/// Where the inner packet of an underlay frame starts, if its headers are plausible: after
+/// the outer IPv4 header (`outer_ip`, the `gre` transport as a raw socket delivers it) and the
+/// GRE header, however long its flags make it. A peek, not a check (the pipeline parses the
+/// frame properly; this only picks the worker that decides it): a frame too short for its
+/// headers has an empty inner packet.
+pub fn peek_inner(frame: &[u8], outer_ip: bool) -> &[u8] {
+    let gre_at = if outer_ip {
+        frame.first().map_or(0, |b| usize::from(b & 0x0f) * 4)
+    } else {
+        0
+    };
+    let Some(flags) = frame.get(gre_at..gre_at + 2) else {
+        return &[];
+    };
+    let f = u16::from_be_bytes([flags[0], flags[1]]);
+    let len = 4
+        + 4 * ((f >> 15) & 1) as usize
+        + 4 * ((f >> 13) & 1) as usize
+        + 4 * ((f >> 12) & 1) as usize;
+    frame.get(gre_at + len..).unwrap_or(&[])
+}
+
+/// The encapsulation of a packet for the underlay, as a value: the outer IPv4 header's
+/// (source, destination) for the `gre` transport (`None` for GRE-in-UDP, whose IPv4 and UDP
+/// headers are the socket's), the GRE key, and whether GRE carries a checksum. Written in front
+/// of a whole packet ([`Encap::prepend`]) or of each segment of a cut super-packet
+/// ([`Encap::write`]), the same bytes either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Encap {
+    /// The outer IPv4 header's (source, destination); `None` for GRE-in-UDP.
+    pub outer: Option<(Ipv4Addr, Ipv4Addr)>,
+    /// The GRE key; `None` for the basic network.
+    pub key: Option<u32>,
+    /// Emit a GRE checksum.
+    pub checksum: bool,
+}
+
+impl Encap {
+    /// Bytes of headers in front of the inner packet ([`encap_len`]).
+    pub const fn overhead(&self) -> usize {
+        encap_len(self.outer.is_some(), self.key.is_some(), self.checksum)
+    }
+
+    /// Writes the headers into the first [`Encap::overhead`] bytes of `head`, the inner packet
+    /// following in the rest of `head` and then `tail` ([`write_encap_gathered`]).
+    pub fn write(&self, head: &mut [u8], tail: &[u8]) {
+        write_encap_gathered(head, tail, self.outer, self.key, self.checksum);
+    }
+
+    /// Prepends the headers to the inner packet in `buf`, in place.
+    pub fn prepend(&self, buf: &mut PacketBuf) -> Result<(), NoHeadroom> {
+        buf.push_front(self.overhead())?;
+        self.write(buf.as_mut_slice(), &[]);
+        Ok(())
+    }
+}
+
 /// Prepends a GRE header (protocol IPv4, key when given, checksum when asked) in place.
 pub fn push_header(
     buf: &mut PacketBuf,
@@ -282,5 +339,71 @@ mod tests {
         assert_eq!(ipv4::checksum(&b.as_slice()[..20]), 0);
         assert_eq!(b.as_slice()[9], ipv4::proto::GRE);
         assert_eq!(parse(&b.as_slice()[20..]).unwrap().key, Some(1001));
+    }
+
+    /// The peek finds the inner packet behind every header length the flags announce, with
+    /// and without the outer IPv4 header, and nothing in a frame shorter than its headers.
+    #[test]
+    fn the_peek_finds_the_inner_packet() {
+        let inner = ipv4::tests::packet([10, 0, 1, 10], [10, 0, 2, 20], ipv4::proto::UDP, &[0; 8]);
+        let (src, dst) = (Ipv4Addr::new(192, 0, 2, 1), Ipv4Addr::new(192, 0, 2, 2));
+        for (key, checksum) in [
+            (None, false),
+            (Some(7), false),
+            (None, true),
+            (Some(7), true),
+        ] {
+            for outer in [None, Some((src, dst))] {
+                let mut b = PacketBuf::from_packet(&inner);
+                Encap {
+                    outer,
+                    key,
+                    checksum,
+                }
+                .prepend(&mut b)
+                .unwrap();
+                assert_eq!(peek_inner(b.as_slice(), outer.is_some()), &inner[..]);
+                let headers = b.len() - inner.len();
+                assert_eq!(
+                    peek_inner(&b.as_slice()[..headers - 1], outer.is_some()),
+                    b""
+                );
+            }
+        }
+        // A sequence number (never emitted by vpcd) is skipped too.
+        let seq = gre(0x1000, PROTO_IPV4, &[0, 0, 0, 9, 0x45]);
+        assert_eq!(peek_inner(&seq, false), &[0x45]);
+        assert_eq!(peek_inner(&[], true), b"");
+    }
+
+    /// The encapsulation as a value writes what `encapsulate_ip` and `push_header` write, in
+    /// front of a whole packet or of a packet in two parts.
+    #[test]
+    fn encap_writes_the_same_bytes_whole_or_gathered() {
+        let inner = ipv4::tests::packet([10, 0, 1, 10], [10, 0, 2, 20], ipv4::proto::TCP, &[7; 30]);
+        let (src, dst) = (Ipv4Addr::new(192, 0, 2, 1), Ipv4Addr::new(192, 0, 2, 2));
+        for (key, checksum) in [(None, false), (Some(7), true), (Some(1001), false)] {
+            for outer in [None, Some((src, dst))] {
+                let e = Encap {
+                    outer,
+                    key,
+                    checksum,
+                };
+                let mut expected = PacketBuf::from_packet(&inner);
+                match outer {
+                    Some((s, d)) => encapsulate_ip(&mut expected, s, d, key, checksum).unwrap(),
+                    None => push_header(&mut expected, key, checksum).unwrap(),
+                }
+                let mut whole = PacketBuf::from_packet(&inner);
+                e.prepend(&mut whole).unwrap();
+                assert_eq!(whole.as_slice(), expected.as_slice());
+                assert_eq!(e.overhead(), expected.len() - inner.len());
+                // Split after the inner IPv4 header: headers and the first part in `head`.
+                let mut head = vec![0; e.overhead() + 20];
+                head[e.overhead()..].copy_from_slice(&inner[..20]);
+                e.write(&mut head, &inner[20..]);
+                assert_eq!([&head[..], &inner[20..]].concat(), expected.as_slice());
+            }
+        }
     }
 }

@@ -26,13 +26,12 @@ use std::fmt::Write as _;
 use std::fs::File;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use crossbeam_channel::bounded;
-use hashbrown::HashMap;
+use crossbeam_channel::{Receiver, bounded};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use tracing::{error, info, warn};
 
@@ -46,7 +45,7 @@ use crate::topology::{HostId, InstanceId, Topology, Transport, live_refusals};
 use crate::wire::ipv4;
 use ops::topo_text;
 pub use pool::Pool;
-pub use worker::{DeviceTable, Devices, Lane, Msg, Packet, Wiring, Worker, WorkerReport};
+pub use worker::{DeviceTable, Devices, Lane, Msg, Packet, TxErrors, Wiring, Worker, WorkerReport};
 
 /// Where daemons keep their lock files and, by default, their statistics.
 pub const RUN_DIR: &str = "/run/vpcd";
@@ -60,44 +59,25 @@ const INBOX: usize = 64;
 
 /// How readers pick the worker that owns a packet: a hash of its address pair (see
 /// [`ipv4::pair_hash`]), Elastic IPs counted as the private addresses they stand for, so that
-/// both sides of a translated flow land on one worker.
-#[derive(Clone)]
+/// both sides of a translated flow land on one worker. Each worker asks with the topology it
+/// is in (its pipeline's): no lock, no shared pointer to follow per packet.
+#[derive(Debug, Clone, Copy)]
 pub struct Affinity {
     seed: u32,
     workers: usize,
-    eips: Arc<RwLock<Arc<HashMap<u32, u32>>>>,
 }
 
 impl Affinity {
-    fn new(seed: u32, workers: usize, t: &Topology) -> Affinity {
-        Affinity {
-            seed,
-            workers,
-            eips: Arc::new(RwLock::new(Arc::new(Affinity::eip_map(t)))),
-        }
-    }
-
-    fn eip_map(t: &Topology) -> HashMap<u32, u32> {
-        t.instances
-            .iter()
-            .filter_map(|i| Some((u32::from(i.eip?), u32::from(i.ip))))
-            .collect()
-    }
-
-    fn update(&self, t: &Topology) {
-        if let Ok(mut m) = self.eips.write() {
-            *m = Arc::new(Affinity::eip_map(t));
-        }
-    }
-
-    /// The worker of an inner packet.
-    fn owner(&self, inner: &[u8]) -> usize {
+    /// The worker of an inner packet, Elastic IPs as `t` assigns them.
+    fn owner(&self, t: &Topology, inner: &[u8]) -> usize {
         if self.workers <= 1 {
             return 0;
         }
-        let eips = self.eips.read().map(|m| m.clone()).unwrap_or_default();
-        let map = |a: u32| eips.get(&a).copied().unwrap_or(a);
-        ipv4::pair_hash(inner, self.seed, map) as usize % self.workers
+        let private = |a: u32| {
+            t.eip_owner(Ipv4Addr::from(a))
+                .map_or(a, |id| u32::from(t.instance(id).ip))
+        };
+        ipv4::pair_hash(inner, self.seed, private) as usize % self.workers
     }
 }
 
@@ -221,7 +201,10 @@ pub fn run(opts: Options) -> Result<()> {
         devices: Vec::new(),
         pool: Pool::new(),
         seed,
-        affinity: Affinity::new((seed ^ (seed >> 32)) as u32, workers, &topo),
+        affinity: Affinity {
+            seed: (seed ^ (seed >> 32)) as u32,
+            workers,
+        },
         internet: None,
         created_netns: Vec::new(),
         stats_path,
@@ -249,48 +232,28 @@ impl Daemon {
         self.devices.extend(opened);
         let devices = self.device_table(&t, self.host);
         let clock = MonotonicClock::new();
-        let n = workers as u32;
-        let mut inboxes = Vec::with_capacity(workers);
-        let mut lanes = Vec::with_capacity(workers);
-        for _ in 0..workers {
-            let (tx, rx) = bounded(INBOX);
-            let wake =
-                EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK).context("eventfd")?;
-            lanes.push(Lane {
-                tx,
-                wake: Arc::new(wake),
-            });
-            inboxes.push(rx);
-        }
-        let lanes: Arc<[Lane]> = lanes.into();
+        let (lanes, inboxes) = make_lanes(workers)?;
         self.lanes = Some(lanes.clone());
         for (k, inbox) in inboxes.into_iter().enumerate() {
             // Every worker's tables share one seed: a flow hashes alike wherever it is read.
-            let p = Pipeline::shard(t.clone(), self.host, n, self.seed);
-            let (devices, pool, lanes, affinity, place) = (
-                devices.clone(),
-                self.pool.clone(),
-                lanes.clone(),
-                self.affinity.clone(),
-                place.clone(),
-            );
+            let p = Pipeline::shard(t.clone(), self.host, workers as u32, self.seed);
+            let (lanes, affinity) = (lanes.clone(), self.affinity);
+            let (devices, pool, place) = (devices.clone(), self.pool.clone(), place.clone());
             // The sockets are opened by the thread that uses them (their batch headers are
             // not Send); the thread reports whether that worked.
             spawn_with_setup(format!("vpcd-worker-{k}"), move || {
                 let sock = UnderlayTx::open(transport, address)
                     .with_context(|| format!("underlay ({place}), sending"))?;
-                let rx = if k == 0 || transport == Transport::GreUdp {
-                    let rx = UnderlayRx::open(transport, address)
-                        .with_context(|| format!("underlay ({place})"))?;
-                    Some((rx, transport))
-                } else {
-                    None
-                };
+                let reads = k == 0 || transport == Transport::GreUdp;
+                let rx = reads.then(|| UnderlayRx::open(transport, address));
+                let rx = rx
+                    .transpose()
+                    .with_context(|| format!("underlay ({place})"))?;
                 let wiring = Wiring {
                     me: k,
                     lanes,
                     inbox,
-                    rx,
+                    rx: rx.map(|rx| (rx, transport)),
                     affinity,
                 };
                 Ok(move || Worker::new(wiring, p, devices, sock, pool, clock).run())
@@ -462,7 +425,6 @@ impl Daemon {
         self.devices.extend(opened);
         self.host = host;
         let devices = self.device_table(&t, host);
-        self.affinity.update(&t);
         for lane in self.lanes.iter().flat_map(|l| l.iter()) {
             lane.send_blocking(Msg::Topology(t.clone(), devices.clone()));
         }
@@ -477,13 +439,13 @@ impl Daemon {
     }
 
     /// Every worker's report to `ask` (a tick, or clearing the counters), summed.
-    fn collect(&self, ask: fn(crossbeam_channel::Sender<WorkerReport>) -> Msg) -> ops::Totals {
+    fn collect(&self, ask: fn(crossbeam_channel::Sender<WorkerReport>) -> Msg) -> Totals {
         let lanes = self.lanes.clone().unwrap_or_else(|| Arc::from(Vec::new()));
         let (tx, rx) = bounded(lanes.len());
         for lane in lanes.iter() {
             lane.send_blocking(ask(tx.clone()));
         }
-        let mut totals = ops::Totals::new(self.topo.instances.len());
+        let mut totals = Totals::new(&self.topo);
         for _ in 0..lanes.len() {
             match rx.recv_timeout(Duration::from_millis(500)) {
                 Ok(r) => totals.add(&r),
@@ -494,9 +456,9 @@ impl Daemon {
     }
 
     /// Writes the statistics file (atomically: a temporary file renamed over it).
-    fn write_stats(&mut self, totals: &ops::Totals) {
+    fn write_stats(&mut self, totals: &Totals) {
         self.stats_seq += 1;
-        let text = totals.text(&self.topo, &self.opts.host, self.stats_seq);
+        let text = totals.text(&self.topo, self.host, &self.opts.host, self.stats_seq);
         let tmp = self.stats_path.with_extension("tmp");
         if let Some(dir) = self.stats_path.parent() {
             let _ = std::fs::create_dir_all(dir);
@@ -521,6 +483,22 @@ impl Daemon {
         }
         info!("stopped");
     }
+}
+
+/// Every worker's lane (inbox and wake-up), and the receiving ends of the inboxes.
+fn make_lanes(workers: usize) -> Result<(Arc<[Lane]>, Vec<Receiver<Msg>>)> {
+    let mut inboxes = Vec::with_capacity(workers);
+    let mut lanes = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let (tx, rx) = bounded(INBOX);
+        let wake = EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK).context("eventfd")?;
+        lanes.push(Lane {
+            tx,
+            wake: Arc::new(wake),
+        });
+        inboxes.push(rx);
+    }
+    Ok((lanes.into(), inboxes))
 }
 
 /// Gives a device its new address (the old ones go) and routes everything through it again.
@@ -648,6 +626,67 @@ fn rand_seed() -> u64 {
     foldhash::fast::RandomState::default().hash_one(std::process::id())
 }
 
+/// The workers' reports, summed.
+struct Totals {
+    counters: Counters,
+    connections: usize,
+    conntrack: crate::policy::conntrack::ConntrackStats,
+    handoff_drops: u64,
+    tx_errors: TxErrors,
+}
+
+impl Totals {
+    fn new(t: &Topology) -> Totals {
+        Totals {
+            counters: Counters::new(t.instances.len()),
+            connections: 0,
+            conntrack: Default::default(),
+            handoff_drops: 0,
+            tx_errors: TxErrors::new(t.instances.len()),
+        }
+    }
+
+    fn add(&mut self, r: &WorkerReport) {
+        self.counters.merge(&r.counters);
+        self.connections += r.connections;
+        self.handoff_drops += r.handoff_drops;
+        self.conntrack.created += r.conntrack.created;
+        self.conntrack.expired += r.conntrack.expired;
+        self.conntrack.evicted += r.conntrack.evicted;
+        self.conntrack.refused_full += r.conntrack.refused_full;
+        self.conntrack.refused_instance += r.conntrack.refused_instance;
+        self.tx_errors.merge(&r.tx_errors);
+    }
+
+    /// The statistics file of host `host` (named `name`).
+    fn text(&self, t: &Topology, host: HostId, name: &str, seq: u64) -> String {
+        let c = &self.conntrack;
+        let mut s = stats_text(t, name, seq, &self.counters, self.connections);
+        let _ = write!(
+            s,
+            "conntrack_evicted {}\nconntrack_refused_full {}\nconntrack_refused_instance {}\nhandoff_drops {}\n",
+            c.evicted, c.refused_full, c.refused_instance, self.handoff_drops
+        );
+        s.push_str(&tx_errors_text(t, host, &self.tx_errors));
+        s
+    }
+}
+
+/// The transmit errors of host `host`: `instance.NAME.tx_errors` for each of its instances,
+/// `internet.tx_errors` on the internet gateway, and `underlay.tx_errors`.
+pub fn tx_errors_text(t: &Topology, host: HostId, e: &TxErrors) -> String {
+    let mut s = String::new();
+    for id in t.instances_on(host) {
+        let n = e.instances.get(id.index()).copied().unwrap_or(0);
+        let _ = writeln!(s, "instance.{}.tx_errors {n}", t.instance(id).name);
+    }
+    if t.internet.as_ref().is_some_and(|i| i.gateway == host) {
+        let _ = writeln!(s, "internet.tx_errors {}", e.internet);
+    }
+    let _ = writeln!(s, "underlay.tx_errors {}", e.underlay);
+    s
+}
+
 /// The statistics file: one `name value` line per counter.
 pub fn stats_text(t: &Topology, host: &str, seq: u64, c: &Counters, connections: usize) -> String {
     let mut s = String::new();
@@ -757,5 +796,104 @@ mod tests {
         assert!(lock(&host).is_err());
         drop(again);
         assert!(!path.exists());
+    }
+
+    const TOPOLOGY: &str = r#"
+[underlay]
+transport = "gre-udp"
+mtu = 1500
+
+[internet]
+cidr = "203.0.113.0/24"
+gateway = "a"
+
+[[host]]
+name = "a"
+address = "192.0.2.1"
+[[host]]
+name = "b"
+address = "192.0.2.2"
+
+[[vpc]]
+name = "v"
+tenant = "t"
+cidr = "10.0.0.0/16"
+key = 1001
+
+[[subnet]]
+name = "s"
+vpc = "v"
+cidr = "10.0.1.0/24"
+
+[[security_group]]
+name = "sg"
+egress = [ { action = "accept", protocol = "all", destination = "0.0.0.0/0" } ]
+
+[[instance]]
+name = "web"
+host = "b"
+subnet = "s"
+ip = "10.0.1.10"
+eip = "203.0.113.10"
+security_groups = ["sg"]
+[[instance]]
+name = "db"
+host = "a"
+subnet = "s"
+ip = "10.0.1.20"
+security_groups = ["sg"]
+"#;
+
+    fn packet(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+        let mut p = vec![0u8; 28];
+        ipv4::emit_header(&mut p, src.into(), dst.into(), ipv4::proto::UDP, 0, 28);
+        p
+    }
+
+    /// Both sides of a translated flow land on one worker: the instance's packet to the
+    /// internet and the internet's reply to its Elastic IP, which the topology maps back to
+    /// the private address; other addresses are hashed as they are.
+    #[test]
+    fn an_elastic_ip_counts_as_its_private_address() {
+        let t = Topology::parse(TOPOLOGY, "test.toml").unwrap_or_else(|e| panic!("{e}"));
+        let (out, back) = (
+            packet([10, 0, 1, 10], [198, 51, 100, 7]),
+            packet([198, 51, 100, 7], [203, 0, 113, 10]),
+        );
+        let other = packet([198, 51, 100, 7], [203, 0, 113, 11]);
+        let mut apart = 0;
+        for seed in 0..64 {
+            let a = Affinity { seed, workers: 4 };
+            assert_eq!(a.owner(&t, &out), a.owner(&t, &back), "seed {seed}");
+            apart += usize::from(a.owner(&t, &out) != a.owner(&t, &other));
+            assert_eq!(Affinity { seed, workers: 1 }.owner(&t, &other), 0);
+        }
+        assert!(
+            apart > 16,
+            "an address that is no Elastic IP is its own: {apart}/64"
+        );
+    }
+
+    /// The statistics name every transmit error counter of the host: each of its instances,
+    /// the internet's device on the gateway, the underlay.
+    #[test]
+    fn transmit_errors_are_in_the_statistics() {
+        let t = Topology::parse(TOPOLOGY, "test.toml").unwrap_or_else(|e| panic!("{e}"));
+        let mut e = TxErrors::new(2);
+        e.instances[1] = 3;
+        e.internet = 2;
+        e.underlay = 5;
+        let a = t.host_named("a").unwrap();
+        let stats = parse_stats(&tx_errors_text(&t, a, &e));
+        let want = [
+            ("instance.db.tx_errors", 3),
+            ("internet.tx_errors", 2),
+            ("underlay.tx_errors", 5),
+        ];
+        assert_eq!(stats, want.map(|(k, v)| (k.to_string(), v)).into());
+        let b = t.host_named("b").unwrap();
+        let stats = parse_stats(&tx_errors_text(&t, b, &e));
+        let want = [("instance.web.tx_errors", 0), ("underlay.tx_errors", 5)];
+        assert_eq!(stats, want.map(|(k, v)| (k.to_string(), v)).into());
     }
 }

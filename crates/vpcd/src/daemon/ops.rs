@@ -9,12 +9,10 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::info;
 
-use super::worker::{Msg, WorkerReport};
-use super::{Daemon, stats_text};
+use super::worker::Msg;
+use super::{Daemon, Totals};
 use crate::control::{self, Reply, Request};
 use crate::metrics;
-use crate::pipeline::Counters;
-use crate::policy::conntrack::ConntrackStats;
 use crate::topology::Topology;
 
 /// A request from the control socket with the way back to its client.
@@ -62,47 +60,24 @@ fn fnv64(text: &str) -> String {
     format!("{h:016x}")
 }
 
-/// The workers' reports, summed.
-pub(super) struct Totals {
-    pub counters: Counters,
-    pub connections: usize,
-    pub conntrack: ConntrackStats,
-    pub handoff_drops: u64,
-}
-
 impl Totals {
-    pub(super) fn new(instances: usize) -> Totals {
-        Totals {
-            counters: Counters::new(instances),
-            connections: 0,
-            conntrack: ConntrackStats::default(),
-            handoff_drops: 0,
-        }
-    }
-
-    pub(super) fn add(&mut self, r: &WorkerReport) {
-        self.counters.merge(&r.counters);
-        self.connections += r.connections;
-        self.handoff_drops += r.handoff_drops;
-        let (a, b) = (&mut self.conntrack, &r.conntrack);
-        a.created += b.created;
-        a.evicted += b.evicted;
-        a.expired += b.expired;
-        a.refused_full += b.refused_full;
-        a.refused_instance += b.refused_instance;
-    }
-
-    /// The statistics file's text.
-    pub(super) fn text(&self, t: &Topology, host: &str, seq: u64) -> String {
-        let text = stats_text(t, host, seq, &self.counters, self.connections);
-        let ct = &self.conntrack;
-        format!(
-            "{text}conntrack_evicted {}\nconntrack_refused_full {}\nconntrack_refused_instance {}\nhandoff_drops {}\n",
-            ct.evicted, ct.refused_full, ct.refused_instance, self.handoff_drops
-        )
-    }
-
     fn prometheus(&self, t: &Topology, host: &str) -> String {
+        let mut tx = metrics::Family {
+            name: "vpcd_tx_errors_total",
+            help: "Writes that failed, by port (an instance's device, the internet device, the underlay).",
+            kind: metrics::Kind::Counter,
+            samples: vec![(vec![("port", "underlay".to_string())], self.tx_errors.underlay)],
+        };
+        if t.internet.is_some() {
+            tx.samples
+                .push((vec![("port", "internet".to_string())], self.tx_errors.internet));
+        }
+        for (i, inst) in t.instances.iter().enumerate() {
+            if t.hosts.get(inst.host.index()).map(|h| h.name.as_str()) == Some(host) {
+                let n = self.tx_errors.instances.get(i).copied().unwrap_or(0);
+                tx.samples.push((vec![("port", inst.name.clone())], n));
+            }
+        }
         let snapshot = metrics::Snapshot {
             topology: t,
             host,
@@ -117,6 +92,7 @@ impl Totals {
             kind: metrics::Kind::Counter,
             samples: vec![(Vec::new(), self.handoff_drops)],
         });
+        families.push(tx);
         metrics::render(host, &families)
     }
 }
@@ -165,7 +141,7 @@ impl Daemon {
                 if prometheus {
                     Reply::ok(totals.prometheus(&self.topo, &self.opts.host), json!(null))
                 } else {
-                    let text = totals.text(&self.topo, &self.opts.host, self.stats_seq);
+                    let text = totals.text(&self.topo, self.host, &self.opts.host, self.stats_seq);
                     let map = super::parse_stats(&text);
                     Reply::ok(text, json!(map))
                 }

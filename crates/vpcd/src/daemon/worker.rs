@@ -29,13 +29,14 @@ use super::Affinity;
 use super::pool::Pool;
 use crate::clock::MonotonicClock;
 use crate::io::tun::Tun;
-use crate::io::underlay::{BATCH, CutFrames, Received, UnderlayRx, UnderlayTx, peek_inner};
-use crate::pipeline::{Action, Counters, Decision, Ingress, Pipeline};
+use crate::io::underlay::{BATCH, CutFrames, Received, UnderlayRx, UnderlayTx};
+use crate::pipeline::{Action, Counters, Egress, Ingress, Pipeline};
 use crate::reason::DropReason;
 use crate::time::Timestamp;
 use crate::topology::{InstanceId, Topology, Transport};
+use crate::wire::gre::{self, Encap};
 use crate::wire::gso::{self, Cut, F_NEEDS_CSUM, VNET_HDR_LEN, VnetHdr};
-use crate::wire::{PacketBuf, gre, gro, nat};
+use crate::wire::{PacketBuf, gro};
 
 /// A packet in flight between threads.
 pub struct Packet {
@@ -120,7 +121,7 @@ pub struct Wiring {
     pub inbox: Receiver<Msg>,
     /// Its underlay socket, if it has one.
     pub rx: Option<(UnderlayRx, Transport)>,
-    /// Who owns a flow.
+    /// Who owns a flow (under the topology this worker is in).
     pub affinity: Affinity,
 }
 
@@ -154,10 +155,75 @@ pub struct WorkerReport {
     pub conntrack: crate::policy::conntrack::ConntrackStats,
     /// Batches it could not hand over (an owner's inbox was full).
     pub handoff_drops: u64,
+    /// Packets the kernel refused to take, by port.
+    pub tx_errors: TxErrors,
+}
+
+/// Packets the kernel refused to take (a write or send that failed), by port: a local
+/// instance's device, the internet's device, the underlay. One worker's share, summed into
+/// the statistics (`instance.NAME.tx_errors`, `internet.tx_errors`, `underlay.tx_errors`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TxErrors {
+    /// By instance id of the topology in force.
+    pub instances: Vec<u64>,
+    /// The internet's device.
+    pub internet: u64,
+    /// The underlay sockets.
+    pub underlay: u64,
+}
+
+impl TxErrors {
+    /// No errors, for the `instances` of a topology.
+    pub fn new(instances: usize) -> TxErrors {
+        TxErrors {
+            instances: vec![0; instances],
+            ..TxErrors::default()
+        }
+    }
+
+    fn count(&mut self, port: Port, n: u64) {
+        match port {
+            Port::Instance(id) => {
+                if self.instances.len() <= id.index() {
+                    self.instances.resize(id.index() + 1, 0);
+                }
+                self.instances[id.index()] += n;
+            }
+            Port::Internet => self.internet += n,
+        }
+    }
+
+    /// Adds another worker's counts (of the same topology).
+    pub fn merge(&mut self, other: &TxErrors) {
+        if self.instances.len() < other.instances.len() {
+            self.instances.resize(other.instances.len(), 0);
+        }
+        for (a, b) in self.instances.iter_mut().zip(&other.instances) {
+            *a += b;
+        }
+        self.internet += other.internet;
+        self.underlay += other.underlay;
+    }
+
+    /// Follows the instances by name from topology `old` into `new` (ids move when the
+    /// file's order changes); the counts of instances that left go.
+    pub fn renumber(&mut self, old: &Topology, new: &Topology) {
+        let mut by_new = vec![0; new.instances.len()];
+        for (i, &n) in self.instances.iter().enumerate() {
+            let now = old
+                .instances
+                .get(i)
+                .and_then(|x| new.instance_named(&x.name));
+            if let Some(j) = now.filter(|_| n > 0) {
+                by_new[j.index()] += n;
+            }
+        }
+        self.instances = by_new;
+    }
 }
 
 /// A packet to write to a device: `held[buf][start..end]`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Piece {
     to: Port,
     buf: u32,
@@ -174,6 +240,51 @@ fn copied(pool: &Pool, dgram: &[u8]) -> PacketBuf {
     buf
 }
 
+/// The datagrams of a GRO train of `len` bytes, `stride` bytes each (the last may be
+/// shorter): their (start, end).
+fn spans(len: usize, stride: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..len)
+        .step_by(stride.max(1))
+        .map(move |at| (at, (at + stride.max(1)).min(len)))
+}
+
+/// The worker that owns every datagram of a GRO train, or `None` when its datagrams have
+/// different owners (or there are none).
+fn sole_owner(train: &[u8], stride: usize, owner_of: impl Fn(&[u8]) -> usize) -> Option<usize> {
+    let mut datagrams = spans(train.len(), stride).map(|(at, end)| owner_of(&train[at..end]));
+    let first = datagrams.next()?;
+    datagrams.all(|o| o == first).then_some(first)
+}
+
+/// The pieces sorted by port, each port's in their order (consecutive TCP segments must stay
+/// consecutive to be coalesced), cut into one run per port.
+fn by_port(pieces: &mut [Piece]) -> impl Iterator<Item = (Port, &[Piece])> {
+    pieces.sort_by_key(|p| p.to);
+    pieces
+        .chunk_by(|a, b| a.to == b.to)
+        .map(|run| (run[0].to, run))
+}
+
+/// Writes the headers of every segment of the super-packet `pkt`, cut as `cut`, into
+/// `heads`: `encap` followed by the segment's own IPv4 and transport headers (checksums over
+/// the payload where it lies). Returns (the distance between two segments' headers, their
+/// length); `heads` grows as needed.
+fn segment_heads(pkt: &[u8], cut: &Cut, encap: &Encap, heads: &mut Vec<u8>) -> (usize, usize) {
+    let prefix = encap.overhead();
+    let head_len = prefix + cut.headers;
+    let stride = head_len.next_multiple_of(8);
+    if heads.len() < cut.count * stride {
+        heads.resize(cut.count * stride, 0);
+    }
+    for i in 0..cut.count {
+        let chunk = &pkt[cut.payload(i)];
+        let h = &mut heads[i * stride..i * stride + head_len];
+        cut.write_header(pkt, i, chunk, &mut h[prefix..]);
+        encap.write(h, chunk);
+    }
+    (stride, head_len)
+}
+
 /// The virtio-net header of a plain packet (no offload, checksums complete).
 const PLAIN: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
 
@@ -186,10 +297,10 @@ pub struct Worker {
     received: Vec<Received>,
     /// Batches lost because an owner's inbox was full.
     pub handoff_drops: u64,
+    tx_errors: TxErrors,
     pipeline: Pipeline,
     devices: Devices,
     tx: UnderlayTx,
-    local_addr: Ipv4Addr,
     pool: Pool,
     clock: MonotonicClock,
     heads: Vec<u8>,
@@ -209,8 +320,6 @@ impl Worker {
         pool: Pool,
         clock: MonotonicClock,
     ) -> Worker {
-        let t = pipeline.topology().clone();
-        let local_addr = t.host(pipeline.host()).address;
         let n = wiring.lanes.len();
         Worker {
             mine: assign(&devices, wiring.me, n),
@@ -219,10 +328,10 @@ impl Worker {
             outgoing: (0..n).map(|_| Vec::new()).collect(),
             received: Vec::with_capacity(BATCH),
             handoff_drops: 0,
+            tx_errors: TxErrors::new(pipeline.topology().instances.len()),
             pipeline,
             devices,
             tx,
-            local_addr,
             pool,
             clock,
             heads: Vec::new(),
@@ -298,16 +407,7 @@ impl Worker {
         while let Ok(msg) = self.wiring.inbox.try_recv() {
             match msg {
                 Msg::Packets(t, batch) => self.adopt(&t, batch),
-                Msg::Topology(t, devices) => {
-                    // What was read under the old topology is decided under it.
-                    if !self.local.is_empty() {
-                        let batch = std::mem::take(&mut self.local);
-                        self.handle(batch);
-                    }
-                    self.pipeline.set_topology(t);
-                    self.mine = assign(&devices, self.wiring.me, self.wiring.lanes.len());
-                    self.devices = devices;
-                }
+                Msg::Topology(t, devices) => self.switch(t, devices),
                 Msg::Tick(reply) => {
                     self.pipeline.sweep(self.clock.now());
                     let _ = reply.send(self.report());
@@ -315,6 +415,7 @@ impl Worker {
                 Msg::ClearCounters(reply) => {
                     self.pipeline.clear_counters();
                     self.handoff_drops = 0;
+                    self.tx_errors = TxErrors::new(self.pipeline.topology().instances.len());
                     let _ = reply.send(self.report());
                 }
                 Msg::Stop => return false,
@@ -329,7 +430,21 @@ impl Worker {
             connections: self.pipeline.conntrack().len(),
             conntrack: self.pipeline.conntrack().stats(),
             handoff_drops: self.handoff_drops,
+            tx_errors: self.tx_errors.clone(),
         }
+    }
+
+    /// Moves to a new topology and its devices. What was read under the old topology is
+    /// decided under it first.
+    fn switch(&mut self, t: Arc<Topology>, devices: Devices) {
+        if !self.local.is_empty() {
+            let batch = std::mem::take(&mut self.local);
+            self.handle(batch);
+        }
+        self.tx_errors.renumber(self.pipeline.topology(), &t);
+        self.pipeline.set_topology(t);
+        self.mine = assign(&devices, self.wiring.me, self.wiring.lanes.len());
+        self.devices = devices;
     }
 
     /// Takes packets another worker read under topology `t`: an instance's packets follow the
@@ -381,61 +496,43 @@ impl Worker {
         }
         // Taken out for the loop (which sorts into `self`) and put back, capacity kept.
         let mut received = std::mem::take(&mut self.received);
-        let affinity = self.wiring.affinity.clone();
-        let owner_of = |dgram: &[u8]| affinity.owner(peek_inner(dgram, transport));
+        let (affinity, topo) = (self.wiring.affinity, self.pipeline.topology().clone());
+        let outer_ip = transport == Transport::Gre;
+        let owner_of = |dgram: &[u8]| affinity.owner(&topo, gre::peek_inner(dgram, outer_ip));
         for r in received.drain(..) {
             let from = match transport {
                 Transport::Gre => Ingress::UnderlayIp,
                 Transport::GreUdp => Ingress::UnderlayUdp { from: r.from },
             };
-            if r.stride == 0 {
-                let owner = owner_of(r.buf.as_slice());
-                self.sort(
-                    Packet {
-                        buf: r.buf,
-                        from,
-                        vnet: Default::default(),
-                        stride: 0,
-                    },
-                    owner,
-                );
-                continue;
-            }
-            // A GRO train may carry several flows. When they all belong to one worker it goes
-            // there whole; otherwise each datagram goes to its owner, copied out.
-            let stride = r.stride;
-            let spans = |len: usize| {
-                (0..len)
-                    .step_by(stride)
-                    .map(move |at| (at, (at + stride).min(len)))
-            };
-            let len = r.buf.len();
-            let owner = owner_of(r.buf.as_slice());
-            let mixed = spans(len).any(|(at, end)| owner_of(&r.buf.as_slice()[at..end]) != owner);
-            if !mixed {
-                let p = Packet {
-                    buf: r.buf,
-                    from,
-                    vnet: Default::default(),
-                    stride,
-                };
-                self.sort(p, owner);
-                continue;
-            }
-            for (at, end) in spans(len) {
-                let dgram = &r.buf.as_slice()[at..end];
-                let o = owner_of(dgram);
-                let p = Packet {
-                    buf: copied(&self.pool, dgram),
-                    from,
-                    vnet: Default::default(),
-                    stride: 0,
-                };
-                self.sort(p, o);
-            }
-            self.pool.put(r.buf);
+            self.sort_received(r, from, &owner_of);
         }
         self.received = received;
+    }
+
+    /// Sorts what one underlay read brought. A GRO train may carry several flows: when they
+    /// all belong to one worker it goes there whole; otherwise each datagram goes to its
+    /// owner, copied out.
+    fn sort_received(&mut self, r: Received, from: Ingress, owner_of: &impl Fn(&[u8]) -> usize) {
+        let packet = |buf, stride| Packet {
+            buf,
+            from,
+            vnet: VnetHdr::default(),
+            stride,
+        };
+        let whole = match r.stride {
+            0 => Some(owner_of(r.buf.as_slice())),
+            stride => sole_owner(r.buf.as_slice(), stride, owner_of),
+        };
+        if let Some(owner) = whole {
+            self.sort(packet(r.buf, r.stride), owner);
+            return;
+        }
+        for (at, end) in spans(r.buf.len(), r.stride) {
+            let dgram = &r.buf.as_slice()[at..end];
+            let owner = owner_of(dgram);
+            self.sort(packet(copied(&self.pool, dgram), 0), owner);
+        }
+        self.pool.put(r.buf);
     }
 
     fn read_device(&mut self, i: usize) {
@@ -446,13 +543,15 @@ impl Worker {
             let mut buf = self.pool.take();
             match dev.read(&mut buf) {
                 Ok(Some(vnet)) => {
-                    let owner = self.wiring.affinity.owner(buf.as_slice());
+                    let t = self.pipeline.topology();
+                    let owner = self.wiring.affinity.owner(t, buf.as_slice());
+                    let stride = 0;
                     self.sort(
                         Packet {
                             buf,
                             from,
                             vnet,
-                            stride: 0,
+                            stride,
                         },
                         owner,
                     );
@@ -526,9 +625,21 @@ impl Worker {
         }
     }
 
+    /// Queues an inner packet for the underlay, `encap` prepended.
+    fn encapsulate(&mut self, mut buf: PacketBuf, to: Ipv4Addr, encap: Encap, flow_hash: u32) {
+        match encap.prepend(&mut buf) {
+            Ok(()) => self.transmits.push((buf, to, flow_hash)),
+            Err(_) => {
+                self.pipeline.count_drop(DropReason::NoHeadroom);
+                self.pool.put(buf);
+            }
+        }
+    }
+
     fn handle_packet(&mut self, mut p: Packet, now: Timestamp) {
         if p.vnet.flags & F_NEEDS_CSUM != 0 {
-            // The kernel left the checksum to whoever puts the packet on a wire.
+            // The kernel left the checksum to whoever puts the packet on a wire. Offsets
+            // that do not fit the packet leave it as it is: the pipeline judges it.
             let _ = gso::finish_checksum(
                 p.buf.as_mut_slice(),
                 usize::from(p.vnet.csum_start),
@@ -539,41 +650,40 @@ impl Worker {
         self.route(p.buf, action);
     }
 
-    /// A GRO train from the underlay: each datagram is decided where it lies.
+    /// A GRO train from the underlay: each datagram is decided, and its plan applied, where
+    /// it lies.
     fn handle_train(&mut self, mut p: Packet, now: Timestamp) {
         let index = self.held.len() as u32;
-        let len = p.buf.len();
-        let mut at = 0;
-        while at < len {
-            let end = (at + p.stride).min(len);
+        for (at, end) in spans(p.buf.len(), p.stride) {
             let d = self
                 .pipeline
                 .decide(&p.buf.as_slice()[at..end], p.from, now);
-            let (to, strip, nat) = match d {
-                Decision::Deliver { to, strip, nat } => (Port::Instance(to), strip, nat),
-                Decision::ToInternet { strip, nat } => (Port::Internet, strip, nat),
+            let dgram = &mut p.buf.as_mut_slice()[at..end];
+            let Some(plan) = self.pipeline.transmit_plan(&d, dgram, false) else {
+                continue;
+            };
+            let start = at + plan.start;
+            let to = match plan.to {
+                Egress::Instance(id) => Port::Instance(id),
+                Egress::Internet => Port::Internet,
                 // The internet gateway relays into the cloud: the datagram leaves the train.
-                Decision::Encapsulate { .. } => {
-                    let mut buf = copied(&self.pool, &p.buf.as_slice()[at..end]);
-                    let action = self.pipeline.apply(d, &mut buf, false);
-                    self.route(buf, action);
-                    at = end;
-                    continue;
-                }
-                _ => {
-                    at = end;
+                Egress::Underlay {
+                    to,
+                    encap,
+                    flow_hash,
+                } => {
+                    let inner = copied(&self.pool, &p.buf.as_slice()[start..end]);
+                    self.encapsulate(inner, to, encap, flow_hash);
                     continue;
                 }
             };
-            let start = at + usize::from(strip);
-            nat::apply(&mut p.buf.as_mut_slice()[start..end], &nat, false);
+            let (start, end) = (start as u32, end as u32);
             self.pieces.push(Piece {
                 to,
                 buf: index,
-                start: start as u32,
-                end: end as u32,
+                start,
+                end,
             });
-            at = end;
         }
         self.held.push(p.buf);
     }
@@ -585,52 +695,53 @@ impl Worker {
         let d = self
             .pipeline
             .decide_offloaded(p.buf.as_slice(), p.from, true, now);
-        match d {
-            Decision::Deliver { nat, .. } | Decision::ToInternet { nat, .. } => {
-                let port = match d {
-                    Decision::Deliver { to, .. } => Port::Instance(to),
-                    _ => Port::Internet,
-                };
-                nat::apply(p.buf.as_mut_slice(), &nat, partial);
-                if let Some(dev) = self.device(port) {
-                    let _ = dev.write_with(&mut p.buf, &p.vnet);
-                }
+        if let Some(plan) = self
+            .pipeline
+            .transmit_plan(&d, p.buf.as_mut_slice(), partial)
+        {
+            p.buf.pull_front(plan.start);
+            match plan.to {
+                Egress::Instance(id) => self.write_whole(Port::Instance(id), &mut p),
+                Egress::Internet => self.write_whole(Port::Internet, &mut p),
+                Egress::Underlay {
+                    to,
+                    encap,
+                    flow_hash,
+                } => self.send_segmented(&p, to, &encap, flow_hash),
             }
-            Decision::Encapsulate { host, key, nat, .. } => {
-                nat::apply(p.buf.as_mut_slice(), &nat, partial);
-                let t = self.pipeline.topology().clone();
-                let u = t.underlay;
-                let to = t.host(host).address;
-                let outer_ip = u.transport == Transport::Gre;
-                let prefix = gre::encap_len(outer_ip, key.is_some(), u.checksum);
-                let pkt = p.buf.as_slice();
-                if let Ok(cut) = Cut::new(pkt, &p.vnet) {
-                    let head_len = prefix + cut.headers;
-                    let stride = head_len.next_multiple_of(8);
-                    if self.heads.len() < cut.count * stride {
-                        self.heads.resize(cut.count * stride, 0);
-                    }
-                    let outer = outer_ip.then_some((self.local_addr, to));
-                    for i in 0..cut.count {
-                        let chunk = &pkt[cut.payload(i)];
-                        let h = &mut self.heads[i * stride..i * stride + head_len];
-                        cut.write_header(pkt, i, chunk, &mut h[prefix..]);
-                        gre::write_encap_gathered(h, chunk, outer, key, u.checksum);
-                    }
-                    let hash = crate::wire::ipv4::flow_hash(pkt, self.pipeline.flow_seed());
-                    let frames = CutFrames {
-                        pkt,
-                        cut: &cut,
-                        heads: &self.heads,
-                        head_stride: stride,
-                        head_len,
-                    };
-                    let _ = self.tx.send_cut(&frames, to, hash);
-                }
-            }
-            Decision::FragNeeded { .. } | Decision::Drop(_) => {}
         }
         self.pool.put(p.buf);
+    }
+
+    /// Writes a super-packet whole, with its GSO header: the instance's kernel takes it.
+    fn write_whole(&mut self, port: Port, p: &mut Packet) {
+        if let Some(dev) = self.device(port)
+            && dev.write_with(&mut p.buf, &p.vnet).is_err()
+        {
+            self.tx_errors.count(port, 1);
+        }
+    }
+
+    /// Cuts a super-packet into segments for the underlay, `encap` in front of each, and
+    /// sends them, their payloads gathered where they lie.
+    fn send_segmented(&mut self, p: &Packet, to: Ipv4Addr, encap: &Encap, flow_hash: u32) {
+        let pkt = p.buf.as_slice();
+        // A virtio-net header that disagrees with the packet the pipeline parsed: it cannot
+        // be cut, and is counted as a packet the underlay did not take.
+        let Ok(cut) = Cut::new(pkt, &p.vnet) else {
+            self.tx_errors.underlay += 1;
+            return;
+        };
+        let (head_stride, head_len) = segment_heads(pkt, &cut, encap, &mut self.heads);
+        let frames = CutFrames {
+            pkt,
+            cut: &cut,
+            heads: &self.heads,
+            head_stride,
+            head_len,
+        };
+        let failed = self.tx.send_cut(&frames, to, flow_hash);
+        self.tx_errors.underlay += failed as u64;
     }
 
     fn flush(&mut self) {
@@ -640,56 +751,253 @@ impl Worker {
                 .iter()
                 .map(|(b, to, h)| (b.as_slice(), *to, *h))
                 .collect();
-            let _ = self.tx.send(&msgs);
+            let failed = self.tx.send(&msgs);
+            self.tx_errors.underlay += failed as u64;
             for (b, _, _) in self.transmits.drain(..) {
                 self.pool.put(b);
             }
         }
-        if !self.pieces.is_empty() {
-            self.pieces.sort_by_key(|p| p.to);
-            let mut start = 0;
-            while start < self.pieces.len() {
-                let to = self.pieces[start].to;
-                let end = start
-                    + self.pieces[start..]
-                        .iter()
-                        .take_while(|p| p.to == to)
-                        .count();
-                if let Some(dev) = self.device(to) {
-                    self.write_device(&dev, start, end);
-                }
-                start = end;
+        // Taken out for the loop (which writes through `self`) and put back, capacity kept.
+        let mut pieces = std::mem::take(&mut self.pieces);
+        for (to, run) in by_port(&mut pieces) {
+            if let Some(dev) = self.device(to) {
+                let failed = self.write_device(&dev, run);
+                self.tx_errors.count(to, failed);
             }
-            self.pieces.clear();
         }
+        pieces.clear();
+        self.pieces = pieces;
         for b in self.held.drain(..) {
             self.pool.put(b);
         }
     }
 
-    /// Writes `pieces[start..end]` to `dev`, consecutive TCP segments of a flow coalesced.
-    fn write_device(&mut self, dev: &Tun, start: usize, end: usize) {
+    /// Writes `pieces` to `dev`, consecutive TCP segments of a flow coalesced; returns how
+    /// many packets the device refused.
+    fn write_device(&mut self, dev: &Tun, pieces: &[Piece]) -> u64 {
         let held = &self.held;
-        let pkts: Vec<&[u8]> = self.pieces[start..end]
+        let pkts: Vec<&[u8]> = pieces
             .iter()
             .map(|p| &held[p.buf as usize].as_slice()[p.start as usize..p.end as usize])
             .collect();
         gro::plan(&pkts, &mut self.runs);
         let mut head = [0u8; gro::MAX_HEADER];
+        let mut failed = 0;
         for &(first, count) in &self.runs {
             let run = &pkts[first..first + count];
-            if count == 1 {
-                let _ = dev.write_gathered(&[IoSlice::new(&PLAIN), IoSlice::new(run[0])]);
-                continue;
+            let written = if count == 1 {
+                dev.write_gathered(&[IoSlice::new(&PLAIN), IoSlice::new(run[0])])
+            } else {
+                let n = gro::super_header(run, &mut head);
+                let mut parts = Vec::with_capacity(count + 1);
+                parts.push(IoSlice::new(&head[..n]));
+                parts.extend(
+                    run.iter()
+                        .map(|s| IoSlice::new(&s[gro::payload_offset(s)..])),
+                );
+                dev.write_gathered(&parts)
+            };
+            if written.is_err() {
+                failed += count as u64;
             }
-            let n = gro::super_header(run, &mut head);
-            let mut parts = Vec::with_capacity(count + 1);
-            parts.push(IoSlice::new(&head[..n]));
-            parts.extend(
-                run.iter()
-                    .map(|s| IoSlice::new(&s[gro::payload_offset(s)..])),
-            );
-            let _ = dev.write_gathered(&parts);
         }
+        failed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::csum::Sum;
+    use crate::wire::gso::gso_type;
+    use crate::wire::ipv4;
+
+    #[test]
+    fn a_train_is_cut_every_stride_bytes_the_last_datagram_shorter() {
+        let cut = |len, stride| spans(len, stride).collect::<Vec<_>>();
+        assert_eq!(cut(10, 4), [(0, 4), (4, 8), (8, 10)]);
+        assert_eq!(cut(8, 4), [(0, 4), (4, 8)]);
+        assert_eq!(cut(3, 4), [(0, 3)]);
+        assert_eq!(cut(0, 4), []);
+        // A stride of 0 (never a train) cuts bytes one by one rather than looping or panicking.
+        assert_eq!(cut(2, 0), [(0, 1), (1, 2)]);
+    }
+
+    #[test]
+    fn a_train_goes_whole_only_to_the_owner_of_all_its_datagrams() {
+        // The owner of a datagram is its first byte.
+        let owner = |d: &[u8]| usize::from(d[0]);
+        assert_eq!(sole_owner(&[1, 9, 1, 9, 1], 2, owner), Some(1));
+        assert_eq!(sole_owner(&[1, 9, 2, 9, 1], 2, owner), None);
+        assert_eq!(
+            sole_owner(&[1, 9, 1, 9, 3], 2, owner),
+            None,
+            "the short last one"
+        );
+        assert_eq!(sole_owner(&[], 2, owner), None);
+    }
+
+    #[test]
+    fn pieces_are_grouped_by_port_in_their_order() {
+        let piece = |to, start| Piece {
+            to,
+            buf: 0,
+            start,
+            end: start + 1,
+        };
+        let (a, b) = (Port::Instance(InstanceId(1)), Port::Instance(InstanceId(0)));
+        let mut pieces = [
+            piece(a, 0),
+            piece(Port::Internet, 1),
+            piece(b, 2),
+            piece(a, 3),
+            piece(b, 4),
+            piece(a, 5),
+        ];
+        let groups: Vec<(Port, Vec<u32>)> = by_port(&mut pieces)
+            .map(|(to, run)| (to, run.iter().map(|p| p.start).collect()))
+            .collect();
+        assert_eq!(
+            groups,
+            [
+                (b, vec![2, 4]),
+                (a, vec![0, 3, 5]),
+                (Port::Internet, vec![1])
+            ]
+        );
+        assert_eq!(by_port(&mut []).count(), 0);
+    }
+
+    /// A TCP super-packet of `payload` bytes from 10.0.1.10 to 10.0.2.20, sequence 1000.
+    fn super_tcp(payload: usize) -> Vec<u8> {
+        let mut tcp = vec![0u8; 20];
+        tcp[0..2].copy_from_slice(&40_000u16.to_be_bytes());
+        tcp[2..4].copy_from_slice(&80u16.to_be_bytes());
+        tcp[4..8].copy_from_slice(&1000u32.to_be_bytes());
+        tcp[12] = 5 << 4;
+        tcp[13] = 0x18; // PSH ACK
+        tcp.extend((0..payload).map(|i| i as u8));
+        let mut p = vec![0u8; ipv4::HEADER_LEN];
+        let (src, dst) = ([10, 0, 1, 10].into(), [10, 0, 2, 20].into());
+        ipv4::emit_header(
+            &mut p,
+            src,
+            dst,
+            ipv4::proto::TCP,
+            0,
+            (20 + tcp.len()) as u16,
+        );
+        p.extend(tcp);
+        p
+    }
+
+    /// Each segment cut from a super-packet for the underlay is a whole GRE packet: outer
+    /// IPv4 header and GRE (key, checksum) valid, the inner IPv4 and TCP checksums valid, the
+    /// sequence numbers following each other, and the payloads, put together, the original.
+    #[test]
+    fn segment_heads_make_whole_gre_packets_of_the_payloads_where_they_lie() {
+        let pkt = super_tcp(3000);
+        let vnet = VnetHdr {
+            gso_type: gso_type::TCPV4,
+            hdr_len: 40,
+            gso_size: 1400,
+            ..VnetHdr::default()
+        };
+        let cut = Cut::new(&pkt, &vnet).unwrap();
+        let (src, dst) = ([192, 0, 2, 1].into(), [192, 0, 2, 2].into());
+        let encap = Encap {
+            outer: Some((src, dst)),
+            key: Some(1001),
+            checksum: true,
+        };
+        let mut heads = Vec::new();
+        let (stride, head_len) = segment_heads(&pkt, &cut, &encap, &mut heads);
+        assert_eq!((cut.count, head_len), (3, 20 + 12 + 40));
+        assert!(stride >= head_len && stride.is_multiple_of(8));
+        let mut payload = Vec::new();
+        for i in 0..cut.count {
+            let at = i * stride;
+            let frame = [&heads[at..at + head_len], &pkt[cut.payload(i)]].concat();
+            let outer = ipv4::parse_outer(&frame).unwrap();
+            assert_eq!((outer.src, outer.dst), (src, dst));
+            assert_eq!(
+                usize::from(u16::from_be_bytes([frame[2], frame[3]])),
+                frame.len()
+            );
+            let g = gre::parse(&frame[20..]).unwrap();
+            assert_eq!((g.key, g.checksum_present), (Some(1001), true));
+            let inner = gre::peek_inner(&frame, true);
+            assert_eq!(ipv4::checksum(&inner[..20]), 0, "inner IPv4 checksum");
+            let tcp = &inner[20..];
+            let pseudo = Sum::new()
+                .add_bytes(&inner[12..20])
+                .add2([0, ipv4::proto::TCP])
+                .add2((tcp.len() as u16).to_be_bytes());
+            assert_eq!(pseudo.add_bytes(tcp).checksum(), 0, "TCP checksum");
+            let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+            assert_eq!(seq, 1000 + 1400 * i as u32);
+            payload.extend_from_slice(&tcp[20..]);
+        }
+        assert_eq!(payload, pkt[40..]);
+    }
+
+    const TOPOLOGY: &str = r#"
+[underlay]
+transport = "gre-udp"
+mtu = 1500
+
+[[host]]
+name = "a"
+address = "192.0.2.1"
+
+[[vpc]]
+name = "v"
+tenant = "t"
+cidr = "10.0.0.0/16"
+key = 1001
+
+[[subnet]]
+name = "s"
+vpc = "v"
+cidr = "10.0.1.0/24"
+
+[[security_group]]
+name = "sg"
+egress = [ { action = "accept", protocol = "all", destination = "0.0.0.0/0" } ]
+"#;
+
+    fn topology(instances: &[&str]) -> Topology {
+        let mut text = TOPOLOGY.to_string();
+        for (i, name) in instances.iter().enumerate() {
+            text += &format!(
+                "[[instance]]\nname = \"{name}\"\nhost = \"a\"\nsubnet = \"s\"\nip = \"10.0.1.{}\"\nsecurity_groups = [\"sg\"]\n",
+                10 + i
+            );
+        }
+        Topology::parse(&text, "test.toml").unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Transmit errors are counted per port, summed over workers, and follow their instance
+    /// by name through a reload that renumbers instances (those that left are forgotten).
+    #[test]
+    fn transmit_errors_follow_their_instance() {
+        let old = topology(&["x", "y", "z"]);
+        let new = topology(&["z", "w", "x"]);
+        let mut e = TxErrors::new(3);
+        e.count(Port::Instance(InstanceId(0)), 2);
+        e.count(Port::Instance(InstanceId(1)), 5);
+        e.count(Port::Instance(InstanceId(2)), 7);
+        e.count(Port::Internet, 1);
+        e.underlay += 4;
+        let mut other = TxErrors::new(3);
+        other.count(Port::Instance(InstanceId(0)), 1);
+        other.underlay += 1;
+        e.merge(&other);
+        assert_eq!(e.instances, [3, 5, 7]);
+        assert_eq!((e.internet, e.underlay), (1, 5));
+        e.renumber(&old, &new);
+        // z was id 2, x id 0; y left; w is new.
+        assert_eq!(e.instances, [7, 0, 3]);
+        assert_eq!((e.internet, e.underlay), (1, 5));
     }
 }

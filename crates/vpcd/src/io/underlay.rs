@@ -130,78 +130,95 @@ impl UnderlayRx {
                 while self.spare.len() < BATCH {
                     self.spare.push(take());
                 }
-                let fd = s.as_raw_fd();
-                let got: Vec<(usize, Option<Ipv4Addr>)> = {
-                    let mut iovs: Vec<[IoSliceMut<'_>; 1]> = self
-                        .spare
-                        .iter_mut()
-                        .map(|b| [IoSliceMut::new(b.read_area(HEADROOM))])
-                        .collect();
-                    match recvmmsg(
-                        fd,
-                        &mut self.headers,
-                        iovs.iter_mut(),
-                        MsgFlags::MSG_DONTWAIT,
-                        None,
-                    ) {
-                        Ok(results) => results
-                            .map(|m| (m.bytes, m.address.map(|a: SockaddrIn| a.ip())))
-                            .collect(),
-                        Err(nix::errno::Errno::EAGAIN) => Vec::new(),
-                        Err(e) => return Err(e.into()),
-                    }
-                };
-                let n = got.len();
-                for (mut buf, (len, from)) in self.spare.drain(..n).zip(got) {
-                    buf.set_filled(HEADROOM, len);
-                    // The outer header names the sender too; the pipeline checks it.
-                    out.push(Received {
-                        buf,
-                        from: from.unwrap_or(Ipv4Addr::UNSPECIFIED),
-                        stride: 0,
-                    });
-                }
-                Ok(())
+                recv_raw(s, &mut self.headers, &mut self.spare, out)
             }
             RxKind::Udp(s, state) => {
-                // GRO trains land whole in pool buffers: no copy here.
-                const TRAINS: usize = 8;
                 while self.spare.len() < TRAINS {
                     self.spare.push(take());
                 }
-                let mut metas = [RecvMeta::default(); TRAINS];
-                let n = {
-                    let mut iovs: Vec<IoSliceMut<'_>> = self
-                        .spare
-                        .iter_mut()
-                        .take(TRAINS)
-                        .map(|b| IoSliceMut::new(b.read_area(HEADROOM)))
-                        .collect();
-                    match state.recv(UdpSockRef::from(s), &mut iovs, &mut metas) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                        Err(e) => return Err(e),
-                    }
-                };
-                for (mut buf, meta) in self.spare.drain(..n).zip(metas) {
-                    let from = match meta.addr {
-                        SocketAddr::V4(a) => *a.ip(),
-                        SocketAddr::V6(a) => {
-                            a.ip().to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED)
-                        }
-                    };
-                    buf.set_filled(HEADROOM, meta.len);
-                    let stride = if meta.stride < meta.len {
-                        meta.stride
-                    } else {
-                        0
-                    };
-                    out.push(Received { buf, from, stride });
-                }
-                Ok(())
+                recv_udp(s, state, &mut self.spare, out)
             }
         }
     }
+}
+
+/// GRO trains received per call on GRE-in-UDP.
+const TRAINS: usize = 8;
+
+/// A batch from the raw GRE socket (`recvmmsg`) into the `spare` buffers, which it takes.
+fn recv_raw(
+    s: &Socket,
+    headers: &mut MultiHeaders<SockaddrIn>,
+    spare: &mut Vec<PacketBuf>,
+    out: &mut Vec<Received>,
+) -> io::Result<()> {
+    let got: Vec<(usize, Option<Ipv4Addr>)> = {
+        let mut iovs: Vec<[IoSliceMut<'_>; 1]> = spare
+            .iter_mut()
+            .map(|b| [IoSliceMut::new(b.read_area(HEADROOM))])
+            .collect();
+        match recvmmsg(
+            s.as_raw_fd(),
+            headers,
+            iovs.iter_mut(),
+            MsgFlags::MSG_DONTWAIT,
+            None,
+        ) {
+            Ok(results) => results
+                .map(|m| (m.bytes, m.address.map(|a: SockaddrIn| a.ip())))
+                .collect(),
+            Err(nix::errno::Errno::EAGAIN) => Vec::new(),
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let n = got.len();
+    for (mut buf, (len, from)) in spare.drain(..n).zip(got) {
+        buf.set_filled(HEADROOM, len);
+        // The outer header names the sender too; the pipeline checks it.
+        out.push(Received {
+            buf,
+            from: from.unwrap_or(Ipv4Addr::UNSPECIFIED),
+            stride: 0,
+        });
+    }
+    Ok(())
+}
+
+/// Up to [`TRAINS`] datagrams or GRO trains from a GRE-in-UDP socket, each landing whole in
+/// one of the `spare` buffers (no copy here), which it takes.
+fn recv_udp(
+    s: &Socket,
+    state: &UdpSocketState,
+    spare: &mut Vec<PacketBuf>,
+    out: &mut Vec<Received>,
+) -> io::Result<()> {
+    let mut metas = [RecvMeta::default(); TRAINS];
+    let n = {
+        let mut iovs: Vec<IoSliceMut<'_>> = spare
+            .iter_mut()
+            .take(TRAINS)
+            .map(|b| IoSliceMut::new(b.read_area(HEADROOM)))
+            .collect();
+        match state.recv(UdpSockRef::from(s), &mut iovs, &mut metas) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e),
+        }
+    };
+    for (mut buf, meta) in spare.drain(..n).zip(metas) {
+        let from = match meta.addr {
+            SocketAddr::V4(a) => *a.ip(),
+            SocketAddr::V6(a) => a.ip().to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED),
+        };
+        buf.set_filled(HEADROOM, meta.len);
+        let stride = if meta.stride < meta.len {
+            meta.stride
+        } else {
+            0
+        };
+        out.push(Received { buf, from, stride });
+    }
+    Ok(())
 }
 
 enum TxKind {
@@ -245,12 +262,14 @@ impl UnderlayTx {
         })
     }
 
-    /// Sends a batch of datagrams: (bytes, receiving host, flow hash). Returns how many left.
-    pub fn send(&mut self, msgs: &[(&[u8], Ipv4Addr, u32)]) -> io::Result<usize> {
+    /// Sends a batch of datagrams: (bytes, receiving host, flow hash). Returns how many the
+    /// kernel refused (an unreachable host, a full buffer that stayed full): every datagram
+    /// is tried, one refused never stalls the batch behind it.
+    pub fn send(&mut self, msgs: &[(&[u8], Ipv4Addr, u32)]) -> usize {
         match &self.kind {
             TxKind::Raw(s) => send_mmsg(s, &mut self.headers, msgs, 0),
             TxKind::Udp(pool) => {
-                let mut sent = 0;
+                let mut failed = 0;
                 for (i, (s, _)) in pool.iter().enumerate() {
                     let mine: Vec<(&[u8], Ipv4Addr, u32)> = msgs
                         .iter()
@@ -258,10 +277,10 @@ impl UnderlayTx {
                         .copied()
                         .collect();
                     if !mine.is_empty() {
-                        sent += send_mmsg(s, &mut self.headers, &mine, UDP_PORT)?;
+                        failed += send_mmsg(s, &mut self.headers, &mine, UDP_PORT);
                     }
                 }
-                Ok(sent)
+                failed
             }
         }
     }
@@ -288,68 +307,86 @@ impl UnderlayTx {
     /// is `heads[i]` (outer headers and the segment's own IPv4 and transport headers, all
     /// `head_len` bytes at `head_stride` intervals) followed by `pkt[cut.payload(i)]`.
     /// GRE-in-UDP: UDP GSO with one iovec pair per segment; raw GRE: one message per segment.
-    pub fn send_cut(&mut self, c: &CutFrames<'_>, to: Ipv4Addr, hash: u32) -> io::Result<()> {
-        let CutFrames {
-            pkt,
-            cut,
-            heads,
-            head_stride,
-            head_len,
-        } = *c;
-        let seg = |i: usize| -> [IoSlice<'_>; 2] {
-            [
-                IoSlice::new(&heads[i * head_stride..i * head_stride + head_len]),
-                IoSlice::new(&pkt[cut.payload(i)]),
-            ]
-        };
+    /// Returns how many segments the kernel refused.
+    pub fn send_cut(&mut self, c: &CutFrames<'_>, to: Ipv4Addr, hash: u32) -> usize {
         match &self.kind {
-            TxKind::Raw(s) => {
-                let mut first = 0;
-                while first < cut.count {
-                    let last = (first + BATCH).min(cut.count);
-                    let iovs: Vec<[IoSlice<'_>; 2]> = (first..last).map(seg).collect();
-                    let addrs: Vec<Option<SockaddrIn>> = (first..last)
-                        .map(|_| Some(SockaddrIn::from(SocketAddrV4::new(to, 0))))
-                        .collect();
-                    match sendmmsg(
-                        s.as_raw_fd(),
-                        &mut self.headers,
-                        iovs.iter(),
-                        &addrs,
-                        [],
-                        MsgFlags::empty(),
-                    ) {
-                        Ok(r) => first += r.count().max(1),
-                        Err(nix::errno::Errno::EAGAIN) => wait_writable(s)?,
-                        Err(_) => first += 1,
-                    }
-                }
-                Ok(())
-            }
+            TxKind::Raw(s) => send_cut_raw(s, &mut self.headers, c, to),
             TxKind::Udp(pool) => {
                 let (s, state) = &pool[hash as usize % pool.len()];
-                let stride = head_len + cut.mss;
-                let per_send = (MAX_UDP_GSO_BYTES / stride)
-                    .clamp(1, MAX_UDP_GSO_SEGMENTS)
-                    .min(state.max_gso_segments().max(1));
-                let dst = SockaddrIn::from(SocketAddrV4::new(to, UDP_PORT));
-                let mut first = 0;
-                while first < cut.count {
-                    let last = (first + per_send).min(cut.count);
-                    let iovs: Vec<IoSlice<'_>> = (first..last).flat_map(seg).collect();
-                    let size = stride as u16;
-                    let gso = [ControlMessage::UdpGsoSegments(&size)];
-                    let cmsgs: &[ControlMessage<'_>] = if last - first > 1 { &gso } else { &[] };
-                    match sendmsg(s.as_raw_fd(), &iovs, cmsgs, MsgFlags::empty(), Some(&dst)) {
-                        Ok(_) => first = last,
-                        Err(nix::errno::Errno::EAGAIN) => wait_writable(s)?,
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-                Ok(())
+                send_cut_udp(s, state, c, to)
             }
         }
     }
+}
+
+impl CutFrames<'_> {
+    /// Segment `i`: its headers, then its payload.
+    fn segment(&self, i: usize) -> [IoSlice<'_>; 2] {
+        let at = i * self.head_stride;
+        [
+            IoSlice::new(&self.heads[at..at + self.head_len]),
+            IoSlice::new(&self.pkt[self.cut.payload(i)]),
+        ]
+    }
+}
+
+/// [`UnderlayTx::send_cut`] on the raw socket: `sendmmsg`, a batch at a time; a segment the
+/// kernel refuses is counted and skipped.
+fn send_cut_raw(
+    s: &Socket,
+    headers: &mut MultiHeaders<SockaddrIn>,
+    c: &CutFrames<'_>,
+    to: Ipv4Addr,
+) -> usize {
+    let (mut first, mut failed) = (0, 0);
+    while first < c.cut.count {
+        let last = (first + BATCH).min(c.cut.count);
+        let iovs: Vec<[IoSlice<'_>; 2]> = (first..last).map(|i| c.segment(i)).collect();
+        let addrs: Vec<Option<SockaddrIn>> = (first..last)
+            .map(|_| Some(SockaddrIn::from(SocketAddrV4::new(to, 0))))
+            .collect();
+        match sendmmsg(
+            s.as_raw_fd(),
+            headers,
+            iovs.iter(),
+            &addrs,
+            [],
+            MsgFlags::empty(),
+        ) {
+            Ok(r) => first += r.count().max(1),
+            Err(nix::errno::Errno::EAGAIN) if wait_writable(s).is_ok() => {}
+            Err(_) => {
+                first += 1;
+                failed += 1;
+            }
+        }
+    }
+    failed
+}
+
+/// [`UnderlayTx::send_cut`] on a GRE-in-UDP socket: UDP GSO, at most 64 segments and 65,507
+/// bytes per `sendmsg`. A send the kernel refuses ends the super-packet: it and the segments
+/// after it are counted.
+fn send_cut_udp(s: &Socket, state: &UdpSocketState, c: &CutFrames<'_>, to: Ipv4Addr) -> usize {
+    let stride = c.head_len + c.cut.mss;
+    let per_send = (MAX_UDP_GSO_BYTES / stride)
+        .clamp(1, MAX_UDP_GSO_SEGMENTS)
+        .min(state.max_gso_segments().max(1));
+    let dst = SockaddrIn::from(SocketAddrV4::new(to, UDP_PORT));
+    let mut first = 0;
+    while first < c.cut.count {
+        let last = (first + per_send).min(c.cut.count);
+        let iovs: Vec<IoSlice<'_>> = (first..last).flat_map(|i| c.segment(i)).collect();
+        let size = stride as u16;
+        let gso = [ControlMessage::UdpGsoSegments(&size)];
+        let cmsgs: &[ControlMessage<'_>] = if last - first > 1 { &gso } else { &[] };
+        match sendmsg(s.as_raw_fd(), &iovs, cmsgs, MsgFlags::empty(), Some(&dst)) {
+            Ok(_) => first = last,
+            Err(nix::errno::Errno::EAGAIN) if wait_writable(s).is_ok() => {}
+            Err(_) => return c.cut.count - first,
+        }
+    }
+    0
 }
 
 /// A classic BPF program of one instruction, `ret #0`: keep 0 bytes of every packet, that is,
@@ -424,13 +461,15 @@ const fn libc_ipproto_raw() -> i32 {
     255
 }
 
+/// Sends `msgs` with `sendmmsg`, a batch at a time, to `port` of each one's host (0 for the
+/// raw socket); returns how many the kernel refused.
 fn send_mmsg(
     s: &Socket,
     headers: &mut MultiHeaders<SockaddrIn>,
     msgs: &[(&[u8], Ipv4Addr, u32)],
     port: u16,
-) -> io::Result<usize> {
-    let mut done = 0;
+) -> usize {
+    let (mut done, mut failed) = (0, 0);
     while done < msgs.len() {
         let batch = &msgs[done..(done + BATCH).min(msgs.len())];
         let iovs: Vec<[IoSlice<'_>; 1]> = batch.iter().map(|m| [IoSlice::new(m.0)]).collect();
@@ -446,16 +485,16 @@ fn send_mmsg(
             [],
             MsgFlags::empty(),
         ) {
-            Ok(results) => {
-                let n = results.count();
-                done += n.max(1);
-            }
-            Err(nix::errno::Errno::EAGAIN) => wait_writable(s)?,
+            Ok(results) => done += results.count().max(1),
+            Err(nix::errno::Errno::EAGAIN) if wait_writable(s).is_ok() => {}
             // An unreachable or oversized datagram must not stall the batch behind it.
-            Err(_) => done += 1,
+            Err(_) => {
+                done += 1;
+                failed += 1;
+            }
         }
     }
-    Ok(done)
+    failed
 }
 
 fn wait_writable(s: &impl AsFd) -> io::Result<()> {
@@ -464,24 +503,6 @@ fn wait_writable(s: &impl AsFd) -> io::Result<()> {
         Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
         Err(e) => Err(e.into()),
     }
-}
-
-/// Where the inner packet of an underlay frame starts, if the headers are plausible (the
-/// pipeline checks them properly; this only picks the worker).
-pub fn peek_inner(frame: &[u8], transport: Transport) -> &[u8] {
-    let gre_at = match transport {
-        Transport::Gre => frame.first().map_or(0, |b| usize::from(b & 0x0f) * 4),
-        Transport::GreUdp => 0,
-    };
-    let Some(flags) = frame.get(gre_at..gre_at + 2) else {
-        return &[];
-    };
-    let f = u16::from_be_bytes([flags[0], flags[1]]);
-    let len = 4
-        + 4 * ((f >> 15) & 1) as usize
-        + 4 * ((f >> 13) & 1) as usize
-        + 4 * ((f >> 12) & 1) as usize;
-    frame.get(gre_at + len..).unwrap_or(&[])
 }
 
 #[cfg(test)]
@@ -550,6 +571,40 @@ mod tests {
         }
         // An address that is here passes.
         check_local(Ipv4Addr::LOCALHOST).unwrap();
+    }
+
+    /// Datagrams the kernel refuses are counted, one by one, and do not stall those behind
+    /// them: in a namespace with nothing but loopback, the underlay has no route to a
+    /// documentation address, so every one sent there is refused, while loopback takes its own.
+    #[test]
+    fn refused_datagrams_are_counted() {
+        use crate::io::netns;
+        let root = std::fs::read_to_string("/proc/self/status")
+            .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:\t0\t")));
+        if !root {
+            eprintln!("\n!!!!!!!! SKIPPED `refused_datagrams_are_counted`: needs root !!!!!!!!\n");
+            return;
+        }
+        let ns = format!("vpcd-ut-txerr-{}", std::process::id());
+        netns::add(&ns).unwrap();
+        let failed = netns::within(Some(&ns), || {
+            netns::Netlink::open_in(None)?.link_up("lo")?;
+            let lo = Ipv4Addr::LOCALHOST;
+            let nowhere = Ipv4Addr::new(203, 0, 113, 1);
+            let mut frame = [0u8; 64];
+            crate::wire::ipv4::emit_header(&mut frame, lo, lo, 47, 0, 64);
+            let msgs: Vec<(&[u8], Ipv4Addr, u32)> = (0..5u32)
+                .map(|i| (&frame[..], if i % 2 == 0 { nowhere } else { lo }, i))
+                .collect();
+            let mut counts = Vec::new();
+            for transport in [Transport::GreUdp, Transport::Gre] {
+                let mut tx = UnderlayTx::open(transport, lo)?;
+                counts.push(tx.send(&msgs));
+            }
+            Ok(counts)
+        });
+        netns::del(&ns).unwrap();
+        assert_eq!(failed.unwrap(), [3, 3], "refused by (gre-udp, gre)");
     }
 
     /// Datagrams sent to a GRE-in-UDP sender's port (its flows' source port, reachable from
