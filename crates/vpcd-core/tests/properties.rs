@@ -86,6 +86,9 @@ struct Stats {
     packets: usize,
     /// Packets of each mix ("vpc", "cloud").
     mix_packets: BTreeMap<&'static str, usize>,
+    /// FNV-1a 64 of every packet each mix generated (ingress, bytes, time), in order: the
+    /// same figure means the same packets, whatever changed in the generators or the model.
+    digests: BTreeMap<&'static str, u64>,
     /// Decisions, by mix.
     kinds: BTreeMap<(&'static str, String), usize>,
     events: BTreeMap<String, usize>,
@@ -96,6 +99,37 @@ struct Stats {
     examples: BTreeMap<String, Vec<String>>,
     /// Known discrepancies seen: count and the shortest report.
     known: BTreeMap<&'static str, (usize, String)>,
+}
+
+const FNV64_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a 64 of `bytes`, continued from `h`.
+fn digest(h: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(h, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// What the digest reads of a sent packet: its ingress (a tag, then the instance index or
+/// the UDP sender), its length and bytes, and its time in ms, each little-endian.
+fn sent_of(sent: &Sent) -> Vec<u8> {
+    let mut out = Vec::with_capacity(sent.bytes.len() + 24);
+    match sent.ingress {
+        Ingress::Instance(i) => {
+            out.push(0);
+            out.extend_from_slice(&(i.index() as u64).to_le_bytes());
+        }
+        Ingress::UnderlayIp => out.push(1),
+        Ingress::UnderlayUdp { from } => {
+            out.push(2);
+            out.extend_from_slice(&from.octets());
+        }
+        Ingress::Internet => out.push(3),
+    }
+    out.extend_from_slice(&(sent.bytes.len() as u64).to_le_bytes());
+    out.extend_from_slice(&sent.bytes);
+    out.extend_from_slice(&sent.at.to_le_bytes());
+    out
 }
 
 fn kind(d: &Decision) -> String {
@@ -261,6 +295,8 @@ fn run_case(
             let mut s = stats.borrow_mut();
             s.packets += 1;
             *s.mix_packets.entry(mix).or_default() += 1;
+            let d = s.digests.entry(mix).or_insert(FNV64_OFFSET);
+            *d = digest(*d, &sent_of(hist.last().unwrap()));
             *s.events
                 .entry(format!("op: {}", step.op.name()))
                 .or_default() += 1;
@@ -383,6 +419,15 @@ fn run_properties() {
         s.packets,
         started.elapsed()
     );
+    let digests: Vec<String> = s
+        .digests
+        .iter()
+        .map(|(mix, d)| format!("{mix} {d:016x}"))
+        .collect();
+    eprintln!(
+        "packet digests (FNV-1a 64 of ingress, bytes, time): {}",
+        digests.join(", ")
+    );
     for (mix, total) in &s.mix_packets {
         eprintln!("decisions of the {mix} mix, {total} packets (pipeline = model):");
         let mut kinds: Vec<(&String, &usize)> = s
@@ -494,11 +539,11 @@ security_groups = ["sg0"]
 // ----- regressions: pipeline discrepancies found by `pipeline_matches_model` -----------------
 
 fn i0() -> vpcd_core::Ingress {
-    vpcd_core::Ingress::Instance(vpcd_core::topology::InstanceId(0))
+    Ingress::Instance(vpcd_core::topology::InstanceId(0))
 }
 
 fn i1() -> vpcd_core::Ingress {
-    vpcd_core::Ingress::Instance(vpcd_core::topology::InstanceId(1))
+    Ingress::Instance(vpcd_core::topology::InstanceId(1))
 }
 
 fn deliver(to: u32) -> Decision {

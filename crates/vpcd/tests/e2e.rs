@@ -4,8 +4,9 @@
 //!
 //! Every test builds its own small lab under a name of its own (and instance namespaces named
 //! after it), so the tests run in parallel; a guard runs `vpcd lab down` when the test ends,
-//! failed or not. They need root, iproute2, ping, tshark and /usr/bin/python3 with scapy; when
-//! something is missing they say so loudly and skip. Underlay addresses are in 192.0.2.0/24.
+//! failed or not. They need root, iproute2, ping, tshark and a python3 with scapy; when
+//! something is missing they skip, recorded in target/tmp/vpcd-skips.txt (under
+//! `VPCD_REQUIRE_E2E=1` they fail instead). Underlay addresses are in 192.0.2.0/24.
 
 #[path = "e2e/common.rs"]
 mod common;
@@ -1543,15 +1544,6 @@ fn gre_in_udp_reassembled_beyond_the_instance_mtu_is_dropped() {
 
 // ----------------------------------------------------------------------------------------------
 // 11. a daemon keeps nothing open of whoever started it
-
-/// True when `pid` runs and is not a zombie.
-fn running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit(')')
-            .next()
-            .is_some_and(|r| !r.trim_start().starts_with('Z'))
-    })
-}
 
 /// `vpcd run` closes every descriptor it inherited beyond stdin, stdout and stderr. host-a's
 /// daemon is restarted from a shell that holds a file open without close-on-exec on

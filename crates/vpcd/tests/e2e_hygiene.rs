@@ -4,7 +4,7 @@
 //! where its underlay address is not.
 //!
 //! Like `tests/e2e.rs`, each test builds a lab of its own with the real `vpcd` binary and
-//! needs root; it says so loudly and skips otherwise.
+//! needs root; it skips otherwise, recorded as the others are.
 
 #[path = "e2e/common.rs"]
 mod common;
@@ -79,14 +79,6 @@ reach = true
     )
 }
 
-fn on_path(exe: &str) -> Option<PathBuf> {
-    std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .map(|d| Path::new(d).join(exe))
-        .find(|p| p.is_file())
-}
-
 /// The lock file of `host`'s daemon in namespace `ns` (its name carries the namespace's
 /// identity, read from inside it).
 fn lock_of(ns: &str, host: &str) -> PathBuf {
@@ -157,7 +149,12 @@ fn daemons_are_named_vpcd_lock_while_running_and_clean_up() {
             );
         }
     } else {
-        eprintln!("(no pidof here: only /proc/PID/comm and argv[0] checked)");
+        // Part of the test skipped: recorded (a failure under VPCD_REQUIRE_E2E=1).
+        skip(
+            &format!("{test} (its pidof part)"),
+            "missing pidof, only /proc/PID/comm and argv[0] checked",
+            "install with `apt-get install sysvinit-utils` (procps on newer releases)",
+        );
     }
     for h in ["host-a", "host-b"] {
         let log = std::fs::read(lab.lab.log_path(h)).unwrap();

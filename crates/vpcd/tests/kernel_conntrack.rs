@@ -27,8 +27,8 @@
 //! test, except those of [`KNOWN`], each explained there by what vpcd leaves out on purpose
 //! (sequence numbers), and each checked to still be exactly what is recorded.
 //!
-//! Needs root, iproute2, nft, conntrack and /usr/bin/python3 with scapy; without them it
-//! skips loudly, unless `VPCD_REQUIRE_E2E=1`, when it fails.
+//! Needs root, iproute2, nft, conntrack and a python3 with scapy; without them it skips
+//! (recorded in target/tmp/vpcd-skips.txt), unless `VPCD_REQUIRE_E2E=1`, when it fails.
 
 #[path = "e2e/common.rs"]
 mod common;
@@ -42,7 +42,7 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{PYTHON, Tool, can_run, in_ns, mac_of, script};
+use common::{Tool, can_run, in_ns, mac_of, python, script};
 use vpcd::Timestamp;
 use vpcd::policy::conntrack::tcp;
 use vpcd::policy::conntrack::{ConnKey, Conntrack, Endpoint, Open, State, Track, Zone};
@@ -508,33 +508,13 @@ fn in_netns(args: &[&str]) -> String {
     run("ip", &all)
 }
 
-fn on_path(exe: &str) -> bool {
-    std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .filter(|d| !d.is_empty())
-        .any(|d| Path::new(d).join(exe).is_file())
-}
-
-/// True when the test can run; false (skip, loudly) when something is missing, unless
+/// True when the test can run; false (a recorded skip) when something is missing, unless
 /// `VPCD_REQUIRE_E2E=1`, which makes that a failure.
 fn ready() -> bool {
-    let mut ok = can_run("kernel_conntrack", &[Tool::Ip, Tool::Scapy]);
-    let missing: Vec<&str> = ["nft", "conntrack"]
-        .into_iter()
-        .filter(|t| !on_path(t))
-        .collect();
-    if !missing.is_empty() {
-        eprintln!(
-            "\n!!!!!!!! SKIPPED e2e test `kernel_conntrack`: missing {} !!!!!!!!\n",
-            missing.join(", ")
-        );
-        ok = false;
-    }
-    if !ok && std::env::var("VPCD_REQUIRE_E2E").is_ok_and(|v| v == "1") {
-        panic!("VPCD_REQUIRE_E2E=1, but kernel_conntrack cannot run here (see above)");
-    }
-    ok
+    can_run(
+        "kernel_conntrack",
+        &[Tool::Ip, Tool::Scapy, Tool::Nft, Tool::Conntrack],
+    )
 }
 
 /// Writes a sysctl of the namespace and reads it back; false when the kernel lacks it.
@@ -636,7 +616,7 @@ fn build() -> String {
 fn send(lines: &str, mac: &str) {
     let script = script("ct_referee.py");
     let mut child = Command::new("ip")
-        .args(["netns", "exec", NS, PYTHON])
+        .args(["netns", "exec", NS, python()])
         .arg(&script)
         .args(["v0", mac])
         .stdin(Stdio::piped())

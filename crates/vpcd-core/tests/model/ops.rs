@@ -933,21 +933,10 @@ impl Resolver<'_> {
         self.topo.vpcs[vpc].key
     }
 
-    /// Resolves a step against the history.
+    /// Resolves a step of either mix against the history: one method a kind of step, the
+    /// steps both mixes share (later fragments, the same packet again) by one method each.
     pub fn resolve(&self, op: &Op, hist: &[Sent], at: u64) -> Sent {
-        let n = self.topo.instances.len();
         match op {
-            Op::CFresh { .. }
-            | Op::CNet { .. }
-            | Op::CRelay { .. }
-            | Op::CReply { .. }
-            | Op::CAgain { .. }
-            | Op::CError { .. }
-            | Op::CLater { .. }
-            | Op::CRekey { .. }
-            | Op::CImpostor { .. } => self.resolve_cloud(op, hist, at),
-            Op::Retopo => unreachable!("run by the test itself"),
-            Op::Forward { k, shape } => self.forward(k, hist, shape, at),
             Op::Fresh {
                 remote,
                 wide,
@@ -955,237 +944,14 @@ impl Resolver<'_> {
                 dst,
                 l4,
                 shape,
-            } => {
-                let here = |v: usize| {
-                    (0..n).any(|j| {
-                        self.local(j) && self.topo.instances[j].vpc().unwrap().index() == v
-                    })
-                };
-                let mut remotes: Vec<usize> = (0..n)
-                    .filter(|&i| {
-                        !self.local(i)
-                            && (*wide || here(self.topo.instances[i].vpc().unwrap().index()))
-                    })
-                    .collect();
-                if remotes.is_empty() {
-                    remotes = (0..n).filter(|&i| !self.local(i)).collect();
-                }
-                let locals: Vec<usize> = (0..n).filter(|&i| self.local(i)).collect();
-                let s = if *remote && !remotes.is_empty() {
-                    remotes[sender.index(remotes.len())]
-                } else {
-                    locals[sender.index(locals.len())]
-                };
-                let si = &self.topo.instances[s];
-                let vpc = si.vpc().unwrap().index();
-                let d = match dst {
-                    Dst::SameVpc(i) => {
-                        let same: Vec<usize> = (0..n)
-                            .filter(|&j| self.topo.instances[j].vpc().unwrap().index() == vpc)
-                            .collect();
-                        let same = not_self(same, s, i);
-                        self.topo.instances[same[i.index(same.len())]].ip
-                    }
-                    Dst::LocalSameVpc(i) => {
-                        let mut same: Vec<usize> = (0..n)
-                            .filter(|&j| {
-                                self.topo.instances[j].vpc().unwrap().index() == vpc
-                                    && self.local(j)
-                            })
-                            .collect();
-                        if same.iter().all(|&j| j == s) {
-                            same = (0..n)
-                                .filter(|&j| self.topo.instances[j].vpc().unwrap().index() == vpc)
-                                .collect();
-                        }
-                        let same = not_self(same, s, i);
-                        self.topo.instances[same[i.index(same.len())]].ip
-                    }
-                    Dst::AnyInstance(i) => self.topo.instances[i.index(n)].ip,
-                    Dst::Missing(i) => {
-                        let [a, b, _, _] = self.topo.vpcs[vpc].cidr.network().octets();
-                        let choices = [
-                            [a, b, 1, 77],
-                            [a, b, 2, 1],
-                            [a, b, 1, 255],
-                            [a, b, 9, 9],
-                            [a, b, 3, 10],
-                        ];
-                        ip(choices[i.index(choices.len())])
-                    }
-                    Dst::Outside(i) => ip(OUTSIDE[i.index(OUTSIDE.len())]),
-                    Dst::Special(i) => ip(SPECIAL[i.index(SPECIAL.len())]),
-                };
-                let proto = proto_of(l4);
-                let src = self.source_of(s, shape);
-                self.emit("fresh", s, vpc, src, d, proto, None, shape, at)
-            }
-            Op::Refirst { k, flags, shape } => {
-                let ki = k.index(hist.len());
-                let f = &hist[ki].flow;
-                let proto = match f.proto {
-                    Proto::Tcp { sport, dport, .. } => Proto::Tcp {
-                        sport,
-                        dport,
-                        flags: *flags,
-                    },
-                    Proto::Udp { sport, .. } => Proto::Udp { sport, dport: 4754 },
-                    Proto::Icmp { .. } => Proto::Icmp {
-                        ty: 3,
-                        code: 1,
-                        ident: 0,
-                    },
-                    other => other,
-                };
-                let mut shape = shape.clone();
-                shape.id = f.id;
-                shape.first_frag = true;
-                shape.big = None;
-                shape.mutation = None;
-                self.emit(
-                    &format!("first fragment of #{ki}'s datagram again"),
-                    f.sender,
-                    f.vpc,
-                    f.src,
-                    f.dst,
-                    proto,
-                    None,
-                    &shape,
-                    at,
-                )
-            }
-            Op::Mirror { k, shape } => {
-                let ki = k.index(hist.len());
-                let f = &hist[ki].flow;
-                let ip = self.topo.instances[f.sender].ip;
-                let twin = (0..n).find(|&i| {
-                    let x = &self.topo.instances[i];
-                    x.ip == ip && x.vpc().unwrap().index() != f.vpc
-                });
-                match twin {
-                    Some(t) => {
-                        let vpc = self.topo.instances[t].vpc().unwrap().index();
-                        let flow = Flow {
-                            sender: t,
-                            local: self.local(t),
-                            vpc,
-                            ..f.clone()
-                        };
-                        self.wrap(
-                            &format!("#{ki} mirrored by i{t} in v{vpc}"),
-                            t,
-                            f.inner.clone(),
-                            flow,
-                            &shape.port,
-                            &shape.encap,
-                            at,
-                        )
-                    }
-                    None => {
-                        let h = &hist[ki];
-                        Sent {
-                            ingress: h.ingress,
-                            bytes: h.bytes.clone(),
-                            at,
-                            what: format!("repeat of #{ki} (no twin to mirror it)"),
-                            flow: h.flow.clone(),
-                            decision: None,
-                        }
-                    }
-                }
-            }
-            Op::Impostor { k, via } => {
-                let ki = k.index(hist.len());
-                let h = &hist[ki];
-                let hosts = &self.topo.hosts;
-                let (ingress, bytes, note) = match h.ingress {
-                    Ingress::Instance(_) | Ingress::Internet => {
-                        let id = via.index(n + 1) as u32;
-                        let id = if id as usize == n { 99 } else { id };
-                        let ingress = Ingress::Instance(vpcd_core::topology::InstanceId(id));
-                        (ingress, h.bytes.clone(), format!("port {id}"))
-                    }
-                    Ingress::UnderlayUdp { .. } => {
-                        let from = hosts[via.index(hosts.len())].address;
-                        (
-                            Ingress::UnderlayUdp { from },
-                            h.bytes.clone(),
-                            format!("udp from {from}"),
-                        )
-                    }
-                    Ingress::UnderlayIp => {
-                        let from = hosts[via.index(hosts.len())].address;
-                        let mut b = h.bytes.clone();
-                        if b.len() >= 20 {
-                            b[12..16].copy_from_slice(&from.octets());
-                            build::fix_ip_checksum(&mut b);
-                        }
-                        (Ingress::UnderlayIp, b, format!("outer source {from}"))
-                    }
-                };
-                Sent {
-                    ingress,
-                    bytes,
-                    at,
-                    what: format!("#{ki}'s bytes from {note}"),
-                    flow: h.flow.clone(),
-                    decision: None,
-                }
-            }
-            Op::Repeat { k } => {
-                let h = &hist[k.index(hist.len())];
-                Sent {
-                    ingress: h.ingress,
-                    bytes: h.bytes.clone(),
-                    at,
-                    what: format!("repeat of #{}", k.index(hist.len())),
-                    flow: h.flow.clone(),
-                    decision: None,
-                }
-            }
-            Op::Reply { k, flags, shape } => {
-                let ki = pick_forwarded(k, hist);
-                let f = &hist[ki].flow;
-                match self.receiver(&hist[ki]) {
-                    Some(r) => self.emit(
-                        &format!("reply to #{ki}"),
-                        r,
-                        f.vpc,
-                        f.dst,
-                        f.src,
-                        f.proto
-                            .reversed(flags.resolve(f.proto.flags(), true), shape.twist),
-                        None,
-                        shape,
-                        at,
-                    ),
-                    None => self.emit(
-                        &format!("again (no receiver) #{ki}"),
-                        f.sender,
-                        f.vpc,
-                        f.src,
-                        f.dst,
-                        f.proto.with_flags(flags.resolve(f.proto.flags(), false)),
-                        None,
-                        shape,
-                        at,
-                    ),
-                }
-            }
-            Op::Again { k, flags, shape } => {
-                let ki = k.index(hist.len());
-                let f = &hist[ki].flow;
-                self.emit(
-                    &format!("again #{ki}"),
-                    f.sender,
-                    f.vpc,
-                    f.src,
-                    f.dst,
-                    f.proto.with_flags(flags.resolve(f.proto.flags(), false)),
-                    None,
-                    shape,
-                    at,
-                )
+            } => self.fresh((*remote, *wide), sender, dst, l4, shape, at),
+            Op::Refirst { k, flags, shape } => self.refirst(k, *flags, shape, hist, at),
+            Op::Mirror { k, shape } => self.mirror(k, shape, hist, at),
+            Op::Impostor { k, via } => self.impostor(k, via, hist, at),
+            Op::Repeat { k } => repeat(k.index(hist.len()), hist, at),
+            Op::Reply { k, flags, shape } => self.reply(k, *flags, shape, hist, at),
+            Op::Again { k, flags, shape } | Op::CAgain { k, flags, shape } => {
+                self.again(k.index(hist.len()), hist, *flags, shape, at)
             }
             Op::IcmpError {
                 k,
@@ -1193,111 +959,364 @@ impl Resolver<'_> {
                 code,
                 quote,
                 shape,
-            } => {
-                let ki = pick_forwarded(k, hist);
-                let f = &hist[ki].flow;
-                let r = self.receiver(&hist[ki]).unwrap_or(f.sender);
-                let mut q = f.inner.clone();
-                let ihl = q.first().map_or(20, |b| usize::from(b & 0x0f) * 4);
-                match quote {
-                    QuoteTweak::Exact => q.truncate(ihl + 8),
-                    QuoteTweak::Full => q.truncate(400),
-                    QuoteTweak::Short(m) => q.truncate(20 + m),
-                    QuoteTweak::WrongSrc => {
-                        q.truncate(ihl + 8);
-                        if q.len() >= 16 {
-                            q[15] ^= 0x40;
-                        }
-                    }
-                    QuoteTweak::FragOffset => {
-                        q.truncate(ihl + 8);
-                        if q.len() >= 8 {
-                            q[7] |= 3;
-                        }
-                    }
-                    QuoteTweak::Mf => {
-                        q.truncate(ihl + 8);
-                        if q.len() >= 8 {
-                            q[6] |= 0x20;
-                        }
-                    }
-                    QuoteTweak::BadTotal => {
-                        q.truncate(ihl + 8);
-                        if q.len() >= 4 {
-                            q[2] = 0;
-                            q[3] = 19;
-                        }
-                    }
-                    QuoteTweak::NotIpv4 => {
-                        q.truncate(ihl + 8);
-                        if !q.is_empty() {
-                            q[0] = 0x60 | (q[0] & 0x0f);
-                        }
-                    }
-                }
-                let src = self.topo.instances[r].ip;
-                let proto = Proto::Icmp {
-                    ty: *ty,
-                    code: *code,
-                    ident: 0,
-                };
-                self.emit(
-                    &format!("icmp error {ty}/{code} ({quote:?}) about #{ki}"),
-                    r,
-                    f.vpc,
-                    src,
-                    f.src,
-                    proto,
-                    Some(&q),
-                    shape,
-                    at,
-                )
-            }
+            } => self.icmp_error(k, (*ty, *code), quote, shape, hist, at),
             Op::Later {
                 k,
                 offset,
                 mf,
                 len,
                 shape,
-            } => {
-                let firsts: Vec<usize> = (0..hist.len())
-                    .filter(|&i| {
-                        let b = &hist[i].flow.inner;
-                        b.len() >= 8 && b[6] & 0x20 != 0 && b[6] & 0x1f == 0 && b[7] == 0
-                    })
-                    .collect();
-                let ki = match k {
-                    Pick::Recent(0) | Pick::Any(_) if !firsts.is_empty() => {
-                        firsts[k.index(firsts.len())]
-                    }
-                    _ => k.index(hist.len()),
-                };
-                let f = hist[ki].flow.clone();
-                let payload: Vec<u8> = (0..*len).map(|x| x as u8 ^ 0x5a).collect();
-                let inner = build::ipv4(
-                    &Ip4 {
-                        src: f.src,
-                        dst: f.dst,
-                        proto: f.proto.number(),
-                        id: f.id,
-                        df: false,
-                        mf: *mf,
-                        offset: *offset,
-                    },
-                    &payload,
-                );
-                let what = format!(
-                    "later fragment of #{ki}: offset {} bytes, mf {mf}, {} bytes",
-                    offset * 8,
-                    inner.len()
-                );
-                let encap = if f.local {
-                    shape.encap.clone()
-                } else {
-                    f.encap.clone()
-                };
-                self.wrap(&what, f.sender, inner, f, &shape.port, &encap, at)
             }
+            | Op::CLater {
+                k,
+                offset,
+                mf,
+                len,
+                shape,
+            } => self.later(k, (*offset, *mf, *len), shape, hist, at),
+            Op::Forward { k, shape } => self.forward(k, hist, shape, at),
+            Op::CFresh {
+                remote,
+                wide,
+                sender,
+                dst,
+                l4,
+                shape,
+            } => self.cfresh((*remote, *wide), sender, dst, l4, shape, at),
+            Op::CNet {
+                src,
+                dst,
+                raw,
+                l4,
+                shape,
+            } => self.cnet(src, dst, *raw, l4, shape, at),
+            Op::CRelay {
+                src,
+                to,
+                local,
+                key,
+                l4,
+                shape,
+            } => self.crelay((src, to, *local), key, l4, shape, at),
+            Op::CReply { k, flags, shape } => self.creply(k, *flags, shape, hist, at),
+            Op::CError {
+                k,
+                ty,
+                code,
+                quote,
+                shape,
+            } => self.cerror(k, (*ty, *code), quote, shape, hist, at),
+            Op::CRekey { k, key } => self.crekey(k.index(hist.len()), key, hist, at),
+            Op::CImpostor { k, via } => self.cimpostor(k.index(hist.len()), via, hist, at),
+            Op::Retopo => unreachable!("run by the test itself"),
+        }
+    }
+
+    /// [`Op::Fresh`]: a new packet from a local or remote instance.
+    fn fresh(
+        &self,
+        (remote, wide): (bool, bool),
+        sender: &Index,
+        dst: &Dst,
+        l4: &L4Gen,
+        shape: &Shape,
+        at: u64,
+    ) -> Sent {
+        let n = self.topo.instances.len();
+        let vpc_of = |i: usize| self.topo.instances[i].vpc().unwrap().index();
+        let here = |v: usize| (0..n).any(|j| self.local(j) && vpc_of(j) == v);
+        let mut remotes: Vec<usize> = (0..n)
+            .filter(|&i| !self.local(i) && (wide || here(vpc_of(i))))
+            .collect();
+        if remotes.is_empty() {
+            remotes = (0..n).filter(|&i| !self.local(i)).collect();
+        }
+        let locals: Vec<usize> = (0..n).filter(|&i| self.local(i)).collect();
+        let s = if remote && !remotes.is_empty() {
+            remotes[sender.index(remotes.len())]
+        } else {
+            locals[sender.index(locals.len())]
+        };
+        let vpc = vpc_of(s);
+        let d = self.fresh_dst(s, vpc, dst);
+        let proto = proto_of(l4);
+        let src = self.source_of(s, shape);
+        self.emit("fresh", s, vpc, src, d, proto, None, shape, at)
+    }
+
+    /// The destination of a fresh packet of the VPC mix from `s` (in `vpc`).
+    fn fresh_dst(&self, s: usize, vpc: usize, dst: &Dst) -> Ipv4Addr {
+        let n = self.topo.instances.len();
+        let in_vpc = |j: usize| self.topo.instances[j].vpc().unwrap().index() == vpc;
+        match dst {
+            Dst::SameVpc(i) => {
+                let same = not_self((0..n).filter(|&j| in_vpc(j)).collect(), s, i);
+                self.topo.instances[same[i.index(same.len())]].ip
+            }
+            Dst::LocalSameVpc(i) => {
+                let mut same: Vec<usize> = (0..n).filter(|&j| in_vpc(j) && self.local(j)).collect();
+                if same.iter().all(|&j| j == s) {
+                    same = (0..n).filter(|&j| in_vpc(j)).collect();
+                }
+                let same = not_self(same, s, i);
+                self.topo.instances[same[i.index(same.len())]].ip
+            }
+            Dst::AnyInstance(i) => self.topo.instances[i.index(n)].ip,
+            Dst::Missing(i) => {
+                let [a, b, _, _] = self.topo.vpcs[vpc].cidr.network().octets();
+                let choices = [
+                    [a, b, 1, 77],
+                    [a, b, 2, 1],
+                    [a, b, 1, 255],
+                    [a, b, 9, 9],
+                    [a, b, 3, 10],
+                ];
+                ip(choices[i.index(choices.len())])
+            }
+            Dst::Outside(i) => ip(OUTSIDE[i.index(OUTSIDE.len())]),
+            Dst::Special(i) => ip(SPECIAL[i.index(SPECIAL.len())]),
+        }
+    }
+
+    /// [`Op::Refirst`]: the first fragment of an earlier datagram again.
+    fn refirst(&self, k: &Pick, flags: u8, shape: &Shape, hist: &[Sent], at: u64) -> Sent {
+        let ki = k.index(hist.len());
+        let f = &hist[ki].flow;
+        let proto = match f.proto {
+            Proto::Tcp { sport, dport, .. } => Proto::Tcp {
+                sport,
+                dport,
+                flags,
+            },
+            Proto::Udp { sport, .. } => Proto::Udp { sport, dport: 4754 },
+            Proto::Icmp { .. } => Proto::Icmp {
+                ty: 3,
+                code: 1,
+                ident: 0,
+            },
+            other => other,
+        };
+        let mut shape = shape.clone();
+        shape.id = f.id;
+        shape.first_frag = true;
+        shape.big = None;
+        shape.mutation = None;
+        self.emit(
+            &format!("first fragment of #{ki}'s datagram again"),
+            f.sender,
+            f.vpc,
+            f.src,
+            f.dst,
+            proto,
+            None,
+            &shape,
+            at,
+        )
+    }
+
+    /// [`Op::Mirror`]: an earlier packet sent by its sender's twin (same address, another
+    /// VPC); repeated when it has none.
+    fn mirror(&self, k: &Pick, shape: &Shape, hist: &[Sent], at: u64) -> Sent {
+        let n = self.topo.instances.len();
+        let ki = k.index(hist.len());
+        let f = &hist[ki].flow;
+        let ip = self.topo.instances[f.sender].ip;
+        let twin = (0..n).find(|&i| {
+            let x = &self.topo.instances[i];
+            x.ip == ip && x.vpc().unwrap().index() != f.vpc
+        });
+        let Some(t) = twin else {
+            let mut sent = repeat(ki, hist, at);
+            sent.what = format!("repeat of #{ki} (no twin to mirror it)");
+            return sent;
+        };
+        let vpc = self.topo.instances[t].vpc().unwrap().index();
+        let flow = Flow {
+            sender: t,
+            local: self.local(t),
+            vpc,
+            ..f.clone()
+        };
+        self.wrap(
+            &format!("#{ki} mirrored by i{t} in v{vpc}"),
+            t,
+            f.inner.clone(),
+            flow,
+            &shape.port,
+            &shape.encap,
+            at,
+        )
+    }
+
+    /// [`Op::Impostor`]: an earlier packet's bytes from another port or underlay address.
+    fn impostor(&self, k: &Pick, via: &Index, hist: &[Sent], at: u64) -> Sent {
+        let n = self.topo.instances.len();
+        let ki = k.index(hist.len());
+        let h = &hist[ki];
+        let hosts = &self.topo.hosts;
+        let (ingress, bytes, note) = match h.ingress {
+            Ingress::Instance(_) | Ingress::Internet => {
+                let id = via.index(n + 1) as u32;
+                let id = if id as usize == n { 99 } else { id };
+                let ingress = Ingress::Instance(vpcd_core::topology::InstanceId(id));
+                (ingress, h.bytes.clone(), format!("port {id}"))
+            }
+            Ingress::UnderlayUdp { .. } => {
+                let from = hosts[via.index(hosts.len())].address;
+                (
+                    Ingress::UnderlayUdp { from },
+                    h.bytes.clone(),
+                    format!("udp from {from}"),
+                )
+            }
+            Ingress::UnderlayIp => {
+                let from = hosts[via.index(hosts.len())].address;
+                let mut b = h.bytes.clone();
+                if b.len() >= 20 {
+                    b[12..16].copy_from_slice(&from.octets());
+                    build::fix_ip_checksum(&mut b);
+                }
+                (Ingress::UnderlayIp, b, format!("outer source {from}"))
+            }
+        };
+        Sent {
+            ingress,
+            bytes,
+            at,
+            what: format!("#{ki}'s bytes from {note}"),
+            flow: h.flow.clone(),
+            decision: None,
+        }
+    }
+
+    /// [`Op::Reply`]: the receiver of a forwarded packet answers (its sender sends again when
+    /// nobody received it).
+    fn reply(&self, k: &Pick, flags: FlagSel, shape: &Shape, hist: &[Sent], at: u64) -> Sent {
+        let ki = pick_forwarded(k, hist);
+        let f = &hist[ki].flow;
+        match self.receiver(&hist[ki]) {
+            Some(r) => self.emit(
+                &format!("reply to #{ki}"),
+                r,
+                f.vpc,
+                f.dst,
+                f.src,
+                f.proto
+                    .reversed(flags.resolve(f.proto.flags(), true), shape.twist),
+                None,
+                shape,
+                at,
+            ),
+            None => self.emit(
+                &format!("again (no receiver) #{ki}"),
+                f.sender,
+                f.vpc,
+                f.src,
+                f.dst,
+                f.proto.with_flags(flags.resolve(f.proto.flags(), false)),
+                None,
+                shape,
+                at,
+            ),
+        }
+    }
+
+    /// [`Op::IcmpError`]: the receiver of a forwarded packet answers it with an ICMP error
+    /// quoting it (see [`QuoteTweak`]).
+    fn icmp_error(
+        &self,
+        k: &Pick,
+        (ty, code): (u8, u8),
+        quote: &QuoteTweak,
+        shape: &Shape,
+        hist: &[Sent],
+        at: u64,
+    ) -> Sent {
+        let ki = pick_forwarded(k, hist);
+        let f = &hist[ki].flow;
+        let r = self.receiver(&hist[ki]).unwrap_or(f.sender);
+        let mut q = f.inner.clone();
+        tweak_quote(&mut q, quote);
+        let src = self.topo.instances[r].ip;
+        let proto = Proto::Icmp { ty, code, ident: 0 };
+        self.emit(
+            &format!("icmp error {ty}/{code} ({quote:?}) about #{ki}"),
+            r,
+            f.vpc,
+            src,
+            f.src,
+            proto,
+            Some(&q),
+            shape,
+            at,
+        )
+    }
+
+    /// [`Op::Again`] and [`Op::CAgain`]: the sender of packet `ki` sends again, the same way.
+    fn again(&self, ki: usize, hist: &[Sent], flags: FlagSel, shape: &Shape, at: u64) -> Sent {
+        let f = &hist[ki].flow;
+        let proto = f.proto.with_flags(flags.resolve(f.proto.flags(), false));
+        let Some(c) = f.cloud.clone() else {
+            let what = format!("again #{ki}");
+            return self.emit(&what, f.sender, f.vpc, f.src, f.dst, proto, None, shape, at);
+        };
+        let (inner, desc) = self.build_inner(f.src, f.dst, proto, None, shape);
+        let flow = Flow {
+            proto,
+            id: shape.id,
+            inner: inner.clone(),
+            encap: shape.encap.clone(),
+            ..f.clone()
+        };
+        let what = format!("again #{ki}: {:?} {desc}", c.origin);
+        self.arrive(&what, c.via, inner, flow, &shape.port, &shape.encap, at)
+    }
+
+    /// [`Op::Later`] and [`Op::CLater`]: a later fragment of an earlier datagram (of a first
+    /// fragment, when `k` picks the last or any and there is one), sent the same way.
+    fn later(
+        &self,
+        k: &Pick,
+        (offset, mf, len): (u16, bool, usize),
+        shape: &Shape,
+        hist: &[Sent],
+        at: u64,
+    ) -> Sent {
+        let firsts: Vec<usize> = (0..hist.len())
+            .filter(|&i| {
+                let b = &hist[i].flow.inner;
+                b.len() >= 8 && b[6] & 0x20 != 0 && b[6] & 0x1f == 0 && b[7] == 0
+            })
+            .collect();
+        let ki = match k {
+            Pick::Recent(0) | Pick::Any(_) if !firsts.is_empty() => firsts[k.index(firsts.len())],
+            _ => k.index(hist.len()),
+        };
+        let f = hist[ki].flow.clone();
+        let payload: Vec<u8> = (0..len).map(|x| x as u8 ^ 0x5a).collect();
+        let header = Ip4 {
+            src: f.src,
+            dst: f.dst,
+            proto: f.proto.number(),
+            id: f.id,
+            df: false,
+            mf,
+            offset,
+        };
+        let inner = build::ipv4(&header, &payload);
+        let what = format!(
+            "later fragment of #{ki}: offset {} bytes, mf {mf}, {} bytes",
+            offset * 8,
+            inner.len()
+        );
+        let encap = if f.local {
+            shape.encap.clone()
+        } else {
+            f.encap.clone()
+        };
+        match f.cloud.clone() {
+            Some(c) => self.arrive(&what, c.via, inner, f, &shape.port, &encap, at),
+            None => self.wrap(&what, f.sender, inner, f, &shape.port, &encap, at),
         }
     }
 
@@ -1332,40 +1351,8 @@ impl Resolver<'_> {
         shape: &Shape,
         at: u64,
     ) -> Sent {
-        let payload: Vec<u8> = match (icmp_payload, shape.big) {
-            (Some(q), _) => q.to_vec(),
-            (None, Some(delta)) => {
-                let want = i32::from(self.mtu) + delta - 20 - proto.header_len() as i32;
-                vec![0xab; want.max(0) as usize]
-            }
-            (None, None) => (0..shape.payload).map(|x| x as u8).collect(),
-        };
-        let mut inner = build::ipv4(
-            &Ip4 {
-                src,
-                dst,
-                proto: proto.number(),
-                id: shape.id,
-                df: shape.df,
-                mf: shape.first_frag,
-                offset: 0,
-            },
-            &proto.transport(&payload),
-        );
-        build::fix_l4_checksum(&mut inner);
-        let mut desc = format!(
-            "{what}: i{sender} {src} -> {dst} {proto:?} id {} df {} len {}",
-            shape.id,
-            shape.df,
-            inner.len()
-        );
-        if shape.first_frag {
-            desc.push_str(" FIRST-FRAGMENT");
-        }
-        if let Some(m) = shape.mutation {
-            mutate(&mut inner, m);
-            desc.push_str(&format!(" mutation {m:?}"));
-        }
+        let (inner, desc) = self.build_inner(src, dst, proto, icmp_payload, shape);
+        let desc = format!("{what}: i{sender} {desc}");
         let flow = Flow {
             sender,
             local: self.local(sender),
@@ -1558,6 +1545,19 @@ fn forwarded(hist: &[Sent]) -> Vec<usize> {
 }
 
 /// The packet `k` refers to; `Any` picks among the forwarded ones when there are some.
+/// Packet `ki` again, as it was sent.
+fn repeat(ki: usize, hist: &[Sent], at: u64) -> Sent {
+    let h = &hist[ki];
+    Sent {
+        ingress: h.ingress,
+        bytes: h.bytes.clone(),
+        at,
+        what: format!("repeat of #{ki}"),
+        flow: h.flow.clone(),
+        decision: None,
+    }
+}
+
 fn pick_forwarded(k: &Pick, hist: &[Sent]) -> usize {
     let forwarded = forwarded(hist);
     match k {
@@ -2624,324 +2624,277 @@ impl Resolver<'_> {
         }
     }
 
-    fn resolve_cloud(&self, op: &Op, hist: &[Sent], at: u64) -> Sent {
+    /// [`Op::CFresh`]: a new packet from a local or remote instance of the cloud mix.
+    fn cfresh(
+        &self,
+        (remote, wide): (bool, bool),
+        sender: &Index,
+        dst: &CDst,
+        l4: &L4Gen,
+        shape: &Shape,
+        at: u64,
+    ) -> Sent {
+        let n = self.topo.instances.len();
+        let locals: Vec<usize> = (0..n).filter(|&i| self.local(i)).collect();
+        let mut remotes: Vec<usize> = (0..n).filter(|&i| !self.local(i)).collect();
+        let near: Vec<usize> = remotes
+            .iter()
+            .copied()
+            .filter(|&r| locals.iter().any(|&x| self.neighbours(r, x)))
+            .collect();
+        if !wide && !near.is_empty() {
+            remotes = near;
+        }
+        let s = if (remote || locals.is_empty()) && !remotes.is_empty() {
+            remotes[sender.index(remotes.len())]
+        } else {
+            locals[sender.index(locals.len())]
+        };
+        let d = self.cdst(s, dst);
+        let src = self.source_of(s, shape);
+        let what = format!("fresh {dst:?} from i{s}");
+        let way = if shape.twist % 2 == 1 {
+            Way::Reply
+        } else {
+            Way::Routed
+        };
+        let proto = proto_of(l4);
+        self.send(&what, Origin::Inst(s), src, d, proto, None, shape, way, at)
+    }
+
+    /// [`Op::CNet`]: a packet from the internet.
+    fn cnet(
+        &self,
+        src: &Index,
+        dst: &NetDst,
+        raw: bool,
+        l4: &L4Gen,
+        shape: &Shape,
+        at: u64,
+    ) -> Sent {
+        let t = self.topo;
+        let s = ip(INET_SRCS[src.index(INET_SRCS.len())]);
+        let eips: Vec<Ipv4Addr> = t.instances.iter().filter_map(|x| x.eip).collect();
+        let d = match dst {
+            NetDst::Eip(i) if !eips.is_empty() => eips[i.index(eips.len())],
+            NetDst::Eip(i) | NetDst::Public(i) => ip(PUBLIC[i.index(PUBLIC.len())]),
+            NetDst::Private(i) => t.instances[i.index(t.instances.len())].ip,
+            NetDst::Special(i) => ip(SPECIAL[i.index(SPECIAL.len())]),
+        };
+        let what = format!("internet {dst:?}");
+        let way = if raw { Way::Raw } else { Way::Routed };
+        let proto = proto_of(l4);
+        self.send(&what, Origin::Net, s, d, proto, None, shape, way, at)
+    }
+
+    /// [`Op::CRelay`]: a packet from the internet, relayed by the gateway host to an instance.
+    fn crelay(
+        &self,
+        (src, to, local): (&Index, &Index, bool),
+        key: &RelayKey,
+        l4: &L4Gen,
+        shape: &Shape,
+        at: u64,
+    ) -> Sent {
         let t = self.topo;
         let n = t.instances.len();
-        match op {
-            Op::CFresh {
-                remote,
-                wide,
-                sender,
-                dst,
-                l4,
+        let mut srcs: Vec<Ipv4Addr> = INET_SRCS.iter().map(|a| ip(*a)).collect();
+        srcs.extend(t.instances.iter().filter_map(|x| x.eip));
+        let s = srcs[src.index(srcs.len())];
+        let locals: Vec<usize> = (0..n).filter(|&i| self.local(i)).collect();
+        let x = if local && !locals.is_empty() {
+            locals[to.index(locals.len())]
+        } else {
+            to.index(n)
+        };
+        let key = match key {
+            RelayKey::Right => self.key_of_channel(Channel::Internet {
+                space: self.space(x),
+                inbound: true,
+            }),
+            RelayKey::None => None,
+            RelayKey::Other(i) | RelayKey::Sibling(i) => Some(self.any_key(i)),
+        };
+        let proto = proto_of(l4);
+        let d = t.instances[x].ip;
+        let (inner, desc) = self.build_inner(s, d, proto, None, shape);
+        let from = t.hosts[self.gateway().unwrap_or(0)].address;
+        let via = Via::Underlay { from, key };
+        let flow = Flow {
+            sender: usize::MAX,
+            local: false,
+            vpc: usize::MAX,
+            src: s,
+            dst: d,
+            proto,
+            id: shape.id,
+            inner: inner.clone(),
+            encap: shape.encap.clone(),
+            cloud: Some(CloudFlow {
+                origin: Origin::Net,
+                via,
+            }),
+        };
+        let what = format!("relayed by the gateway to i{x}: {desc}");
+        self.arrive(&what, via, inner, flow, &shape.port, &shape.encap, at)
+    }
+
+    /// [`Op::CReply`]: whoever received a forwarded packet answers, to the address it saw
+    /// (its sender sends again when nobody received it).
+    fn creply(&self, k: &Pick, flags: FlagSel, shape: &Shape, hist: &[Sent], at: u64) -> Sent {
+        let ki = pick_forwarded_cloud(k, hist);
+        let f = &hist[ki].flow;
+        let proto = f
+            .proto
+            .reversed(flags.resolve(f.proto.flags(), true), shape.twist);
+        match self.landing(&hist[ki]) {
+            Some(l) => self.send(
+                &format!("reply to #{ki}"),
+                l.rx,
+                l.rx_addr,
+                l.seen_src,
+                proto,
+                None,
                 shape,
-            } => {
-                let locals: Vec<usize> = (0..n).filter(|&i| self.local(i)).collect();
-                let mut remotes: Vec<usize> = (0..n).filter(|&i| !self.local(i)).collect();
-                let near: Vec<usize> = remotes
-                    .iter()
-                    .copied()
-                    .filter(|&r| locals.iter().any(|&x| self.neighbours(r, x)))
-                    .collect();
-                if !*wide && !near.is_empty() {
-                    remotes = near;
-                }
-                let s = if (*remote || locals.is_empty()) && !remotes.is_empty() {
-                    remotes[sender.index(remotes.len())]
-                } else {
-                    locals[sender.index(locals.len())]
-                };
-                let d = self.cdst(s, dst);
-                let src = self.source_of(s, shape);
-                let what = format!("fresh {dst:?} from i{s}");
-                self.send(
-                    &what,
-                    Origin::Inst(s),
-                    src,
-                    d,
-                    proto_of(l4),
-                    None,
-                    shape,
-                    if shape.twist % 2 == 1 {
-                        Way::Reply
-                    } else {
-                        Way::Routed
-                    },
-                    at,
-                )
-            }
-            Op::CNet {
-                src,
-                dst,
-                raw,
-                l4,
-                shape,
-            } => {
-                let s = ip(INET_SRCS[src.index(INET_SRCS.len())]);
-                let eips: Vec<Ipv4Addr> = t.instances.iter().filter_map(|x| x.eip).collect();
-                let d = match dst {
-                    NetDst::Eip(i) if !eips.is_empty() => eips[i.index(eips.len())],
-                    NetDst::Eip(i) | NetDst::Public(i) => ip(PUBLIC[i.index(PUBLIC.len())]),
-                    NetDst::Private(i) => t.instances[i.index(n)].ip,
-                    NetDst::Special(i) => ip(SPECIAL[i.index(SPECIAL.len())]),
-                };
-                let what = format!("internet {dst:?}");
-                self.send(
-                    &what,
-                    Origin::Net,
-                    s,
-                    d,
-                    proto_of(l4),
-                    None,
-                    shape,
-                    if *raw { Way::Raw } else { Way::Routed },
-                    at,
-                )
-            }
-            Op::CRelay {
-                src,
-                to,
-                local,
-                key,
-                l4,
-                shape,
-            } => {
-                let mut srcs: Vec<Ipv4Addr> = INET_SRCS.iter().map(|a| ip(*a)).collect();
-                srcs.extend(t.instances.iter().filter_map(|x| x.eip));
-                let s = srcs[src.index(srcs.len())];
-                let locals: Vec<usize> = (0..n).filter(|&i| self.local(i)).collect();
-                let x = if *local && !locals.is_empty() {
-                    locals[to.index(locals.len())]
-                } else {
-                    to.index(n)
-                };
-                let key = match key {
-                    RelayKey::Right => self.key_of_channel(Channel::Internet {
-                        space: self.space(x),
-                        inbound: true,
-                    }),
-                    RelayKey::None => None,
-                    RelayKey::Other(i) | RelayKey::Sibling(i) => Some(self.any_key(i)),
-                };
-                let proto = proto_of(l4);
-                let d = t.instances[x].ip;
-                let (inner, desc) = self.build_inner(s, d, proto, None, shape);
-                let from = t.hosts[self.gateway().unwrap_or(0)].address;
-                let via = Via::Underlay { from, key };
-                let flow = Flow {
-                    sender: usize::MAX,
-                    local: false,
-                    vpc: usize::MAX,
-                    src: s,
-                    dst: d,
-                    proto,
-                    id: shape.id,
-                    inner: inner.clone(),
-                    encap: shape.encap.clone(),
-                    cloud: Some(CloudFlow {
-                        origin: Origin::Net,
-                        via,
-                    }),
-                };
-                let what = format!("relayed by the gateway to i{x}: {desc}");
-                self.arrive(&what, via, inner, flow, &shape.port, &shape.encap, at)
-            }
-            Op::CReply { k, flags, shape } => {
-                let ki = pick_forwarded_cloud(k, hist);
-                let f = &hist[ki].flow;
-                let proto = f
-                    .proto
-                    .reversed(flags.resolve(f.proto.flags(), true), shape.twist);
-                match self.landing(&hist[ki]) {
-                    Some(l) => self.send(
-                        &format!("reply to #{ki}"),
-                        l.rx,
-                        l.rx_addr,
-                        l.seen_src,
-                        proto,
-                        None,
-                        shape,
-                        Way::Reply,
-                        at,
-                    ),
-                    None => self.again(ki, hist, *flags, shape, at),
-                }
-            }
-            Op::CAgain { k, flags, shape } => {
-                let ki = k.index(hist.len());
-                self.again(ki, hist, *flags, shape, at)
-            }
-            Op::CError {
-                k,
-                ty,
-                code,
-                quote,
-                shape,
-            } => {
-                let ki = pick_forwarded_cloud(k, hist);
-                let h = &hist[ki];
-                let f = &h.flow;
-                let c = f.cloud.as_ref().unwrap();
-                let mut q = f.inner.clone();
-                let (rx, rx_addr, to) = match self.landing(h) {
-                    Some(l) => {
-                        build::nat(&mut q, Some(l.seen_src), Some(l.seen_dst));
-                        (l.rx, l.rx_addr, l.seen_src)
-                    }
-                    None => (c.origin, f.dst, f.src),
-                };
-                tweak_quote(&mut q, quote);
-                let proto = Proto::Icmp {
-                    ty: *ty,
-                    code: *code,
-                    ident: 0,
-                };
-                self.send(
-                    &format!("icmp error {ty}/{code} ({quote:?}) about #{ki}"),
-                    rx,
-                    rx_addr,
-                    to,
-                    proto,
-                    Some(&q),
-                    shape,
-                    Way::Reply,
-                    at,
-                )
-            }
-            Op::CLater {
-                k,
-                offset,
-                mf,
-                len,
-                shape,
-            } => {
-                let firsts: Vec<usize> = (0..hist.len())
-                    .filter(|&i| {
-                        let b = &hist[i].flow.inner;
-                        b.len() >= 8 && b[6] & 0x20 != 0 && b[6] & 0x1f == 0 && b[7] == 0
-                    })
-                    .collect();
-                let ki = match k {
-                    Pick::Recent(0) | Pick::Any(_) if !firsts.is_empty() => {
-                        firsts[k.index(firsts.len())]
-                    }
-                    _ => k.index(hist.len()),
-                };
-                let f = hist[ki].flow.clone();
-                let c = f.cloud.clone().unwrap();
-                let payload: Vec<u8> = (0..*len).map(|x| x as u8 ^ 0x5a).collect();
-                let inner = build::ipv4(
-                    &Ip4 {
-                        src: f.src,
-                        dst: f.dst,
-                        proto: f.proto.number(),
-                        id: f.id,
-                        df: false,
-                        mf: *mf,
-                        offset: *offset,
-                    },
-                    &payload,
-                );
-                let what = format!(
-                    "later fragment of #{ki}: offset {} bytes, mf {mf}, {} bytes",
-                    offset * 8,
-                    inner.len()
-                );
-                let encap = if f.local {
-                    shape.encap.clone()
-                } else {
-                    f.encap.clone()
-                };
-                self.arrive(&what, c.via, inner, f, &shape.port, &encap, at)
-            }
-            Op::CRekey { k, key } => {
-                let ki = k.index(hist.len());
-                let f = hist[ki].flow.clone();
-                let c = f.cloud.clone().unwrap();
-                let (from, was) = match c.via {
-                    Via::Underlay { from, key } => (from, key),
-                    _ => (t.hosts[self.gateway().unwrap_or(0)].address, None),
-                };
-                let key = match key {
-                    RelayKey::Right => {
-                        // Another channel into a space where the destination is someone's.
-                        let mut into: Vec<Option<u32>> = self
-                            .channel_keys()
-                            .into_iter()
-                            .map(Some)
-                            .chain([None])
-                            .filter(|k| *k != was)
-                            .filter(|&k| {
-                                let sp = self.channel_of_key(k).and_then(|c| self.rx_space(c));
-                                (0..n).any(|x| {
-                                    Some(self.space(x)) == sp && t.instances[x].ip == f.dst
-                                })
-                            })
-                            .collect();
-                        if into.is_empty() {
-                            into.push(None);
-                        }
-                        into[ki % into.len()]
-                    }
-                    RelayKey::None => None,
-                    RelayKey::Other(i) => Some(self.any_key(i)),
-                    RelayKey::Sibling(i) => match c.origin {
-                        Origin::Inst(r) => self.sibling_key(r, i),
-                        Origin::Net => Some(self.any_key(i)),
-                    },
-                };
-                let e = Encap {
-                    key: KeyTweak::Right,
-                    sender: SenderTweak::Right,
-                    gre: None,
-                    outer: None,
-                    ..f.encap.clone()
-                };
-                let via = Via::Underlay { from, key };
-                let flow = Flow {
-                    cloud: Some(CloudFlow { via, ..c }),
-                    encap: e.clone(),
-                    ..f.clone()
-                };
-                let what = format!("#{ki}'s inner packet with key {key:?} (was {was:?})");
-                self.arrive(&what, via, f.inner.clone(), flow, &PortTweak::Right, &e, at)
-            }
-            Op::CImpostor { k, via } => {
-                let ki = k.index(hist.len());
-                let f = hist[ki].flow.clone();
-                let c = f.cloud.clone().unwrap();
-                let key = match c.via {
-                    Via::Underlay { key, .. } => key,
-                    _ => match c.origin {
-                        Origin::Inst(r) => self.key_towards(r, f.src, f.dst, false),
-                        Origin::Net => None,
-                    },
-                };
-                let mut ways = vec![Via::Internet];
-                ways.extend((0..n).filter(|&i| self.local(i)).map(Via::Port));
-                ways.extend(t.hosts.iter().map(|h| Via::Underlay {
-                    from: h.address,
-                    key,
-                }));
-                let via = ways[via.index(ways.len())];
-                let e = Encap {
-                    key: KeyTweak::Right,
-                    sender: SenderTweak::Right,
-                    gre: None,
-                    outer: None,
-                    ..f.encap.clone()
-                };
-                let flow = Flow {
-                    cloud: Some(CloudFlow { via, ..c }),
-                    local: matches!(via, Via::Port(_)),
-                    encap: e.clone(),
-                    ..f.clone()
-                };
-                let what = format!("#{ki}'s inner packet via {via:?}");
-                self.arrive(&what, via, f.inner.clone(), flow, &PortTweak::Right, &e, at)
-            }
-            _ => unreachable!("not a cloud step"),
+                Way::Reply,
+                at,
+            ),
+            None => self.again(ki, hist, flags, shape, at),
         }
+    }
+
+    /// [`Op::CError`]: whoever received a forwarded packet answers it with an ICMP error
+    /// quoting it as it saw it (after any NAT; see [`QuoteTweak`]).
+    fn cerror(
+        &self,
+        k: &Pick,
+        (ty, code): (u8, u8),
+        quote: &QuoteTweak,
+        shape: &Shape,
+        hist: &[Sent],
+        at: u64,
+    ) -> Sent {
+        let ki = pick_forwarded_cloud(k, hist);
+        let h = &hist[ki];
+        let f = &h.flow;
+        let c = f.cloud.as_ref().unwrap();
+        let mut q = f.inner.clone();
+        let (rx, rx_addr, to) = match self.landing(h) {
+            Some(l) => {
+                build::nat(&mut q, Some(l.seen_src), Some(l.seen_dst));
+                (l.rx, l.rx_addr, l.seen_src)
+            }
+            None => (c.origin, f.dst, f.src),
+        };
+        tweak_quote(&mut q, quote);
+        let proto = Proto::Icmp { ty, code, ident: 0 };
+        self.send(
+            &format!("icmp error {ty}/{code} ({quote:?}) about #{ki}"),
+            rx,
+            rx_addr,
+            to,
+            proto,
+            Some(&q),
+            shape,
+            Way::Reply,
+            at,
+        )
+    }
+
+    /// [`Op::CRekey`]: packet `ki`'s inner packet again through the underlay, under another key.
+    fn crekey(&self, ki: usize, key: &RelayKey, hist: &[Sent], at: u64) -> Sent {
+        let f = hist[ki].flow.clone();
+        let c = f.cloud.clone().unwrap();
+        let (from, was) = match c.via {
+            Via::Underlay { from, key } => (from, key),
+            _ => (self.topo.hosts[self.gateway().unwrap_or(0)].address, None),
+        };
+        let key = match key {
+            RelayKey::Right => self.rekey_into(ki, was, f.dst),
+            RelayKey::None => None,
+            RelayKey::Other(i) => Some(self.any_key(i)),
+            RelayKey::Sibling(i) => match c.origin {
+                Origin::Inst(r) => self.sibling_key(r, i),
+                Origin::Net => Some(self.any_key(i)),
+            },
+        };
+        let e = Encap {
+            key: KeyTweak::Right,
+            sender: SenderTweak::Right,
+            gre: None,
+            outer: None,
+            ..f.encap.clone()
+        };
+        let via = Via::Underlay { from, key };
+        let flow = Flow {
+            cloud: Some(CloudFlow { via, ..c }),
+            encap: e.clone(),
+            ..f.clone()
+        };
+        let what = format!("#{ki}'s inner packet with key {key:?} (was {was:?})");
+        self.arrive(&what, via, f.inner.clone(), flow, &PortTweak::Right, &e, at)
+    }
+
+    /// Another channel than `was` into a space where `dst` is someone's (no key when none).
+    fn rekey_into(&self, ki: usize, was: Option<u32>, dst: Ipv4Addr) -> Option<u32> {
+        let t = self.topo;
+        let mut into: Vec<Option<u32>> = self
+            .channel_keys()
+            .into_iter()
+            .map(Some)
+            .chain([None])
+            .filter(|k| *k != was)
+            .filter(|&k| {
+                let sp = self.channel_of_key(k).and_then(|c| self.rx_space(c));
+                (0..t.instances.len())
+                    .any(|x| Some(self.space(x)) == sp && t.instances[x].ip == dst)
+            })
+            .collect();
+        if into.is_empty() {
+            into.push(None);
+        }
+        into[ki % into.len()]
+    }
+
+    /// [`Op::CImpostor`]: packet `ki`'s inner packet from the internet, a local port or any
+    /// host.
+    fn cimpostor(&self, ki: usize, via: &Index, hist: &[Sent], at: u64) -> Sent {
+        let t = self.topo;
+        let f = hist[ki].flow.clone();
+        let c = f.cloud.clone().unwrap();
+        let key = match c.via {
+            Via::Underlay { key, .. } => key,
+            _ => match c.origin {
+                Origin::Inst(r) => self.key_towards(r, f.src, f.dst, false),
+                Origin::Net => None,
+            },
+        };
+        let mut ways = vec![Via::Internet];
+        ways.extend(
+            (0..t.instances.len())
+                .filter(|&i| self.local(i))
+                .map(Via::Port),
+        );
+        ways.extend(t.hosts.iter().map(|h| Via::Underlay {
+            from: h.address,
+            key,
+        }));
+        let via = ways[via.index(ways.len())];
+        let e = Encap {
+            key: KeyTweak::Right,
+            sender: SenderTweak::Right,
+            gre: None,
+            outer: None,
+            ..f.encap.clone()
+        };
+        let flow = Flow {
+            cloud: Some(CloudFlow { via, ..c }),
+            local: matches!(via, Via::Port(_)),
+            encap: e.clone(),
+            ..f.clone()
+        };
+        let what = format!("#{ki}'s inner packet via {via:?}");
+        self.arrive(&what, via, f.inner.clone(), flow, &PortTweak::Right, &e, at)
     }
 
     /// An appliance sends on a packet it received for another address (see [`Op::Forward`]);
@@ -2999,22 +2952,5 @@ impl Resolver<'_> {
                 self.emit(&what, x, vpc, src, dst, f.proto, None, shape, at)
             }
         }
-    }
-
-    /// The sender of packet `ki` sends again, the same way.
-    fn again(&self, ki: usize, hist: &[Sent], flags: FlagSel, shape: &Shape, at: u64) -> Sent {
-        let f = &hist[ki].flow;
-        let c = f.cloud.clone().unwrap();
-        let proto = f.proto.with_flags(flags.resolve(f.proto.flags(), false));
-        let (inner, desc) = self.build_inner(f.src, f.dst, proto, None, shape);
-        let flow = Flow {
-            proto,
-            id: shape.id,
-            inner: inner.clone(),
-            encap: shape.encap.clone(),
-            ..f.clone()
-        };
-        let what = format!("again #{ki}: {:?} {desc}", c.origin);
-        self.arrive(&what, c.via, inner, flow, &shape.port, &shape.encap, at)
     }
 }

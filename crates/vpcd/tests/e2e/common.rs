@@ -5,15 +5,16 @@
 //! as `/proc/self/exe run ...`, which inside this test binary would be the test binary
 //! itself); everything else (statistics, `lab check`, entering namespaces) uses the library.
 
+// Each test binary includes this file and uses a part of it: the rest would be dead code there.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock, mpsc};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -23,9 +24,6 @@ use vpcd::topology::Topology;
 
 /// The real daemon binary.
 pub const VPCD: &str = env!("CARGO_BIN_EXE_vpcd");
-/// The interpreter the scapy scripts run with.
-pub const PYTHON: &str = "/usr/bin/python3";
-
 /// What a test needs besides root.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tool {
@@ -35,29 +33,89 @@ pub enum Tool {
     Ping,
     /// tshark (and its dumpcap).
     Tshark,
-    /// /usr/bin/python3 with scapy.
+    /// A Python 3 with scapy (see [`python`]).
     Scapy,
+    /// nft (nftables): the appliances' forwarding rules.
+    Nft,
+    /// conntrack (conntrack-tools): the kernel referee's tables.
+    Conntrack,
 }
 
-fn on_path(exe: &str) -> bool {
+impl Tool {
+    /// Whether the tool is here.
+    fn present(self) -> bool {
+        match self {
+            Tool::Ip => on_path("ip").is_some(),
+            Tool::Ping => on_path("ping").is_some(),
+            Tool::Tshark => on_path("tshark").is_some() && on_path("dumpcap").is_some(),
+            Tool::Scapy => find_python().is_some(),
+            Tool::Nft => on_path("nft").is_some(),
+            Tool::Conntrack => on_path("conntrack").is_some(),
+        }
+    }
+
+    /// What is missing when it is, and the Debian package that brings it.
+    fn missing(self) -> (&'static str, &'static str) {
+        match self {
+            Tool::Ip => ("ip", "iproute2"),
+            Tool::Ping => ("ping", "iputils-ping"),
+            Tool::Tshark => ("tshark/dumpcap", "tshark"),
+            Tool::Scapy => (
+                "a python3 with scapy ($VPCD_PYTHON, else python3 on PATH or /usr/bin/python3)",
+                "python3-scapy",
+            ),
+            Tool::Nft => ("nft", "nftables"),
+            Tool::Conntrack => ("conntrack", "conntrack"),
+        }
+    }
+}
+
+/// The first executable file called `exe` in a directory of `PATH`.
+pub fn on_path(exe: &str) -> Option<PathBuf> {
     let path = std::env::var("PATH").unwrap_or_default();
-    path.split(':').filter(|d| !d.is_empty()).any(|d| {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::metadata(Path::new(d).join(exe))
-            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    })
+    path.split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| Path::new(d).join(exe))
+        .find(|p| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
 }
 
-fn scapy_available() -> bool {
-    static OK: OnceLock<bool> = OnceLock::new();
-    *OK.get_or_init(|| {
-        Command::new(PYTHON)
-            .args(["-c", "import scapy.all"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    })
+fn imports_scapy(python: &Path) -> bool {
+    Command::new(python)
+        .args(["-c", "import scapy.all"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The Python the scapy scripts run with: `$VPCD_PYTHON` when set (and only it), else the
+/// first of every `python3` on `PATH`, then `/usr/bin/python3`, that imports scapy.
+fn find_python() -> Option<&'static Path> {
+    static FOUND: OnceLock<Option<PathBuf>> = OnceLock::new();
+    FOUND
+        .get_or_init(|| {
+            if let Some(p) = std::env::var_os("VPCD_PYTHON") {
+                let p = PathBuf::from(p);
+                return imports_scapy(&p).then_some(p);
+            }
+            let path = std::env::var("PATH").unwrap_or_default();
+            path.split(':')
+                .filter(|d| !d.is_empty())
+                .map(|d| Path::new(d).join("python3"))
+                .chain([PathBuf::from("/usr/bin/python3")])
+                .find(|p| imports_scapy(p))
+        })
+        .as_deref()
+}
+
+/// The Python with scapy; call it after [`can_run`] with [`Tool::Scapy`] said yes.
+pub fn python() -> &'static str {
+    find_python()
+        .and_then(Path::to_str)
+        .expect("no python3 with scapy (check can_run(.., &[Tool::Scapy]) first)")
 }
 
 /// The effective uid is 0 (read from /proc: nix's `user` feature is not enabled).
@@ -71,36 +129,63 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// True when `test` can run here: root and every tool of `tools`. Otherwise says loudly why
-/// the test is skipped (CI installs everything, so nothing skips there).
+/// Where skipped tests record themselves, a line `test: reason` each (scripts/test.sh
+/// empties it first and counts it in its summary).
+pub fn skips_file() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("vpcd-skips.txt")
+}
+
+/// `VPCD_REQUIRE_E2E=1`: a test that cannot run fails instead of skipping (.ci/run sets it).
+pub fn e2e_required() -> bool {
+    std::env::var("VPCD_REQUIRE_E2E").is_ok_and(|v| v == "1")
+}
+
+/// Skips `test` for `reason`: says so on stderr and in [`skips_file`]; with
+/// `VPCD_REQUIRE_E2E=1`, fails instead, saying what is missing and how to install it.
+pub fn skip(test: &str, reason: &str, install: &str) {
+    if e2e_required() {
+        panic!("VPCD_REQUIRE_E2E=1, but `{test}` cannot run: {reason}; {install}");
+    }
+    eprintln!("\n!!!!!!!! SKIPPED e2e test `{test}`: {reason}; {install} !!!!!!!!\n");
+    let line = format!("{test}: {reason}\n");
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(skips_file())
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = written {
+        eprintln!(
+            "could not record the skip in {}: {e}",
+            skips_file().display()
+        );
+    }
+}
+
+/// True when `test` can run here: root and every tool of `tools`. Otherwise the test is
+/// skipped (see [`skip`]: recorded, or a failure under `VPCD_REQUIRE_E2E=1`).
 pub fn can_run(test: &str, tools: &[Tool]) -> bool {
     let mut missing = Vec::new();
+    let mut packages = Vec::new();
     if !is_root() {
-        missing.push("root privileges".to_string());
+        missing.push("root privileges");
     }
-    for t in tools {
-        let ok = match t {
-            Tool::Ip => on_path("ip"),
-            Tool::Ping => on_path("ping"),
-            Tool::Tshark => on_path("tshark") && on_path("dumpcap"),
-            Tool::Scapy => scapy_available(),
-        };
-        if !ok {
-            missing.push(match t {
-                Tool::Ip => "ip (iproute2)".to_string(),
-                Tool::Ping => "ping".to_string(),
-                Tool::Tshark => "tshark/dumpcap".to_string(),
-                Tool::Scapy => format!("{PYTHON} with scapy"),
-            });
-        }
+    for t in tools.iter().filter(|t| !t.present()) {
+        let (what, package) = t.missing();
+        missing.push(what);
+        packages.push(package);
     }
     if missing.is_empty() {
         return true;
     }
-    eprintln!(
-        "\n!!!!!!!! SKIPPED e2e test `{test}`: missing {} (CI runs it as root with every tool) !!!!!!!!\n",
-        missing.join(", ")
-    );
+    let install = if packages.is_empty() {
+        "run the tests as root (`sudo .ci/run` sets up everything)".to_string()
+    } else {
+        format!(
+            "install with `apt-get install {}` (or run `sudo .ci/run`, which sets up everything)",
+            packages.join(" ")
+        )
+    };
+    skip(test, &format!("missing {}", missing.join(", ")), &install);
     false
 }
 
@@ -354,6 +439,8 @@ pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static
 pub struct Seen {
     /// The sender.
     pub from: SocketAddr,
+    /// The address it reached (TCP: the connection's own end; UDP: the socket's, 0.0.0.0).
+    pub local: SocketAddr,
     /// What it sent (TCP: the first line).
     pub data: String,
 }
@@ -445,11 +532,13 @@ fn tcp_serve(
             Ok((mut s, from)) => {
                 let _ = s.set_nonblocking(false);
                 let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let local = s.local_addr().expect("local address");
                 let mut line = String::new();
                 let _ = BufReader::new(&mut s).read_line(&mut line);
                 let _ = writeln!(s, "{name} {}", line.trim());
                 seen.push(Seen {
                     from,
+                    local,
                     data: line.trim().to_string(),
                 });
             }
@@ -480,7 +569,8 @@ fn udp_serve(
         if let Ok((n, from)) = u.recv_from(&mut buf) {
             let data = String::from_utf8_lossy(&buf[..n]).trim().to_string();
             let _ = u.send_to(format!("{name} {data}").as_bytes(), from);
-            seen.push(Seen { from, data });
+            let local = u.local_addr().expect("local address");
+            seen.push(Seen { from, local, data });
         }
     }
     seen
@@ -771,9 +861,9 @@ pub fn script(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// Runs a scapy script (or `-c CODE`) with [`PYTHON`] inside `ns`, asserting success.
+/// Runs a scapy script (or `-c CODE`) with [`python`] inside `ns`, asserting success.
 pub fn python_in(ns: &str, args: &[&str]) -> Output {
-    let mut all = vec![PYTHON];
+    let mut all = vec![python()];
     all.extend_from_slice(args);
     let o = exec_in(ns, &all);
     assert!(
@@ -783,6 +873,15 @@ pub fn python_in(ns: &str, args: &[&str]) -> Output {
         show(&o)
     );
     o
+}
+
+/// True when `pid` runs and is not a zombie.
+pub fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| !r.trim_start().starts_with('Z'))
+    })
 }
 
 /// Every named network namespace.
@@ -845,4 +944,392 @@ pub fn no_icmp_ratelimit(ns: &str) {
     in_ns(ns, || {
         std::fs::write("/proc/sys/net/ipv4/icmp_ratelimit", "0").expect("icmp_ratelimit")
     });
+}
+
+// ----------------------------------------------------------------------------------------------
+// Probes shared by the cloud and isolation tests
+
+/// The internet's own address (the first usable of 203.0.113.0/24).
+pub const INTERNET: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+
+/// How many packets instance `inst` received, on every host.
+pub fn received(s: &Stats, before: &Stats, inst: &str) -> u64 {
+    s.0.keys()
+        .map(|h| s.grew(before, h, &format!("instance.{inst}.received")))
+        .sum()
+}
+
+/// Sends `n` datagrams from `ns` to `dst:port`, tagged `msg`, without waiting for answers.
+pub fn udp_fire(ns: &str, dst: Ipv4Addr, port: u16, msg: &str, n: usize) {
+    let msg = msg.to_string();
+    in_ns(ns, move || {
+        let u = UdpSocket::bind(("0.0.0.0", 0)).expect("udp bind");
+        for _ in 0..n {
+            // "Network unreachable" is an answer too: nothing leaves.
+            let _ = u.send_to(msg.as_bytes(), (dst, port));
+            thread::sleep(Duration::from_millis(20));
+        }
+    })
+}
+
+/// Connects from `src_ns` to `dst:port` where a TCP [`Listener`] of `dst_ns` listens; returns
+/// the connection as the listener saw it (both ends), or None when the answer did not come
+/// back (then the listener must have accepted nothing).
+pub fn tcp_seen(src_ns: &str, dst_ns: &str, dst: Ipv4Addr, port: u16) -> Option<Seen> {
+    let spy = Listener::tcp(dst_ns, "spy", port);
+    let token = format!("hello-{port}");
+    let answer = tcp_ask(src_ns, dst, port, &token);
+    thread::sleep(Duration::from_millis(100));
+    let seen = spy.finish();
+    if answer.as_deref() != Some(&format!("spy {token}")) {
+        assert!(
+            seen.is_empty(),
+            "{dst_ns} accepted a connection whose answer never came back: {seen:?}"
+        );
+        return None;
+    }
+    assert!(
+        seen.len() == 1 && seen[0].data == token,
+        "one connection, carrying {token}: {seen:?}"
+    );
+    Some(seen[0].clone())
+}
+
+/// GRE packets (or GRE-in-UDP) on the underlay bridge while `traffic` runs: the tshark
+/// `fields` of each (`ip.src` and `ip.dst` read `outer,inner`).
+pub fn gre_on_wire(
+    lab: &LabUp,
+    tag: &str,
+    fields: &[&str],
+    traffic: impl FnOnce(),
+) -> Vec<Vec<String>> {
+    let filter = match lab.topo.underlay.transport {
+        vpcd::topology::Transport::Gre => "ip proto 47",
+        vpcd::topology::Transport::GreUdp => "udp port 4754",
+    };
+    let cap = Capture::start(&lab.lab.underlay_ns(), "br0", filter, tag, 40);
+    traffic();
+    let file = cap.stop();
+    let rows = tshark_fields(&file, &["-d", "udp.port==4754,gre", "-Y", "gre"], fields);
+    let _ = std::fs::remove_file(&file);
+    eprintln!("{tag} on the wire: {} GRE packets", rows.len());
+    for r in rows.iter().take(40) {
+        eprintln!("  {}", r.join(" | "));
+    }
+    rows
+}
+
+/// The GRE rows (of [`gre_on_wire`], `ip.src` and `ip.dst` first) carrying inner `src -> dst`
+/// from host address `from` to host address `to`.
+pub fn gre_rows<'a>(
+    rows: &'a [Vec<String>],
+    (from, to): (&str, &str),
+    (src, dst): (Ipv4Addr, Ipv4Addr),
+) -> Vec<&'a Vec<String>> {
+    rows.iter()
+        .filter(|r| r[0] == format!("{from},{src}") && r[1] == format!("{to},{dst}"))
+        .collect()
+}
+
+/// `ip -br addr show dev DEV` in a namespace: the device's IPv4 addresses.
+pub fn addrs_of(ns: &str, dev: &str) -> Vec<String> {
+    let o = Command::new("ip")
+        .args(["-n", ns, "-4", "-br", "addr", "show", "dev", dev])
+        .output()
+        .expect("ip -br addr");
+    String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .skip(2)
+        .map(str::to_string)
+        .collect()
+}
+
+/// Lines of a host's log that contain `needle`.
+pub fn log_count(lab: &LabUp, host: &str, needle: &str) -> usize {
+    std::fs::read_to_string(lab.lab.log_path(host))
+        .unwrap_or_default()
+        .matches(needle)
+        .count()
+}
+
+/// Writes `text` as the lab's topology, records its allocations in the lab's lock file as a
+/// user would (`vpcd check`; an invalid file records nothing), sends SIGHUP to every daemon
+/// and waits until each host's log has one more line containing `outcome`.
+pub fn reload(lab: &LabUp, text: &str, outcome: &str) {
+    let hosts: Vec<String> = lab.topo.hosts.iter().map(|h| h.name.clone()).collect();
+    let before: Vec<usize> = hosts.iter().map(|h| log_count(lab, h, outcome)).collect();
+    let path = lab.lab.topology_path();
+    std::fs::write(&path, text).expect("writing the lab's topology");
+    vpcd(&["check", path.to_str().unwrap()]);
+    let daemons = lab.lab.daemons();
+    assert_eq!(daemons.len(), hosts.len(), "daemons: {daemons:?}");
+    for (h, pid) in &daemons {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap_or_else(|e| panic!("SIGHUP to {h}'s vpcd ({pid}): {e}"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for (h, was) in hosts.iter().zip(before) {
+        while log_count(lab, h, outcome) <= was {
+            assert!(
+                Instant::now() < deadline,
+                "{h}'s log does not say \"{outcome}\" after SIGHUP:\n{}",
+                std::fs::read_to_string(lab.lab.log_path(h)).unwrap_or_default()
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Streams: numbered messages that must all arrive
+
+/// What both ends of a [`Stream`] share.
+#[derive(Default)]
+struct StreamState {
+    stop: AtomicBool,
+    rstop: AtomicBool,
+    sent: AtomicUsize,
+    got: Mutex<Vec<(u32, Instant)>>,
+    errors: Mutex<Vec<String>>,
+}
+
+impl StreamState {
+    fn error(&self, e: String) {
+        self.errors.lock().unwrap().push(e);
+    }
+
+    fn record(&self, line: &str) {
+        if let Ok(n) = line.trim().parse() {
+            self.got.lock().unwrap().push((n, Instant::now()));
+        }
+    }
+}
+
+/// Numbered messages sent every `every` from one namespace to another, over UDP or one TCP
+/// connection; the receiver records each number and when it arrived, as it goes.
+pub struct Stream {
+    state: Arc<StreamState>,
+    sender: Option<JoinHandle<()>>,
+    receiver: Option<JoinHandle<()>>,
+}
+
+impl Stream {
+    pub fn start(
+        src_ns: &str,
+        dst_ns: &str,
+        dst: Ipv4Addr,
+        port: u16,
+        tcp: bool,
+        every: Duration,
+    ) -> Stream {
+        let state = Arc::new(StreamState::default());
+        let (ready_tx, ready_rx) = mpsc::channel::<()>();
+        let (dns, st) = (dst_ns.to_string(), state.clone());
+        let receiver = thread::spawn(move || {
+            let _g = NetnsGuard::enter(&dns).expect("receiver's namespace");
+            if tcp {
+                stream_tcp_receive(port, &st, ready_tx)
+            } else {
+                stream_udp_receive(port, &st, ready_tx)
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("stream receiver did not start");
+        let (sns, st) = (src_ns.to_string(), state.clone());
+        let sender = thread::spawn(move || {
+            let _g = NetnsGuard::enter(&sns).expect("sender's namespace");
+            if tcp {
+                stream_tcp_send((dst, port), every, &st)
+            } else {
+                stream_udp_send((dst, port), every, &st)
+            }
+        });
+        Stream {
+            state,
+            sender: Some(sender),
+            receiver: Some(receiver),
+        }
+    }
+
+    /// Numbers received so far, with their arrival times.
+    pub fn received(&self) -> Vec<(u32, Instant)> {
+        self.state.got.lock().unwrap().clone()
+    }
+
+    /// Stops sending; after `grace` for the last messages, stops receiving. Returns how many
+    /// were sent, what arrived (in arrival order) and the errors either end met.
+    pub fn finish(mut self, grace: Duration) -> (u32, Vec<(u32, Instant)>, Vec<String>) {
+        self.state.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.sender.take() {
+            let _ = h.join();
+        }
+        thread::sleep(grace);
+        self.state.rstop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.receiver.take() {
+            let _ = h.join();
+        }
+        let sent = self.state.sent.load(Ordering::Relaxed) as u32;
+        let got = self.state.got.lock().unwrap().clone();
+        let errors = self.state.errors.lock().unwrap().clone();
+        (sent, got, errors)
+    }
+}
+
+impl Drop for Stream {
+    /// A failing test stops its streams too (their threads end by themselves).
+    fn drop(&mut self) {
+        self.state.stop.store(true, Ordering::Relaxed);
+        self.state.rstop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The receiving end over TCP: accepts one connection (within 10 s), records every line.
+fn stream_tcp_receive(port: u16, st: &StreamState, ready: mpsc::Sender<()>) {
+    let l = TcpListener::bind(("0.0.0.0", port)).expect("tcp bind");
+    l.set_nonblocking(true).unwrap();
+    let _ = ready.send(());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut s = loop {
+        match l.accept() {
+            Ok((s, _)) => break s,
+            Err(_) if Instant::now() < deadline && !st.rstop.load(Ordering::Relaxed) => {
+                thread::sleep(Duration::from_millis(5))
+            }
+            Err(_) => return st.error("receiver: no connection".into()),
+        }
+    };
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut pending = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !st.rstop.load(Ordering::Relaxed) {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                pending.extend_from_slice(&buf[..n]);
+                while let Some(p) = pending.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=p).collect();
+                    st.record(&String::from_utf8_lossy(&line));
+                }
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => return st.error(format!("receiver: {e}")),
+        }
+    }
+}
+
+/// The receiving end over UDP: records every datagram.
+fn stream_udp_receive(port: u16, st: &StreamState, ready: mpsc::Sender<()>) {
+    let u = UdpSocket::bind(("0.0.0.0", port)).expect("udp bind");
+    u.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    let _ = ready.send(());
+    let mut buf = [0u8; 64];
+    while !st.rstop.load(Ordering::Relaxed) {
+        if let Ok((n, _)) = u.recv_from(&mut buf) {
+            st.record(&String::from_utf8_lossy(&buf[..n]));
+        }
+    }
+}
+
+/// Writes as much of `pending` as the non-blocking socket takes.
+fn stream_flush(s: &mut TcpStream, pending: &mut Vec<u8>) -> Result<(), String> {
+    while !pending.is_empty() {
+        match s.write(pending) {
+            Ok(0) => return Err("sender: write: closed".into()),
+            Ok(k) => {
+                pending.drain(..k);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(format!("sender: write: {e}")),
+        }
+    }
+    Ok(())
+}
+
+/// The sending end over TCP: one line a number, until told to stop; then the rest of the
+/// buffer (within a second) and a half-close.
+fn stream_tcp_send(dst: (Ipv4Addr, u16), every: Duration, st: &StreamState) {
+    let mut s = match TcpStream::connect_timeout(&SocketAddr::from(dst), Duration::from_secs(3)) {
+        Ok(s) => s,
+        Err(e) => return st.error(format!("sender: connect: {e}")),
+    };
+    s.set_nodelay(true).unwrap();
+    // Non-blocking, with a buffer of its own: a stalled connection (its send buffer full)
+    // never blocks the sender, which only stops when told to.
+    s.set_nonblocking(true).unwrap();
+    let mut pending: Vec<u8> = Vec::new();
+    while !st.stop.load(Ordering::Relaxed) {
+        let n = st.sent.load(Ordering::Relaxed);
+        pending.extend_from_slice(format!("{n}\n").as_bytes());
+        st.sent.store(n + 1, Ordering::Relaxed);
+        if let Err(e) = stream_flush(&mut s, &mut pending) {
+            return st.error(e);
+        }
+        thread::sleep(every);
+    }
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while !pending.is_empty() && Instant::now() < deadline {
+        if let Err(e) = stream_flush(&mut s, &mut pending) {
+            return st.error(e);
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    let _ = s.shutdown(Shutdown::Write);
+    // Keep the socket until the receiver has read everything.
+    thread::sleep(Duration::from_millis(200));
+}
+
+/// The sending end over UDP: one datagram a number, until told to stop.
+fn stream_udp_send(dst: (Ipv4Addr, u16), every: Duration, st: &StreamState) {
+    let u = UdpSocket::bind(("0.0.0.0", 0)).expect("udp bind");
+    while !st.stop.load(Ordering::Relaxed) {
+        let n = st.sent.load(Ordering::Relaxed);
+        let _ = u.send_to(n.to_string().as_bytes(), dst);
+        st.sent.store(n + 1, Ordering::Relaxed);
+        thread::sleep(every);
+    }
+}
+
+/// Stops a [`Stream`] (half a second for the last messages); says what went wrong if a
+/// number sent did not arrive, either end met an error, or the stream stalled for `stall`.
+pub fn loss(what: &str, s: Stream, stall: Duration) -> Option<String> {
+    let (sent, got, errors) = s.finish(Duration::from_millis(500));
+    let mut numbers: Vec<u32> = got.iter().map(|(n, _)| *n).collect();
+    numbers.sort_unstable();
+    numbers.dedup();
+    let missing: Vec<u32> = (0..sent)
+        .filter(|n| numbers.binary_search(n).is_err())
+        .collect();
+    eprintln!("{what}: {sent} sent, {} received", got.len());
+    if !errors.is_empty() {
+        return Some(format!("{what}: {errors:?}"));
+    }
+    if sent <= 100 {
+        return Some(format!("{what}: only {sent} sent"));
+    }
+    if !missing.is_empty() {
+        return Some(format!(
+            "{what}: {} of {sent} lost: {:?}",
+            missing.len(),
+            &missing[..missing.len().min(30)]
+        ));
+    }
+    let worst = got
+        .windows(2)
+        .map(|w| w[1].1 - w[0].1)
+        .max()
+        .unwrap_or_default();
+    (worst >= stall).then(|| format!("{what}: stalled {worst:?}"))
+}
+
+/// [`loss`], as an assertion.
+pub fn assert_no_loss(what: &str, s: Stream, stall: Duration) {
+    if let Some(problem) = loss(what, s, stall) {
+        panic!("{problem}");
+    }
 }
