@@ -145,11 +145,13 @@ for tr in gre gre-udp; do
   "$VPCD" lab up /tmp/vpcd-bench-$tr.toml --name $LAB ${WORKERS:+--workers $WORKERS} >/dev/null
   hz=$(getconf CLK_TCK)
   c0=$(cpu_ticks)
-  ip netns exec $P-iB iperf3 -s -D -1 -p 5300 >/dev/null; sleep 0.3
-  bits=$(ip netns exec $P-iA iperf3 -c 10.0.2.10 -p 5300 -t "$DURATION" -J | json 'd["end"]["sum_received"]["bytes"]*8')
+  # The lab prefixes its namespaces: netns "$P-iA" is vpcd-$LAB-$P-iA.
+  iA=vpcd-$LAB-$P-iA iB=vpcd-$LAB-$P-iB
+  ip netns exec $iB iperf3 -s -D -1 -p 5300 >/dev/null; sleep 0.3
+  bits=$(ip netns exec $iA iperf3 -c 10.0.2.10 -p 5300 -t "$DURATION" -J | json 'd["end"]["sum_received"]["bytes"]*8')
   c1=$(cpu_ticks)
   cpu=$(python3 -c "print(($c1-$c0)/$hz/($bits/1e9))")
-  R[$name]="$(measure $P-iA $P-iB 10.0.2.10) $cpu"
+  R[$name]="$(measure $iA $iB 10.0.2.10) $cpu"
   "$VPCD" lab down --name $LAB >/dev/null
 done
 

@@ -93,7 +93,7 @@ impl io::Write for ErrOut {
 }
 
 use vpcd::Topology;
-use vpcd::lab::{DEFAULT_TOPOLOGY, Lab};
+use vpcd::lab::{DEFAULT_TOPOLOGY, Lab, Needs, ReloadOutcome};
 use vpcd::topology::{ExpectSource, ExpectTarget, Network};
 
 /// `vpcd check FILE [--locked] [--full]`: validates, prints a summary (every item with
@@ -190,6 +190,17 @@ pub fn summary(t: &Topology, full: bool) -> String {
         u.instance_mtu(),
         if u.checksum { ", GRE checksums" } else { "" }
     );
+    summary_hosts(&mut s, t, full);
+    summary_vpcs(&mut s, t, full);
+    summary_networks(&mut s, t);
+    summary_instances(&mut s, t, full);
+    summary_policy(&mut s, t);
+    summary_expects(&mut s, t, full);
+    s
+}
+
+fn summary_hosts(s: &mut String, t: &Topology, full: bool) {
+    use std::fmt::Write;
     let _ = writeln!(s, "hosts ({}):", t.hosts.len());
     let n = shown(t.hosts.len(), SHOWN_HOSTS, full);
     for h in &t.hosts[..n] {
@@ -201,7 +212,13 @@ pub fn summary(t: &Topology, full: bool) -> String {
             h.region
         );
     }
-    more(&mut s, "  ", t.hosts.len() - n, "hosts");
+    more(s, "  ", t.hosts.len() - n, "hosts");
+}
+
+/// The VPCs with their keys, and their subnets while the listed VPCs have few (otherwise a
+/// count on each VPC's line).
+fn summary_vpcs(s: &mut String, t: &Topology, full: bool) {
+    use std::fmt::Write;
     let _ = writeln!(s, "vpcs ({}):", t.vpcs.len());
     let n = shown(t.vpcs.len(), SHOWN_VPCS, full);
     let subnets_of = |vi: usize| t.subnets.iter().filter(move |sn| sn.vpc.index() == vi);
@@ -242,7 +259,12 @@ pub fn summary(t: &Topology, full: bool) -> String {
             );
         }
     }
-    more(&mut s, "  ", t.vpcs.len() - n, "vpcs");
+    more(s, "  ", t.vpcs.len() - n, "vpcs");
+}
+
+/// The basic network and the internet.
+fn summary_networks(s: &mut String, t: &Topology) {
+    use std::fmt::Write;
     if let Some(b) = &t.basic {
         let _ = writeln!(
             s,
@@ -263,6 +285,10 @@ pub fn summary(t: &Topology, full: bool) -> String {
                 .unwrap_or_default()
         );
     }
+}
+
+fn summary_instances(s: &mut String, t: &Topology, full: bool) {
+    use std::fmt::Write;
     if full {
         let _ = writeln!(s, "instances ({}):", t.instances.len());
     } else {
@@ -299,7 +325,12 @@ pub fn summary(t: &Topology, full: bool) -> String {
             groups.join(", ")
         );
     }
-    more(&mut s, "  ", t.instances.len() - n, "instances");
+    more(s, "  ", t.instances.len() - n, "instances");
+}
+
+/// Counts of security groups, ACLs, their rules, and peerings.
+fn summary_policy(s: &mut String, t: &Topology) {
+    use std::fmt::Write;
     let rules: usize = t
         .security_groups
         .iter()
@@ -319,6 +350,10 @@ pub fn summary(t: &Topology, full: bool) -> String {
         acl_rules,
         t.peerings.len()
     );
+}
+
+fn summary_expects(s: &mut String, t: &Topology, full: bool) {
+    use std::fmt::Write;
     let _ = writeln!(s, "expectations: {}", t.expects.len());
     let n = shown(t.expects.len(), SHOWN_EXPECTS, full);
     for e in &t.expects[..n] {
@@ -340,8 +375,7 @@ pub fn summary(t: &Topology, full: bool) -> String {
             if e.reach { "reaches" } else { "blocked" }
         );
     }
-    more(&mut s, "  ", t.expects.len() - n, "expectations");
-    s
+    more(s, "  ", t.expects.len() - n, "expectations");
 }
 
 /// `10000: 9990 in VPCs, 10 basic; 25 with an Elastic IP; host-a 5000, host-b 5000` (the
@@ -373,28 +407,69 @@ fn instance_counts(t: &Topology) -> String {
     s
 }
 
+/// `--name LAB`, shared by the lab's subcommands.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LabName {
+    /// Lab name (prefixes every namespace it makes).
+    #[arg(long = "name", default_value = vpcd::lab::DEFAULT_NAME)]
+    pub name: String,
+}
+
 /// A `vpcd lab` subcommand.
-pub enum LabCmd {
-    /// `lab up`.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum LabCommand {
+    /// Build the lab and start one vpcd per host (the embedded default topology without FILE).
     Up {
+        /// Topology file.
         file: Option<PathBuf>,
-        name: String,
+        #[command(flatten)]
+        lab: LabName,
+        /// Worker threads per daemon (default: the cores shared among the hosts, at least 1).
+        #[arg(long)]
         workers: Option<usize>,
     },
-    /// `lab down`.
-    Down { name: String },
-    /// `lab exec`.
+    /// Remove everything the lab made (idempotent; works after a crash).
+    Down {
+        #[command(flatten)]
+        lab: LabName,
+    },
+    /// Run a command in an instance's (or a host's, `underlay`'s, `internet`'s) namespace.
     Exec {
-        name: String,
+        #[command(flatten)]
+        lab: LabName,
+        /// An instance, a host, `underlay` or `internet`.
         target: String,
+        /// The command.
+        #[arg(last = true, required = true)]
         command: Vec<String>,
     },
-    /// `lab check`.
-    Check { name: String },
-    /// `lab status`.
-    Status { name: String },
-    /// `lab demo`.
-    Demo { workers: Option<usize> },
+    /// Try every [[expect]] with real traffic; print expected vs observed; exit 1 on any
+    /// difference, or when a daemon is not running.
+    Check {
+        #[command(flatten)]
+        lab: LabName,
+    },
+    /// Show each host's daemon and counters; exit 1 when a daemon is dead or stale.
+    Status {
+        #[command(flatten)]
+        lab: LabName,
+    },
+    /// Re-read the topology on every host (SIGHUP) and report each host's answer; with FILE,
+    /// put FILE in force first. Exit 1 unless every host reloaded.
+    Reload {
+        /// A new topology for the lab.
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        lab: LabName,
+    },
+    /// The labs that are up, with the health of each daemon; exit 1 when one is not running.
+    List,
+    /// up + check + down on the embedded default topology (lab "demo").
+    Demo {
+        /// Worker threads per daemon (default: the cores shared among the hosts, at least 1).
+        #[arg(long)]
+        workers: Option<usize>,
+    },
 }
 
 fn say(line: &str) {
@@ -406,86 +481,206 @@ fn fail(e: anyhow::Error) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// `vpcd lab ...`.
-pub fn lab(cmd: LabCmd) -> ExitCode {
+fn status_of(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// What a subcommand needs before it starts.
+fn needs(cmd: &LabCommand) -> (&'static str, Needs) {
+    let tun = Needs {
+        tun: true,
+        ..Needs::default()
+    };
     match cmd {
-        LabCmd::Up {
-            file,
-            name,
-            workers,
-        } => {
-            let lab = match Lab::new(&name) {
-                Ok(l) => l,
-                Err(e) => return fail(e),
-            };
-            let (text, source) = match &file {
-                Some(f) => match std::fs::read_to_string(f) {
-                    Ok(t) => (t, f.display().to_string()),
-                    Err(e) => return fail(anyhow::anyhow!("{}: {e}", f.display())),
-                },
-                None => (
-                    DEFAULT_TOPOLOGY.to_string(),
-                    "(embedded lab topology)".to_string(),
-                ),
-            };
-            match lab.up(&text, &source, workers, &mut say) {
-                Ok(()) => {
-                    say(&format!(
-                        "lab \"{name}\" is up: `vpcd lab check`, `vpcd lab exec INSTANCE -- CMD`, `vpcd lab down`"
-                    ));
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(e),
-            }
+        LabCommand::Up { .. } => ("up", tun),
+        LabCommand::Demo { .. } => ("demo", tun),
+        LabCommand::Down { .. } => ("down", Needs::default()),
+        LabCommand::Exec { .. } => (
+            "exec",
+            Needs {
+                ip: true,
+                ..Needs::default()
+            },
+        ),
+        LabCommand::Check { .. } => ("check", Needs::default()),
+        LabCommand::Status { .. } => ("status", Needs::default()),
+        LabCommand::Reload { .. } => ("reload", Needs::default()),
+        LabCommand::List => ("list", Needs::default()),
+    }
+}
+
+/// `vpcd lab ...`.
+pub fn lab(cmd: LabCommand) -> ExitCode {
+    let (what, need) = needs(&cmd);
+    if let Err(e) = vpcd::lab::preflight(what, need) {
+        return fail(e);
+    }
+    let r = match cmd {
+        LabCommand::Up { file, lab, workers } => {
+            Lab::new(&lab.name).and_then(|l| up(&l, file, workers))
         }
-        LabCmd::Down { name } => match Lab::new(&name).and_then(|l| l.down(&mut say)) {
-            Ok(()) => {
-                say(&format!("lab \"{name}\" is down"));
-                ExitCode::SUCCESS
-            }
-            Err(e) => fail(e),
-        },
-        LabCmd::Exec {
-            name,
+        LabCommand::Down { lab } => Lab::new(&lab.name).and_then(|l| down(&l)),
+        LabCommand::Exec {
+            lab,
             target,
             command,
-        } => match Lab::new(&name).and_then(|l| l.exec(&target, &command)) {
-            Ok(status) => ExitCode::from(status.code().unwrap_or(1).clamp(0, 255) as u8),
-            Err(e) => fail(e),
-        },
-        LabCmd::Check { name } => {
-            let lab = match Lab::new(&name) {
-                Ok(l) => l,
-                Err(e) => return fail(e),
-            };
-            match vpcd::lab::check(&lab, &mut Out) {
-                Ok(r) if r.failures() == 0 => ExitCode::SUCCESS,
-                Ok(_) => ExitCode::FAILURE,
-                Err(e) => fail(e),
+        } => Lab::new(&lab.name)
+            .and_then(|l| l.exec(&target, &command))
+            .map(|s| ExitCode::from(s.code().unwrap_or(1).clamp(0, 255) as u8)),
+        LabCommand::Check { lab } => Lab::new(&lab.name)
+            .and_then(|l| vpcd::lab::check(&l, &mut Out))
+            .map(|r| status_of(r.failures() == 0)),
+        LabCommand::Status { lab } => Lab::new(&lab.name).and_then(|l| status(&l)),
+        LabCommand::Reload { file, lab } => Lab::new(&lab.name).and_then(|l| reload(&l, file)),
+        LabCommand::List => Ok(list()),
+        LabCommand::Demo { workers } => Ok(demo(workers)),
+    };
+    r.unwrap_or_else(fail)
+}
+
+/// `vpcd lab up`: every hint it prints names the lab.
+fn up(lab: &Lab, file: Option<PathBuf>, workers: Option<usize>) -> anyhow::Result<ExitCode> {
+    let (text, source) = match &file {
+        Some(f) => (
+            std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?,
+            f.display().to_string(),
+        ),
+        None => (
+            DEFAULT_TOPOLOGY.to_string(),
+            "(embedded lab topology)".to_string(),
+        ),
+    };
+    lab.up(&text, &source, workers, &mut say)?;
+    say(&format!(
+        "lab \"{}\" is up: `{}`, `{} INSTANCE -- CMD`, `{}`, `{}`",
+        lab.name,
+        lab.cmd("check"),
+        lab.cmd("exec"),
+        lab.cmd("status"),
+        lab.cmd("down")
+    ));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn down(lab: &Lab) -> anyhow::Result<ExitCode> {
+    lab.down(&mut say)?;
+    say(&format!("lab \"{}\" is down", lab.name));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `vpcd lab status`: each host's daemon, and its counters when it is running (a dead or
+/// stale daemon's file holds old ones: not shown).
+fn status(lab: &Lab) -> anyhow::Result<ExitCode> {
+    let t = lab.topology()?;
+    let health = lab.refresh_stats();
+    for (h, d) in t.hosts.iter().zip(&health) {
+        outln!("== {} ({}) vpcd {d}", h.name, h.address);
+        if !d.ok() {
+            outln!(
+                "  (its last statistics are stale: not shown; its log: {})",
+                lab.log_path(&h.name).display()
+            );
+            continue;
+        }
+        for (k, v) in lab.read_stats(&h.name) {
+            if v > 0 && k != "seq" {
+                outln!("  {k:<48} {v}");
             }
         }
-        LabCmd::Status { name } => {
-            let lab = match Lab::new(&name) {
-                Ok(l) => l,
-                Err(e) => return fail(e),
-            };
-            let t = match lab.topology() {
-                Ok(t) => t,
-                Err(e) => return fail(e),
-            };
-            lab.refresh_stats();
-            for h in &t.hosts {
-                outln!("== {} ({})", h.name, h.address);
-                for (k, v) in lab.read_stats(&h.name) {
-                    if v > 0 && k != "seq" {
-                        outln!("  {k:<48} {v}");
-                    }
+    }
+    let bad = health.iter().filter(|d| !d.ok()).count();
+    if bad > 0 {
+        errln!(
+            "vpcd lab: {bad} of {} daemons not running: `{}` and `{}` restart the lab",
+            health.len(),
+            lab.cmd("down"),
+            lab.cmd("up")
+        );
+    }
+    Ok(status_of(bad == 0))
+}
+
+/// `vpcd lab reload [FILE]`: every host's answer, read from its log.
+fn reload(lab: &Lab, file: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    lab.topology()?;
+    let previous = match &file {
+        Some(f) => {
+            let text =
+                std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+            Some(lab.replace_topology(&text, &f.display().to_string())?)
+        }
+        None => None,
+    };
+    let results = lab.reload()?;
+    let mut reloaded = 0;
+    for r in &results {
+        match &r.outcome {
+            ReloadOutcome::Reloaded => {
+                reloaded += 1;
+                outln!("{}: reloaded", r.host);
+            }
+            ReloadOutcome::Refused(why) => {
+                outln!("{}: REFUSED, it keeps its running topology:", r.host);
+                for l in why.lines() {
+                    outln!("  {l}");
                 }
             }
-            ExitCode::SUCCESS
+            ReloadOutcome::NoAnswer => outln!(
+                "{}: NO ANSWER within {} s (see {})",
+                r.host,
+                vpcd::lab::RELOAD_ANSWER.as_secs(),
+                lab.log_path(&r.host).display()
+            ),
+            ReloadOutcome::NotRunning(s) => outln!("{}: not reloaded, its daemon is {s:?}", r.host),
         }
-        LabCmd::Demo { workers } => demo(workers),
     }
+    if let (Some((text, lock)), 0) = (&previous, reloaded) {
+        lab.write_topology(text, lock)?;
+        outln!("no host took the new topology: the previous one stays in force");
+    }
+    outln!("{reloaded} of {} hosts reloaded", results.len());
+    Ok(status_of(reloaded == results.len()))
+}
+
+/// `vpcd lab list`: every lab that is up and the state of each of its daemons.
+fn list() -> ExitCode {
+    let labs = Lab::all();
+    if labs.is_empty() {
+        outln!("no lab is up");
+        return ExitCode::SUCCESS;
+    }
+    let mut all_ok = true;
+    for lab in &labs {
+        let Ok(t) = lab.topology() else {
+            all_ok = false;
+            outln!(
+                "{}: BROKEN (no topology in {}): `{}` removes it",
+                lab.name,
+                lab.dir().display(),
+                lab.cmd("down")
+            );
+            continue;
+        };
+        let health = lab.refresh_stats();
+        let ok = health.iter().all(|d| d.ok());
+        all_ok &= ok;
+        outln!(
+            "{}: {} ({} hosts, {} instances, namespaces {}*)",
+            lab.name,
+            if ok { "up" } else { "UNHEALTHY" },
+            t.hosts.len(),
+            t.instances.len(),
+            lab.prefix()
+        );
+        for d in &health {
+            outln!("  {d}");
+        }
+    }
+    status_of(all_ok)
 }
 
 /// `vpcd lab demo`: up, check, down, on the embedded topology.

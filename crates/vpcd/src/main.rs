@@ -75,7 +75,7 @@ enum Command {
     /// A whole region on this machine, in network namespaces.
     Lab {
         #[command(subcommand)]
-        command: LabCommand,
+        command: cli::LabCommand,
     },
 }
 
@@ -107,57 +107,6 @@ impl CtlCommand {
     }
 }
 
-#[derive(Subcommand)]
-enum LabCommand {
-    /// Build the lab and start one vpcd per host (the embedded default topology without FILE).
-    Up {
-        /// Topology file.
-        file: Option<PathBuf>,
-        /// Lab name (prefixes its namespaces).
-        #[arg(long, default_value = "lab")]
-        name: String,
-        /// Worker threads per daemon (default: the cores shared among the hosts, at least 1).
-        #[arg(long)]
-        workers: Option<usize>,
-    },
-    /// Remove everything the lab made (idempotent; works after a crash).
-    Down {
-        /// Lab name.
-        #[arg(long, default_value = "lab")]
-        name: String,
-    },
-    /// Run a command in an instance's (or a host's) namespace.
-    Exec {
-        /// Lab name.
-        #[arg(long, default_value = "lab")]
-        name: String,
-        /// An instance, a host, or `underlay`.
-        target: String,
-        /// The command.
-        #[arg(last = true, required = true)]
-        command: Vec<String>,
-    },
-    /// Try every [[expect]] with real traffic; print expected vs observed; exit 1 on any
-    /// difference.
-    Check {
-        /// Lab name.
-        #[arg(long, default_value = "lab")]
-        name: String,
-    },
-    /// Show each host's counters.
-    Status {
-        /// Lab name.
-        #[arg(long, default_value = "lab")]
-        name: String,
-    },
-    /// up + check + down on the embedded default topology.
-    Demo {
-        /// Worker threads per daemon (default: the cores shared among the hosts, at least 1).
-        #[arg(long)]
-        workers: Option<usize>,
-    },
-}
-
 fn main() -> ExitCode {
     let args = Args::parse();
     // Before anything is opened, so that every descriptor above stderr is an inherited one.
@@ -183,7 +132,7 @@ fn main() -> ExitCode {
         .init();
     match args.command {
         Command::Check { file, locked, full } => cli::check(&file, locked, full),
-        Command::Lab { command } => cli::lab(command_of(command)),
+        Command::Lab { command } => cli::lab(command),
         Command::Ctl {
             host,
             control,
@@ -235,32 +184,5 @@ fn main() -> ExitCode {
                 }
             }
         }
-    }
-}
-
-fn command_of(c: LabCommand) -> cli::LabCmd {
-    match c {
-        LabCommand::Up {
-            file,
-            name,
-            workers,
-        } => cli::LabCmd::Up {
-            file,
-            name,
-            workers,
-        },
-        LabCommand::Down { name } => cli::LabCmd::Down { name },
-        LabCommand::Exec {
-            name,
-            target,
-            command,
-        } => cli::LabCmd::Exec {
-            name,
-            target,
-            command,
-        },
-        LabCommand::Check { name } => cli::LabCmd::Check { name },
-        LabCommand::Status { name } => cli::LabCmd::Status { name },
-        LabCommand::Demo { workers } => cli::LabCmd::Demo { workers },
     }
 }

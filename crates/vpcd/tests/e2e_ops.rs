@@ -71,7 +71,7 @@ fn scrape(text: &str, family: &str) -> Vec<(serde_json::Value, f64)> {
          out = [[s.labels, s.value] for f in p(sys.stdin.read()) for s in f.samples if f.name == {family:?}]\n\
          print(json.dumps(out))"
     );
-    let mut child = Command::new(PYTHON)
+    let mut child = Command::new(python())
         .args(["-c", &code])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())

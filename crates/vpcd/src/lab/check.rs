@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
 
 use super::Lab;
@@ -65,8 +65,18 @@ impl CheckReport {
 }
 
 /// Tries every expectation of the lab's topology; prints the matrix to `out` row by row.
+/// Refuses a topology without expectations, and a lab whose daemons are not all running,
+/// before the first probe and after each one: a probe nothing forwards is "blocked" for no
+/// reason of the topology's.
 pub fn check(lab: &Lab, out: &mut dyn Write) -> Result<CheckReport> {
     let t = lab.topology()?;
+    if t.expects.is_empty() {
+        bail!(
+            "lab \"{}\": its topology has no [[expect]]: nothing to check",
+            lab.name
+        );
+    }
+    lab.require_running()?;
     let mut report = CheckReport::default();
     writeln!(
         out,
@@ -74,10 +84,9 @@ pub fn check(lab: &Lab, out: &mut dyn Write) -> Result<CheckReport> {
         "from", "to", "traffic", "expected", "observed", ""
     )?;
     for (n, e) in t.expects.iter().enumerate() {
-        let before = snapshot(lab, &t);
+        let before = snapshot(lab, &t)?;
         let (observed, leaked_to) = probe(&t, e, n as u16)?;
-        let after = snapshot(lab, &t);
-        let why = moved(&before, &after);
+        let after = snapshot(lab, &t)?;
         let row = Row {
             from: match e.from {
                 ExpectSource::Instance(id) => t.instance(id).name.clone(),
@@ -94,24 +103,9 @@ pub fn check(lab: &Lab, out: &mut dyn Write) -> Result<CheckReport> {
             expected: e.reach,
             observed,
             leaked_to,
-            why,
+            why: moved(&before, &after),
         };
-        let word = |b: bool| if b { "reach" } else { "blocked" };
-        let mut why = row.why.join(", ");
-        if !row.leaked_to.is_empty() {
-            why = format!("LEAKED to {} {why}", row.leaked_to.join(", "));
-        }
-        writeln!(
-            out,
-            "{:<14} {:<14} {:<10} {:<9} {:<9} {:<6} {}",
-            row.from,
-            row.to,
-            row.what,
-            word(row.expected),
-            word(row.observed),
-            if row.ok() { "ok" } else { "FAIL" },
-            why
-        )?;
+        print_row(out, &row)?;
         report.rows.push(row);
     }
     let bad = report.failures();
@@ -129,11 +123,44 @@ pub fn check(lab: &Lab, out: &mut dyn Write) -> Result<CheckReport> {
     Ok(report)
 }
 
+fn print_row(out: &mut dyn Write, row: &Row) -> Result<()> {
+    let word = |b: bool| if b { "reach" } else { "blocked" };
+    let mut why = row.why.join(", ");
+    if !row.leaked_to.is_empty() {
+        why = format!("LEAKED to {} {why}", row.leaked_to.join(", "));
+    }
+    writeln!(
+        out,
+        "{:<14} {:<14} {:<10} {:<9} {:<9} {:<6} {}",
+        row.from,
+        row.to,
+        row.what,
+        word(row.expected),
+        word(row.observed),
+        if row.ok() { "ok" } else { "FAIL" },
+        why
+    )?;
+    Ok(())
+}
+
 type Snapshot = BTreeMap<String, u64>;
 
-/// Drop and rule counters of every host, freshly written.
-fn snapshot(lab: &Lab, t: &Topology) -> Snapshot {
-    lab.refresh_stats();
+/// Drop and rule counters of every host, freshly written; an error when a daemon is not
+/// running (its counters would say nothing of the probe).
+fn snapshot(lab: &Lab, t: &Topology) -> Result<Snapshot> {
+    let bad: Vec<String> = lab
+        .refresh_stats()
+        .iter()
+        .filter(|h| !h.ok())
+        .map(|h| h.to_string())
+        .collect();
+    if !bad.is_empty() {
+        bail!(
+            "lab \"{}\" during the check: {}: the check is void",
+            lab.name,
+            bad.join("; ")
+        );
+    }
     let mut all = Snapshot::new();
     for h in &t.hosts {
         for (k, v) in lab.read_stats(&h.name) {
@@ -142,7 +169,7 @@ fn snapshot(lab: &Lab, t: &Topology) -> Snapshot {
             }
         }
     }
-    all
+    Ok(all)
 }
 
 /// The reasons that moved, as `Reason (rule) on host`; IPv6 chatter is left out.
@@ -179,9 +206,15 @@ fn moved(before: &Snapshot, after: &Snapshot) -> Vec<String> {
     out
 }
 
-/// Sends the probe of `e`; returns whether the intended instance answered, and which
-/// instances of other VPCs saw it.
-fn probe(t: &Topology, e: &Expect, n: u16) -> Result<(bool, Vec<String>)> {
+/// Where a probe starts and goes: the sender's namespace, the destination address and the
+/// instance meant to answer.
+struct Endpoints {
+    src_ns: String,
+    dst: Ipv4Addr,
+    intended: Option<String>,
+}
+
+fn endpoints(t: &Topology, e: &Expect) -> Endpoints {
     let (src_ns, src) = match e.from {
         ExpectSource::Instance(id) => (
             t.instance(id).netns.clone().unwrap_or_default(),
@@ -208,19 +241,67 @@ fn probe(t: &Topology, e: &Expect, n: u16) -> Result<(bool, Vec<String>)> {
         }
         ExpectTarget::Address(a) => (*a, intended_at(t, src, *a)),
     };
+    Endpoints {
+        src_ns,
+        dst,
+        intended,
+    }
+}
+
+/// Sends the probe of `e`; returns whether the intended instance answered, and which
+/// instances of other VPCs saw it.
+fn probe(t: &Topology, e: &Expect, n: u16) -> Result<(bool, Vec<String>)> {
+    let Endpoints {
+        src_ns,
+        dst,
+        intended,
+    } = endpoints(t, e);
+    let tries = if e.reach { 3 } else { 1 };
     if e.protocol == Protocol::Icmp {
-        let tries = if e.reach { 3 } else { 1 };
         let ident = 0x7000 | n;
-        let ns = src_ns.clone();
-        let ok = thread::spawn(move || (0..tries).any(|_| ping(&ns, dst, ident)))
+        let ok = thread::spawn(move || (0..tries).any(|_| ping(&src_ns, dst, ident)))
             .join()
             .unwrap_or(false);
         return Ok((ok, Vec::new()));
     }
     let port = e.port.unwrap_or(0);
     let tcp = e.protocol == Protocol::Tcp;
-    // Every instance that has the address, in any VPC, listens.
     let stop = Arc::new(AtomicBool::new(false));
+    let listeners = listen_everywhere(t, dst, tcp, port, &stop);
+    let token = format!("vpcd-probe-{n}-{}", std::process::id());
+    let answer = thread::spawn(move || {
+        (0..tries).find_map(|_| {
+            if tcp {
+                tcp_probe(&src_ns, dst, port, &token)
+            } else {
+                udp_probe(&src_ns, dst, port, &token)
+            }
+        })
+    })
+    .join()
+    .unwrap_or(None);
+    thread::sleep(Duration::from_millis(100));
+    stop.store(true, Ordering::Relaxed);
+    let mut leaked = Vec::new();
+    for (name, h) in listeners {
+        let seen = h.join().unwrap_or(false);
+        if seen && Some(&name) != intended.as_ref() {
+            leaked.push(name);
+        }
+    }
+    let reached = matches!((&answer, &intended), (Some(who), Some(want)) if who == want);
+    Ok((reached, leaked))
+}
+
+/// A listener in every instance that has the address `dst`, in any VPC, each ready before
+/// this returns (at most 2 s each).
+fn listen_everywhere(
+    t: &Topology,
+    dst: Ipv4Addr,
+    tcp: bool,
+    port: u16,
+    stop: &Arc<AtomicBool>,
+) -> Vec<(String, thread::JoinHandle<bool>)> {
     let mut listeners = Vec::new();
     for i in t
         .instances
@@ -237,40 +318,9 @@ fn probe(t: &Topology, e: &Expect, n: u16) -> Result<(bool, Vec<String>)> {
         let _ = ready_rx.recv_timeout(Duration::from_secs(2));
         listeners.push((i.name.clone(), h));
     }
-    let token = format!("vpcd-probe-{n}-{}", std::process::id());
-    let tries = if e.reach { 3 } else { 1 };
-    let answer = {
-        let (ns, token) = (src_ns.clone(), token.clone());
-        thread::spawn(move || {
-            (0..tries).find_map(|_| {
-                if tcp {
-                    tcp_probe(&ns, dst, port, &token)
-                } else {
-                    udp_probe(&ns, dst, port, &token)
-                }
-            })
-        })
-        .join()
-        .unwrap_or(None)
-    };
-    thread::sleep(Duration::from_millis(100));
-    stop.store(true, Ordering::Relaxed);
-    let mut leaked = Vec::new();
-    for (name, h) in listeners {
-        let seen = h.join().unwrap_or(false);
-        if seen && Some(&name) != intended.as_ref() {
-            leaked.push(name);
-        }
-    }
-    let reached = match (&answer, &intended) {
-        (Some(who), Some(want)) => who == want,
-        _ => false,
-    };
-    Ok((reached, leaked))
+    listeners
 }
 
-/// One ICMP echo from `ns` to `dst` on a raw socket; true when the matching reply comes back
-/// within a second.
 /// The instance the cloud delivers a packet for `a` to: the owner of an Elastic IP, or the
 /// instance with that private address in the sender's network, a network linked to it by an
 /// interconnect, or a peered VPC.
@@ -299,6 +349,8 @@ fn intended_at(t: &Topology, src: Option<&Instance>, a: Ipv4Addr) -> Option<Stri
         .map(|id| t.instance(id).name.clone())
 }
 
+/// One ICMP echo from `ns` to `dst` on a raw socket; true when the matching reply comes back
+/// within a second.
 fn ping(ns: &str, dst: Ipv4Addr, ident: u16) -> bool {
     let Ok(_guard) = NetnsGuard::enter(ns) else {
         return false;

@@ -1,0 +1,256 @@
+//! `lab up` and `lab down`: namespaces, the underlay, the daemons, and their removal.
+
+use std::fs::{self, File};
+use std::os::unix::process::CommandExt as _;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use super::{Lab, is_ours, lab_workers, processes_using};
+use crate::io::netns::{self, Netlink};
+use crate::topology::Topology;
+
+impl Lab {
+    fn add_netns(&self, name: &str) -> Result<()> {
+        if netns::exists(name) {
+            // Every name carries this lab's prefix: only an earlier lab of this name made it.
+            bail!(
+                "network namespace {name} already exists, left by an earlier lab \"{}\": `{}` removes it",
+                self.name,
+                self.cmd("down")
+            );
+        }
+        self.note(&format!("netns {name}"))?;
+        netns::add(name)?;
+        Netlink::open_in(Some(name))?.link_up("lo")?;
+        Ok(())
+    }
+
+    /// Builds the lab from `topology_text` and starts one daemon per host. On failure,
+    /// everything made so far is removed.
+    pub fn up(
+        &self,
+        topology_text: &str,
+        source: &str,
+        workers: Option<usize>,
+        log: &mut dyn FnMut(&str),
+    ) -> Result<()> {
+        Topology::parse(topology_text, source)?;
+        let text = super::prefixed_topology(topology_text, source, &self.prefix())?;
+        let topo = Topology::parse(&text, source)?;
+        self.validate(&topo, source)?;
+        if self.dir().exists() {
+            bail!(
+                "lab \"{}\" is already up ({} exists): run `{}` first",
+                self.name,
+                self.dir().display(),
+                self.cmd("down")
+            );
+        }
+        fs::create_dir_all(self.dir())?;
+        let r = self.build(&topo, &text, workers, log);
+        if r.is_err() {
+            log("failed: removing what was made");
+            let _ = self.down(&mut |_| {});
+        }
+        r
+    }
+
+    fn build(
+        &self,
+        topo: &Topology,
+        text: &str,
+        workers: Option<usize>,
+        log: &mut dyn FnMut(&str),
+    ) -> Result<()> {
+        fs::write(self.topology_path(), text)?;
+        // A new lab is a new region: the provider's allocations start from scratch, recorded
+        // beside the lab's copy of the topology (the daemons refuse a topology their lock
+        // does not cover).
+        let lock = crate::topology::lock_path(&self.topology_path());
+        fs::write(&lock, topo.allocations.render("topology.toml"))?;
+        self.build_underlay(topo, log)?;
+        for i in &topo.instances {
+            self.add_netns(i.netns.as_deref().unwrap_or_default())?;
+        }
+        log(&format!(
+            "instances: {} namespaces {}*",
+            topo.instances.len(),
+            self.prefix()
+        ));
+        if let Some(inet) = &topo.internet {
+            let ns = inet.netns.as_deref().unwrap_or_default();
+            self.add_netns(ns)?;
+            log(&format!(
+                "internet: namespace {ns}, reached through host {}",
+                topo.host(inet.gateway).name
+            ));
+        }
+        // Every host's daemon runs on this one machine: they share its cores.
+        let workers = workers.unwrap_or_else(|| lab_workers(topo.hosts.len()));
+        for h in &topo.hosts {
+            self.start_daemon(&h.name, workers, log)?;
+        }
+        self.wait_started(topo)?;
+        log("all hosts running");
+        Ok(())
+    }
+
+    /// The bridge in its namespace, and each host's namespace with a veth on it.
+    fn build_underlay(&self, topo: &Topology, log: &mut dyn FnMut(&str)) -> Result<()> {
+        let ul = self.underlay_ns();
+        log(&format!("underlay: namespace {ul}, bridge br0"));
+        self.add_netns(&ul)?;
+        let bridge = Netlink::open_in(Some(&ul))?;
+        bridge.add_bridge("br0")?;
+        bridge.link_up("br0")?;
+        for (n, h) in topo.hosts.iter().enumerate() {
+            let ns = self.host_ns(&h.name);
+            log(&format!(
+                "host {}: namespace {ns}, {} on ul0",
+                h.name, h.address
+            ));
+            self.add_netns(&ns)?;
+            let port = format!("p{n}");
+            bridge.add_veth_pair("ul0", Some(&ns), &port, None)?;
+            bridge.set_master(&port, "br0")?;
+            bridge.link_up(&port)?;
+            let host = Netlink::open_in(Some(&ns))?;
+            host.add_address("ul0", h.address, 32)?;
+            host.link_up("ul0")?;
+            for other in topo.hosts.iter().filter(|o| o.name != h.name) {
+                host.add_route(other.address, 32, "ul0")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts `vpcd run` for `host` in its namespace; its pid goes to the journal.
+    fn start_daemon(&self, host: &str, workers: usize, log: &mut dyn FnMut(&str)) -> Result<()> {
+        let logf = File::create(self.log_path(host))?;
+        // This very executable, even if a rebuild replaced the file meanwhile. It shows as
+        // `vpcd` (argv[0]; the daemon names its process so too), for ps and pidof, not as
+        // `exe`.
+        let child = Command::new("/proc/self/exe")
+            .arg0("vpcd")
+            .args(["run", "--netns", &self.host_ns(host), "--topology"])
+            .arg(self.topology_path())
+            .args(["--host", host, "--stats"])
+            .arg(self.stats_path(host))
+            .args(["--workers", &workers.to_string()])
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone()?)
+            .stderr(logf)
+            .spawn()
+            .context("starting vpcd run")?;
+        self.note(&format!("pid {host} {}", child.id()))?;
+        log(&format!(
+            "host {host}: vpcd run started (pid {}, log {})",
+            child.id(),
+            self.log_path(host).display()
+        ));
+        Ok(())
+    }
+
+    /// Waits until every daemon has written its statistics (it is forwarding then).
+    fn wait_started(&self, topo: &Topology) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for h in &topo.hosts {
+            while !self.stats_path(&h.name).exists() {
+                if Instant::now() > deadline || self.verified_pid(&h.name).is_none() {
+                    let tail = fs::read_to_string(self.log_path(&h.name)).unwrap_or_default();
+                    bail!(
+                        "vpcd for host {} did not start; its log says:\n{}",
+                        h.name,
+                        tail.trim_end()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes everything the lab made; idempotent, and works after a crash or a
+    /// half-finished `up`. Fails, saying which, when a process or namespace stays.
+    pub fn down(&self, log: &mut dyn FnMut(&str)) -> Result<()> {
+        let stopped = self.stop_processes()?;
+        if stopped > 0 {
+            log(&format!("stopped {stopped} vpcd process(es)"));
+        }
+        let removed = self.remove_namespaces()?;
+        if removed > 0 {
+            log(&format!("removed {removed} namespace(s)"));
+        }
+        let dir = self.dir();
+        if dir.exists() {
+            fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Stops the journal's daemons and any process pointing into the lab's directory
+    /// (SIGTERM, SIGKILL after 5 s); returns how many stopped.
+    fn stop_processes(&self) -> Result<usize> {
+        let dir = self.dir();
+        let mut pids: Vec<u32> = self.daemons().into_iter().map(|(_, p)| p).collect();
+        pids.extend(processes_using(&dir));
+        pids.sort_unstable();
+        pids.dedup();
+        pids.retain(|&p| is_ours(p, &dir));
+        let signal = |pids: &[u32], s: Signal| -> Result<()> {
+            for &p in pids {
+                match kill(Pid::from_raw(p as i32), s) {
+                    // Gone meanwhile: stopped.
+                    Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+                    Err(e) => bail!("cannot stop process {p} ({s}): {e}"),
+                }
+            }
+            Ok(())
+        };
+        signal(&pids, Signal::SIGTERM)?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pids.iter().any(|&p| is_ours(p, &dir)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let left: Vec<u32> = pids.iter().copied().filter(|&p| is_ours(p, &dir)).collect();
+        let _ = signal(&left, Signal::SIGKILL);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while left.iter().any(|&p| is_ours(p, &dir)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Some(p) = left.iter().find(|&&p| is_ours(p, &dir)) {
+            bail!("process {p} survived SIGKILL");
+        }
+        Ok(pids.len())
+    }
+
+    /// Removes the journal's namespaces and any named `vpcd-LAB-*`; returns how many.
+    fn remove_namespaces(&self) -> Result<usize> {
+        let mut spaces = self.journaled("netns");
+        if let Ok(entries) = fs::read_dir(netns::NETNS_DIR) {
+            for e in entries.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n.starts_with(&self.prefix()) {
+                    spaces.push(n);
+                }
+            }
+        }
+        spaces.sort();
+        spaces.dedup();
+        let (mut removed, mut failed) = (0, Vec::new());
+        for ns in spaces.iter().filter(|n| netns::exists(n)) {
+            match netns::del(ns) {
+                Ok(()) => removed += 1,
+                Err(e) => failed.push(format!("{ns}: {e}")),
+            }
+        }
+        if !failed.is_empty() {
+            bail!("namespaces left: {}", failed.join("; "));
+        }
+        Ok(removed)
+    }
+}
