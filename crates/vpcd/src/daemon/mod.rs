@@ -486,7 +486,10 @@ impl Daemon {
 }
 
 /// Every worker's lane (inbox and wake-up), and the receiving ends of the inboxes.
-fn make_lanes(workers: usize) -> Result<(Arc<[Lane]>, Vec<Receiver<Msg>>)> {
+/// The receiving ends of the workers' inboxes, by worker.
+type Inboxes = Vec<Receiver<Msg>>;
+
+fn make_lanes(workers: usize) -> Result<(Arc<[Lane]>, Inboxes)> {
     let mut inboxes = Vec::with_capacity(workers);
     let mut lanes = Vec::with_capacity(workers);
     for _ in 0..workers {
