@@ -168,14 +168,12 @@ fn ctl_status_stats_metrics_clear_and_reload() {
     // A broken topology: reload refuses with the file and line; the running one stays.
     let path = lab.lab.topology_path();
     let good = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(
-        &path,
-        good.replace(
-            "security_groups = [\"sg-ops\"]\nnetns = \"ops-b\"",
-            "security_groups = [\"sg-nope\"]\nnetns = \"ops-b\"",
-        ),
-    )
-    .unwrap();
+    // The second instance names a group that does not exist.
+    let needle = "security_groups = [\"sg-ops\"]";
+    let at = good.rfind(needle).expect("the lab's copy names sg-ops");
+    let rest = &good[at + needle.len()..];
+    let broken = format!("{}security_groups = [\"sg-nope\"]{rest}", &good[..at]);
+    std::fs::write(&path, broken).unwrap();
     let o = ctl(&lab, &["reload"]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
@@ -185,7 +183,11 @@ fn ctl_status_stats_metrics_clear_and_reload() {
     );
     assert_eq!(ping(&a, lab.ip("opb"), 2), 2, "the running topology stays");
     // A good one: admitted, generation 2, and TCP 7000 now passes.
-    std::fs::write(&path, topology(", { action = \"accept\", protocol = \"tcp\", port = \"7000\", source = \"10.77.0.0/16\" }")).unwrap();
+    // (The lab's copy is the topology re-written with its namespaces prefixed.)
+    let icmp = "protocol = \"icmp\"\nsource = \"10.77.0.0/16\"\n";
+    let tcp = "\n[[security_group.ingress]]\naction = \"accept\"\nprotocol = \"tcp\"\nport = \"7000\"\nsource = \"10.77.0.0/16\"\n";
+    assert!(good.contains(icmp), "the lab's copy:\n{good}");
+    std::fs::write(&path, good.replacen(icmp, &format!("{icmp}{tcp}"), 1)).unwrap();
     let o = ctl(&lab, &["reload"]);
     assert!(o.status.success(), "{}", show(&o));
     let s = json(&ctl(&lab, &["--json", "status"]));

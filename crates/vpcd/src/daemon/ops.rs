@@ -66,11 +66,16 @@ impl Totals {
             name: "vpcd_tx_errors_total",
             help: "Writes that failed, by port (an instance's device, the internet device, the underlay).",
             kind: metrics::Kind::Counter,
-            samples: vec![(vec![("port", "underlay".to_string())], self.tx_errors.underlay)],
+            samples: vec![(
+                vec![("port", "underlay".to_string())],
+                self.tx_errors.underlay,
+            )],
         };
         if t.internet.is_some() {
-            tx.samples
-                .push((vec![("port", "internet".to_string())], self.tx_errors.internet));
+            tx.samples.push((
+                vec![("port", "internet".to_string())],
+                self.tx_errors.internet,
+            ));
         }
         for (i, inst) in t.instances.iter().enumerate() {
             if t.hosts.get(inst.host.index()).map(|h| h.name.as_str()) == Some(host) {
