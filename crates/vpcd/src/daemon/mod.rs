@@ -456,8 +456,11 @@ impl Daemon {
     }
 }
 
+/// The receiving ends of the workers' inboxes.
+type Inboxes = Vec<Receiver<Msg>>;
+
 /// Every worker's lane (inbox and wake-up), and the receiving ends of the inboxes.
-fn make_lanes(workers: usize) -> Result<(Arc<[Lane]>, Vec<Receiver<Msg>>)> {
+fn make_lanes(workers: usize) -> Result<(Arc<[Lane]>, Inboxes)> {
     let mut inboxes = Vec::with_capacity(workers);
     let mut lanes = Vec::with_capacity(workers);
     for _ in 0..workers {
