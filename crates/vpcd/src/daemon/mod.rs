@@ -485,10 +485,10 @@ impl Daemon {
     }
 }
 
-/// Every worker's lane (inbox and wake-up), and the receiving ends of the inboxes.
-/// The receiving ends of the workers' inboxes, by worker.
+/// The receiving ends of the workers' inboxes.
 type Inboxes = Vec<Receiver<Msg>>;
 
+/// Every worker's lane (inbox and wake-up), and the receiving ends of the inboxes.
 fn make_lanes(workers: usize) -> Result<(Arc<[Lane]>, Inboxes)> {
     let mut inboxes = Vec::with_capacity(workers);
     let mut lanes = Vec::with_capacity(workers);
