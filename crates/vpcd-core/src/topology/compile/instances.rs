@@ -17,8 +17,7 @@ use super::network::{fnv1a, reserved};
 
 impl Scope<'_> {
     pub(super) fn check_instances(&self, d: &mut Diagnostics) -> Vec<Option<Instance>> {
-        let (f, host_names, subnet_names) = (self.f, &self.names.host, &self.names.subnet);
-        let (subnets, hosts, vpcs) = (&self.subnets, &self.hosts, &self.vpcs);
+        let (f, host_names) = (self.f, &self.names.host);
         let internet = self.internet.as_ref();
         let mut addresses: HashMap<(u32, Ipv4Addr), String> = HashMap::new();
         let mut namespaces: HashMap<String, String> = HashMap::new();
@@ -50,81 +49,122 @@ impl Scope<'_> {
                     }
                 };
                 let eip = self.eip(d, i, &item, &mut eips);
-                if let Some(ns) = &i.netns {
-                    let n = ns.get_ref();
-                    if n.is_empty() || n.len() > 64 || n.contains('/') || n.contains(char::is_whitespace) {
-                        d.err(ns.span(), &item, format!("netns \"{n}\" is not a valid namespace name"));
-                    } else if let Some(other) = namespaces.insert(n.clone(), format!("instance \"{name}\"")) {
-                        d.err(ns.span(), &item, format!("netns \"{n}\" is already {other}'s"));
-                    }
-                }
+                check_netns(d, i, &item, &mut namespaces);
                 if is_basic {
                     let declared = f.basic.is_some();
                     return self.basic_instance(d, raw, &item, host, eip, declared);
                 }
-                if let Some(t) = &i.tenant {
-                    d.err(t.span(), &item, "a VPC instance takes its tenant from its VPC: remove tenant");
-                }
-                // A missing subnet does not hide the other problems of the instance.
-                let subnet = match &i.subnet {
-                    Some(t) => d.resolve(subnet_names, "subnet", t, &item),
-                    None => {
-                        d.err(raw.span(), &item, "a VPC instance needs a subnet");
-                        None
-                    }
-                };
-                let ip = match &i.ip {
-                    Some(t) => d.address(t, &item, "ip"),
-                    None => {
-                        d.err(raw.span(), &item, "a VPC instance needs an ip");
-                        None
-                    }
-                };
-                let groups = self.instance_groups(d, i, raw.span(), &item);
-                let (host, subnet_id, ip, groups, eip) = (host?, subnet?, ip?, groups?, eip?);
-                let s = subnets[subnet_id as usize].as_ref()?;
-                let ip_span = i.ip.as_ref().map(|t| t.span()).unwrap_or(raw.span());
-                if !s.cidr.contains(&ip) {
-                    d.err(ip_span.clone(), &item, format!("ip {ip} lies outside subnet \"{}\" ({})", s.name, s.cidr));
-                    return None;
-                }
-                if let Some(why) = reserved(s.cidr, ip) {
-                    d.err(ip_span, &item, format!("ip {ip} is reserved in subnet \"{}\": {why}", s.name));
-                    return None;
-                }
-                if let Some(other) = addresses.insert((s.vpc.0, ip), name.clone()) {
-                    d.err(ip_span, &item, format!("ip {ip} is already instance \"{other}\"'s in this VPC"));
-                    return None;
-                }
-                if let (Some(h), Some(v)) = (&hosts[host as usize], &vpcs[s.vpc.index()])
-                    && let Some(region) = &v.region
-                    && *region != h.region
-                {
-                    d.err(
-                        i.host.span(),
-                        &item,
-                        format!("host \"{}\" is in region \"{}\", vpc \"{}\" in \"{region}\"", h.name, h.region, v.name),
-                    );
-                    return None;
-                }
-                Some(Instance {
-                    name: name.clone(),
-                    host: HostId(host),
-                    network: Network::Vpc {
-                        vpc: s.vpc,
-                        subnet: SubnetId(subnet_id),
-                    },
-                    ip,
-                    prefix: s.cidr.prefix_len(),
-                    eip,
-                    security_groups: groups,
-                    netns: i.netns.as_ref().map(|n| n.get_ref().clone()),
-                    source_check: i.source_check.as_ref().is_none_or(|c| *c.get_ref()),
-                    ingress_rules: Arc::default(),
-                    egress_rules: Arc::default(),
-                })
+                self.vpc_instance(d, raw, &item, (host, eip), &mut addresses)
             })
             .collect()
+    }
+
+    /// A VPC instance: a subnet, an address of it that no other instance of the VPC has, a
+    /// host in the VPC's region. `addresses` holds the addresses given so far.
+    fn vpc_instance(
+        &self,
+        d: &mut Diagnostics,
+        raw: &Spanned<file::Instance>,
+        item: &str,
+        (host, eip): (Option<u32>, Option<Option<Ipv4Addr>>),
+        addresses: &mut HashMap<(u32, Ipv4Addr), String>,
+    ) -> Option<Instance> {
+        let i = raw.get_ref();
+        if let Some(t) = &i.tenant {
+            d.err(
+                t.span(),
+                item,
+                "a VPC instance takes its tenant from its VPC: remove tenant",
+            );
+        }
+        // A missing subnet does not hide the other problems of the instance.
+        let subnet = match &i.subnet {
+            Some(t) => d.resolve(&self.names.subnet, "subnet", t, item),
+            None => {
+                d.err(raw.span(), item, "a VPC instance needs a subnet");
+                None
+            }
+        };
+        let ip = match &i.ip {
+            Some(t) => d.address(t, item, "ip"),
+            None => {
+                d.err(raw.span(), item, "a VPC instance needs an ip");
+                None
+            }
+        };
+        let groups = self.instance_groups(d, i, raw.span(), item);
+        let (host, subnet_id, ip, groups, eip) = (host?, subnet?, ip?, groups?, eip?);
+        let s = self.subnets[subnet_id as usize].as_ref()?;
+        self.check_vpc_address(d, raw, item, (s, ip), addresses)?;
+        if let (Some(h), Some(v)) = (&self.hosts[host as usize], &self.vpcs[s.vpc.index()])
+            && let Some(region) = &v.region
+            && *region != h.region
+        {
+            d.err(
+                i.host.span(),
+                item,
+                format!(
+                    "host \"{}\" is in region \"{}\", vpc \"{}\" in \"{region}\"",
+                    h.name, h.region, v.name
+                ),
+            );
+            return None;
+        }
+        Some(Instance {
+            name: i.name.get_ref().clone(),
+            host: HostId(host),
+            network: Network::Vpc {
+                vpc: s.vpc,
+                subnet: SubnetId(subnet_id),
+            },
+            ip,
+            prefix: s.cidr.prefix_len(),
+            eip,
+            security_groups: groups,
+            netns: i.netns.as_ref().map(|n| n.get_ref().clone()),
+            source_check: i.source_check.as_ref().is_none_or(|c| *c.get_ref()),
+            ingress_rules: Arc::default(),
+            egress_rules: Arc::default(),
+        })
+    }
+
+    /// A VPC instance's `ip`: inside its subnet `s`, not reserved there, and no other
+    /// instance's in the VPC (recorded in `addresses`).
+    fn check_vpc_address(
+        &self,
+        d: &mut Diagnostics,
+        raw: &Spanned<file::Instance>,
+        item: &str,
+        (s, ip): (&Subnet, Ipv4Addr),
+        addresses: &mut HashMap<(u32, Ipv4Addr), String>,
+    ) -> Option<()> {
+        let i = raw.get_ref();
+        let ip_span = i.ip.as_ref().map(|t| t.span()).unwrap_or(raw.span());
+        if !s.cidr.contains(&ip) {
+            d.err(
+                ip_span.clone(),
+                item,
+                format!("ip {ip} lies outside subnet \"{}\" ({})", s.name, s.cidr),
+            );
+            return None;
+        }
+        if let Some(why) = reserved(s.cidr, ip) {
+            d.err(
+                ip_span,
+                item,
+                format!("ip {ip} is reserved in subnet \"{}\": {why}", s.name),
+            );
+            return None;
+        }
+        if let Some(other) = addresses.insert((s.vpc.0, ip), i.name.get_ref().clone()) {
+            d.err(
+                ip_span,
+                item,
+                format!("ip {ip} is already instance \"{other}\"'s in this VPC"),
+            );
+            return None;
+        }
+        Some(())
     }
 
     /// A basic-network instance: a tenant, no subnet, no address of its own choosing.
@@ -384,6 +424,33 @@ impl Scope<'_> {
             out.basic.insert(inst.name.clone(), allocation);
         }
         out
+    }
+}
+
+/// An instance's `netns`: a valid namespace name that no other instance (nor the internet)
+/// uses; `namespaces` holds the names given so far.
+fn check_netns(
+    d: &mut Diagnostics,
+    i: &file::Instance,
+    item: &str,
+    namespaces: &mut HashMap<String, String>,
+) {
+    let Some(ns) = &i.netns else { return };
+    let n = ns.get_ref();
+    if n.is_empty() || n.len() > 64 || n.contains('/') || n.contains(char::is_whitespace) {
+        d.err(
+            ns.span(),
+            item,
+            format!("netns \"{n}\" is not a valid namespace name"),
+        );
+    } else if let Some(other) =
+        namespaces.insert(n.clone(), format!("instance \"{}\"", i.name.get_ref()))
+    {
+        d.err(
+            ns.span(),
+            item,
+            format!("netns \"{n}\" is already {other}'s"),
+        );
     }
 }
 

@@ -7,6 +7,7 @@ use std::ops::Range;
 use hashbrown::HashMap;
 use ipnet::Ipv4Net;
 
+use super::super::file::Text;
 use super::super::model::*;
 use super::Scope;
 use super::diagnostics::{Diagnostics, label};
@@ -179,8 +180,6 @@ impl Scope<'_> {
 
     pub(super) fn check_subnets(&self, d: &mut Diagnostics) -> Vec<Option<Subnet>> {
         let (f, vpc_names, vpcs) = (self.f, &self.names.vpc, &self.vpcs);
-        let (table_names, table_vpcs) = (&self.names.table, &self.table_vpcs);
-        let (acl_names, acls) = (&self.names.acl, &self.acls);
         let mut placed: Vec<(u32, Ipv4Net, String)> = Vec::new();
         f.subnets
             .iter()
@@ -191,34 +190,8 @@ impl Scope<'_> {
                 let cidr = d.cidr(&s.cidr, &item, "cidr", false);
                 // The route table and the ACL are both checked: one bad reference does not
                 // hide the other.
-                let route_table = match &s.route_table {
-                    None => Some(None),
-                    Some(t) => match d.resolve(table_names, "route_table", t, &item) {
-                        Some(id) if matches!((table_vpcs[id as usize], vpc), (Some(tv), Some(v)) if tv != v) => {
-                            d.err(
-                                t.span(),
-                                &item,
-                                format!("route_table \"{}\" belongs to another VPC", t.get_ref()),
-                            );
-                            None
-                        }
-                        id => id.map(|id| Some(RouteTableId(id))),
-                    },
-                };
-                let acl = match &s.acl {
-                    None => Some(None),
-                    Some(a) => match d.resolve(acl_names, "acl", a, &item) {
-                        Some(id) if matches!((acls.get(id as usize), vpc), (Some(Some(acl)), Some(v)) if acl.vpc.0 != v) => {
-                            d.err(
-                                a.span(),
-                                &item,
-                                format!("acl \"{}\" belongs to another VPC", a.get_ref()),
-                            );
-                            None
-                        }
-                        id => id.map(|id| Some(AclId(id))),
-                    },
-                };
+                let route_table = self.subnet_route_table(d, s.route_table.as_ref(), &item, vpc);
+                let acl = self.subnet_acl(d, s.acl.as_ref(), &item, vpc);
                 let (vpc, cidr, route_table, acl) = (vpc?, cidr?, route_table?, acl?);
                 let v = vpcs[vpc as usize].as_ref()?;
                 if !v.cidr.contains(&cidr) {
@@ -259,6 +232,54 @@ impl Scope<'_> {
                 })
             })
             .collect()
+    }
+
+    /// A subnet's route table: `Some(None)` when it names none, `None` when the name is wrong
+    /// or names a table of another VPC than the subnet's `vpc`.
+    fn subnet_route_table(
+        &self,
+        d: &mut Diagnostics,
+        table: Option<&Text>,
+        item: &str,
+        vpc: Option<u32>,
+    ) -> Option<Option<RouteTableId>> {
+        let Some(t) = table else { return Some(None) };
+        match d.resolve(&self.names.table, "route_table", t, item) {
+            Some(id) if matches!((self.table_vpcs[id as usize], vpc), (Some(tv), Some(v)) if tv != v) =>
+            {
+                d.err(
+                    t.span(),
+                    item,
+                    format!("route_table \"{}\" belongs to another VPC", t.get_ref()),
+                );
+                None
+            }
+            id => id.map(|id| Some(RouteTableId(id))),
+        }
+    }
+
+    /// A subnet's ACL: `Some(None)` when it names none, `None` when the name is wrong or
+    /// names an ACL of another VPC than the subnet's `vpc`.
+    fn subnet_acl(
+        &self,
+        d: &mut Diagnostics,
+        acl: Option<&Text>,
+        item: &str,
+        vpc: Option<u32>,
+    ) -> Option<Option<AclId>> {
+        let Some(a) = acl else { return Some(None) };
+        match d.resolve(&self.names.acl, "acl", a, item) {
+            Some(id) if matches!((self.acls.get(id as usize), vpc), (Some(Some(acl)), Some(v)) if acl.vpc.0 != v) =>
+            {
+                d.err(
+                    a.span(),
+                    item,
+                    format!("acl \"{}\" belongs to another VPC", a.get_ref()),
+                );
+                None
+            }
+            id => id.map(|id| Some(AclId(id))),
+        }
     }
 
     /// Basic-network interconnects: one VPC per instance, of the same tenant and region,
@@ -332,14 +353,28 @@ impl Scope<'_> {
     /// both items: at the written key when there is one (the user's to change), else at the
     /// later item.
     pub(super) fn channel_keys(&self, d: &mut Diagnostics) -> Vec<(Channel, u32)> {
-        let (f, vpcs, peerings) = (self.f, &self.vpcs, &self.peerings);
-        let (interconnects, instances) = (&self.interconnects, &self.instances);
-        let (internet, basic) = (matches!(self.internet, Some(Some(_))), self.basic.is_some());
         let mut uses: Vec<KeyUse> = Vec::new();
-        let vpc_name = |v: VpcId| vpcs[v.index()].as_ref().map_or("?", |v| v.name.as_str());
-        for (i, v) in vpcs.iter().enumerate() {
+        self.vpc_keys(&mut uses);
+        self.peering_keys(&mut uses);
+        self.interconnect_keys(&mut uses);
+        self.internet_keys(&mut uses);
+        self.appliance_keys(&mut uses);
+        key_collisions(d, &uses);
+        uses.into_iter().map(|u| (u.channel, u.key)).collect()
+    }
+
+    /// The name of a checked VPC ("?" for one that failed its checks).
+    fn vpc_name(&self, v: VpcId) -> &str {
+        self.vpcs[v.index()]
+            .as_ref()
+            .map_or("?", |v| v.name.as_str())
+    }
+
+    /// Each VPC's key, at the written key or else at the VPC's name.
+    fn vpc_keys(&self, uses: &mut Vec<KeyUse>) {
+        for (i, v) in self.vpcs.iter().enumerate() {
             let Some(v) = v else { continue };
-            let raw = f.vpcs[i].get_ref();
+            let raw = self.f.vpcs[i].get_ref();
             let (span, what) = match (&raw.key, v.key_assigned) {
                 (Some(k), false) => (k.span(), format!("the key of vpc \"{}\"", v.name)),
                 _ => (
@@ -356,31 +391,33 @@ impl Scope<'_> {
                 written,
             ));
         }
-        for (i, p) in peerings.iter().enumerate() {
+    }
+
+    /// A peering's two keys, one into each of its VPCs.
+    fn peering_keys(&self, uses: &mut Vec<KeyUse>) {
+        for (i, p) in self.peerings.iter().enumerate() {
             let Some(p) = p else { continue };
             for to in p.vpcs {
-                let name = format!("peering:{}>{}", p.name, vpc_name(to));
+                let name = format!("peering:{}>{}", p.name, self.vpc_name(to));
                 let what = format!(
                     "the key of peering \"{}\" into vpc \"{}\"",
                     p.name,
-                    vpc_name(to)
+                    self.vpc_name(to)
                 );
                 let c = Channel::Peering {
                     peering: PeeringId(i as u32),
                     to,
                 };
-                let span = f.peerings[i].get_ref().name.span();
-                uses.push(KeyUse::new(
-                    c,
-                    derived_key(KeyClass::Peering, &name),
-                    span,
-                    what,
-                    false,
-                ));
+                let span = self.f.peerings[i].get_ref().name.span();
+                uses.push(KeyUse::derived(c, KeyClass::Peering, &name, span, what));
             }
         }
+    }
+
+    /// The two keys of a VPC's interconnect (one per direction), once per linked VPC.
+    fn interconnect_keys(&self, uses: &mut Vec<KeyUse>) {
         let mut linked: Vec<VpcId> = Vec::new();
-        for (j, ic) in interconnects.iter().enumerate() {
+        for (j, ic) in self.interconnects.iter().enumerate() {
             let Some(ic) = ic else { continue };
             if linked.contains(&ic.vpc) {
                 continue;
@@ -388,68 +425,75 @@ impl Scope<'_> {
             linked.push(ic.vpc);
             for to_basic in [false, true] {
                 let dir = if to_basic { "basic" } else { "vpc" };
-                let name = format!("interconnect:{}>{dir}", vpc_name(ic.vpc));
+                let name = format!("interconnect:{}>{dir}", self.vpc_name(ic.vpc));
                 let what = format!(
                     "the key of vpc \"{}\"'s interconnect (towards the {dir})",
-                    vpc_name(ic.vpc)
+                    self.vpc_name(ic.vpc)
                 );
                 let c = Channel::Interconnect {
                     vpc: ic.vpc,
                     to_basic,
                 };
-                let span = f.interconnects[j].span();
-                uses.push(KeyUse::new(
+                let span = self.f.interconnects[j].span();
+                uses.push(KeyUse::derived(
                     c,
-                    derived_key(KeyClass::Interconnect, &name),
+                    KeyClass::Interconnect,
+                    &name,
                     span,
                     what,
-                    false,
                 ));
             }
         }
-        if internet && let Some(raw) = &f.internet {
-            let spaces = vpcs
-                .iter()
-                .enumerate()
-                .filter_map(|(i, v)| {
-                    v.as_ref()
-                        .map(|v| (Space::Vpc(VpcId(i as u32)), format!("vpc:{}", v.name)))
-                })
-                .chain(basic.then(|| (Space::Basic, "basic".to_string())));
-            for (space, label) in spaces.collect::<Vec<_>>() {
-                for inbound in [true, false] {
-                    let dir = if inbound { "in" } else { "out" };
-                    let name = format!("internet:{label}>{dir}");
-                    let what = format!("the key of {label}'s internet channel ({dir})");
-                    let c = Channel::Internet { space, inbound };
-                    uses.push(KeyUse::new(
-                        c,
-                        derived_key(KeyClass::Internet, &name),
-                        raw.span(),
-                        what,
-                        false,
-                    ));
-                }
+    }
+
+    /// With an internet gateway, the two internet keys (in, out) of every address space.
+    fn internet_keys(&self, uses: &mut Vec<KeyUse>) {
+        let internet = matches!(self.internet, Some(Some(_)));
+        let Some(raw) = self.f.internet.as_ref().filter(|_| internet) else {
+            return;
+        };
+        let spaces = self
+            .vpcs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| {
+                v.as_ref()
+                    .map(|v| (Space::Vpc(VpcId(i as u32)), format!("vpc:{}", v.name)))
+            })
+            .chain(
+                self.basic
+                    .is_some()
+                    .then(|| (Space::Basic, "basic".to_string())),
+            );
+        for (space, label) in spaces.collect::<Vec<_>>() {
+            for inbound in [true, false] {
+                let dir = if inbound { "in" } else { "out" };
+                let name = format!("internet:{label}>{dir}");
+                let what = format!("the key of {label}'s internet channel ({dir})");
+                let c = Channel::Internet { space, inbound };
+                uses.push(KeyUse::derived(
+                    c,
+                    KeyClass::Internet,
+                    &name,
+                    raw.span(),
+                    what,
+                ));
             }
         }
-        for (i, inst) in instances.iter().enumerate() {
+    }
+
+    /// The key of every appliance (an instance with `source_check = false`).
+    fn appliance_keys(&self, uses: &mut Vec<KeyUse>) {
+        for (i, inst) in self.instances.iter().enumerate() {
             let Some(inst) = inst.as_ref().filter(|i| !i.source_check) else {
                 continue;
             };
             let name = format!("appliance:{}", inst.name);
             let what = format!("the key of appliance \"{}\"", inst.name);
-            let span = f.instances[i].get_ref().name.span();
+            let span = self.f.instances[i].get_ref().name.span();
             let c = Channel::Appliance(InstanceId(i as u32));
-            uses.push(KeyUse::new(
-                c,
-                derived_key(KeyClass::Appliance, &name),
-                span,
-                what,
-                false,
-            ));
+            uses.push(KeyUse::derived(c, KeyClass::Appliance, &name, span, what));
         }
-        key_collisions(d, &uses);
-        uses.into_iter().map(|u| (u.channel, u.key)).collect()
     }
 }
 
@@ -559,6 +603,17 @@ struct KeyUse {
 }
 
 impl KeyUse {
+    /// A key derived from `name`, never written.
+    fn derived(
+        channel: Channel,
+        class: KeyClass,
+        name: &str,
+        span: Range<usize>,
+        what: String,
+    ) -> KeyUse {
+        KeyUse::new(channel, derived_key(class, name), span, what, false)
+    }
+
     fn new(channel: Channel, key: u32, span: Range<usize>, what: String, written: bool) -> KeyUse {
         KeyUse {
             channel,

@@ -9,7 +9,7 @@ use hashbrown::HashMap;
 use ipnet::Ipv4Net;
 use toml::Spanned;
 
-use super::super::file::{PortSpec, Text};
+use super::super::file::{self, PortSpec, Text};
 use super::super::model::*;
 use super::Scope;
 use super::diagnostics::{Diagnostics, Names, label};
@@ -107,7 +107,6 @@ impl Scope<'_> {
 
     pub(super) fn check_route_tables(&self, d: &mut Diagnostics) -> Vec<Option<RouteTable>> {
         let (f, table_vpcs, vpcs) = (self.f, &self.table_vpcs, &self.vpcs);
-        let subnets = &self.subnets;
         let limits = &self.limits;
         let mut per_vpc: BTreeMap<u32, usize> = BTreeMap::new();
         f.route_tables
@@ -124,14 +123,21 @@ impl Scope<'_> {
                     d.err(
                         t.name.span(),
                         &item,
-                        format!("vpc \"{}\" has more than {} route tables", v.name, limits.route_tables_per_vpc),
+                        format!(
+                            "vpc \"{}\" has more than {} route tables",
+                            v.name, limits.route_tables_per_vpc
+                        ),
                     );
                 }
                 if t.routes.len() > limits.routes_per_table {
                     d.err(
                         t.name.span(),
                         &item,
-                        format!("{} routes exceed the limit of {} (raise [limits] routes_per_table)", t.routes.len(), limits.routes_per_table),
+                        format!(
+                            "{} routes exceed the limit of {} (raise [limits] routes_per_table)",
+                            t.routes.len(),
+                            limits.routes_per_table
+                        ),
                     );
                 }
                 let mut routes = Vec::new();
@@ -140,49 +146,21 @@ impl Scope<'_> {
                 for (n, r) in t.routes.iter().enumerate() {
                     let r = r.get_ref();
                     let ritem = format!("{item} route {}", n + 1);
-                    let dest = d.cidr(&r.destination, &ritem, "destination", false);
-                    let hop = self.next_hop(d, &r.next_hop, &ritem, vpc);
-                    let (Some(dest), Some(hop)) = (dest, hop) else {
+                    let Some(route) = self.check_route(d, r, &ritem, (VpcId(vpc), v)) else {
                         ok = false;
                         continue;
                     };
-                    // Inside the VPC the local route wins, except for a subnet's exact CIDR
-                    // sent to an appliance (AWS's middlebox routing: a firewall between two
-                    // subnets).
-                    let subnet = subnets
-                        .iter()
-                        .flatten()
-                        .find(|s| s.vpc.0 == vpc && s.cidr == dest);
-                    match (v.cidr.contains(&dest), subnet, hop) {
-                        (false, _, _) | (true, Some(_), NextHop::Instance(_)) => {}
-                        (true, Some(s), _) => {
-                            d.err(
-                                r.next_hop.span(),
-                                &ritem,
-                                format!("a route for subnet \"{}\" ({dest}) leads to an appliance (instance:NAME) only", s.name),
-                            );
-                            ok = false;
-                            continue;
-                        }
-                        (true, None, _) => {
-                            d.err(
-                                r.destination.span(),
-                                &ritem,
-                                format!("destination {dest} lies inside the VPC's CIDR {}: the local route always wins (only a subnet's exact CIDR may be routed, to an appliance)", v.cidr),
-                            );
-                            ok = false;
-                            continue;
-                        }
-                    }
+                    let dest = route.destination;
                     if let Some(prev) = seen.insert(dest, n + 1) {
-                        d.err(r.destination.span(), &ritem, format!("destination {dest} is already route {prev}'s"));
+                        d.err(
+                            r.destination.span(),
+                            &ritem,
+                            format!("destination {dest} is already route {prev}'s"),
+                        );
                         ok = false;
                         continue;
                     }
-                    routes.push(Route {
-                        destination: dest,
-                        next_hop: hop,
-                    });
+                    routes.push(route);
                 }
                 ok.then(|| RouteTable {
                     name: t.name.get_ref().clone(),
@@ -192,6 +170,51 @@ impl Scope<'_> {
                 })
             })
             .collect()
+    }
+
+    /// One route of a table of VPC `v`: its destination and next hop, and, inside the VPC's
+    /// CIDR, only a subnet's exact CIDR sent to an appliance.
+    fn check_route(
+        &self,
+        d: &mut Diagnostics,
+        r: &file::Route,
+        ritem: &str,
+        (vpc, v): (VpcId, &Vpc),
+    ) -> Option<Route> {
+        let dest = d.cidr(&r.destination, ritem, "destination", false);
+        let hop = self.next_hop(d, &r.next_hop, ritem, vpc.0);
+        let (dest, hop) = (dest?, hop?);
+        // Inside the VPC the local route wins, except for a subnet's exact CIDR
+        // sent to an appliance (AWS's middlebox routing: a firewall between two
+        // subnets).
+        let subnet = self
+            .subnets
+            .iter()
+            .flatten()
+            .find(|s| s.vpc == vpc && s.cidr == dest);
+        match (v.cidr.contains(&dest), subnet, hop) {
+            (false, _, _) | (true, Some(_), NextHop::Instance(_)) => {}
+            (true, Some(s), _) => {
+                d.err(
+                    r.next_hop.span(),
+                    ritem,
+                    format!("a route for subnet \"{}\" ({dest}) leads to an appliance (instance:NAME) only", s.name),
+                );
+                return None;
+            }
+            (true, None, _) => {
+                d.err(
+                    r.destination.span(),
+                    ritem,
+                    format!("destination {dest} lies inside the VPC's CIDR {}: the local route always wins (only a subnet's exact CIDR may be routed, to an appliance)", v.cidr),
+                );
+                return None;
+            }
+        }
+        Some(Route {
+            destination: dest,
+            next_hop: hop,
+        })
     }
 
     fn next_hop(&self, d: &mut Diagnostics, t: &Text, item: &str, vpc: u32) -> Option<NextHop> {
