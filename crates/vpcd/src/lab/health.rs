@@ -27,6 +27,9 @@ pub enum DaemonState {
     Stale,
     /// No process of the lab's for that host.
     Dead,
+    /// Alive, and no statistics file yet: still starting, not signalled (before its
+    /// handlers are installed, SIGUSR1 would end it).
+    Starting,
 }
 
 /// A host's daemon and its state.
@@ -61,6 +64,11 @@ impl fmt::Display for DaemonHealth {
                 ANSWER.as_secs()
             ),
             DaemonState::Dead => write!(f, "{}: DEAD ({pid} is gone)", self.host),
+            DaemonState::Starting => write!(
+                f,
+                "{}: STARTING ({pid} has written no statistics yet)",
+                self.host
+            ),
         }
     }
 }
@@ -100,23 +108,27 @@ impl Lab {
             Ok(t) => t.hosts.iter().map(|h| h.name.clone()).collect(),
             Err(_) => Vec::new(),
         };
-        let asked: Vec<(String, Option<u32>, u64)> = hosts
+        let asked: Vec<(String, Option<u32>, u64, bool)> = hosts
             .into_iter()
             .map(|h| {
                 let seq = self.seq(&h);
                 let pid = self.verified_pid(&h);
-                if let Some(p) = pid {
+                // The statistics file is written from the control loop, whose signal
+                // handlers are installed: before it exists, SIGUSR1 would end the daemon.
+                let started = self.stats_path(&h).exists();
+                if let Some(p) = pid.filter(|_| started) {
                     let _ = kill(Pid::from_raw(p as i32), Signal::SIGUSR1);
                 }
-                (h, pid, seq)
+                (h, pid, seq, started)
             })
             .collect();
         let deadline = Instant::now() + ANSWER;
         asked
             .into_iter()
-            .map(|(host, pid, seq)| {
+            .map(|(host, pid, seq, started)| {
                 let state = match pid {
                     None => DaemonState::Dead,
+                    Some(_) if !started => DaemonState::Starting,
                     Some(_) => {
                         while self.seq(&host) <= seq && Instant::now() < deadline {
                             std::thread::sleep(Duration::from_millis(5));
