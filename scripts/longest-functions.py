@@ -48,7 +48,7 @@ def main():
     found = []
     for d in dirs:
         for f in sorted(pathlib.Path(d).rglob("*.rs")):
-            if not a.tests and (f.name == "tests.rs" or "/tests/" in str(f)):
+            if "/benches/" in str(f) or (not a.tests and (f.name == "tests.rs" or "/tests/" in str(f))):
                 continue
             found += [(n, name, f"{f}:{line}") for name, line, n in functions(f)]
     for n, name, at in sorted(found, reverse=True)[: a.n]:
