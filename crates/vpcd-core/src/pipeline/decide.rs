@@ -22,9 +22,9 @@ pub(crate) const INTERNET: Zone = Zone(2 << 32);
 pub(crate) const NO_GRE_KEY: u64 = 1 << 32;
 
 /// The conntrack zone an instance's addresses live in: its VPC's key, or the basic network.
-pub(crate) fn zone_of(t: &Topology, i: &Instance) -> Zone {
+pub(crate) fn zone_of(topo: &Topology, i: &Instance) -> Zone {
     match i.network {
-        Network::Vpc { vpc, .. } => Zone::vpc(t.vpc(vpc).key),
+        Network::Vpc { vpc, .. } => Zone::vpc(topo.vpc(vpc).key),
         Network::Basic { .. } => BASIC,
     }
 }
@@ -167,8 +167,9 @@ impl Decider<'_> {
         self.state.counters.cache_misses += 1;
         let out = self.full_path(origin, zone, ip, pkt);
         if out.cacheable && self.cacheable {
-            let st = &mut *self.state;
-            st.flows
+            let state = &mut *self.state;
+            state
+                .flows
                 .insert(key, generation, out.decision, out.conns, out.sources);
         }
         if ip.fragment == Fragment::First && out.decision.forwards() {

@@ -149,9 +149,9 @@ impl Decider<'_> {
     /// the key, the instance from the inner source address within that side, and it must be
     /// on the sending host. Never a guess among spaces.
     fn sender(&self, host: HostId, channel: Channel, ip: &Ipv4Packet) -> Option<Origin> {
-        let t = self.topo;
-        let on_host = |id: InstanceId| t.instance(id).host == host;
-        let at = |space: Space| t.instance_in(space, ip.src).filter(|&id| on_host(id));
+        let topo = self.topo;
+        let on_host = |id: InstanceId| topo.instance(id).host == host;
+        let at = |space: Space| topo.instance_in(space, ip.src).filter(|&id| on_host(id));
         let source = match channel {
             Channel::Vpc(v)
             | Channel::Interconnect {
@@ -163,13 +163,13 @@ impl Decider<'_> {
                 inbound: false,
             } => at(Space::Vpc(v)),
             Channel::Peering { peering, to } => {
-                let [a, b] = t.peerings[peering.index()].vpcs;
+                let [a, b] = topo.peerings[peering.index()].vpcs;
                 at(Space::Vpc(if a == to { b } else { a }))
             }
             Channel::Interconnect {
                 vpc,
                 to_basic: false,
-            } => at(Space::Basic).filter(|&id| t.linked_vpc(id) == Some(vpc)),
+            } => at(Space::Basic).filter(|&id| topo.linked_vpc(id) == Some(vpc)),
             Channel::Basic
             | Channel::Internet {
                 space: Space::Basic,
@@ -180,7 +180,7 @@ impl Decider<'_> {
                 space,
                 inbound: true,
             } => {
-                let from_gateway = t.internet.as_ref().is_some_and(|i| i.gateway == host);
+                let from_gateway = topo.internet.as_ref().is_some_and(|i| i.gateway == host);
                 return (from_gateway && is_public(ip.src)).then_some(Origin::Internet {
                     relayed: Some((host, space)),
                 });

@@ -12,26 +12,26 @@ impl Decider<'_> {
     /// flags; `None` to take the full path (nothing cached, or a connection is gone).
     #[inline]
     pub fn cached(&mut self, key: &FlowKey, l4: &L4) -> Option<Decision> {
-        let st = &mut *self.state;
-        let hit = st.flows.get(key, self.host.generation)?;
+        let state = &mut *self.state;
+        let hit = state.flows.get(key, self.host.generation)?;
         let sides = hit.conns.iter().zip([hit.egress_src, hit.ingress_src]);
         let sides = sides.filter_map(|(r, src)| Some(((*r)?, src)));
         // A packet that reopens an entry, or finds one gone, takes the full path before any
         // entry is updated.
         if !sides
             .clone()
-            .all(|(r, src)| st.conntrack.continues(r, &src, l4, self.now))
+            .all(|(r, src)| state.conntrack.continues(r, &src, l4, self.now))
         {
             return None;
         }
         for (r, src) in sides {
-            match st.conntrack.track(r, &src, l4, self.now) {
+            match state.conntrack.track(r, &src, l4, self.now) {
                 Track::Accepted(_) | Track::Ended => {}
                 Track::Invalid(reason) => return Some(Decision::drop(reason)),
                 Track::Reopen | Track::Gone => return None,
             }
         }
-        st.counters.cache_hits += 1;
+        state.counters.cache_hits += 1;
         Some(hit.decision)
     }
 

@@ -6,6 +6,8 @@
 //! (the instance), so two instances of one host, or an appliance and the instances it
 //! forwards between, never share their state.
 
+use std::net::Ipv4Addr;
+
 use super::decide::{Decider, FullDecision, INTERNET, Origin, policy_drop, ports, zone_of};
 use super::plan::Plan;
 use super::{Decision, RuleRef};
@@ -33,6 +35,30 @@ pub(super) struct Side {
 }
 
 impl Side {
+    /// The sending side of `instance` (address `addr`): the packet as sent, its source in
+    /// `zones[0]` (the sender's), its destination in `zones[1]`.
+    fn egress(instance: InstanceId, addr: Ipv4Addr, zones: [Zone; 2], ip: &Ipv4Packet) -> Side {
+        let (sp, dp) = ports(ip);
+        Side {
+            instance,
+            port: Owner {
+                zone: zones[0],
+                addr,
+            },
+            ingress: false,
+            src: Endpoint {
+                zone: zones[0],
+                addr: ip.src,
+                port: sp,
+            },
+            dst: Endpoint {
+                zone: zones[1],
+                addr: ip.dst,
+                port: dp,
+            },
+        }
+    }
+
     fn key(&self, ip: &Ipv4Packet) -> Option<ConnKey> {
         ConnKey::of(self.port, ip.protocol, &ip.l4, self.src, self.dst)
     }
@@ -75,15 +101,39 @@ fn sg_allows(list: &RuleList<SgId>, s: &Subject, instance: InstanceId) -> Result
     }
 }
 
+/// What tracking found for the two sides: which found their connection, the handles of those
+/// that go on (an ended one has none), and whether one ended.
+#[derive(Default)]
+struct Tracked {
+    found: [bool; 2],
+    conns: [Option<ConnRef>; 2],
+    ended: bool,
+}
+
+/// An instance to its own Elastic IP: both sides are one, with the egress side's key (for an
+/// ICMP query the requester differs between the two views).
+fn one_side(sides: &[Option<Side>; 2]) -> bool {
+    match sides {
+        [Some(e), Some(i)] => {
+            e.port == i.port
+                && ((e.src, e.dst) == (i.src, i.dst) || (e.src, e.dst) == (i.dst, i.src))
+        }
+        _ => false,
+    }
+}
+
 impl Decider<'_> {
     /// Network ACLs: stateless, VPC subnets only, not inside one subnet (unless translated).
     pub fn acls(&self, origin: Origin, plan: &Plan, ip: &Ipv4Packet) -> Result<(), Decision> {
-        let t = self.topo;
+        let topo = self.topo;
         let src = origin
             .source()
-            .map(|s| t.instance(s))
+            .map(|s| topo.instance(s))
             .and_then(|s| s.subnet());
-        let dst = plan.target.map(|d| t.instance(d)).and_then(|d| d.subnet());
+        let dst = plan
+            .target
+            .map(|d| topo.instance(d))
+            .and_then(|d| d.subnet());
         if plan.nat.is_none() && src.is_some() && src == dst {
             return Ok(());
         }
@@ -92,10 +142,10 @@ impl Decider<'_> {
             protocol: ip.protocol,
             dport: rule_port(ip, false),
         };
-        let acl_of = |s: Option<crate::topology::SubnetId>| s.and_then(|s| t.subnet(s).acl);
+        let acl_of = |s: Option<crate::topology::SubnetId>| s.and_then(|s| topo.subnet(s).acl);
         if matches!(origin, Origin::Local { .. })
             && let Some(acl) = acl_of(src)
-            && let Err(rule) = acl_allows(&t.acls[acl.index()].egress_list, &subject(ip.dst))
+            && let Err(rule) = acl_allows(&topo.acls[acl.index()].egress_list, &subject(ip.dst))
         {
             return Err(policy_drop(
                 DropReason::AclEgress,
@@ -105,7 +155,7 @@ impl Decider<'_> {
         let seen_src = plan.nat.src.unwrap_or(ip.src);
         if plan.target_local
             && let Some(acl) = acl_of(dst)
-            && let Err(rule) = acl_allows(&t.acls[acl.index()].ingress_list, &subject(seen_src))
+            && let Err(rule) = acl_allows(&topo.acls[acl.index()].ingress_list, &subject(seen_src))
         {
             return Err(policy_drop(
                 DropReason::AclIngress,
@@ -123,36 +173,19 @@ impl Decider<'_> {
         plan: &Plan,
         ip: &Ipv4Packet,
     ) -> [Option<Side>; 2] {
-        let t = self.topo;
+        let topo = self.topo;
         let (sp, dp) = ports(ip);
         let translated = !plan.nat.is_none();
         let target = plan
             .target
-            .map(|id| (id, t.instance(id), zone_of(t, t.instance(id))));
+            .map(|id| (id, topo.instance(id), zone_of(topo, topo.instance(id))));
         let egress = match origin {
             Origin::Local { id, .. } => {
                 let far = match target {
                     Some((_, _, z)) if !translated && !plan.to_internet => z,
                     _ => INTERNET,
                 };
-                Some(Side {
-                    instance: id,
-                    port: Owner {
-                        zone,
-                        addr: t.instance(id).ip,
-                    },
-                    ingress: false,
-                    src: Endpoint {
-                        zone,
-                        addr: ip.src,
-                        port: sp,
-                    },
-                    dst: Endpoint {
-                        zone: far,
-                        addr: ip.dst,
-                        port: dp,
-                    },
-                })
+                Some(Side::egress(id, topo.instance(id).ip, [zone, far], ip))
             }
             _ => None,
         };
@@ -186,6 +219,46 @@ impl Decider<'_> {
         [egress, ingress]
     }
 
+    /// The tracked connections of the sides that have one, updated by this packet; the error
+    /// is the reason of an invalid packet.
+    fn track_found(
+        &mut self,
+        sides: &[Option<Side>; 2],
+        keys: [Option<ConnKey>; 2],
+        merged: bool,
+        ip: &Ipv4Packet,
+    ) -> Result<Tracked, DropReason> {
+        let Tracked {
+            mut found,
+            mut conns,
+            mut ended,
+        } = Tracked::default();
+        for n in 0..2 {
+            let (Some(side), Some(key)) = (sides[n], keys[n]) else {
+                continue;
+            };
+            if n == 1 && merged {
+                // One entry, tracked once (the fast lane too: it has no second handle).
+                found[1] = found[0];
+                continue;
+            }
+            let Some(r) = self.state.conntrack.lookup(&key, self.now) else {
+                continue;
+            };
+            match self.state.conntrack.track(r, &side.src, &ip.l4, self.now) {
+                Track::Accepted(_) => (found[n], conns[n]) = (true, Some(r)),
+                Track::Ended => (found[n], ended) = (true, true),
+                Track::Invalid(reason) => return Err(reason),
+                Track::Reopen | Track::Gone => {}
+            }
+        }
+        Ok(Tracked {
+            found,
+            conns,
+            ended,
+        })
+    }
+
     /// Connection tracking and security groups for the local sides.
     pub fn filter(
         &mut self,
@@ -212,37 +285,15 @@ impl Decider<'_> {
                 Err(d) => d,
             });
         }
-        // An instance to its own Elastic IP: both sides are one, with the egress side's key
-        // (for an ICMP query the requester differs between the two views).
-        let merged = match sides {
-            [Some(e), Some(i)] => {
-                e.port == i.port
-                    && ((e.src, e.dst) == (i.src, i.dst) || (e.src, e.dst) == (i.dst, i.src))
-            }
-            _ => false,
+        let merged = one_side(&sides);
+        let Tracked {
+            found,
+            mut conns,
+            ended,
+        } = match self.track_found(&sides, keys, merged, ip) {
+            Ok(topo) => topo,
+            Err(reason) => return FullDecision::uncached(Decision::drop(reason)),
         };
-        let mut found = [false; 2];
-        let mut conns: [Option<ConnRef>; 2] = [None, None];
-        let mut ended = false;
-        for n in 0..2 {
-            let (Some(side), Some(key)) = (sides[n], keys[n]) else {
-                continue;
-            };
-            if n == 1 && merged {
-                // One entry, tracked once (the fast lane too: it has no second handle).
-                found[1] = found[0];
-                continue;
-            }
-            let Some(r) = self.state.conntrack.lookup(&key, self.now) else {
-                continue;
-            };
-            match self.state.conntrack.track(r, &side.src, &ip.l4, self.now) {
-                Track::Accepted(_) => (found[n], conns[n]) = (true, Some(r)),
-                Track::Ended => (found[n], ended) = (true, true),
-                Track::Invalid(reason) => return FullDecision::uncached(Decision::drop(reason)),
-                Track::Reopen | Track::Gone => {}
-            }
-        }
         let need = [
             sides[0].is_some() && !found[0],
             sides[1].is_some() && !found[1],
@@ -326,10 +377,10 @@ impl Decider<'_> {
         ip: &Ipv4Packet,
         reverse: bool,
     ) -> Result<(), Decision> {
-        let t = self.topo;
+        let topo = self.topo;
         for (side, _) in sides.iter().zip(need).filter(|(_, n)| *n) {
             let Some(s) = side else { continue };
-            let inst = t.instance(s.instance);
+            let inst = topo.instance(s.instance);
             // The far end: the destination for the sender, the source for the target.
             let peer = if s.ingress { s.src.addr } else { s.dst.addr };
             let outbound = s.ingress == reverse;

@@ -564,10 +564,10 @@ impl Pipeline {
 
     /// Turns the packet in `buf` into an ICMP "fragmentation needed" for instance `to`.
     fn frag_needed(&mut self, buf: &mut PacketBuf, to: InstanceId, mtu: u16) -> Action {
-        let t = &self.topo;
-        let inst = t.instance(to);
-        let gateway = match (inst.subnet(), t.basic) {
-            (Some(s), _) => t.subnet(s).gateway,
+        let topo = &self.topo;
+        let inst = topo.instance(to);
+        let gateway = match (inst.subnet(), topo.basic) {
+            (Some(s), _) => topo.subnet(s).gateway,
             (None, Some(b)) => b.gateway,
             (None, None) => Ipv4Addr::UNSPECIFIED,
         };
@@ -595,12 +595,12 @@ fn shard_limits(topo: &Topology, shards: u32) -> (u32, u32) {
 /// The instance addresses (by zone) that stop being the same instance's: its instance left,
 /// or another took the address. Connections with such an end are over.
 fn changed_addresses(old: &Topology, new: &Topology) -> HashSet<Owner> {
-    let names = |t: &Topology| -> HashMap<Owner, String> {
-        t.instances
+    let names = |topo: &Topology| -> HashMap<Owner, String> {
+        topo.instances
             .iter()
             .map(|i| {
                 let o = Owner {
-                    zone: decide::zone_of(t, i),
+                    zone: decide::zone_of(topo, i),
                     addr: i.ip,
                 };
                 (o, i.name.clone())
@@ -616,12 +616,12 @@ fn changed_addresses(old: &Topology, new: &Topology) -> HashSet<Owner> {
 }
 
 /// The ports (local instances, by zone and address) of `host`.
-fn local_ports(t: &Topology, host: HostId) -> HashSet<Owner> {
-    t.instances_on(host)
+fn local_ports(topo: &Topology, host: HostId) -> HashSet<Owner> {
+    topo.instances_on(host)
         .map(|id| {
-            let i = t.instance(id);
+            let i = topo.instance(id);
             Owner {
-                zone: decide::zone_of(t, i),
+                zone: decide::zone_of(topo, i),
                 addr: i.ip,
             }
         })

@@ -28,13 +28,13 @@ pub(super) struct Plan {
 
 /// The channel a packet from `sender` to `target` travels on (docs/semantics.md 2.1).
 pub(super) fn channel_between(
-    t: &Topology,
+    topo: &Topology,
     sender: InstanceId,
     target: InstanceId,
     peering: Option<PeeringId>,
     foreign: bool,
 ) -> Channel {
-    let (s, d) = (t.instance(sender).space(), t.instance(target).space());
+    let (s, d) = (topo.instance(sender).space(), topo.instance(target).space());
     match (foreign, peering, s, d) {
         (true, ..) => Channel::Appliance(sender),
         (_, Some(p), _, Space::Vpc(to)) => Channel::Peering { peering: p, to },
@@ -59,7 +59,7 @@ impl Decider<'_> {
         ip: &Ipv4Packet,
         pkt: &[u8],
     ) -> Result<(Target, Nat), Decision> {
-        let t = self.topo;
+        let topo = self.topo;
         let mut nat = Nat::NONE;
         let target = match origin {
             Origin::Local { id, .. } => self.local_route(id, ip, pkt).map_err(Decision::drop)?,
@@ -71,15 +71,15 @@ impl Decider<'_> {
                 source, channel, ..
             } => {
                 let target =
-                    route(t, source, t.instance(source), ip.dst).map_err(Decision::drop)?;
+                    route(topo, source, topo.instance(source), ip.dst).map_err(Decision::drop)?;
                 self.came_on_its_channel(source, target, channel, origin.foreign())?;
                 target
             }
             Origin::Internet { relayed: None } => {
-                let owner = t
+                let owner = topo
                     .eip_owner(ip.dst)
                     .ok_or(Decision::drop(DropReason::NoSuchEip))?;
-                nat.dst = Some(t.instance(owner).ip);
+                nat.dst = Some(topo.instance(owner).ip);
                 Target::Instance {
                     id: owner,
                     peering: None,
@@ -87,7 +87,7 @@ impl Decider<'_> {
             }
             Origin::Internet {
                 relayed: Some((_, space)),
-            } => match t
+            } => match topo
                 .instance_in(space, ip.dst)
                 .filter(|&id| self.host.is_local(id))
             {
@@ -125,10 +125,10 @@ impl Decider<'_> {
     /// A packet an appliance sends with another source than its own stays in its VPC: an
     /// instance of that VPC, reached without a peering, an interconnect or the internet.
     fn stays_in_vpc(&self, origin: Origin, target: Target) -> Result<(), Decision> {
-        let t = self.topo;
-        let sender = origin.source().map(|s| t.instance(s).space());
+        let topo = self.topo;
+        let sender = origin.source().map(|s| topo.instance(s).space());
         match target {
-            Target::Instance { id, peering: None } if Some(t.instance(id).space()) == sender => {
+            Target::Instance { id, peering: None } if Some(topo.instance(id).space()) == sender => {
                 Ok(())
             }
             _ => Err(Decision::drop(DropReason::ForeignSourceLeavesVpc)),
@@ -202,7 +202,7 @@ impl Decider<'_> {
         nat: &mut Nat,
         ip: &Ipv4Packet,
     ) -> Result<Result<Plan, InstanceId>, Decision> {
-        let t = self.topo;
+        let topo = self.topo;
         let Some(sender) = origin.source() else {
             return Err(Decision::drop(DropReason::NotLocalDestination));
         };
@@ -219,14 +219,14 @@ impl Decider<'_> {
             if !local_sender {
                 return Err(Decision::drop(DropReason::NotLocalDestination));
             }
-            let Some(gateway) = t.internet.as_ref().map(|i| i.gateway) else {
+            let Some(gateway) = topo.internet.as_ref().map(|i| i.gateway) else {
                 return Err(Decision::drop(DropReason::NoEip));
             };
             let channel = Channel::Internet {
-                space: t.instance(sender).space(),
+                space: topo.instance(sender).space(),
                 inbound: false,
             };
-            let key = t.key_of(channel);
+            let key = topo.key_of(channel);
             let forward = Decision::Encapsulate {
                 strip: 0,
                 host: gateway,
@@ -236,12 +236,12 @@ impl Decider<'_> {
             return Ok(Ok(out(forward, Nat::NONE)));
         }
         nat.src = Some(
-            t.instance(sender)
+            topo.instance(sender)
                 .eip
                 .ok_or(Decision::drop(DropReason::NoEip))?,
         );
-        if let Some(owner) = t.eip_owner(ip.dst) {
-            nat.dst = Some(t.instance(owner).ip);
+        if let Some(owner) = topo.eip_owner(ip.dst) {
+            nat.dst = Some(topo.instance(owner).ip);
             return Ok(Err(owner));
         }
         Ok(Ok(out(
@@ -260,14 +260,14 @@ impl Decider<'_> {
         target: InstanceId,
         p: PeeringId,
     ) -> Result<(), Decision> {
-        let t = self.topo;
-        let Some(src) = origin.source().map(|s| t.instance(s)) else {
+        let topo = self.topo;
+        let Some(src) = origin.source().map(|s| topo.instance(s)) else {
             return Err(Decision::drop(DropReason::PeeringNoReturnRoute));
         };
-        let back = t
+        let back = topo
             .instance(target)
             .subnet()
-            .map(|s| &t.route_tables[t.subnet(s).route_table.index()])
+            .map(|s| &topo.route_tables[topo.subnet(s).route_table.index()])
             .and_then(|rt| rt.routes.lookup(src.ip))
             .map(|(_, r)| r.next_hop);
         if back == Some(crate::policy::route::NextHop::Peering(p)) {

@@ -36,34 +36,34 @@ impl Target {
 
 /// The route of `sender` (the instance `src`) towards `dst`.
 pub(super) fn route(
-    t: &Topology,
+    topo: &Topology,
     sender: InstanceId,
     src: &Instance,
     dst: Ipv4Addr,
 ) -> Result<Target, DropReason> {
     match &src.network {
-        Network::Basic { tenant } => basic_route(t, sender, src, tenant, dst),
+        Network::Basic { tenant } => basic_route(topo, sender, src, tenant, dst),
         Network::Vpc { vpc, subnet } => {
-            let v = t.vpc(*vpc);
-            let table = &t.route_tables[t.subnet(*subnet).route_table.index()];
+            let sender_vpc = topo.vpc(*vpc);
+            let table = &topo.route_tables[topo.subnet(*subnet).route_table.index()];
             let custom = table.routes.lookup(dst).map(|(_, r)| r);
-            if v.cidr.contains(&dst) {
+            if sender_vpc.cidr.contains(&dst) {
                 // Only a subnet route lies inside the VPC's CIDR; any other match is a wider
                 // route the local route beats.
                 return match custom {
-                    Some(r) if v.cidr.contains(&r.destination) => {
-                        hop(t, sender, src, *vpc, r.next_hop, dst)
+                    Some(r) if sender_vpc.cidr.contains(&r.destination) => {
+                        hop(topo, sender, src, *vpc, r.next_hop, dst)
                     }
-                    _ => instance_in(t, Space::Vpc(*vpc), dst),
+                    _ => instance_in(topo, Space::Vpc(*vpc), dst),
                 };
             }
-            if let Some(classic) = t.instance_in(Space::Basic, dst)
-                && t.linked_vpc(classic) == Some(*vpc)
+            if let Some(classic) = topo.instance_in(Space::Basic, dst)
+                && topo.linked_vpc(classic) == Some(*vpc)
             {
                 return Ok(Target::local(classic));
             }
             match custom {
-                Some(r) => hop(t, sender, src, *vpc, r.next_hop, dst),
+                Some(r) => hop(topo, sender, src, *vpc, r.next_hop, dst),
                 None => eip_or(src, dst, DropReason::NoRoute),
             }
         }
@@ -71,37 +71,37 @@ pub(super) fn route(
 }
 
 fn basic_route(
-    t: &Topology,
+    topo: &Topology,
     sender: InstanceId,
     src: &Instance,
     tenant: &str,
     dst: Ipv4Addr,
 ) -> Result<Target, DropReason> {
-    if let Some(pool) = t.basic
+    if let Some(pool) = topo.basic
         && pool.cidr.contains(&dst)
     {
-        let id = t
+        let id = topo
             .instance_in(Space::Basic, dst)
             .ok_or(DropReason::NoSuchInstance)?;
-        let other = t.instance(id);
+        let other = topo.instance(id);
         if !matches!(&other.network, Network::Basic { tenant: o } if o == tenant) {
             return Err(DropReason::BasicOtherTenant);
         }
-        if t.host(other.host).region != t.host(src.host).region {
+        if topo.host(other.host).region != topo.host(src.host).region {
             return Err(DropReason::BasicOtherRegion);
         }
         return Ok(Target::local(id));
     }
-    if let Some(vpc) = t.linked_vpc(sender)
-        && t.vpc(vpc).cidr.contains(&dst)
+    if let Some(vpc) = topo.linked_vpc(sender)
+        && topo.vpc(vpc).cidr.contains(&dst)
     {
-        return instance_in(t, Space::Vpc(vpc), dst);
+        return instance_in(topo, Space::Vpc(vpc), dst);
     }
     eip_or(src, dst, DropReason::NoRoute)
 }
 
-fn instance_in(t: &Topology, space: Space, dst: Ipv4Addr) -> Result<Target, DropReason> {
-    t.instance_in(space, dst)
+fn instance_in(topo: &Topology, space: Space, dst: Ipv4Addr) -> Result<Target, DropReason> {
+    topo.instance_in(space, dst)
         .map(Target::local)
         .ok_or(DropReason::NoSuchInstance)
 }
@@ -117,7 +117,7 @@ fn eip_or(src: &Instance, dst: Ipv4Addr, fallback: DropReason) -> Result<Target,
 
 /// Where a custom route's next hop leads.
 fn hop(
-    t: &Topology,
+    topo: &Topology,
     sender: InstanceId,
     src: &Instance,
     vpc: crate::topology::VpcId,
@@ -131,12 +131,14 @@ fn hop(
         NextHop::Instance(i) if i == sender => Err(DropReason::RouteLoop),
         NextHop::Instance(i) => Ok(Target::local(i)),
         NextHop::Peering(p) => {
-            let [a, b] = t.peerings[p.index()].vpcs;
+            let [a, b] = topo.peerings[p.index()].vpcs;
             let peer = if a == vpc { b } else { a };
-            if !t.vpc(peer).cidr.contains(&dst) {
+            if !topo.vpc(peer).cidr.contains(&dst) {
                 return Err(DropReason::PeeringNotTransitive);
             }
-            let id = t.instance_at(peer, dst).ok_or(DropReason::NoSuchInstance)?;
+            let id = topo
+                .instance_at(peer, dst)
+                .ok_or(DropReason::NoSuchInstance)?;
             Ok(Target::Instance {
                 id,
                 peering: Some(p),

@@ -119,27 +119,7 @@ impl Scope<'_> {
                 let v = vpcs[vpc as usize].as_ref()?;
                 let count = per_vpc.entry(vpc).or_default();
                 *count += 1;
-                if *count > limits.route_tables_per_vpc {
-                    d.err(
-                        t.name.span(),
-                        &item,
-                        format!(
-                            "vpc \"{}\" has more than {} route tables",
-                            v.name, limits.route_tables_per_vpc
-                        ),
-                    );
-                }
-                if t.routes.len() > limits.routes_per_table {
-                    d.err(
-                        t.name.span(),
-                        &item,
-                        format!(
-                            "{} routes exceed the limit of {} (raise [limits] routes_per_table)",
-                            t.routes.len(),
-                            limits.routes_per_table
-                        ),
-                    );
-                }
+                table_limits(d, (t, &item), *count, v, limits);
                 let mut routes = Vec::new();
                 let mut seen: HashMap<Ipv4Net, usize> = HashMap::new();
                 let mut ok = true;
@@ -324,7 +304,51 @@ pub(super) fn check_rule(
         Some(p) => ports(d, item, p, port),
         None => Some(Vec::new()),
     };
-    let peer = match peer.get_ref().strip_prefix("sg:") {
+    let peer = rule_peer(d, item, peer, groups);
+    Some(Rule {
+        action: act?,
+        protocol: proto?,
+        ports: ports?,
+        peer: peer?,
+        line,
+    })
+}
+
+/// A route table's limits: tables per VPC (`count`: this one's rank in VPC `v`) and routes
+/// per table.
+fn table_limits(
+    d: &mut Diagnostics,
+    (t, item): (&file::RouteTable, &str),
+    count: usize,
+    v: &Vpc,
+    limits: &Limits,
+) {
+    if count > limits.route_tables_per_vpc {
+        d.err(
+            t.name.span(),
+            item,
+            format!(
+                "vpc \"{}\" has more than {} route tables",
+                v.name, limits.route_tables_per_vpc
+            ),
+        );
+    }
+    if t.routes.len() > limits.routes_per_table {
+        d.err(
+            t.name.span(),
+            item,
+            format!(
+                "{} routes exceed the limit of {} (raise [limits] routes_per_table)",
+                t.routes.len(),
+                limits.routes_per_table
+            ),
+        );
+    }
+}
+
+/// A rule's peer: a CIDR, or `sg:NAME` where `groups` (security groups' rules only) names it.
+fn rule_peer(d: &mut Diagnostics, item: &str, peer: &Text, groups: Option<&Names>) -> Option<Peer> {
+    match peer.get_ref().strip_prefix("sg:") {
         Some(name) => match groups {
             Some(groups) => match groups.get(name) {
                 Some(&g) => Some(Peer::Group(SgId(g))),
@@ -347,14 +371,7 @@ pub(super) fn check_rule(
             }
         },
         None => d.cidr(peer, item, "peer", true).map(Peer::Cidr),
-    };
-    Some(Rule {
-        action: act?,
-        protocol: proto?,
-        ports: ports?,
-        peer: peer?,
-        line,
-    })
+    }
 }
 
 fn ports(
