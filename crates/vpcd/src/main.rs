@@ -107,6 +107,24 @@ impl CtlCommand {
     }
 }
 
+/// `vpcd ctl`: the daemon's socket from `--control`, or from `--host`.
+fn ctl_command(
+    host: Option<String>,
+    control: Option<PathBuf>,
+    json: bool,
+    command: CtlCommand,
+) -> ExitCode {
+    let path = match (control, host) {
+        (Some(p), _) => p,
+        (None, Some(h)) => vpcd::control::default_path(&h),
+        (None, None) => {
+            errln!("vpcd ctl: say which daemon: --host NAME or --control PATH");
+            return ExitCode::from(2);
+        }
+    };
+    ctl::ctl(&path, command.request(), json)
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     // Before anything is opened, so that every descriptor above stderr is an inherited one.
@@ -138,17 +156,7 @@ fn main() -> ExitCode {
             control,
             json,
             command,
-        } => {
-            let path = match (control, host) {
-                (Some(p), _) => p,
-                (None, Some(h)) => vpcd::control::default_path(&h),
-                (None, None) => {
-                    errln!("vpcd ctl: say which daemon: --host NAME or --control PATH");
-                    return ExitCode::from(2);
-                }
-            };
-            ctl::ctl(&path, command.request(), json)
-        }
+        } => ctl_command(host, control, json, command),
         Command::Run {
             topology,
             host,
