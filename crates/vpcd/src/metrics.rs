@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vpcd_core::policy::conntrack::ConntrackStats;
+use vpcd_core::topology::HostId;
 use vpcd_core::{DropReason, Topology};
 
 use crate::daemon::rule_label;
@@ -62,8 +63,8 @@ impl Family {
 pub struct Snapshot<'a> {
     /// The topology in force (names of rules and instances).
     pub topology: &'a Topology,
-    /// This host's name.
-    pub host: &'a str,
+    /// This host.
+    pub host: HostId,
     /// The workers' counters, summed.
     pub counters: &'a Counters,
     /// The connection tables' counters, summed.
@@ -208,15 +209,8 @@ fn instances(s: &Snapshot<'_>) -> Vec<Family> {
             "Packets for an instance that were dropped on this host.",
         ),
     ];
-    for (i, inst) in s.topology.instances.iter().enumerate() {
-        if s.topology
-            .hosts
-            .get(inst.host.index())
-            .map(|h| h.name.as_str())
-            != Some(s.host)
-        {
-            continue;
-        }
+    for id in s.topology.instances_on(s.host) {
+        let (i, inst) = (id.index(), s.topology.instance(id));
         let p = s.counters.port(i);
         let values = [p.sent, p.sent_dropped, p.received, p.received_dropped];
         for (f, v) in fams.iter_mut().zip(values) {
@@ -329,7 +323,7 @@ mod tests {
         let c = Counters::new(0);
         let s = Snapshot {
             topology: &t,
-            host: "h1",
+            host: t.host_named("h1").unwrap(),
             counters: &c,
             conntrack: ConntrackStats::default(),
             connections: 0,

@@ -13,7 +13,7 @@ use super::worker::Msg;
 use super::{Daemon, Totals};
 use crate::control::{self, Reply, Request};
 use crate::metrics;
-use crate::topology::Topology;
+use crate::topology::{HostId, Topology};
 
 /// A request from the control socket with the way back to its client.
 pub(super) type Asked = (Request, crossbeam_channel::Sender<Reply>);
@@ -61,7 +61,7 @@ fn fnv64(text: &str) -> String {
 }
 
 impl Totals {
-    fn prometheus(&self, t: &Topology, host: &str) -> String {
+    fn prometheus(&self, t: &Topology, host: HostId, name: &str) -> String {
         let mut tx = metrics::Family {
             name: "vpcd_tx_errors_total",
             help: "Writes that failed, by port (an instance's device, the internet device, the underlay).",
@@ -77,11 +77,15 @@ impl Totals {
                 self.tx_errors.internet,
             ));
         }
-        for (i, inst) in t.instances.iter().enumerate() {
-            if t.hosts.get(inst.host.index()).map(|h| h.name.as_str()) == Some(host) {
-                let n = self.tx_errors.instances.get(i).copied().unwrap_or(0);
-                tx.samples.push((vec![("port", inst.name.clone())], n));
-            }
+        for id in t.instances_on(host) {
+            let n = self
+                .tx_errors
+                .instances
+                .get(id.index())
+                .copied()
+                .unwrap_or(0);
+            tx.samples
+                .push((vec![("port", t.instance(id).name.clone())], n));
         }
         let snapshot = metrics::Snapshot {
             topology: t,
@@ -98,7 +102,7 @@ impl Totals {
             samples: vec![(Vec::new(), self.handoff_drops)],
         });
         families.push(tx);
-        metrics::render(host, &families)
+        metrics::render(name, &families)
     }
 }
 
@@ -144,7 +148,10 @@ impl Daemon {
             Request::Stats { prometheus } => {
                 let totals = self.collect(Msg::Tick);
                 if prometheus {
-                    Reply::ok(totals.prometheus(&self.topo, &self.opts.host), json!(null))
+                    Reply::ok(
+                        totals.prometheus(&self.topo, self.host, &self.opts.host),
+                        json!(null),
+                    )
                 } else {
                     let text = totals.text(&self.topo, self.host, &self.opts.host, self.stats_seq);
                     let map = super::parse_stats(&text);
