@@ -33,6 +33,10 @@
 //! with another GRE key or another way in, and the same topology installed again. Time moves
 //! by 0 ms to 300 s, often onto the timeouts' edges. Every decision must be the model's.
 //!
+//! Every packet is also traced ([`Pipeline::trace`], on a copy of the tables) just before the
+//! pipeline decides it: the trace's decision must be the pipeline's, and a policy drop must
+//! be decided at its stage (a security group's or an ACL's), which says so.
+//!
 //! Environment:
 //! - `VPCD_PROP_CASES`: cases of the VPC mix (default 10,000, about 467,000 packets);
 //! - `VPCD_PROP_CLOUD_CASES`: cases of the cloud mix (default 10,000, about 469,000 packets);
@@ -58,6 +62,7 @@ use std::time::Instant;
 
 use proptest::test_runner::{Config, RngSeed, TestCaseError, TestError, TestRunner};
 use vpcd_core::pipeline::Nat;
+use vpcd_core::pipeline::trace::{HostTrace, Stage};
 use vpcd_core::{Decision, DropReason, Ingress, Pipeline, Timestamp, Topology};
 
 use model::build::hex;
@@ -239,6 +244,36 @@ fn run_cloud(
     run_case("cloud", &text, Some(spec.this_host()), steps, stats, strict)
 }
 
+/// A trace of a packet (taken on a copy of the tables, just before the pipeline decided it)
+/// agrees with the pipeline: the same decision, and a policy drop decided at the stage of its
+/// reason, which says "drop" (or "deny").
+fn trace_agrees(t: &HostTrace, got: Decision) -> Result<(), String> {
+    if t.decision != got {
+        return Err(format!("trace {:?}, pipeline {got:?}", t.decision));
+    }
+    let Decision::Drop(d) = got else {
+        return Ok(());
+    };
+    let want = match d.reason {
+        DropReason::SgEgress | DropReason::SgIngress => Stage::SecurityGroup,
+        DropReason::AclEgress | DropReason::AclIngress => Stage::Acl,
+        _ => return Ok(()),
+    };
+    let last = t.steps.iter().rev().find(|s| s.stage != Stage::Result);
+    match last {
+        Some(s)
+            if s.stage == want
+                && s
+                    .fields
+                    .iter()
+                    .any(|(k, v)| *k == "result" && (v == "drop" || v == "deny")) =>
+        {
+            Ok(())
+        }
+        other => Err(format!("{:?} decided at {other:?}", d.reason)),
+    }
+}
+
 fn run_case(
     mix: &'static str,
     text: &str,
@@ -286,7 +321,17 @@ fn run_case(
         let mut sent = resolver.resolve(&step.op, &hist, now);
         let want = model.decide(&sent.bytes, sent.ingress, now);
         let got = match &mut pipeline {
-            Some(p) => p.decide(&sent.bytes, sent.ingress, Timestamp::from_millis(now)),
+            Some(p) => {
+                let at = Timestamp::from_millis(now);
+                let (traced, _) = p.trace(&sent.bytes, sent.ingress, at);
+                let got = p.decide(&sent.bytes, sent.ingress, at);
+                if let Err(e) = trace_agrees(&traced, got) {
+                    let mut r = report(text, &hist, &retopos, got, want);
+                    r.push_str(&format!("trace disagrees: {e}\n{traced:#?}\n"));
+                    return Err(r);
+                }
+                got
+            }
             None => want,
         };
         sent.decision = Some(got);
@@ -295,6 +340,11 @@ fn run_case(
             let mut s = stats.borrow_mut();
             s.packets += 1;
             *s.mix_packets.entry(mix).or_default() += 1;
+            if !s.model_only {
+                *s.events
+                    .entry("trace: agreed with the pipeline".into())
+                    .or_default() += 1;
+            }
             let d = s.digests.entry(mix).or_insert(FNV64_OFFSET);
             *d = digest(*d, &sent_of(hist.last().unwrap()));
             *s.events

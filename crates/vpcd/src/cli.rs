@@ -122,6 +122,34 @@ pub fn check(file: &Path, locked: bool, full: bool) -> ExitCode {
     }
 }
 
+/// `vpcd trace FILE ...`: the trace for people, or (`json`) as a JSON object. Exit 0 for any
+/// trace (delivered or dropped: the verdict says), 1 for a topology that does not load, 2
+/// for a packet the topology cannot send (an unknown instance, a missing port).
+pub fn trace(file: &Path, args: vpcd::trace::TraceArgs, json: bool) -> ExitCode {
+    let t = match vpcd::files::load_topology(file) {
+        Ok(t) => std::sync::Arc::new(t),
+        Err(e) => {
+            errln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match vpcd::trace::offline(&t, &args, vpcd::Timestamp::from_millis(0)) {
+        Ok(tr) if json => {
+            let v = vpcd::trace::json(&t, &tr);
+            outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Ok(tr) => {
+            out!("{}", vpcd::trace::text(&t, &tr));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            errln!("vpcd trace: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 /// Writes the allocations `t` made that its lock file does not record yet; with `locked`, an
 /// out-of-date lock is an error instead.
 pub fn write_lock(file: &Path, t: &Topology, locked: bool) -> anyhow::Result<()> {

@@ -49,6 +49,8 @@ pub enum Request {
         #[serde(default)]
         flush: bool,
     },
+    /// Trace a packet through this daemon's live tables and the hosts after it.
+    Trace(crate::trace::TraceArgs),
 }
 
 /// The answer to a request.

@@ -8,7 +8,8 @@
 //! - [`capture`]: packet capture to pcapng;
 //! - [`clock`]: the monotonic clock that stamps packets;
 //! - [`control`]: the control socket (`vpcd ctl`);
-//! - [`metrics`]: the counters in the Prometheus text format, and their HTTP endpoint.
+//! - [`metrics`]: the counters in the Prometheus text format, and their HTTP endpoint;
+//! - [`trace`]: `vpcd trace`, a packet followed through every host's decision.
 
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
@@ -21,6 +22,7 @@ pub mod files;
 pub mod io;
 pub mod lab;
 pub mod metrics;
+pub mod trace;
 
 pub use vpcd_core::{Action, Decision, DropReason, Dropped, Ingress, Pipeline, RuleRef};
 pub use vpcd_core::{Timestamp, Topology};

@@ -58,7 +58,7 @@ enum Command {
         #[arg(long, value_name = "ADDR:PORT")]
         metrics: Option<std::net::SocketAddr>,
     },
-    /// Ask a running daemon (its control socket): status, reload, stats, clear-counters.
+    /// Ask a running daemon (its control socket): status, reload, stats, clear-counters, trace.
     Ctl {
         /// The daemon's host name (its socket is /run/vpcd/HOST.sock).
         #[arg(long, conflicts_with = "control")]
@@ -72,11 +72,50 @@ enum Command {
         #[command(subcommand)]
         command: CtlCommand,
     },
+    /// Follow a packet through every host's decision (empty tables: a first packet), and
+    /// say where it ends and which stage and rule decided.
+    Trace {
+        /// The topology file.
+        file: PathBuf,
+        #[command(flatten)]
+        what: TraceOpts,
+        /// Answer in JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// A whole region on this machine, in network namespaces.
     Lab {
         #[command(subcommand)]
         command: cli::LabCommand,
     },
+}
+
+/// The packet to trace.
+#[derive(clap::Args)]
+struct TraceOpts {
+    /// The sender: an instance's name, or `internet`.
+    #[arg(long)]
+    from: String,
+    /// The destination: an instance's name or an IPv4 address.
+    #[arg(long)]
+    to: String,
+    /// tcp, udp or icmp.
+    #[arg(long, value_parser = ["tcp", "udp", "icmp"])]
+    protocol: String,
+    /// The destination port (tcp, udp).
+    #[arg(long)]
+    port: Option<u16>,
+}
+
+impl TraceOpts {
+    fn args(self) -> vpcd::trace::TraceArgs {
+        vpcd::trace::TraceArgs {
+            from: self.from,
+            to: self.to,
+            protocol: self.protocol,
+            port: self.port,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -93,6 +132,12 @@ enum CtlCommand {
     },
     /// Zero every counter.
     ClearCounters,
+    /// Trace a packet: this host with its live tables (connections, flow cache), the hosts
+    /// after it with empty ones.
+    Trace {
+        #[command(flatten)]
+        what: TraceOpts,
+    },
 }
 
 impl CtlCommand {
@@ -103,6 +148,7 @@ impl CtlCommand {
             CtlCommand::Reload => Request::Reload {},
             CtlCommand::Stats { prometheus } => Request::Stats { prometheus },
             CtlCommand::ClearCounters => Request::ClearCounters {},
+            CtlCommand::Trace { what } => Request::Trace(what.args()),
         }
     }
 }
@@ -151,6 +197,7 @@ fn main() -> ExitCode {
     match args.command {
         Command::Check { file, locked, full } => cli::check(&file, locked, full),
         Command::Lab { command } => cli::lab(command),
+        Command::Trace { file, what, json } => cli::trace(&file, what.args(), json),
         Command::Ctl {
             host,
             control,

@@ -5,6 +5,7 @@
 use std::net::Ipv4Addr;
 
 use super::flow::{FROM_INTERNET, FROM_UNDERLAY, FlowKey};
+use super::trace::{self, Stage};
 use super::{Decision, Dropped, HostView, RuleRef, State};
 use crate::policy::conntrack::{ConnRef, Endpoint, Zone};
 use crate::reason::DropReason;
@@ -91,6 +92,10 @@ pub(super) struct Decider<'a> {
     /// False once the decision read something the flow key does not hold (the absence of a
     /// connection), so that it must be taken again for the next packet.
     pub cacheable: bool,
+    /// The trace being taken, if one is ([`super::trace`]).
+    pub trace: Option<super::trace::Sink<'a>>,
+    /// The route the decision took, for the trace.
+    pub via: super::route::Via,
 }
 
 /// What the full path found: the decision, the connections behind it (the sending side's and
@@ -150,6 +155,7 @@ impl Decider<'_> {
     ) -> Decision {
         let (generation, now) = (self.host.generation, self.now);
         let key = FlowKey::new(origin.ingress(), gre_key, ip);
+        self.note(Stage::Entry, |t| trace::entry_fields(t, origin, ip));
         if let Fragment::Later { .. } = ip.fragment {
             return match self.state.frags.follow(&key, ip.ident, generation, now) {
                 Some(d) => with_strip(d, strip),
@@ -189,10 +195,12 @@ impl Decider<'_> {
         ip: &Ipv4Packet,
         pkt: &[u8],
     ) -> FullDecision {
-        let plan = match self
-            .target(origin, ip, pkt)
-            .and_then(|t| self.plan(origin, t, ip))
-        {
+        let target = self.target(origin, ip, pkt);
+        let via = self.via;
+        self.note(Stage::Route, |t| {
+            trace::route_fields(t, via, &target.as_ref().map(|x| x.0).map_err(|d| *d))
+        });
+        let plan = match target.and_then(|t| self.plan(origin, t, ip)) {
             Ok(p) => p,
             Err(d) => return d.into(),
         };

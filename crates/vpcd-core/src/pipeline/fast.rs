@@ -4,6 +4,7 @@
 use super::Decision;
 use super::decide::Decider;
 use super::flow::FlowKey;
+use super::trace::{Stage, cache_fields};
 use crate::policy::conntrack::Track;
 use crate::wire::ipv4::{self, L4};
 
@@ -12,6 +13,11 @@ impl Decider<'_> {
     /// flags; `None` to take the full path (nothing cached, or a connection is gone).
     #[inline]
     pub fn cached(&mut self, key: &FlowKey, l4: &L4) -> Option<Decision> {
+        if let Some(sink) = &self.trace {
+            let hit = sink.cache.peek(key, self.host.generation);
+            self.note(Stage::Cache, |t| cache_fields(t, hit.map(|h| h.decision)));
+            return None;
+        }
         let state = &mut *self.state;
         let hit = state.flows.get(key, self.host.generation)?;
         let sides = hit.conns.iter().zip([hit.egress_src, hit.ingress_src]);
@@ -46,6 +52,9 @@ impl Decider<'_> {
         gre_key: u64,
         pkt: &[u8],
     ) -> Option<Decision> {
+        if self.tracing() {
+            return None;
+        }
         let (fields, l4) = ipv4::quick_key(pkt)?;
         let key = FlowKey::from_fields(ingress, gre_key, fields);
         self.cached(&key, &l4)

@@ -10,6 +10,7 @@ use std::net::Ipv4Addr;
 
 use super::decide::{Decider, FullDecision, INTERNET, Origin, policy_drop, ports, zone_of};
 use super::plan::Plan;
+use super::trace::{self, Stage};
 use super::{Decision, RuleRef};
 use crate::policy::conntrack::{
     ConnKey, ConnRef, Endpoint, Open, Owner, Track, Zone, icmp_query, tcp,
@@ -80,19 +81,22 @@ fn rule_port(ip: &Ipv4Packet, reverse: bool) -> Option<u16> {
     }
 }
 
-/// An ACL's verdict; the error names the deciding rule (`None`: no rule matched).
-fn acl_allows(list: &RuleList<AclId>, s: &Subject) -> Result<(), Option<u16>> {
+/// An ACL's verdict: the rule that allowed, or the one that denied (`None`: no rule matched).
+fn acl_allows(list: &RuleList<AclId>, s: &Subject) -> Result<u16, Option<u16>> {
     match list.evaluate(s) {
-        Outcome::Accepted(_) => Ok(()),
+        Outcome::Accepted(o) => Ok(o.rule),
         Outcome::Dropped(o) => Err(Some(o.rule)),
         Outcome::NoMatch => Err(None),
     }
 }
 
-/// A security-group list's verdict; the error names the deciding rule.
-fn sg_allows(list: &RuleList<SgId>, s: &Subject, instance: InstanceId) -> Result<(), RuleRef> {
+/// A security-group list's verdict: the rule that accepted, or the one that dropped.
+fn sg_allows(list: &RuleList<SgId>, s: &Subject, instance: InstanceId) -> Result<RuleRef, RuleRef> {
     match list.evaluate(s) {
-        Outcome::Accepted(_) => Ok(()),
+        Outcome::Accepted(o) => Ok(RuleRef::SecurityGroup {
+            group: o.owner,
+            rule: o.rule,
+        }),
         Outcome::Dropped(o) => Err(RuleRef::SecurityGroup {
             group: o.owner,
             rule: o.rule,
@@ -124,7 +128,7 @@ fn one_side(sides: &[Option<Side>; 2]) -> bool {
 
 impl Decider<'_> {
     /// Network ACLs: stateless, VPC subnets only, not inside one subnet (unless translated).
-    pub fn acls(&self, origin: Origin, plan: &Plan, ip: &Ipv4Packet) -> Result<(), Decision> {
+    pub fn acls(&mut self, origin: Origin, plan: &Plan, ip: &Ipv4Packet) -> Result<(), Decision> {
         let topo = self.topo;
         let src = origin
             .source()
@@ -135,6 +139,7 @@ impl Decider<'_> {
             .map(|d| topo.instance(d))
             .and_then(|d| d.subnet());
         if plan.nat.is_none() && src.is_some() && src == dst {
+            self.note(Stage::Acl, |_| vec![("result", "none: inside one subnet".into())]);
             return Ok(());
         }
         let subject = |peer| Subject {
@@ -145,22 +150,28 @@ impl Decider<'_> {
         let acl_of = |s: Option<crate::topology::SubnetId>| s.and_then(|s| topo.subnet(s).acl);
         if matches!(origin, Origin::Local { .. })
             && let Some(acl) = acl_of(src)
-            && let Err(rule) = acl_allows(&topo.acls[acl.index()].egress_list, &subject(ip.dst))
         {
-            return Err(policy_drop(
-                DropReason::AclEgress,
-                RuleRef::Acl { acl, rule },
-            ));
+            let verdict = acl_allows(&topo.acls[acl.index()].egress_list, &subject(ip.dst));
+            self.note(Stage::Acl, |t| trace::acl_fields(t, acl, false, verdict));
+            if let Err(rule) = verdict {
+                return Err(policy_drop(
+                    DropReason::AclEgress,
+                    RuleRef::Acl { acl, rule },
+                ));
+            }
         }
         let seen_src = plan.nat.src.unwrap_or(ip.src);
         if plan.target_local
             && let Some(acl) = acl_of(dst)
-            && let Err(rule) = acl_allows(&topo.acls[acl.index()].ingress_list, &subject(seen_src))
         {
-            return Err(policy_drop(
-                DropReason::AclIngress,
-                RuleRef::Acl { acl, rule },
-            ));
+            let verdict = acl_allows(&topo.acls[acl.index()].ingress_list, &subject(seen_src));
+            self.note(Stage::Acl, |t| trace::acl_fields(t, acl, true, verdict));
+            if let Err(rule) = verdict {
+                return Err(policy_drop(
+                    DropReason::AclIngress,
+                    RuleRef::Acl { acl, rule },
+                ));
+            }
         }
         Ok(())
     }
@@ -243,9 +254,15 @@ impl Decider<'_> {
                 continue;
             }
             let Some(r) = self.state.conntrack.lookup(&key, self.now) else {
+                self.note(Stage::Conntrack, |t| trace::tracked_fields(t, &side, None, None));
                 continue;
             };
-            match self.state.conntrack.track(r, &side.src, &ip.l4, self.now) {
+            let before = self.state.conntrack.get(r).map(|c| c.state);
+            let tracked = self.state.conntrack.track(r, &side.src, &ip.l4, self.now);
+            self.note(Stage::Conntrack, |t| {
+                trace::tracked_fields(t, &side, before, Some(&tracked))
+            });
+            match tracked {
                 Track::Accepted(_) => (found[n], conns[n]) = (true, Some(r)),
                 Track::Ended => (found[n], ended) = (true, true),
                 Track::Invalid(reason) => return Err(reason),
@@ -270,7 +287,12 @@ impl Decider<'_> {
     ) -> FullDecision {
         let sides = self.sides(origin, zone, plan, ip);
         if matches!(ip.l4, L4::Icmp { kind, .. } if icmp_type::is_error(kind)) {
-            return FullDecision::uncached(if self.related(&sides, ip, pkt) {
+            let related = self.related(&sides, ip, pkt);
+            self.note(Stage::Conntrack, |_| {
+                let quote = if related { "a tracked connection" } else { "no tracked connection" };
+                vec![("icmp error", format!("quotes {quote}"))]
+            });
+            return FullDecision::uncached(if related {
                 plan.forward
             } else {
                 Decision::drop(DropReason::IcmpErrorUnrelated)
@@ -358,12 +380,19 @@ impl Decider<'_> {
             } else {
                 Open::New
             };
-            let r = self
+            let opened = self
                 .state
                 .conntrack
-                .open(key, opener, opener.owner(), how, self.now)
-                .map_err(Decision::drop)?;
-            conns[n] = Some(r);
+                .open(key, opener, opener.owner(), how, self.now);
+            self.note(Stage::Conntrack, |t| {
+                let what = match &opened {
+                    Ok(_) if pickup => "picked up (loose TCP pickup)".to_string(),
+                    Ok(_) => "opened".to_string(),
+                    Err(r) => format!("refused: {r}"),
+                };
+                vec![("side", trace::side_name(t, &side)), ("entry", what)]
+            });
+            conns[n] = Some(opened.map_err(Decision::drop)?);
         }
         Ok(())
     }
@@ -371,7 +400,7 @@ impl Decider<'_> {
     /// The security groups of the sides in `need`, egress before ingress; `reverse` judges the
     /// packet as a reply of a connection its destination opened (a TCP pickup).
     fn groups(
-        &self,
+        &mut self,
         sides: &[Option<Side>; 2],
         need: [bool; 2],
         ip: &Ipv4Packet,
@@ -394,7 +423,11 @@ impl Decider<'_> {
                 protocol: ip.protocol,
                 dport: rule_port(ip, reverse),
             };
-            sg_allows(rules, &subject, s.instance).map_err(|rule| policy_drop(reason, rule))?;
+            let verdict = sg_allows(rules, &subject, s.instance);
+            self.note(Stage::SecurityGroup, |t| {
+                trace::group_fields(t, s, outbound, reverse, &verdict)
+            });
+            verdict.map_err(|rule| policy_drop(reason, rule))?;
         }
         Ok(())
     }

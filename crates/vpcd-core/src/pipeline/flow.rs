@@ -162,6 +162,16 @@ impl FlowCache {
         None
     }
 
+    /// The decision cached for `key` in this generation, the cache left as it is (a trace).
+    pub fn peek(&self, key: &FlowKey, generation: u64) -> Option<Hit> {
+        let i = self.set(key);
+        let found = self.slots[i..i + 2].iter().flatten();
+        found
+            .filter(|s| s.key == *key && s.generation == generation)
+            .map(|s| s.hit)
+            .next()
+    }
+
     /// Caches a decision, replacing the least recently used entry of the set.
     pub fn insert(
         &mut self,

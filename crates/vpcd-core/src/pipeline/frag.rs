@@ -44,7 +44,7 @@ impl DatagramKey {
 }
 
 /// Decisions of admitted first fragments, with the topology generation they were taken in.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct FragTable {
     map: HashMap<DatagramKey, (Decision, u64, Timestamp), foldhash::fast::FixedState>,
     order: VecDeque<DatagramKey>,

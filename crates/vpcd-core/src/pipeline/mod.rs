@@ -43,6 +43,7 @@ mod frag;
 mod plan;
 mod related;
 mod route;
+pub mod trace;
 
 pub use crate::wire::nat::Nat;
 pub use counters::{Counters, PortCounters};
@@ -478,6 +479,8 @@ impl Pipeline {
             state: &mut self.state,
             now,
             cacheable: true,
+            trace: None,
+            via: Default::default(),
         };
         let d = decider.decide(packet, from, segmented);
         self.state.counters.count(&d, from);

@@ -71,7 +71,8 @@ impl Decider<'_> {
                 source, channel, ..
             } => {
                 let target =
-                    route(topo, source, topo.instance(source), ip.dst).map_err(Decision::drop)?;
+                    route(topo, source, topo.instance(source), ip.dst, &mut self.via)
+                        .map_err(Decision::drop)?;
                 self.came_on_its_channel(source, target, channel, origin.foreign())?;
                 target
             }

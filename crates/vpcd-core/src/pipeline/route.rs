@@ -13,7 +13,7 @@ use super::decide::{Decider, INTERNET, is_public, ports, zone_of};
 use crate::policy::conntrack::{ConnKey, Endpoint};
 use crate::policy::route::NextHop;
 use crate::reason::DropReason;
-use crate::topology::{Instance, InstanceId, Network, PeeringId, Space, Topology};
+use crate::topology::{Instance, InstanceId, Network, PeeringId, RouteTableId, Space, Topology};
 use crate::wire::ipv4::{self, Ipv4Packet, L4, icmp_type};
 
 /// Where a route leads.
@@ -34,37 +34,71 @@ impl Target {
     }
 }
 
-/// The route of `sender` (the instance `src`) towards `dst`.
+/// Which route a packet took (for a trace: [`route`] writes it as it decides).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) enum Via {
+    /// No route was looked up.
+    #[default]
+    Nothing,
+    /// The VPC's local route, in the sender subnet's table.
+    Local(RouteTableId),
+    /// The custom route of this index in the table.
+    Custom(RouteTableId, usize),
+    /// No custom route matched in the table.
+    NoRoute(RouteTableId),
+    /// The interconnect between a VPC and a basic instance linked to it.
+    Interconnect,
+    /// The basic network's pool.
+    Pool,
+    /// The sender's Elastic IP, for a public destination nothing else matched.
+    Eip,
+    /// The reply of a connection that came in through the sender's Elastic IP.
+    EipReply,
+}
+
+/// The route of `sender` (the instance `src`) towards `dst`; `via` says which one matched.
 pub(super) fn route(
     topo: &Topology,
     sender: InstanceId,
     src: &Instance,
     dst: Ipv4Addr,
+    via: &mut Via,
 ) -> Result<Target, DropReason> {
     match &src.network {
-        Network::Basic { tenant } => basic_route(topo, sender, src, tenant, dst),
+        Network::Basic { tenant } => basic_route(topo, sender, src, tenant, dst, via),
         Network::Vpc { vpc, subnet } => {
             let sender_vpc = topo.vpc(*vpc);
-            let table = &topo.route_tables[topo.subnet(*subnet).route_table.index()];
-            let custom = table.routes.lookup(dst).map(|(_, r)| r);
+            let rt = topo.subnet(*subnet).route_table;
+            let custom = topo.route_tables[rt.index()].routes.lookup(dst);
             if sender_vpc.cidr.contains(&dst) {
                 // Only a subnet route lies inside the VPC's CIDR; any other match is a wider
                 // route the local route beats.
                 return match custom {
-                    Some(r) if sender_vpc.cidr.contains(&r.destination) => {
+                    Some((i, r)) if sender_vpc.cidr.contains(&r.destination) => {
+                        *via = Via::Custom(rt, i);
                         hop(topo, sender, src, *vpc, r.next_hop, dst)
                     }
-                    _ => instance_in(topo, Space::Vpc(*vpc), dst),
+                    _ => {
+                        *via = Via::Local(rt);
+                        instance_in(topo, Space::Vpc(*vpc), dst)
+                    }
                 };
             }
             if let Some(classic) = topo.instance_in(Space::Basic, dst)
                 && topo.linked_vpc(classic) == Some(*vpc)
             {
+                *via = Via::Interconnect;
                 return Ok(Target::local(classic));
             }
             match custom {
-                Some(r) => hop(topo, sender, src, *vpc, r.next_hop, dst),
-                None => eip_or(src, dst, DropReason::NoRoute),
+                Some((i, r)) => {
+                    *via = Via::Custom(rt, i);
+                    hop(topo, sender, src, *vpc, r.next_hop, dst)
+                }
+                None => {
+                    *via = Via::NoRoute(rt);
+                    eip_or(src, dst, DropReason::NoRoute, via)
+                }
             }
         }
     }
@@ -76,10 +110,12 @@ fn basic_route(
     src: &Instance,
     tenant: &str,
     dst: Ipv4Addr,
+    via: &mut Via,
 ) -> Result<Target, DropReason> {
     if let Some(pool) = topo.basic
         && pool.cidr.contains(&dst)
     {
+        *via = Via::Pool;
         let id = topo
             .instance_in(Space::Basic, dst)
             .ok_or(DropReason::NoSuchInstance)?;
@@ -95,9 +131,10 @@ fn basic_route(
     if let Some(vpc) = topo.linked_vpc(sender)
         && topo.vpc(vpc).cidr.contains(&dst)
     {
+        *via = Via::Interconnect;
         return instance_in(topo, Space::Vpc(vpc), dst);
     }
-    eip_or(src, dst, DropReason::NoRoute)
+    eip_or(src, dst, DropReason::NoRoute, via)
 }
 
 fn instance_in(topo: &Topology, space: Space, dst: Ipv4Addr) -> Result<Target, DropReason> {
@@ -107,8 +144,14 @@ fn instance_in(topo: &Topology, space: Space, dst: Ipv4Addr) -> Result<Target, D
 }
 
 /// Through the sender's Elastic IP for a public destination, else `fallback`.
-fn eip_or(src: &Instance, dst: Ipv4Addr, fallback: DropReason) -> Result<Target, DropReason> {
+fn eip_or(
+    src: &Instance,
+    dst: Ipv4Addr,
+    fallback: DropReason,
+    via: &mut Via,
+) -> Result<Target, DropReason> {
     if src.eip.is_some() && is_public(dst) {
+        *via = Via::Eip;
         Ok(Target::Internet)
     } else {
         Err(fallback)
@@ -160,12 +203,13 @@ impl Decider<'_> {
     ) -> Result<Target, DropReason> {
         let src = self.topo.instance(id);
         if src.eip.is_none() || !is_public(ip.dst) {
-            return route(self.topo, id, src, ip.dst);
+            return route(self.topo, id, src, ip.dst, &mut self.via);
         }
         if self.came_in_through_eip(id, ip, pkt) {
+            self.via = Via::EipReply;
             return Ok(Target::Internet);
         }
-        let target = route(self.topo, id, src, ip.dst);
+        let target = route(self.topo, id, src, ip.dst, &mut self.via);
         if target != Ok(Target::Internet) {
             self.cacheable = false;
         }

@@ -56,6 +56,11 @@ impl Routes {
         &self.routes
     }
 
+    /// The route of index `i`.
+    pub fn get(&self, i: usize) -> Option<&Route> {
+        self.routes.get(i)
+    }
+
     /// The most specific route containing `dst`, with its index.
     #[inline]
     pub fn lookup(&self, dst: Ipv4Addr) -> Option<(usize, &Route)> {

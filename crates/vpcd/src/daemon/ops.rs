@@ -9,11 +9,15 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::info;
 
-use super::worker::Msg;
+use super::worker::{Msg, TraceAsk};
 use super::{Daemon, Totals};
 use crate::control::{self, Reply, Request};
 use crate::metrics;
+use crate::pipeline::{self, trace::Hop};
 use crate::topology::{HostId, Topology};
+use crate::trace::{self, TraceArgs};
+use crate::{Ingress, Timestamp};
+use std::sync::Arc;
 
 /// A request from the control socket with the way back to its client.
 pub(super) type Asked = (Request, crossbeam_channel::Sender<Reply>);
@@ -164,7 +168,46 @@ impl Daemon {
                 Reply::ok("counters cleared", json!(null))
             }
             Request::Flows { .. } => Reply::error("flows: not served by this daemon yet"),
+            Request::Trace(args) => self.trace_reply(&args),
         }
+    }
+
+    /// `vpcd ctl trace`: this host's part with the live tables of the worker that owns the
+    /// flow, the other hosts' with empty ones.
+    fn trace_reply(&self, args: &TraceArgs) -> Reply {
+        let t = self.topo.clone();
+        let probe = match args.probe(&t) {
+            Ok(p) => p,
+            Err(e) => return Reply::error(e),
+        };
+        let first = self.hop(probe.host, &probe.packet, probe.from);
+        let tr = pipeline::trace::follow(first, |n| self.hop(n.host, &n.packet, n.from));
+        Reply::ok(trace::text(&t, &tr), trace::json(&t, &tr))
+    }
+
+    /// One host's part of a trace: live on this host (if its worker answers), else fresh.
+    fn hop(&self, host: HostId, packet: &[u8], from: Ingress) -> Hop {
+        let now = Timestamp::from_millis(0);
+        if host != self.host {
+            return trace::fresh(&self.topo, host, packet, from, now);
+        }
+        let lanes = self.lanes.clone().unwrap_or_else(|| Arc::from(Vec::new()));
+        let (tx, rx) = crossbeam_channel::bounded(lanes.len());
+        for lane in lanes.iter() {
+            lane.send_blocking(Msg::Trace(TraceAsk {
+                packet: packet.to_vec(),
+                from,
+                reply: tx.clone(),
+            }));
+        }
+        for _ in 0..lanes.len() {
+            match rx.recv_timeout(Duration::from_millis(500)) {
+                Ok(Some(hop)) => return hop,
+                Ok(None) => {}
+                Err(_) => break,
+            }
+        }
+        trace::fresh(&self.topo, host, packet, from, now)
     }
 
     fn status_reply(&self) -> Reply {

@@ -30,6 +30,7 @@ use super::pool::Pool;
 use crate::clock::MonotonicClock;
 use crate::io::tun::Tun;
 use crate::io::underlay::{BATCH, CutFrames, Received, UnderlayRx, UnderlayTx};
+use crate::pipeline::trace::Hop;
 use crate::pipeline::{Action, Counters, Egress, Ingress, Pipeline};
 use crate::reason::DropReason;
 use crate::time::Timestamp;
@@ -83,8 +84,21 @@ pub enum Msg {
     Tick(Sender<WorkerReport>),
     /// Zero the counters (`vpcd ctl clear-counters`), then report them.
     ClearCounters(Sender<WorkerReport>),
+    /// Trace a packet through this worker's tables if its flow is this worker's (`vpcd ctl
+    /// trace`); the others answer `None`.
+    Trace(TraceAsk),
     /// Stop.
     Stop,
+}
+
+/// A packet to trace, as it enters this host, and the way back.
+pub struct TraceAsk {
+    /// The packet.
+    pub packet: Vec<u8>,
+    /// Where it enters.
+    pub from: Ingress,
+    /// The owning worker's trace of it.
+    pub reply: Sender<Option<Hop>>,
 }
 
 /// The way to a worker: its inbox, and the eventfd that wakes it from `poll`.
@@ -418,10 +432,29 @@ impl Worker {
                     self.tx_errors = TxErrors::new(self.pipeline.topology().instances.len());
                     let _ = reply.send(self.report());
                 }
+                Msg::Trace(ask) => {
+                    let _ = ask.reply.send(self.trace(&ask.packet, ask.from));
+                }
                 Msg::Stop => return false,
             }
         }
         true
+    }
+
+    /// This worker's trace of a packet, if its flow is this worker's: with the live tables.
+    fn trace(&self, packet: &[u8], from: Ingress) -> Option<Hop> {
+        let topo = self.pipeline.topology();
+        let inner = match from {
+            Ingress::UnderlayIp => gre::peek_inner(packet, true),
+            Ingress::UnderlayUdp { .. } => gre::peek_inner(packet, false),
+            Ingress::Instance(_) | Ingress::Internet => packet,
+        };
+        if self.wiring.affinity.owner(topo, inner) != self.wiring.me {
+            return None;
+        }
+        let (mut t, next) = self.pipeline.trace(packet, from, self.clock.now());
+        t.live = true;
+        Some((t, next))
     }
 
     fn report(&self) -> WorkerReport {

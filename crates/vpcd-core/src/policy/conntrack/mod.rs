@@ -290,6 +290,7 @@ pub struct ConntrackStats {
 type Hasher = foldhash::fast::FixedState;
 
 /// The connection table.
+#[derive(Clone)]
 pub struct Conntrack {
     map: HashMap<ConnKey, u32, Hasher>,
     slots: Vec<Conn>,

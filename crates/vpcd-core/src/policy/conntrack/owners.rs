@@ -37,7 +37,7 @@ struct List {
     tail: u32,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Slot {
     owner: Owner,
     count: u32,
@@ -48,6 +48,7 @@ struct Slot {
 type Hasher = foldhash::fast::FixedState;
 
 /// The owners of a table.
+#[derive(Clone)]
 pub(super) struct Owners {
     by_owner: HashMap<Owner, u32, Hasher>,
     slots: Vec<Slot>,
