@@ -263,8 +263,7 @@ fn trace_agrees(t: &HostTrace, got: Decision) -> Result<(), String> {
     match last {
         Some(s)
             if s.stage == want
-                && s
-                    .fields
+                && s.fields
                     .iter()
                     .any(|(k, v)| *k == "result" && (v == "drop" || v == "deny")) =>
         {

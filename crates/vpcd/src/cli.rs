@@ -490,6 +490,19 @@ pub enum LabCommand {
         #[command(flatten)]
         lab: LabName,
     },
+    /// Ask one of the lab's daemons, as `vpcd ctl` does: status, reload, stats, clear-counters,
+    /// trace.
+    Ctl {
+        #[command(flatten)]
+        lab: LabName,
+        /// The host whose daemon to ask.
+        host: String,
+        /// Answer in JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        command: crate::CtlCommand,
+    },
     /// The labs that are up, with the health of each daemon; exit 1 when one is not running.
     List,
     /// up + check + down on the embedded default topology (lab "demo").
@@ -538,6 +551,7 @@ fn needs(cmd: &LabCommand) -> (&'static str, Needs) {
         LabCommand::Status { .. } => ("status", Needs::default()),
         LabCommand::Reload { .. } => ("reload", Needs::default()),
         LabCommand::List => ("list", Needs::default()),
+        LabCommand::Ctl { .. } => ("ctl", Needs::default()),
     }
 }
 
@@ -566,8 +580,34 @@ pub fn lab(cmd: LabCommand) -> ExitCode {
         LabCommand::Reload { file, lab } => Lab::new(&lab.name).and_then(|l| reload(&l, file)),
         LabCommand::List => Ok(list()),
         LabCommand::Demo { workers } => Ok(demo(workers)),
+        LabCommand::Ctl {
+            lab,
+            host,
+            json,
+            command,
+        } => Lab::new(&lab.name).and_then(|l| lab_ctl(&l, &host, json, command)),
     };
     r.unwrap_or_else(fail)
+}
+
+/// `vpcd lab ctl HOST CMD`: `vpcd ctl` on the socket of the lab's daemon for HOST.
+fn lab_ctl(
+    lab: &Lab,
+    host: &str,
+    json: bool,
+    command: crate::CtlCommand,
+) -> anyhow::Result<ExitCode> {
+    let t = lab.topology()?;
+    if t.host_named(host).is_none() {
+        let hosts: Vec<&str> = t.hosts.iter().map(|h| h.name.as_str()).collect();
+        anyhow::bail!(
+            "lab \"{}\" has no host \"{host}\"; its hosts: {}",
+            lab.name,
+            hosts.join(", ")
+        );
+    }
+    let path = vpcd::control::default_path(&lab.host_ns(host));
+    Ok(crate::ctl::ctl(&path, command.request(), json))
 }
 
 /// `vpcd lab up`: every hint it prints names the lab.

@@ -91,7 +91,7 @@ enum Command {
 }
 
 /// The packet to trace.
-#[derive(clap::Args)]
+#[derive(clap::Args, Debug, Clone)]
 struct TraceOpts {
     /// The sender: an instance's name, or `internet`.
     #[arg(long)]
@@ -118,7 +118,7 @@ impl TraceOpts {
     }
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Debug, Clone)]
 enum CtlCommand {
     /// The generation in force, the topology's hash, uptime, workers, the last reload.
     Status,

@@ -17,7 +17,7 @@ use vpcd_core::policy::conntrack::ConntrackStats;
 use vpcd_core::topology::HostId;
 use vpcd_core::{DropReason, Topology};
 
-use crate::daemon::rule_label;
+use crate::pipeline::trace::rule_label;
 use vpcd_core::pipeline::Counters;
 
 /// A metric's type, as `# TYPE` states it.
@@ -173,7 +173,7 @@ fn drops(s: &Snapshot<'_>) -> Family {
         let mut ruled = 0;
         for ((reason, rule), n) in s.counters.rule_drops().filter(|((x, _), _)| x == r) {
             ruled += n;
-            let label = rule_label(s.topology, (reason, rule));
+            let label = rule_label(s.topology, reason, rule);
             f.samples
                 .push((vec![("reason", r.name().to_string()), ("rule", label)], n));
         }

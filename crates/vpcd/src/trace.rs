@@ -155,7 +155,7 @@ pub fn json(t: &Topology, tr: &Trace) -> Value {
         } => (
             "dropped",
             host,
-            Some(dropped.reason.to_string()),
+            Some(dropped.reason.name().to_string()),
             dropped
                 .rule
                 .map(|r| trace::rule_label(t, dropped.reason, r)),

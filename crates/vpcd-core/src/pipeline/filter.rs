@@ -139,7 +139,9 @@ impl Decider<'_> {
             .map(|d| topo.instance(d))
             .and_then(|d| d.subnet());
         if plan.nat.is_none() && src.is_some() && src == dst {
-            self.note(Stage::Acl, |_| vec![("result", "none: inside one subnet".into())]);
+            self.note(Stage::Acl, |_| {
+                vec![("result", "none: inside one subnet".into())]
+            });
             return Ok(());
         }
         let subject = |peer| Subject {
@@ -254,7 +256,9 @@ impl Decider<'_> {
                 continue;
             }
             let Some(r) = self.state.conntrack.lookup(&key, self.now) else {
-                self.note(Stage::Conntrack, |t| trace::tracked_fields(t, &side, None, None));
+                self.note(Stage::Conntrack, |t| {
+                    trace::tracked_fields(t, &side, None, None)
+                });
                 continue;
             };
             let before = self.state.conntrack.get(r).map(|c| c.state);
@@ -289,7 +293,11 @@ impl Decider<'_> {
         if matches!(ip.l4, L4::Icmp { kind, .. } if icmp_type::is_error(kind)) {
             let related = self.related(&sides, ip, pkt);
             self.note(Stage::Conntrack, |_| {
-                let quote = if related { "a tracked connection" } else { "no tracked connection" };
+                let quote = if related {
+                    "a tracked connection"
+                } else {
+                    "no tracked connection"
+                };
                 vec![("icmp error", format!("quotes {quote}"))]
             });
             return FullDecision::uncached(if related {

@@ -70,9 +70,8 @@ impl Decider<'_> {
             Origin::Remote {
                 source, channel, ..
             } => {
-                let target =
-                    route(topo, source, topo.instance(source), ip.dst, &mut self.via)
-                        .map_err(Decision::drop)?;
+                let target = route(topo, source, topo.instance(source), ip.dst, &mut self.via)
+                    .map_err(Decision::drop)?;
                 self.came_on_its_channel(source, target, channel, origin.foreign())?;
                 target
             }

@@ -19,8 +19,8 @@ use etherparse::PacketBuilder;
 
 use super::decide::{Decider, Origin};
 use super::filter::Side;
-use super::route::{Target, Via};
 use super::flow::FlowCache;
+use super::route::{Target, Via};
 use super::{Counters, Decision, Dropped, Egress, Ingress, Nat, Pipeline, RuleRef};
 use crate::policy::conntrack::{Direction, State as ConnState, Track};
 use crate::policy::rules::Protocol;
@@ -171,11 +171,7 @@ impl Decider<'_> {
 
     /// Notes what a stage found, if a trace is being taken: `fields` runs only then.
     #[inline]
-    pub fn note(
-        &mut self,
-        stage: Stage,
-        fields: impl FnOnce(&Topology) -> Fields,
-    ) {
+    pub fn note(&mut self, stage: Stage, fields: impl FnOnce(&Topology) -> Fields) {
         if let Some(t) = self.trace.as_mut() {
             t.steps.push(Step {
                 host: self.host.host,
@@ -396,7 +392,10 @@ fn result_fields(t: &Topology, d: &Decision) -> Vec<(&'static str, String)> {
             ("mtu", mtu.to_string()),
         ],
         Decision::Drop(x) => {
-            let mut f = vec![("result", "drop".into()), ("reason", x.reason.to_string())];
+            let mut f = vec![
+                ("result", "drop".into()),
+                ("reason", x.reason.name().into()),
+            ];
             if let Some(rule) = x.rule {
                 f.push(("rule", rule_label(t, x.reason, rule)));
             }
@@ -475,12 +474,15 @@ pub fn probe(
     };
     let dst = match (to.parse::<Ipv4Addr>(), t.instance_named(to)) {
         (Ok(a), _) => a,
-        (_, Some(id)) if ingress == Ingress::Internet => t
-            .instance(id)
-            .eip
-            .ok_or_else(|| format!("--to {to}: the internet reaches it only at an Elastic IP, and it has none"))?,
+        (_, Some(id)) if ingress == Ingress::Internet => t.instance(id).eip.ok_or_else(|| {
+            format!("--to {to}: the internet reaches it only at an Elastic IP, and it has none")
+        })?,
         (_, Some(id)) => t.instance(id).ip,
-        _ => return Err(format!("--to {to}: neither an instance nor an IPv4 address")),
+        _ => {
+            return Err(format!(
+                "--to {to}: neither an instance nor an IPv4 address"
+            ));
+        }
     };
     let packet = probe_packet(src, dst, protocol, port)?;
     Ok(Probe {
@@ -539,7 +541,10 @@ pub(super) fn entry_fields(t: &Topology, origin: Origin, ip: &Ipv4Packet) -> Fie
         Origin::Internet { relayed: None } => vec![("from", "the internet's device".into())],
         Origin::Internet {
             relayed: Some((host, _)),
-        } => vec![("from", format!("the internet, relayed by {}", t.host(host).name))],
+        } => vec![(
+            "from",
+            format!("the internet, relayed by {}", t.host(host).name),
+        )],
     };
     f.push(("packet", packet_summary(ip)));
     f
@@ -605,6 +610,10 @@ pub(super) fn route_fields(t: &Topology, via: Via, target: &Result<Target, Decis
             }
         }
         Ok(Target::Internet) => f.push(("target", "the internet".into())),
+        Err(Decision::Drop(x)) => {
+            f.push(("result", "drop".into()));
+            f.push(("reason", x.reason.name().into()));
+        }
         Err(d) => f.extend(result_fields(t, d)),
     }
     f
@@ -671,12 +680,18 @@ pub(super) fn group_fields(
     };
     let mut f = vec![
         ("instance", t.instance(side.instance).name.clone()),
-        ("direction", if outbound { "egress" } else { "ingress" }.into()),
+        (
+            "direction",
+            if outbound { "egress" } else { "ingress" }.into(),
+        ),
         ("rule", rule),
         ("result", result.into()),
     ];
     if reverse {
-        f.push(("judged", "as the reply of a connection its destination opened (TCP pickup)".into()));
+        f.push((
+            "judged",
+            "as the reply of a connection its destination opened (TCP pickup)".into(),
+        ));
     }
     f
 }
@@ -695,7 +710,10 @@ pub(super) fn acl_fields(
     };
     vec![
         ("acl", t.acls[acl.index()].name.clone()),
-        ("direction", if ingress { "ingress" } else { "egress" }.into()),
+        (
+            "direction",
+            if ingress { "ingress" } else { "egress" }.into(),
+        ),
         ("rule", rule),
         ("result", result.into()),
     ]

@@ -39,7 +39,8 @@ use crate::clock::MonotonicClock;
 use crate::io::netns;
 use crate::io::tun::{Tun, TunConfig};
 use crate::io::underlay::{UnderlayRx, UnderlayTx};
-use crate::pipeline::{Counters, Pipeline, RuleRef};
+use crate::pipeline::trace::rule_label;
+use crate::pipeline::{Counters, Pipeline};
 use crate::reason::DropReason;
 use crate::topology::{HostId, InstanceId, Topology, Transport, live_refusals};
 use crate::wire::ipv4;
@@ -706,7 +707,12 @@ pub fn stats_text(t: &Topology, host: &str, seq: u64, c: &Counters, connections:
         let _ = writeln!(s, "drop.{} {}", r.name(), c.drops(*r));
     }
     for (rule, n) in c.rule_drops() {
-        let _ = writeln!(s, "rule.{}.{} {n}", rule.0.name(), rule_label(t, rule));
+        let _ = writeln!(
+            s,
+            "rule.{}.{} {n}",
+            rule.0.name(),
+            rule_label(t, rule.0, rule.1)
+        );
     }
     for (i, inst) in t.instances.iter().enumerate() {
         let p = c.port(i);
@@ -719,40 +725,6 @@ pub fn stats_text(t: &Topology, host: &str, seq: u64, c: &Counters, connections:
         }
     }
     s
-}
-
-/// A policy rule as people name it: `acl-web:ingress#2` (rules count from 1), `sg-web:egress#1`,
-/// `[sg-web,sg-ssh]:ingress#no-match` (the implicit drop after an instance's groups).
-pub fn rule_label(t: &Topology, (reason, rule): (DropReason, RuleRef)) -> String {
-    let dir = match reason {
-        DropReason::AclIngress | DropReason::SgIngress => "ingress",
-        _ => "egress",
-    };
-    match rule {
-        RuleRef::Acl { acl, rule } => {
-            let name = t.acls.get(acl.index()).map_or("?", |a| a.name.as_str());
-            match rule {
-                Some(i) => format!("{name}:{dir}#{}", i + 1),
-                None => format!("{name}:{dir}#no-match"),
-            }
-        }
-        RuleRef::SecurityGroup { group, rule } => {
-            let name = t
-                .security_groups
-                .get(group.index())
-                .map_or("?", |g| g.name.as_str());
-            format!("{name}:{dir}#{}", rule + 1)
-        }
-        RuleRef::SecurityGroupsEnd { instance } => {
-            let groups: Vec<&str> = t.instances.get(instance.index()).map_or(Vec::new(), |i| {
-                i.security_groups
-                    .iter()
-                    .map(|g| t.security_groups[g.index()].name.as_str())
-                    .collect()
-            });
-            format!("[{}]:{dir}#no-match", groups.join(","))
-        }
-    }
 }
 
 /// Reads a statistics file back into `name -> value`.

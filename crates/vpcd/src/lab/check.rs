@@ -5,10 +5,13 @@
 //! connects (or sends), other threads enter the namespace of *every* instance that has the
 //! destination address, in any VPC, and answer with their name. So a probe proves both that
 //! the right instance answered and that no instance of another tenant saw anything. ICMP uses
-//! a raw ICMP echo (vpcd's own ping, so the lab needs no iputils). Around each probe the daemons rewrite their statistics (SIGUSR1), and the drop
-//! reasons that moved, with the deciding rule, are the "why".
+//! a raw ICMP echo (vpcd's own ping, so the lab needs no iputils).
+//!
+//! The "why" is the probe's trace ([`crate::trace`]): the pipeline's own decision for that
+//! packet on each host, with the lab's topology and empty tables (a probe is a first
+//! packet), so it names the stage and rule that decided whatever else runs in the lab. A
+//! row whose trace disagrees with what the probe observed says so.
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::Arc;
@@ -21,8 +24,10 @@ use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
 
 use super::Lab;
 use crate::io::netns::NetnsGuard;
+use crate::pipeline::trace::Verdict;
 use crate::policy::rules::Protocol;
 use crate::topology::{Expect, ExpectSource, ExpectTarget, Instance, Space, Topology};
+use crate::trace::TraceArgs;
 
 /// One row of the matrix.
 #[derive(Debug, Clone)]
@@ -39,8 +44,11 @@ pub struct Row {
     pub observed: bool,
     /// Instances of another VPC that saw the probe (must be none).
     pub leaked_to: Vec<String>,
-    /// Drop reasons (and rules) counted during the probe.
-    pub why: Vec<String>,
+    /// The probe's traced verdict: where it was delivered, or the stage, rule and host that
+    /// dropped it.
+    pub why: String,
+    /// The traced verdict disagrees with what the probe observed.
+    pub trace_differs: bool,
 }
 
 impl Row {
@@ -83,10 +91,11 @@ pub fn check(lab: &Lab, out: &mut dyn Write) -> Result<CheckReport> {
         "{:<14} {:<14} {:<10} {:<9} {:<9} {:<6} why",
         "from", "to", "traffic", "expected", "observed", ""
     )?;
+    let shared = Arc::new(t.clone());
     for (n, e) in t.expects.iter().enumerate() {
-        let before = snapshot(lab, &t)?;
         let (observed, leaked_to) = probe(&t, e, n as u16)?;
-        let after = snapshot(lab, &t)?;
+        require_all_running(lab)?;
+        let (why, traced_reach) = traced(&shared, e);
         let row = Row {
             from: match e.from {
                 ExpectSource::Instance(id) => t.instance(id).name.clone(),
@@ -103,7 +112,8 @@ pub fn check(lab: &Lab, out: &mut dyn Write) -> Result<CheckReport> {
             expected: e.reach,
             observed,
             leaked_to,
-            why: moved(&before, &after),
+            why,
+            trace_differs: traced_reach != Some(observed),
         };
         print_row(out, &row)?;
         report.rows.push(row);
@@ -125,7 +135,10 @@ pub fn check(lab: &Lab, out: &mut dyn Write) -> Result<CheckReport> {
 
 fn print_row(out: &mut dyn Write, row: &Row) -> Result<()> {
     let word = |b: bool| if b { "reach" } else { "blocked" };
-    let mut why = row.why.join(", ");
+    let mut why = row.why.clone();
+    if row.trace_differs {
+        why = format!("TRACE DIFFERS: {why}");
+    }
     if !row.leaked_to.is_empty() {
         why = format!("LEAKED to {} {why}", row.leaked_to.join(", "));
     }
@@ -143,11 +156,9 @@ fn print_row(out: &mut dyn Write, row: &Row) -> Result<()> {
     Ok(())
 }
 
-type Snapshot = BTreeMap<String, u64>;
-
-/// Drop and rule counters of every host, freshly written; an error when a daemon is not
-/// running (its counters would say nothing of the probe).
-fn snapshot(lab: &Lab, t: &Topology) -> Result<Snapshot> {
+/// The lab's daemons are all running; else the check is void (a probe nothing forwards is
+/// "blocked" for no reason of the topology's).
+fn require_all_running(lab: &Lab) -> Result<()> {
     let bad: Vec<String> = lab
         .refresh_stats()
         .iter()
@@ -161,49 +172,37 @@ fn snapshot(lab: &Lab, t: &Topology) -> Result<Snapshot> {
             bad.join("; ")
         );
     }
-    let mut all = Snapshot::new();
-    for h in &t.hosts {
-        for (k, v) in lab.read_stats(&h.name) {
-            if k.starts_with("drop.") || k.starts_with("rule.") {
-                all.insert(format!("{}@{}", k, h.name), v);
-            }
-        }
-    }
-    Ok(all)
+    Ok(())
 }
 
-/// The reasons that moved, as `Reason (rule) on host`; IPv6 chatter is left out.
-fn moved(before: &Snapshot, after: &Snapshot) -> Vec<String> {
-    let grew =
-        |k: &String| after.get(k).copied().unwrap_or(0) > before.get(k).copied().unwrap_or(0);
-    let mut out = Vec::new();
-    for k in after.keys().filter(|k| grew(k)) {
-        let Some((name, host)) = k.strip_prefix("drop.").and_then(|r| r.rsplit_once('@')) else {
-            continue;
-        };
-        if name == "Ipv6Unsupported" {
-            continue;
-        }
-        let prefix = format!("rule.{name}.");
-        let rules: Vec<&str> = after
-            .keys()
-            .filter(|r| grew(r))
-            .filter_map(|r| {
-                let (rule, h) = r.rsplit_once('@')?;
-                if h == host {
-                    rule.strip_prefix(&prefix)
-                } else {
-                    None
+/// The probe's traced verdict, and whether the trace says it reaches (`None`: it cannot be
+/// traced).
+fn traced(t: &Arc<Topology>, e: &Expect) -> (String, Option<bool>) {
+    let args = TraceArgs {
+        from: match e.from {
+            ExpectSource::Instance(id) => t.instance(id).name.clone(),
+            ExpectSource::Internet => "internet".to_string(),
+        },
+        to: match &e.to {
+            ExpectTarget::Instance(id) => t.instance(*id).name.clone(),
+            ExpectTarget::Address(a) => a.to_string(),
+        },
+        protocol: e.protocol.word().to_string(),
+        port: e.port,
+    };
+    match crate::trace::offline(t, &args, crate::Timestamp::from_millis(0)) {
+        Ok(tr) => {
+            let reach = match tr.verdict {
+                Verdict::Delivered { to, .. } => {
+                    endpoints(t, e).intended.as_ref() == Some(&t.instance(to).name)
                 }
-            })
-            .collect();
-        if rules.is_empty() {
-            out.push(format!("{name} on {host}"));
-        } else {
-            out.push(format!("{name} ({}) on {host}", rules.join(", ")));
+                Verdict::ToInternet { .. } => true,
+                Verdict::Replied { .. } | Verdict::Dropped { .. } => false,
+            };
+            (crate::trace::verdict_line(t, &tr.verdict), Some(reach))
         }
+        Err(err) => (format!("no trace: {err}"), None),
     }
-    out
 }
 
 /// Where a probe starts and goes: the sender's namespace, the destination address and the
