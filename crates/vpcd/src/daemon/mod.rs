@@ -19,6 +19,7 @@
 
 mod ops;
 mod pool;
+pub mod tap;
 mod worker;
 
 use std::collections::BTreeMap;
@@ -130,6 +131,8 @@ struct Daemon {
     stats_seq: u64,
     /// What `vpcd ctl status` reports.
     status: ops::Status,
+    /// A capture is running (its writer thread clears it).
+    capturing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Closes every descriptor this process inherited beyond stdin, stdout and stderr; returns
@@ -210,6 +213,7 @@ pub fn run(opts: Options) -> Result<()> {
         stats_path,
         stats_seq: 0,
         status: ops::Status::new(&topo_text(&topology_path)),
+        capturing: Arc::default(),
     };
     let result = d.start(workers).and_then(|()| d.control());
     d.cleanup();
@@ -358,9 +362,7 @@ impl Daemon {
                     _ = term.recv() => { info!("SIGTERM: stopping"); break; }
                     _ = int.recv() => { info!("SIGINT: stopping"); break; }
                     _ = hup.recv() => { let _ = self.reload(); }
-                    Some((request, reply)) = asked.recv() => {
-                        let _ = reply.send(self.answer(request));
-                    }
+                    Some((request, reply)) = asked.recv() => self.answer(request, reply),
                     _ = tick.tick() => self.tick(),
                     // The lab asks for fresh statistics around each probe.
                     _ = usr1.recv() => self.tick(),

@@ -1,19 +1,22 @@
 //! The daemon's operator surface: the control socket's answers (`vpcd ctl`), the counters
 //! summed over the workers, and the Prometheus endpoint.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
 use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::info;
 
+use super::tap::{self, Point, Tap};
 use super::worker::Msg;
 use super::{Daemon, Totals};
 use crate::control::{self, Reply, Request};
 use crate::metrics;
-use crate::topology::{HostId, Topology};
+use crate::topology::{HostId, Topology, Transport};
 
 /// A request from the control socket with the way back to its client.
 pub(super) type Asked = (Request, crossbeam_channel::Sender<Reply>);
@@ -134,8 +137,29 @@ impl Daemon {
         Ok((rx, Servers { _control: server }))
     }
 
-    /// Answers one control request.
-    pub(super) fn answer(&mut self, request: Request) -> Reply {
+    /// Answers one control request on `back`: at once, or (a capture) when it is over, from
+    /// the capture's writer thread, so that the control loop goes on meanwhile.
+    pub(super) fn answer(&mut self, request: Request, back: crossbeam_channel::Sender<Reply>) {
+        let reply = match request {
+            Request::Capture {
+                point,
+                file,
+                count,
+                seconds,
+            } => {
+                let limits = (count, control::capture_seconds(seconds));
+                match self.capture(&point, file, limits, back.clone()) {
+                    Ok(()) => return,
+                    Err(e) => Reply::error(format!("capture: {e:#}")),
+                }
+            }
+            other => self.answer_now(other),
+        };
+        let _ = back.send(reply);
+    }
+
+    /// Answers a request that is answered at once.
+    fn answer_now(&mut self, request: Request) -> Reply {
         match request {
             Request::Status {} => self.status_reply(),
             Request::Reload {} => match self.reload() {
@@ -164,6 +188,7 @@ impl Daemon {
                 Reply::ok("counters cleared", json!(null))
             }
             Request::Flows { .. } => Reply::error("flows: not served by this daemon yet"),
+            Request::Capture { .. } => Reply::error("capture: answered by its writer"),
         }
     }
 
@@ -200,14 +225,139 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// Starts capturing `point` into `file` for at most (count, seconds): taps in every
+    /// worker, and a writer thread that answers on `back` when the capture is over. One
+    /// capture at a time; an error (nothing started) when it cannot start.
+    fn capture(
+        &mut self,
+        point: &str,
+        file: PathBuf,
+        (count, seconds): (Option<u64>, u64),
+        back: crossbeam_channel::Sender<Reply>,
+    ) -> Result<()> {
+        let point = self.capture_point(point)?;
+        if !file.is_absolute() {
+            bail!("{}: the file must be an absolute path", file.display());
+        }
+        let lanes = self.lanes.clone().ok_or_else(|| anyhow!("no workers"))?;
+        if self.capturing.swap(true, Ordering::SeqCst) {
+            bail!("another capture is running on this daemon");
+        }
+        let opened = std::fs::File::create(&file).with_context(|| file.display().to_string());
+        let opened = opened.inspect_err(|_| self.capturing.store(false, Ordering::SeqCst))?;
+        let (tx, rx) = crossbeam_channel::bounded(tap::QUEUE);
+        let lost = Arc::new(AtomicU64::new(0));
+        let udp = self.topo.underlay.transport == Transport::GreUdp;
+        let address = self.topo.host(self.host).address;
+        let tap = Tap::new(point.clone(), address, udp, tx, lost.clone());
+        let c = tap::Capture {
+            point,
+            file: opened,
+            path: file,
+            count,
+            duration: Duration::from_secs(seconds),
+            host: self.opts.host.clone(),
+        };
+        for lane in lanes.iter() {
+            lane.send_blocking(Msg::Capture(Some(tap.clone())));
+        }
+        info!(point = c.point.name(), file = %c.path.display(), "capture started");
+        let busy = self.capturing.clone();
+        let spawned = std::thread::Builder::new()
+            .name("vpcd-capture".into())
+            .spawn(move || {
+                let (name, path) = (c.point.name().to_string(), c.path.clone());
+                let outcome = tap::write(c, rx, &lost, &lanes, &busy);
+                let _ = back.send(capture_reply(&name, &path, outcome));
+            });
+        if let Err(e) = spawned {
+            for lane in self.lanes.iter().flat_map(|l| l.iter()) {
+                lane.send_blocking(Msg::Capture(None));
+            }
+            self.capturing.store(false, Ordering::SeqCst);
+            return Err(e).context("capture thread");
+        }
+        Ok(())
+    }
+
+    /// What `vpcd ctl capture POINT` names on this host.
+    fn capture_point(&self, word: &str) -> Result<Point> {
+        match word {
+            "underlay" => return Ok(Point::Underlay),
+            "drops" => return Ok(Point::Drops),
+            "internet" if self.internet.is_some() => return Ok(Point::Internet),
+            "internet" => bail!("host {} is not the internet gateway", self.opts.host),
+            _ => {}
+        }
+        let t = &self.topo;
+        match t.instance_named(word) {
+            Some(id) if t.instance(id).host == self.host => Ok(Point::Instance {
+                name: word.to_string(),
+                id: Some(id),
+            }),
+            _ => {
+                let here: Vec<&str> = t
+                    .instances_on(self.host)
+                    .map(|id| t.instance(id).name.as_str())
+                    .collect();
+                bail!(
+                    "no instance \"{word}\" on host {}: say underlay, drops{}, or one of: {}",
+                    self.opts.host,
+                    if self.internet.is_some() {
+                        ", internet"
+                    } else {
+                        ""
+                    },
+                    here.join(", ")
+                )
+            }
+        }
+    }
+}
+
+/// The answer to a capture, once it is over.
+fn capture_reply(point: &str, path: &Path, outcome: std::io::Result<tap::Outcome>) -> Reply {
+    let o = match outcome {
+        Ok(o) => o,
+        Err(e) => return Reply::error(format!("capture: writing {}: {e}", path.display())),
+    };
+    info!(point, packets = o.written, lost = o.lost, "capture over");
+    let mut text = format!(
+        "{} packets captured on {point} in {:.1} s, written to {}",
+        o.written,
+        o.elapsed.as_secs_f64(),
+        path.display()
+    );
+    if o.lost > 0 {
+        text += &format!(
+            "\n{} more lost: the writer fell behind (queue of {})",
+            o.lost,
+            tap::QUEUE
+        );
+    }
+    let data = json!({
+        "point": point,
+        "file": path.display().to_string(),
+        "packets": o.written,
+        "lost": o.lost,
+        "seconds": o.elapsed.as_secs_f64(),
+    });
+    Reply::ok(text, data)
+}
+
 /// Hands a request to the control loop and waits for its answer (a daemon that does not
-/// answer within 20 s is reported as such).
+/// answer within [`Request::answer_within`] is reported as such).
 fn relay(tx: &mpsc::Sender<Asked>, request: Request) -> Reply {
+    let within = request.answer_within();
     let (back, answer) = crossbeam_channel::bounded(1);
     if tx.blocking_send((request, back)).is_err() {
         return Reply::error("the daemon is stopping");
     }
-    answer
-        .recv_timeout(Duration::from_secs(20))
-        .unwrap_or_else(|_| Reply::error("the daemon did not answer within 20 s"))
+    answer.recv_timeout(within).unwrap_or_else(|_| {
+        Reply::error(format!(
+            "the daemon did not answer within {} s",
+            within.as_secs()
+        ))
+    })
 }

@@ -27,10 +27,12 @@ use tracing::warn;
 
 use super::Affinity;
 use super::pool::Pool;
+use super::tap::Tap;
+use crate::capture::Direction;
 use crate::clock::MonotonicClock;
 use crate::io::tun::Tun;
 use crate::io::underlay::{BATCH, CutFrames, Received, UnderlayRx, UnderlayTx};
-use crate::pipeline::{Action, Counters, Egress, Ingress, Pipeline};
+use crate::pipeline::{Action, Counters, Decision, Dropped, Egress, Ingress, Pipeline};
 use crate::reason::DropReason;
 use crate::time::Timestamp;
 use crate::topology::{InstanceId, Topology, Transport};
@@ -72,6 +74,16 @@ enum Port {
     Internet,
 }
 
+impl Port {
+    /// The port packets read from the same device come from.
+    fn ingress(self) -> Ingress {
+        match self {
+            Port::Instance(id) => Ingress::Instance(id),
+            Port::Internet => Ingress::Internet,
+        }
+    }
+}
+
 /// What a worker is told.
 pub enum Msg {
     /// Packets of flows it owns, read by another worker under that topology (instance ids
@@ -83,6 +95,8 @@ pub enum Msg {
     Tick(Sender<WorkerReport>),
     /// Zero the counters (`vpcd ctl clear-counters`), then report them.
     ClearCounters(Sender<WorkerReport>),
+    /// Start copying packets to a capture (`Some`), or stop (`None`).
+    Capture(Option<Tap>),
     /// Stop.
     Stop,
 }
@@ -308,6 +322,8 @@ pub struct Worker {
     pieces: Vec<Piece>,
     transmits: Vec<(PacketBuf, Ipv4Addr, u32)>,
     runs: Vec<(usize, usize)>,
+    /// A capture's tap; `None` (no capture) costs one branch per packet or batch.
+    tap: Option<Tap>,
 }
 
 impl Worker {
@@ -339,6 +355,7 @@ impl Worker {
             pieces: Vec::new(),
             transmits: Vec::new(),
             runs: Vec::new(),
+            tap: None,
         }
     }
 
@@ -418,6 +435,12 @@ impl Worker {
                     self.tx_errors = TxErrors::new(self.pipeline.topology().instances.len());
                     let _ = reply.send(self.report());
                 }
+                Msg::Capture(tap) => {
+                    self.tap = tap.map(|mut t| {
+                        t.follow(self.pipeline.topology());
+                        t
+                    });
+                }
                 Msg::Stop => return false,
             }
         }
@@ -442,6 +465,9 @@ impl Worker {
             self.handle(batch);
         }
         self.tx_errors.renumber(self.pipeline.topology(), &t);
+        if let Some(tap) = &mut self.tap {
+            tap.follow(&t);
+        }
         self.pipeline.set_topology(t);
         self.mine = assign(&devices, self.wiring.me, self.wiring.lanes.len());
         self.devices = devices;
@@ -467,6 +493,10 @@ impl Worker {
                     Some(n) => p.from = Ingress::Instance(n),
                     None => {
                         self.pipeline.count_drop(DropReason::UnknownPort);
+                        if let Some(tap) = self.tap.as_ref().filter(|x| x.drops()) {
+                            let why = DropReason::UnknownPort.into();
+                            tap.dropped(p.buf.as_slice(), p.from, why, t);
+                        }
                         self.pool.put(p.buf);
                         continue;
                     }
@@ -504,6 +534,11 @@ impl Worker {
                 Transport::Gre => Ingress::UnderlayIp,
                 Transport::GreUdp => Ingress::UnderlayUdp { from: r.from },
             };
+            if let Some(tap) = self.tap.as_ref().filter(|t| t.underlay()) {
+                for (at, end) in spans(r.buf.len(), r.stride) {
+                    tap.datagram(Direction::In, r.from, &[&r.buf.as_slice()[at..end]]);
+                }
+            }
             self.sort_received(r, from, &owner_of);
         }
         self.received = received;
@@ -543,6 +578,9 @@ impl Worker {
             let mut buf = self.pool.take();
             match dev.read(&mut buf) {
                 Ok(Some(vnet)) => {
+                    if let Some(tap) = self.tap.as_ref().filter(|t| t.device() == Some(from)) {
+                        tap.packet(Direction::In, buf.as_slice());
+                    }
                     let t = self.pipeline.topology();
                     let owner = self.wiring.affinity.owner(t, buf.as_slice());
                     let stride = 0;
@@ -625,13 +663,31 @@ impl Worker {
         }
     }
 
-    /// Queues an inner packet for the underlay, `encap` prepended.
-    fn encapsulate(&mut self, mut buf: PacketBuf, to: Ipv4Addr, encap: Encap, flow_hash: u32) {
+    /// Shows a dropped packet to a capture of drops.
+    fn tap_drop(&self, bytes: &[u8], from: Ingress, dropped: Dropped) {
+        if let Some(tap) = self.tap.as_ref().filter(|t| t.drops()) {
+            tap.dropped(bytes, from, dropped, self.pipeline.topology());
+        }
+    }
+
+    /// Queues an inner packet for the underlay, `encap` prepended; false (counted) when
+    /// there is no room for it.
+    fn encapsulate(
+        &mut self,
+        mut buf: PacketBuf,
+        to: Ipv4Addr,
+        encap: Encap,
+        flow_hash: u32,
+    ) -> bool {
         match encap.prepend(&mut buf) {
-            Ok(()) => self.transmits.push((buf, to, flow_hash)),
+            Ok(()) => {
+                self.transmits.push((buf, to, flow_hash));
+                true
+            }
             Err(_) => {
                 self.pipeline.count_drop(DropReason::NoHeadroom);
                 self.pool.put(buf);
+                false
             }
         }
     }
@@ -647,6 +703,9 @@ impl Worker {
             );
         }
         let action = self.pipeline.process(&mut p.buf, p.from, now);
+        if let Action::Drop(why) = action {
+            self.tap_drop(p.buf.as_slice(), p.from, why);
+        }
         self.route(p.buf, action);
     }
 
@@ -658,6 +717,9 @@ impl Worker {
             let d = self
                 .pipeline
                 .decide(&p.buf.as_slice()[at..end], p.from, now);
+            if let Decision::Drop(why) = d {
+                self.tap_drop(&p.buf.as_slice()[at..end], p.from, why);
+            }
             let dgram = &mut p.buf.as_mut_slice()[at..end];
             let Some(plan) = self.pipeline.transmit_plan(&d, dgram, false) else {
                 continue;
@@ -673,7 +735,10 @@ impl Worker {
                     flow_hash,
                 } => {
                     let inner = copied(&self.pool, &p.buf.as_slice()[start..end]);
-                    self.encapsulate(inner, to, encap, flow_hash);
+                    if !self.encapsulate(inner, to, encap, flow_hash) {
+                        let why = DropReason::NoHeadroom.into();
+                        self.tap_drop(&p.buf.as_slice()[at..end], p.from, why);
+                    }
                     continue;
                 }
             };
@@ -695,6 +760,9 @@ impl Worker {
         let d = self
             .pipeline
             .decide_offloaded(p.buf.as_slice(), p.from, true, now);
+        if let Decision::Drop(why) = d {
+            self.tap_drop(p.buf.as_slice(), p.from, why);
+        }
         if let Some(plan) = self
             .pipeline
             .transmit_plan(&d, p.buf.as_mut_slice(), partial)
@@ -715,6 +783,13 @@ impl Worker {
 
     /// Writes a super-packet whole, with its GSO header: the instance's kernel takes it.
     fn write_whole(&mut self, port: Port, p: &mut Packet) {
+        if let Some(tap) = self
+            .tap
+            .as_ref()
+            .filter(|t| t.device() == Some(port.ingress()))
+        {
+            tap.packet(Direction::Out, p.buf.as_slice());
+        }
         if let Some(dev) = self.device(port)
             && dev.write_with(&mut p.buf, &p.vnet).is_err()
         {
@@ -740,6 +815,12 @@ impl Worker {
             head_stride,
             head_len,
         };
+        if let Some(tap) = self.tap.as_ref().filter(|t| t.underlay()) {
+            for i in 0..cut.count {
+                let head = &self.heads[i * head_stride..i * head_stride + head_len];
+                tap.datagram(Direction::Out, to, &[head, &pkt[cut.payload(i)]]);
+            }
+        }
         let failed = self.tx.send_cut(&frames, to, flow_hash);
         self.tx_errors.underlay += failed as u64;
     }
@@ -751,6 +832,11 @@ impl Worker {
                 .iter()
                 .map(|(b, to, h)| (b.as_slice(), *to, *h))
                 .collect();
+            if let Some(tap) = self.tap.as_ref().filter(|t| t.underlay()) {
+                for (bytes, to, _) in &msgs {
+                    tap.datagram(Direction::Out, *to, &[bytes]);
+                }
+            }
             let failed = self.tx.send(&msgs);
             self.tx_errors.underlay += failed as u64;
             for (b, _, _) in self.transmits.drain(..) {
@@ -761,7 +847,7 @@ impl Worker {
         let mut pieces = std::mem::take(&mut self.pieces);
         for (to, run) in by_port(&mut pieces) {
             if let Some(dev) = self.device(to) {
-                let failed = self.write_device(&dev, run);
+                let failed = self.write_device(&dev, to, run);
                 self.tx_errors.count(to, failed);
             }
         }
@@ -774,12 +860,21 @@ impl Worker {
 
     /// Writes `pieces` to `dev`, consecutive TCP segments of a flow coalesced; returns how
     /// many packets the device refused.
-    fn write_device(&mut self, dev: &Tun, pieces: &[Piece]) -> u64 {
+    fn write_device(&mut self, dev: &Tun, to: Port, pieces: &[Piece]) -> u64 {
         let held = &self.held;
         let pkts: Vec<&[u8]> = pieces
             .iter()
             .map(|p| &held[p.buf as usize].as_slice()[p.start as usize..p.end as usize])
             .collect();
+        if let Some(tap) = self
+            .tap
+            .as_ref()
+            .filter(|t| t.device() == Some(to.ingress()))
+        {
+            for pkt in &pkts {
+                tap.packet(Direction::Out, pkt);
+            }
+        }
         gro::plan(&pkts, &mut self.runs);
         let mut head = [0u8; gro::MAX_HEADER];
         let mut failed = 0;
