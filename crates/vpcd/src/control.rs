@@ -28,7 +28,8 @@ pub fn default_path(host: &str) -> PathBuf {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
-    /// The generation in force, the topology's hash, uptime, workers, the last reload.
+    /// The generation in force, the topology's hash, uptime, workers, the last reload, the
+    /// capture running.
     Status {},
     /// Re-read the topology; the errors come back.
     Reload {},

@@ -82,7 +82,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum CtlCommand {
-    /// The generation in force, the topology's hash, uptime, workers, the last reload.
+    /// The generation in force, the topology's hash, uptime, workers, the last reload, the
+    /// capture running.
     Status,
     /// Re-read the topology; its errors come back here.
     Reload,

@@ -131,8 +131,8 @@ struct Daemon {
     stats_seq: u64,
     /// What `vpcd ctl status` reports.
     status: ops::Status,
-    /// A capture is running (its writer thread clears it).
-    capturing: Arc<std::sync::atomic::AtomicBool>,
+    /// The point of the capture running, if one is (its writer thread clears it).
+    capturing: tap::Busy,
 }
 
 /// Closes every descriptor this process inherited beyond stdin, stdout and stderr; returns

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -201,12 +201,18 @@ impl Daemon {
             Some((at, Ok(()))) => format!("ok, {} s ago", at.elapsed().as_secs()),
             Some((at, Err(e))) => format!("refused, {} s ago: {e}", at.elapsed().as_secs()),
         };
+        let capture = self
+            .capturing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let text = format!(
-            "host {}\ngeneration {}\ntopology {} ({})\nuptime {uptime} s\nworkers {workers}\nlast reload {last}\n",
+            "host {}\ngeneration {}\ntopology {} ({})\nuptime {uptime} s\nworkers {workers}\nlast reload {last}\ncapture {}\n",
             self.opts.host,
             s.generation,
             self.opts.topology.display(),
-            s.topology_hash
+            s.topology_hash,
+            capture.as_deref().unwrap_or("none"),
         );
         let data = json!({
             "host": self.opts.host,
@@ -215,6 +221,7 @@ impl Daemon {
             "topology_hash": s.topology_hash,
             "uptime_s": uptime,
             "workers": workers,
+            "capture": capture,
             "last_reload": s.last_reload.as_ref().map(|(at, r)| json!({
                 "ok": r.is_ok(),
                 "error": r.as_ref().err(),
@@ -241,11 +248,13 @@ impl Daemon {
             bail!("{}: the file must be an absolute path", file.display());
         }
         let lanes = self.lanes.clone().ok_or_else(|| anyhow!("no workers"))?;
-        if self.capturing.swap(true, Ordering::SeqCst) {
-            bail!("another capture is running on this daemon");
+        let mut busy = self.capturing.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(other) = &*busy {
+            bail!("a capture of {other} is running on this daemon: one at a time");
         }
-        let opened = std::fs::File::create(&file).with_context(|| file.display().to_string());
-        let opened = opened.inspect_err(|_| self.capturing.store(false, Ordering::SeqCst))?;
+        let opened = std::fs::File::create(&file).with_context(|| file.display().to_string())?;
+        *busy = Some(point.name().to_string());
+        drop(busy);
         let (tx, rx) = crossbeam_channel::bounded(tap::QUEUE);
         let lost = Arc::new(AtomicU64::new(0));
         let udp = self.topo.underlay.transport == Transport::GreUdp;
@@ -275,7 +284,7 @@ impl Daemon {
             for lane in self.lanes.iter().flat_map(|l| l.iter()) {
                 lane.send_blocking(Msg::Capture(None));
             }
-            self.capturing.store(false, Ordering::SeqCst);
+            *self.capturing.lock().unwrap_or_else(|p| p.into_inner()) = None;
             return Err(e).context("capture thread");
         }
         Ok(())

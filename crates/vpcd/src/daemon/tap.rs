@@ -27,8 +27,8 @@ use std::fs::File;
 use std::io::BufWriter;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
@@ -38,6 +38,10 @@ use crate::capture::{Direction, PcapNg};
 use crate::pipeline::{Dropped, Ingress};
 use crate::topology::{InstanceId, Topology};
 use crate::wire::{gre, ipv4};
+
+/// The name of the point of the capture running on a daemon, if one is: set by the control
+/// loop when a capture starts, cleared by its writer when it is over.
+pub type Busy = Arc<Mutex<Option<String>>>;
 
 /// Records queued between the workers and the writer, at most (a record holds up to 64 KiB).
 pub const QUEUE: usize = 1024;
@@ -285,14 +289,15 @@ pub fn write(
     rx: Receiver<Record>,
     lost: &AtomicU64,
     lanes: &[Lane],
-    busy: &AtomicBool,
+    busy: &Busy,
 ) -> std::io::Result<Outcome> {
     let started = Instant::now();
     let result = write_records(&c, &rx, started);
     for lane in lanes {
         lane.send_blocking(Msg::Capture(None));
     }
-    busy.store(false, Ordering::SeqCst);
+    // After the taps: a capture started now comes after their removal in every inbox.
+    *busy.lock().unwrap_or_else(|p| p.into_inner()) = None;
     let written = result?;
     Ok(Outcome {
         written,

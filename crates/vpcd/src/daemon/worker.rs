@@ -262,6 +262,13 @@ fn spans(len: usize, stride: usize) -> impl Iterator<Item = (usize, usize)> {
         .map(move |at| (at, (at + stride.max(1)).min(len)))
 }
 
+/// The datagrams of what one underlay read brought, `len` bytes: the whole of it for a single
+/// datagram (`stride` 0), a GRO train's datagrams otherwise.
+fn datagrams(len: usize, stride: usize) -> impl Iterator<Item = (usize, usize)> {
+    let stride = if stride == 0 { len } else { stride };
+    spans(len, stride)
+}
+
 /// The worker that owns every datagram of a GRO train, or `None` when its datagrams have
 /// different owners (or there are none).
 fn sole_owner(train: &[u8], stride: usize, owner_of: impl Fn(&[u8]) -> usize) -> Option<usize> {
@@ -535,7 +542,7 @@ impl Worker {
                 Transport::GreUdp => Ingress::UnderlayUdp { from: r.from },
             };
             if let Some(tap) = self.tap.as_ref().filter(|t| t.underlay()) {
-                for (at, end) in spans(r.buf.len(), r.stride) {
+                for (at, end) in datagrams(r.buf.len(), r.stride) {
                     tap.datagram(Direction::In, r.from, &[&r.buf.as_slice()[at..end]]);
                 }
             }
@@ -916,6 +923,14 @@ mod tests {
         assert_eq!(cut(0, 4), []);
         // A stride of 0 (never a train) cuts bytes one by one rather than looping or panicking.
         assert_eq!(cut(2, 0), [(0, 1), (1, 2)]);
+    }
+
+    #[test]
+    fn a_read_is_one_datagram_or_a_trains_datagrams() {
+        let cut = |len, stride| datagrams(len, stride).collect::<Vec<_>>();
+        assert_eq!(cut(10, 0), [(0, 10)]);
+        assert_eq!(cut(10, 4), [(0, 4), (4, 8), (8, 10)]);
+        assert_eq!(cut(0, 0), []);
     }
 
     #[test]

@@ -1,0 +1,288 @@
+//! End-to-end tests of `vpcd ctl capture` on a running lab of two hosts (GRE-in-UDP): the
+//! pcapng files it writes are read back by tshark, the referee, with real traffic sent
+//! meanwhile. Drops (with their reason and rule as the packet comment, passing traffic
+//! absent), an instance's port (echo request in, reply out, count honoured) and the underlay
+//! (GRE-in-UDP decoded, the VPC's key, the inner ICMP).
+
+#[path = "e2e/common.rs"]
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const KEY: u32 = 4242;
+
+fn topology() -> String {
+    format!(
+        r#"
+[underlay]
+transport = "gre-udp"
+mtu = 1500
+
+[[host]]
+name = "host-a"
+address = "192.0.2.1"
+
+[[host]]
+name = "host-b"
+address = "192.0.2.2"
+
+[[vpc]]
+name = "vpc-cap"
+tenant = "t-cap"
+cidr = "10.78.0.0/16"
+key = {KEY}
+
+[[subnet]]
+name = "net-cap"
+vpc = "vpc-cap"
+cidr = "10.78.1.0/24"
+
+[[security_group]]
+name = "sg-cap"
+ingress = [ {{ action = "accept", protocol = "icmp", source = "10.78.0.0/16" }} ]
+egress  = [ {{ action = "accept", protocol = "all", destination = "0.0.0.0/0" }} ]
+
+[[instance]]
+name = "cpa1"
+host = "host-a"
+subnet = "net-cap"
+ip = "10.78.1.10"
+security_groups = ["sg-cap"]
+netns = "cap-a1"
+
+[[instance]]
+name = "cpa2"
+host = "host-a"
+subnet = "net-cap"
+ip = "10.78.1.11"
+security_groups = ["sg-cap"]
+netns = "cap-a2"
+
+[[instance]]
+name = "cpb"
+host = "host-b"
+subnet = "net-cap"
+ip = "10.78.1.20"
+security_groups = ["sg-cap"]
+netns = "cap-b"
+"#
+    )
+}
+
+fn socket(lab: &LabUp, host: &str) -> String {
+    format!("/run/vpcd/{}.sock", lab.lab.host_ns(host))
+}
+
+fn ctl(lab: &LabUp, host: &str, args: &[&str]) -> std::process::Output {
+    let sock = socket(lab, host);
+    let mut all = vec!["ctl", "--control", &sock];
+    all.extend_from_slice(args);
+    vpcd(&all)
+}
+
+/// A `vpcd ctl --json capture` running in the background.
+struct Running {
+    child: Child,
+    file: PathBuf,
+}
+
+impl Running {
+    /// Starts `vpcd ctl capture POINT -w FILE ARGS...` on `host`'s daemon (a relative file,
+    /// which the client makes absolute); returns once the daemon's status shows it.
+    fn start(lab: &LabUp, host: &str, point: &str, args: &[&str]) -> Running {
+        let dir = std::env::temp_dir();
+        let name = format!("vpcd-e2e-capture-{point}.pcapng");
+        let file = dir.join(&name);
+        let _ = std::fs::remove_file(&file);
+        let child = Command::new(VPCD)
+            .current_dir(&dir)
+            .args(["ctl", "--control", &socket(lab, host), "--json"])
+            .args(["capture", point, "-w", &name])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("vpcd ctl capture");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let o = ctl(lab, host, &["--json", "status"]);
+            let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+            if s["data"]["capture"] == point {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the capture did not start: {s}");
+            thread::sleep(Duration::from_millis(50));
+        }
+        Running { child, file }
+    }
+
+    /// Waits for the capture's reply (its `data`), asserting it succeeded.
+    fn finish(self) -> (PathBuf, serde_json::Value) {
+        let o = self.child.wait_with_output().expect("vpcd ctl capture");
+        assert!(o.status.success(), "capture: {}", show(&o));
+        let reply: serde_json::Value =
+            serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", show(&o)));
+        assert_eq!(reply["ok"], true, "{reply}");
+        (self.file, reply["data"].clone())
+    }
+}
+
+/// The rows of a capture file (tshark's fields), printed for whoever reads a failure. The
+/// packet's direction (`frame.packet_flags_direction`, which tshark prints in hex) reads
+/// `in` or `out`.
+fn rows(file: &Path, extra: &[&str], fields: &[&str]) -> Vec<Vec<String>> {
+    let mut rows = tshark_fields(file, extra, fields);
+    eprintln!("{}: {} packets", file.display(), rows.len());
+    let dir = fields
+        .iter()
+        .position(|f| *f == "frame.packet_flags_direction");
+    for r in rows.iter_mut() {
+        if let Some(d) = dir.and_then(|i| r.get_mut(i)) {
+            let n = match d.strip_prefix("0x") {
+                Some(hex) => u32::from_str_radix(hex, 16).ok(),
+                None => d.parse().ok(),
+            };
+            *d = match n {
+                Some(1) => "in",
+                Some(2) => "out",
+                _ => "?",
+            }
+            .to_string();
+        }
+        eprintln!("  {}", r.join(" | "));
+    }
+    rows
+}
+
+#[test]
+fn captures_of_drops_an_instance_and_the_underlay_read_by_tshark() {
+    if !can_run(
+        "captures_of_drops_an_instance_and_the_underlay_read_by_tshark",
+        &[Tool::Ip, Tool::Ping, Tool::Tshark],
+    ) {
+        return;
+    }
+    let lab = LabUp::start("cap", &topology());
+    let (a1, a2, b) = (lab.ip("cpa1"), lab.ip("cpa2"), lab.ip("cpb"));
+    assert_eq!(ping(&lab.ns("cpa1"), b, 2), 2, "the lab works");
+    drops(&lab, a1, a2);
+    instance(&lab, a1, b);
+    underlay(&lab, a1, b);
+}
+
+/// `capture drops`: the SYNs the groups drop are there with their reason and rule; the pings
+/// that pass are not. A second capture meanwhile is refused.
+fn drops(lab: &LabUp, a1: std::net::Ipv4Addr, a2: std::net::Ipv4Addr) {
+    let cap = Running::start(lab, "host-a", "drops", &["--seconds", "5"]);
+    let second = ctl(
+        lab,
+        "host-a",
+        &["capture", "underlay", "-w", "/tmp/x.pcapng"],
+    );
+    assert_eq!(second.status.code(), Some(1), "{}", show(&second));
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("one at a time"),
+        "{}",
+        show(&second)
+    );
+    assert_eq!(ping(&lab.ns("cpa1"), a2, 3), 3);
+    assert_eq!(tcp_ask(&lab.ns("cpa1"), a2, 7000, "x"), None);
+    let (file, data) = cap.finish();
+    let fields = [
+        "frame.comment",
+        "ip.src",
+        "ip.dst",
+        "tcp.dstport",
+        "icmp.type",
+    ];
+    let rows = rows(&file, &[], &fields);
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(data["packets"], rows.len(), "{data}");
+    assert_eq!(data["lost"], 0, "{data}");
+    let want = "drop: SgIngress by [sg-cap]:ingress#no-match on host-a, from cpa1";
+    let syns: Vec<_> = rows
+        .iter()
+        .filter(|r| r[1] == a1.to_string() && r[2] == a2.to_string())
+        .collect();
+    assert!(!syns.is_empty(), "the dropped SYNs");
+    for r in &syns {
+        assert_eq!((r[0].as_str(), r[3].as_str()), (want, "7000"), "{r:?}");
+    }
+    assert!(
+        rows.iter().all(|r| r[0].starts_with("drop: ")),
+        "every packet has its comment"
+    );
+    assert!(
+        rows.iter().all(|r| r[4].is_empty()),
+        "no ICMP: the pings passed"
+    );
+}
+
+/// `capture INSTANCE --count 4`: the echo requests as read from its device (in), the replies
+/// as written to it (out), with their addresses; the capture stops at 4 packets.
+fn instance(lab: &LabUp, a1: std::net::Ipv4Addr, b: std::net::Ipv4Addr) {
+    let cap = Running::start(lab, "host-a", "cpa1", &["--count", "4", "--seconds", "20"]);
+    let started = Instant::now();
+    assert_eq!(ping(&lab.ns("cpa1"), b, 3), 3);
+    let (file, data) = cap.finish();
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "ended by --count"
+    );
+    assert_eq!(data["packets"], 4, "{data}");
+    let fields = [
+        "frame.interface_name",
+        "frame.packet_flags_direction",
+        "ip.src",
+        "ip.dst",
+        "icmp.type",
+    ];
+    let rows = rows(&file, &[], &fields);
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(rows.len(), 4);
+    let (a1, b) = (a1.to_string(), b.to_string());
+    let has = |dir: &str, src: &str, dst: &str, icmp: &str| {
+        rows.iter()
+            .any(|r| r == &["cpa1", dir, src, dst, icmp].map(String::from))
+    };
+    assert!(has("in", &a1, &b, "8"), "the echo request, sent by cpa1");
+    assert!(has("out", &b, &a1, "0"), "the echo reply, written to cpa1");
+}
+
+/// `capture underlay`: GRE-in-UDP between the hosts, the VPC's key, the inner ICMP both ways.
+fn underlay(lab: &LabUp, a1: std::net::Ipv4Addr, b: std::net::Ipv4Addr) {
+    let cap = Running::start(lab, "host-a", "underlay", &["--seconds", "3"]);
+    assert_eq!(ping(&lab.ns("cpa1"), b, 3), 3);
+    let (file, data) = cap.finish();
+    let fields = [
+        "frame.packet_flags_direction",
+        "ip.src",
+        "ip.dst",
+        "udp.dstport",
+        "gre.key",
+        "icmp.type",
+    ];
+    let rows = rows(&file, &["-d", "udp.port==4754,gre"], &fields);
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(data["packets"], rows.len(), "{data}");
+    let (ha, hb) = ("192.0.2.1", "192.0.2.2");
+    let row = |dir: &str, (o1, i1): (&str, &str), (o2, i2): (&str, &str), icmp: &str| {
+        let (src, dst) = (format!("{o1},{i1}"), format!("{o2},{i2}"));
+        [dir, &src, &dst, "4754", &format!("{KEY:#010x}"), icmp].map(String::from)
+    };
+    let (a1, b) = (a1.to_string(), b.to_string());
+    let sent = row("out", (ha, &a1), (hb, &b), "8");
+    let got = row("in", (hb, &b), (ha, &a1), "0");
+    assert_eq!(
+        rows.iter().filter(|r| **r == sent).count(),
+        3,
+        "requests out"
+    );
+    assert_eq!(rows.iter().filter(|r| **r == got).count(), 3, "replies in");
+}
