@@ -1,14 +1,17 @@
-//! End-to-end tests of `vpcd ctl capture` on a running lab of two hosts (GRE-in-UDP): the
-//! pcapng files it writes are read back by tshark, the referee, with real traffic sent
-//! meanwhile. Drops (with their reason and rule as the packet comment, passing traffic
-//! absent), an instance's port (echo request in, reply out, count honoured) and the underlay
-//! (GRE-in-UDP decoded, the VPC's key, the inner ICMP).
+//! End-to-end tests of `vpcd ctl capture` on a running lab of two hosts: the pcapng files it
+//! writes are read back by tshark, the referee, with real traffic sent meanwhile. Drops (with
+//! their reason and rule as the packet comment, passing traffic absent), an instance's port
+//! (echo request in, reply out, count honoured), the underlay (GRE-in-UDP and raw GRE
+//! decoded, the VPC's key, the inner ICMP), and a TCP transfer through the segmented paths
+//! (every segment on the underlay whole, its checksums valid, all the bytes there).
 
 #[path = "e2e/common.rs"]
 mod common;
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -16,11 +19,11 @@ use common::*;
 
 const KEY: u32 = 4242;
 
-fn topology() -> String {
+fn topology(transport: &str) -> String {
     format!(
         r#"
 [underlay]
-transport = "gre-udp"
+transport = "{transport}"
 mtu = 1500
 
 [[host]]
@@ -44,7 +47,8 @@ cidr = "10.78.1.0/24"
 
 [[security_group]]
 name = "sg-cap"
-ingress = [ {{ action = "accept", protocol = "icmp", source = "10.78.0.0/16" }} ]
+ingress = [ {{ action = "accept", protocol = "icmp", source = "10.78.0.0/16" }},
+            {{ action = "accept", protocol = "tcp", port = "7001", source = "10.78.0.0/16" }} ]
 egress  = [ {{ action = "accept", protocol = "all", destination = "0.0.0.0/0" }} ]
 
 [[instance]]
@@ -136,7 +140,7 @@ impl Running {
 /// The rows of a capture file (tshark's fields), printed for whoever reads a failure. The
 /// packet's direction (`frame.packet_flags_direction`, which tshark prints in hex) reads
 /// `in` or `out`.
-fn rows(file: &Path, extra: &[&str], fields: &[&str]) -> Vec<Vec<String>> {
+fn read(file: &Path, extra: &[&str], fields: &[&str]) -> Vec<Vec<String>> {
     let mut rows = tshark_fields(file, extra, fields);
     eprintln!("{}: {} packets", file.display(), rows.len());
     let dir = fields
@@ -168,17 +172,30 @@ fn captures_of_drops_an_instance_and_the_underlay_read_by_tshark() {
     ) {
         return;
     }
-    let lab = LabUp::start("cap", &topology());
+    let lab = LabUp::start("cap", &topology("gre-udp"));
     let (a1, a2, b) = (lab.ip("cpa1"), lab.ip("cpa2"), lab.ip("cpb"));
     assert_eq!(ping(&lab.ns("cpa1"), b, 2), 2, "the lab works");
     drops(&lab, a1, a2);
     instance(&lab, a1, b);
     underlay(&lab, a1, b);
+    segmented(&lab, b);
+}
+
+#[test]
+fn a_capture_of_the_raw_gre_underlay_read_by_tshark() {
+    if !can_run(
+        "a_capture_of_the_raw_gre_underlay_read_by_tshark",
+        &[Tool::Ip, Tool::Ping, Tool::Tshark],
+    ) {
+        return;
+    }
+    let lab = LabUp::start("capgre", &topology("gre"));
+    underlay(&lab, lab.ip("cpa1"), lab.ip("cpb"));
 }
 
 /// `capture drops`: the SYNs the groups drop are there with their reason and rule; the pings
 /// that pass are not. A second capture meanwhile is refused.
-fn drops(lab: &LabUp, a1: std::net::Ipv4Addr, a2: std::net::Ipv4Addr) {
+fn drops(lab: &LabUp, a1: Ipv4Addr, a2: Ipv4Addr) {
     let cap = Running::start(lab, "host-a", "drops", &["--seconds", "5"]);
     let second = ctl(
         lab,
@@ -201,7 +218,7 @@ fn drops(lab: &LabUp, a1: std::net::Ipv4Addr, a2: std::net::Ipv4Addr) {
         "tcp.dstport",
         "icmp.type",
     ];
-    let rows = rows(&file, &[], &fields);
+    let rows = read(&file, &[], &fields);
     let _ = std::fs::remove_file(&file);
     assert_eq!(data["packets"], rows.len(), "{data}");
     assert_eq!(data["lost"], 0, "{data}");
@@ -226,7 +243,7 @@ fn drops(lab: &LabUp, a1: std::net::Ipv4Addr, a2: std::net::Ipv4Addr) {
 
 /// `capture INSTANCE --count 4`: the echo requests as read from its device (in), the replies
 /// as written to it (out), with their addresses; the capture stops at 4 packets.
-fn instance(lab: &LabUp, a1: std::net::Ipv4Addr, b: std::net::Ipv4Addr) {
+fn instance(lab: &LabUp, a1: Ipv4Addr, b: Ipv4Addr) {
     let cap = Running::start(lab, "host-a", "cpa1", &["--count", "4", "--seconds", "20"]);
     let started = Instant::now();
     assert_eq!(ping(&lab.ns("cpa1"), b, 3), 3);
@@ -243,7 +260,7 @@ fn instance(lab: &LabUp, a1: std::net::Ipv4Addr, b: std::net::Ipv4Addr) {
         "ip.dst",
         "icmp.type",
     ];
-    let rows = rows(&file, &[], &fields);
+    let rows = read(&file, &[], &fields);
     let _ = std::fs::remove_file(&file);
     assert_eq!(rows.len(), 4);
     let (a1, b) = (a1.to_string(), b.to_string());
@@ -255,8 +272,9 @@ fn instance(lab: &LabUp, a1: std::net::Ipv4Addr, b: std::net::Ipv4Addr) {
     assert!(has("out", &b, &a1, "0"), "the echo reply, written to cpa1");
 }
 
-/// `capture underlay`: GRE-in-UDP between the hosts, the VPC's key, the inner ICMP both ways.
-fn underlay(lab: &LabUp, a1: std::net::Ipv4Addr, b: std::net::Ipv4Addr) {
+/// `capture underlay`: GRE (in UDP, or raw) between the hosts, the VPC's key, the inner ICMP
+/// both ways.
+fn underlay(lab: &LabUp, a1: Ipv4Addr, b: Ipv4Addr) {
     let cap = Running::start(lab, "host-a", "underlay", &["--seconds", "3"]);
     assert_eq!(ping(&lab.ns("cpa1"), b, 3), 3);
     let (file, data) = cap.finish();
@@ -264,17 +282,16 @@ fn underlay(lab: &LabUp, a1: std::net::Ipv4Addr, b: std::net::Ipv4Addr) {
         "frame.packet_flags_direction",
         "ip.src",
         "ip.dst",
-        "udp.dstport",
         "gre.key",
         "icmp.type",
     ];
-    let rows = rows(&file, &["-d", "udp.port==4754,gre"], &fields);
+    let rows = read(&file, &["-d", "udp.port==4754,gre"], &fields);
     let _ = std::fs::remove_file(&file);
     assert_eq!(data["packets"], rows.len(), "{data}");
     let (ha, hb) = ("192.0.2.1", "192.0.2.2");
     let row = |dir: &str, (o1, i1): (&str, &str), (o2, i2): (&str, &str), icmp: &str| {
         let (src, dst) = (format!("{o1},{i1}"), format!("{o2},{i2}"));
-        [dir, &src, &dst, "4754", &format!("{KEY:#010x}"), icmp].map(String::from)
+        [dir, &src, &dst, &format!("{KEY:#010x}"), icmp].map(String::from)
     };
     let (a1, b) = (a1.to_string(), b.to_string());
     let sent = row("out", (ha, &a1), (hb, &b), "8");
@@ -285,4 +302,60 @@ fn underlay(lab: &LabUp, a1: std::net::Ipv4Addr, b: std::net::Ipv4Addr) {
         "requests out"
     );
     assert_eq!(rows.iter().filter(|r| **r == got).count(), 3, "replies in");
+}
+
+/// A TCP transfer cpa1 -> cpb while host-a captures the underlay and host-b captures cpb:
+/// the segments sent on the underlay are each a whole datagram of at most the underlay's
+/// MTU with valid checksums, and every byte of the transfer is in both files.
+fn segmented(lab: &LabUp, b: Ipv4Addr) {
+    const SIZE: usize = 256 * 1024;
+    let wire = Running::start(lab, "host-a", "underlay", &["--seconds", "6"]);
+    let port = Running::start(lab, "host-b", "cpb", &["--seconds", "6"]);
+    let data = Arc::new(pattern(SIZE, 7));
+    let (got, hash) = tcp_transfer(&lab.ns("cpa1"), &lab.ns("cpb"), b, 7001, data.clone());
+    assert_eq!((got.len(), hash), (SIZE, Some(fnv(&data))), "the transfer");
+    let (file, data) = wire.finish();
+    assert_eq!(data["lost"], 0, "{data}");
+    let check = ["-d", "udp.port==4754,gre", "-o", "tcp.check_checksum:TRUE"];
+    let filter = format!("ip.dst == {b} && tcp.len > 0");
+    let fields = [
+        "frame.len",
+        "ip.checksum.status",
+        "tcp.checksum.status",
+        "tcp.len",
+    ];
+    let rows = read(
+        &file,
+        &[&check[..], &["-o", "ip.check_checksum:TRUE", "-Y", &filter]].concat(),
+        &fields,
+    );
+    let _ = std::fs::remove_file(&file);
+    let bytes: usize = rows
+        .iter()
+        .map(|r| r[3].parse::<usize>().unwrap_or(0))
+        .sum();
+    assert!(bytes >= SIZE, "{bytes} bytes of {SIZE} on the underlay");
+    for r in &rows {
+        let len: usize = r[0].parse().unwrap_or(usize::MAX);
+        assert!(len <= 1500, "a datagram of {len} bytes: {r:?}");
+        assert_eq!(
+            (r[1].as_str(), r[2].as_str()),
+            ("1,1", "1"),
+            "checksums good (1): {r:?}"
+        );
+    }
+    let (file, data) = port.finish();
+    assert_eq!(data["lost"], 0, "{data}");
+    let rows = read(
+        &file,
+        &["-Y", &filter],
+        &["frame.packet_flags_direction", "tcp.len"],
+    );
+    let _ = std::fs::remove_file(&file);
+    let bytes: usize = rows
+        .iter()
+        .map(|r| r[1].parse::<usize>().unwrap_or(0))
+        .sum();
+    assert!(bytes >= SIZE, "{bytes} bytes of {SIZE} written to cpb");
+    assert!(rows.iter().all(|r| r[0] == "out"), "written to cpb");
 }
