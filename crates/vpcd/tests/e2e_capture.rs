@@ -179,6 +179,7 @@ fn captures_of_drops_an_instance_and_the_underlay_read_by_tshark() {
     instance(&lab, a1, b);
     underlay(&lab, a1, b);
     segmented(&lab, b);
+    stopped(lab, a1, a2);
 }
 
 #[test]
@@ -358,4 +359,30 @@ fn segmented(lab: &LabUp, b: Ipv4Addr) {
         .sum();
     assert!(bytes >= SIZE, "{bytes} bytes of {SIZE} written to cpb");
     assert!(rows.iter().all(|r| r[0] == "out"), "written to cpb");
+}
+
+/// A daemon stopped during a capture leaves a whole file: its drops are in it.
+fn stopped(lab: LabUp, a1: Ipv4Addr, a2: Ipv4Addr) {
+    let cap = Running::start(&lab, "host-a", "drops", &["--seconds", "60"]);
+    assert_eq!(tcp_ask(&lab.ns("cpa1"), a2, 7000, "x"), None);
+    let started = Instant::now();
+    drop(lab);
+    // The client's answer (if any: the daemon may go before it is sent) does not matter.
+    let Running { mut child, file } = cap;
+    let _ = child.wait();
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the capture ended with its daemon"
+    );
+    let rows = read(
+        &file,
+        &[],
+        &["frame.comment", "ip.src", "ip.dst", "tcp.dstport"],
+    );
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        rows.iter()
+            .any(|r| r[1] == a1.to_string() && r[2] == a2.to_string() && r[3] == "7000"),
+        "the drops before the daemon stopped"
+    );
 }

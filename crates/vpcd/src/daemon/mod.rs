@@ -477,6 +477,7 @@ impl Daemon {
         for lane in self.lanes.take().iter().flat_map(|l| l.iter()) {
             lane.send_blocking(Msg::Stop);
         }
+        self.wait_for_capture();
         for ns in self.created_netns.drain(..) {
             match netns::del(&ns) {
                 Ok(()) => info!(netns = %ns, "namespace removed"),

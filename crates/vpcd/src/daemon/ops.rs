@@ -290,6 +290,16 @@ impl Daemon {
         Ok(())
     }
 
+    /// Gives a capture running when the daemon stops a moment (at most 2 s) to finish its
+    /// file: its taps went with the workers, so its writer sees the end of its records.
+    pub(super) fn wait_for_capture(&self) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let running = || self.capturing.lock().map_or(false, |c| c.is_some());
+        while running() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// What `vpcd ctl capture POINT` names on this host.
     fn capture_point(&self, word: &str) -> Result<Point> {
         match word {
