@@ -93,6 +93,7 @@ fn ctl(lab: &LabUp, host: &str, args: &[&str]) -> std::process::Output {
 struct Running {
     child: Child,
     file: PathBuf,
+    point: String,
 }
 
 impl Running {
@@ -123,16 +124,24 @@ impl Running {
             assert!(Instant::now() < deadline, "the capture did not start: {s}");
             thread::sleep(Duration::from_millis(50));
         }
-        Running { child, file }
+        let point = point.to_string();
+        Running { child, file, point }
     }
 
-    /// Waits for the capture's reply (its `data`), asserting it succeeded.
+    /// Waits for the capture's reply (its `data`), asserting it succeeded and says so.
     fn finish(self) -> (PathBuf, serde_json::Value) {
         let o = self.child.wait_with_output().expect("vpcd ctl capture");
         assert!(o.status.success(), "capture: {}", show(&o));
         let reply: serde_json::Value =
             serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", show(&o)));
         assert_eq!(reply["ok"], true, "{reply}");
+        let says = format!(
+            "{} packets captured on {}",
+            reply["data"]["packets"], self.point
+        );
+        let text = reply["text"].as_str().unwrap_or_default();
+        assert!(text.starts_with(&says), "{reply}");
+        assert!(text.contains(&self.file.display().to_string()), "{reply}");
         (self.file, reply["data"].clone())
     }
 }
@@ -175,7 +184,7 @@ fn captures_of_drops_an_instance_and_the_underlay_read_by_tshark() {
     let lab = LabUp::start("cap", &topology("gre-udp"));
     let (a1, a2, b) = (lab.ip("cpa1"), lab.ip("cpa2"), lab.ip("cpb"));
     assert_eq!(ping(&lab.ns("cpa1"), b, 2), 2, "the lab works");
-    drops(&lab, a1, a2);
+    drops(&lab, (a1, a2, b));
     instance(&lab, a1, b);
     underlay(&lab, a1, b);
     segmented(&lab, b);
@@ -194,23 +203,23 @@ fn a_capture_of_the_raw_gre_underlay_read_by_tshark() {
     underlay(&lab, lab.ip("cpa1"), lab.ip("cpb"));
 }
 
-/// `capture drops`: the SYNs the groups drop are there with their reason and rule; the pings
-/// that pass are not. A second capture meanwhile is refused.
-fn drops(lab: &LabUp, a1: Ipv4Addr, a2: Ipv4Addr) {
-    let cap = Running::start(lab, "host-a", "drops", &["--seconds", "5"]);
+/// `capture drops`: the SYNs the groups drop are there with their reason, rule and port of
+/// arrival (a local instance's, or the underlay's: GRE-in-UDP, decoded); the pings that pass
+/// are not. A second capture meanwhile is refused.
+fn drops(lab: &LabUp, (a1, a2, b): (Ipv4Addr, Ipv4Addr, Ipv4Addr)) {
+    let cap = Running::start(lab, "host-a", "drops", &["--seconds", "6"]);
     let second = ctl(
         lab,
         "host-a",
         &["capture", "underlay", "-w", "/tmp/x.pcapng"],
     );
     assert_eq!(second.status.code(), Some(1), "{}", show(&second));
-    assert!(
-        String::from_utf8_lossy(&second.stderr).contains("one at a time"),
-        "{}",
-        show(&second)
-    );
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(said.contains("one at a time"), "{}", show(&second));
     assert_eq!(ping(&lab.ns("cpa1"), a2, 3), 3);
+    assert_eq!(ping(&lab.ns("cpb"), a1, 3), 3);
     assert_eq!(tcp_ask(&lab.ns("cpa1"), a2, 7000, "x"), None);
+    assert_eq!(tcp_ask(&lab.ns("cpb"), a1, 7000, "x"), None);
     let (file, data) = cap.finish();
     let fields = [
         "frame.comment",
@@ -218,20 +227,36 @@ fn drops(lab: &LabUp, a1: Ipv4Addr, a2: Ipv4Addr) {
         "ip.dst",
         "tcp.dstport",
         "icmp.type",
+        "gre.key",
     ];
-    let rows = read(&file, &[], &fields);
+    let rows = read(&file, &["-d", "udp.port==4754,gre"], &fields);
     let _ = std::fs::remove_file(&file);
     assert_eq!(data["packets"], rows.len(), "{data}");
     assert_eq!(data["lost"], 0, "{data}");
-    let want = "drop: SgIngress by [sg-cap]:ingress#no-match on host-a, from cpa1";
-    let syns: Vec<_> = rows
-        .iter()
-        .filter(|r| r[1] == a1.to_string() && r[2] == a2.to_string())
-        .collect();
-    assert!(!syns.is_empty(), "the dropped SYNs");
-    for r in &syns {
-        assert_eq!((r[0].as_str(), r[3].as_str()), (want, "7000"), "{r:?}");
-    }
+    let rule = "drop: SgIngress by [sg-cap]:ingress#no-match on host-a";
+    let key = format!("{KEY:#010x}");
+    let local = [format!("{rule}, from cpa1"), a1.to_string(), a2.to_string()];
+    let local = [&local[..], &["7000".into(), "".into(), "".into()]].concat();
+    let remote = [
+        format!("{rule}, from underlay 192.0.2.2"),
+        format!("192.0.2.2,{b}"),
+        format!("192.0.2.1,{a1}"),
+        "7000".into(),
+        "".into(),
+        key,
+    ]
+    .to_vec();
+    assert!(rows.contains(&local), "a SYN cpa1 -> cpa2 dropped");
+    assert!(
+        rows.contains(&remote),
+        "a SYN cpb -> cpa1 dropped on arrival"
+    );
+    let syns = rows.iter().filter(|r| r[3] == "7000");
+    assert!(
+        syns.clone().all(|r| *r == local || *r == remote),
+        "only those"
+    );
+    assert!(syns.count() >= 2);
     assert!(
         rows.iter().all(|r| r[0].starts_with("drop: ")),
         "every packet has its comment"
@@ -368,7 +393,9 @@ fn stopped(lab: LabUp, a1: Ipv4Addr, a2: Ipv4Addr) {
     let started = Instant::now();
     drop(lab);
     // The client's answer (if any: the daemon may go before it is sent) does not matter.
-    let Running { mut child, file } = cap;
+    let Running {
+        mut child, file, ..
+    } = cap;
     let _ = child.wait();
     assert!(
         started.elapsed() < Duration::from_secs(30),

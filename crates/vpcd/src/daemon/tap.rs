@@ -347,6 +347,58 @@ mod tests {
         assert_eq!(u16::from_be_bytes([h[2], h[3]]), u16::MAX);
     }
 
+    /// A drop's comment names the reason, the rule (when one decided), the host and the port
+    /// the packet came from.
+    #[test]
+    fn a_drops_comment_says_why_where_and_from_where() {
+        use crate::pipeline::RuleRef;
+        use crate::reason::DropReason;
+        let text = r#"
+[[host]]
+name = "a"
+address = "192.0.2.1"
+[[vpc]]
+name = "v"
+tenant = "t"
+cidr = "10.0.0.0/16"
+[[subnet]]
+name = "s"
+vpc = "v"
+cidr = "10.0.1.0/24"
+[[security_group]]
+name = "sg"
+[[instance]]
+name = "web"
+host = "a"
+subnet = "s"
+ip = "10.0.1.10"
+security_groups = ["sg"]
+"#;
+        let t = Arc::new(Topology::parse(text, "t.toml").unwrap_or_else(|e| panic!("{e}")));
+        let web = InstanceId(0);
+        let note = |reason, rule, from| DropNote {
+            dropped: Dropped { reason, rule },
+            from,
+            topo: t.clone(),
+        };
+        let end = Some(RuleRef::SecurityGroupsEnd { instance: web });
+        let sg = note(DropReason::SgEgress, end, Ingress::Instance(web));
+        assert_eq!(
+            comment(&sg, "a"),
+            "drop: SgEgress by [sg]:egress#no-match on a, from web"
+        );
+        let peer = Ipv4Addr::new(192, 0, 2, 9);
+        let odd = note(
+            DropReason::NoRoute,
+            None,
+            Ingress::UnderlayUdp { from: peer },
+        );
+        assert_eq!(
+            comment(&odd, "a"),
+            "drop: NoRoute on a, from underlay 192.0.2.9"
+        );
+    }
+
     /// A full queue loses the record and counts it; a tap never blocks.
     #[test]
     fn a_full_queue_counts_what_it_loses() {
