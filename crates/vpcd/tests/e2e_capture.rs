@@ -184,6 +184,19 @@ fn captures_of_drops_an_instance_and_the_underlay_read_by_tshark() {
     let lab = LabUp::start("cap", &topology("gre-udp"));
     let (a1, a2, b) = (lab.ip("cpa1"), lab.ip("cpa2"), lab.ip("cpb"));
     assert_eq!(ping(&lab.ns("cpa1"), b, 2), 2, "the lab works");
+    // cpb is on host-b: host-a's daemon refuses at once, and writes nothing.
+    let o = ctl(
+        &lab,
+        "host-a",
+        &["capture", "cpb", "-w", "/tmp/vpcd-e2e-nothing.pcapng"],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        said.contains("no instance \"cpb\" on host host-a"),
+        "{said}"
+    );
+    assert!(!Path::new("/tmp/vpcd-e2e-nothing.pcapng").exists());
     drops(&lab, (a1, a2, b));
     instance(&lab, a1, b);
     underlay(&lab, a1, b);

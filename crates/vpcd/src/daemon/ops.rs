@@ -294,7 +294,10 @@ impl Daemon {
     /// file: its taps went with the workers, so its writer sees the end of its records.
     pub(super) fn wait_for_capture(&self) {
         let deadline = Instant::now() + Duration::from_secs(2);
-        let running = || self.capturing.lock().map_or(false, |c| c.is_some());
+        let running = || {
+            let c = self.capturing.lock();
+            c.unwrap_or_else(|p| p.into_inner()).is_some()
+        };
         while running() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
