@@ -607,7 +607,7 @@ fn lab_ctl(
         );
     }
     let path = vpcd::control::default_path(&lab.host_ns(host));
-    Ok(crate::ctl::ctl(&path, command.request(), json))
+    Ok(crate::send(&path, command, json))
 }
 
 /// `vpcd lab up`: every hint it prints names the lab.

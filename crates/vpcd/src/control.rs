@@ -28,7 +28,8 @@ pub fn default_path(host: &str) -> PathBuf {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
-    /// The generation in force, the topology's hash, uptime, workers, the last reload.
+    /// The generation in force, the topology's hash, uptime, workers, the last reload, the
+    /// capture running.
     Status {},
     /// Re-read the topology; the errors come back.
     Reload {},
@@ -51,6 +52,49 @@ pub enum Request {
     },
     /// Trace a packet through this daemon's live tables and the hosts after it.
     Trace(crate::trace::TraceArgs),
+    /// Write what a port sends and receives (or every dropped packet) to a pcapng file; the
+    /// reply comes when the capture ends (`count` packets written, or `seconds` passed).
+    Capture {
+        /// An instance of this host by name, `underlay`, `internet` (the gateway's internet
+        /// device) or `drops`. These three words name the ports even if an instance is
+        /// called so.
+        point: String,
+        /// The file, an absolute path (the daemon's working directory is not the client's);
+        /// written by the daemon, replaced if it exists.
+        file: PathBuf,
+        /// Stop after this many packets.
+        #[serde(default)]
+        count: Option<u64>,
+        /// Stop after this many seconds ([`CAPTURE_SECONDS`] by default, at most
+        /// [`CAPTURE_MAX_SECONDS`]).
+        #[serde(default)]
+        seconds: Option<u64>,
+    },
+}
+
+/// How long a capture runs when neither `seconds` nor the count ends it first.
+pub const CAPTURE_SECONDS: u64 = 10;
+/// The longest capture (its client waits for the reply as long).
+pub const CAPTURE_MAX_SECONDS: u64 = 3600;
+/// How long the daemon may take to answer a request, beyond what the request itself lasts.
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(20);
+
+impl Request {
+    /// How long the answer may take: [`ANSWER_WITHIN`], plus a capture's duration.
+    pub fn answer_within(&self) -> Duration {
+        match self {
+            Request::Capture { seconds, .. } => {
+                ANSWER_WITHIN + Duration::from_secs(capture_seconds(*seconds))
+            }
+            _ => ANSWER_WITHIN,
+        }
+    }
+}
+
+/// A capture's duration: `seconds` as asked, by default [`CAPTURE_SECONDS`], bounded by
+/// [`CAPTURE_MAX_SECONDS`].
+pub fn capture_seconds(seconds: Option<u64>) -> u64 {
+    seconds.unwrap_or(CAPTURE_SECONDS).min(CAPTURE_MAX_SECONDS)
 }
 
 /// The answer to a request.
@@ -217,7 +261,7 @@ pub fn ask(path: &Path, request: &Request) -> std::io::Result<Reply> {
             format!("{}: {e} (is vpcd running for this host?)", path.display()),
         )
     })?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.set_read_timeout(Some(request.answer_within() + Duration::from_secs(10)))?;
     let mut line = serde_json::to_vec(request).map_err(std::io::Error::other)?;
     line.push(b'\n');
     (&stream).write_all(&line)?;
@@ -256,6 +300,29 @@ mod tests {
                 flush: false
             })
         );
+        assert_eq!(
+            parse_request(
+                br#"{"cmd":"capture","point":"drops","file":"/tmp/x.pcapng","seconds":3}"#
+            ),
+            Ok(Request::Capture {
+                point: "drops".into(),
+                file: "/tmp/x.pcapng".into(),
+                count: None,
+                seconds: Some(3),
+            })
+        );
+        let capture = |seconds| Request::Capture {
+            point: "web-1".into(),
+            file: "/tmp/x".into(),
+            count: Some(5),
+            seconds,
+        };
+        assert_eq!(capture(None).answer_within(), Duration::from_secs(30));
+        assert_eq!(
+            capture(Some(1 << 40)).answer_within(),
+            Duration::from_secs(CAPTURE_MAX_SECONDS) + ANSWER_WITHIN
+        );
+        assert_eq!(Request::Status {}.answer_within(), ANSWER_WITHIN);
         for bad in [
             &b"{"[..],
             br#"{"cmd":"reboot"}"#,

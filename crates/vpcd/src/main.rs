@@ -58,7 +58,8 @@ enum Command {
         #[arg(long, value_name = "ADDR:PORT")]
         metrics: Option<std::net::SocketAddr>,
     },
-    /// Ask a running daemon (its control socket): status, reload, stats, clear-counters, trace.
+    /// Ask a running daemon (its control socket): status, reload, stats, clear-counters,
+    /// trace, capture.
     Ctl {
         /// The daemon's host name (its socket is /run/vpcd/HOST.sock).
         #[arg(long, conflicts_with = "control")]
@@ -120,7 +121,8 @@ impl TraceOpts {
 
 #[derive(Subcommand, Debug, Clone)]
 enum CtlCommand {
-    /// The generation in force, the topology's hash, uptime, workers, the last reload.
+    /// The generation in force, the topology's hash, uptime, workers, the last reload, the
+    /// capture running.
     Status,
     /// Re-read the topology; its errors come back here.
     Reload,
@@ -138,18 +140,47 @@ enum CtlCommand {
         #[command(flatten)]
         what: TraceOpts,
     },
+    /// Write what a port sends and receives to a pcapng file (raw IPv4); with `drops`, every
+    /// dropped packet, its reason and rule as the packet's comment. Answers when it is over.
+    Capture {
+        /// An instance of the daemon's host, `underlay`, `internet` (on the internet
+        /// gateway) or `drops`.
+        point: String,
+        /// The pcapng file (written by the daemon, replaced if it exists).
+        #[arg(short = 'w', long = "write", value_name = "FILE")]
+        file: PathBuf,
+        /// Stop after N packets.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// Stop after S seconds (default 10, at most 3600), whichever comes first.
+        #[arg(long, value_name = "S")]
+        seconds: Option<u64>,
+    },
 }
 
 impl CtlCommand {
-    fn request(self) -> vpcd::control::Request {
+    /// The request; a capture's file made absolute (the daemon's working directory is not
+    /// this one).
+    fn request(self) -> std::io::Result<vpcd::control::Request> {
         use vpcd::control::Request;
-        match self {
+        Ok(match self {
             CtlCommand::Status => Request::Status {},
             CtlCommand::Reload => Request::Reload {},
             CtlCommand::Stats { prometheus } => Request::Stats { prometheus },
             CtlCommand::ClearCounters => Request::ClearCounters {},
             CtlCommand::Trace { what } => Request::Trace(what.args()),
-        }
+            CtlCommand::Capture {
+                point,
+                file,
+                count,
+                seconds,
+            } => Request::Capture {
+                point,
+                file: std::path::absolute(&file)?,
+                count,
+                seconds,
+            },
+        })
     }
 }
 
@@ -168,7 +199,18 @@ fn ctl_command(
             return ExitCode::from(2);
         }
     };
-    ctl::ctl(&path, command.request(), json)
+    send(&path, command, json)
+}
+
+/// `command` to the daemon at `path` (`vpcd ctl`, `vpcd lab ctl`).
+fn send(path: &std::path::Path, command: CtlCommand, json: bool) -> ExitCode {
+    match command.request() {
+        Ok(request) => ctl::ctl(path, request, json),
+        Err(e) => {
+            errln!("vpcd ctl: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn main() -> ExitCode {

@@ -19,6 +19,7 @@
 
 mod ops;
 mod pool;
+pub mod tap;
 mod worker;
 
 use std::collections::BTreeMap;
@@ -131,6 +132,8 @@ struct Daemon {
     stats_seq: u64,
     /// What `vpcd ctl status` reports.
     status: ops::Status,
+    /// The point of the capture running, if one is (its writer thread clears it).
+    capturing: tap::Busy,
 }
 
 /// Closes every descriptor this process inherited beyond stdin, stdout and stderr; returns
@@ -211,6 +214,7 @@ pub fn run(opts: Options) -> Result<()> {
         stats_path,
         stats_seq: 0,
         status: ops::Status::new(&topo_text(&topology_path)),
+        capturing: Arc::default(),
     };
     let result = d.start(workers).and_then(|()| d.control());
     d.cleanup();
@@ -359,9 +363,7 @@ impl Daemon {
                     _ = term.recv() => { info!("SIGTERM: stopping"); break; }
                     _ = int.recv() => { info!("SIGINT: stopping"); break; }
                     _ = hup.recv() => { let _ = self.reload(); }
-                    Some((request, reply)) = asked.recv() => {
-                        let _ = reply.send(self.answer(request));
-                    }
+                    Some((request, reply)) = asked.recv() => self.answer(request, reply),
                     _ = tick.tick() => self.tick(),
                     // The lab asks for fresh statistics around each probe.
                     _ = usr1.recv() => self.tick(),
@@ -476,6 +478,7 @@ impl Daemon {
         for lane in self.lanes.take().iter().flat_map(|l| l.iter()) {
             lane.send_blocking(Msg::Stop);
         }
+        self.wait_for_capture();
         for ns in self.created_netns.drain(..) {
             match netns::del(&ns) {
                 Ok(()) => info!(netns = %ns, "namespace removed"),

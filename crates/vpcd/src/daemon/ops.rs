@@ -1,23 +1,25 @@
 //! The daemon's operator surface: the control socket's answers (`vpcd ctl`), the counters
 //! summed over the workers, and the Prometheus endpoint.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
 use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::info;
 
+use super::tap::{self, Point, Tap};
 use super::worker::{Msg, TraceAsk};
 use super::{Daemon, Totals};
 use crate::control::{self, Reply, Request};
 use crate::metrics;
 use crate::pipeline::{self, trace::Hop};
-use crate::topology::{HostId, Topology};
+use crate::topology::{HostId, Topology, Transport};
 use crate::trace::{self, TraceArgs};
 use crate::{Ingress, Timestamp};
-use std::sync::Arc;
 
 /// A request from the control socket with the way back to its client.
 pub(super) type Asked = (Request, crossbeam_channel::Sender<Reply>);
@@ -138,8 +140,29 @@ impl Daemon {
         Ok((rx, Servers { _control: server }))
     }
 
-    /// Answers one control request.
-    pub(super) fn answer(&mut self, request: Request) -> Reply {
+    /// Answers one control request on `back`: at once, or (a capture) when it is over, from
+    /// the capture's writer thread, so that the control loop goes on meanwhile.
+    pub(super) fn answer(&mut self, request: Request, back: crossbeam_channel::Sender<Reply>) {
+        let reply = match request {
+            Request::Capture {
+                point,
+                file,
+                count,
+                seconds,
+            } => {
+                let limits = (count, control::capture_seconds(seconds));
+                match self.capture(&point, file, limits, back.clone()) {
+                    Ok(()) => return,
+                    Err(e) => Reply::error(format!("capture: {e:#}")),
+                }
+            }
+            other => self.answer_now(other),
+        };
+        let _ = back.send(reply);
+    }
+
+    /// Answers a request that is answered at once.
+    fn answer_now(&mut self, request: Request) -> Reply {
         match request {
             Request::Status {} => self.status_reply(),
             Request::Reload {} => match self.reload() {
@@ -169,6 +192,7 @@ impl Daemon {
             }
             Request::Flows { .. } => Reply::error("flows: not served by this daemon yet"),
             Request::Trace(args) => self.trace_reply(&args),
+            Request::Capture { .. } => Reply::error("capture: answered by its writer"),
         }
     }
 
@@ -219,12 +243,18 @@ impl Daemon {
             Some((at, Ok(()))) => format!("ok, {} s ago", at.elapsed().as_secs()),
             Some((at, Err(e))) => format!("refused, {} s ago: {e}", at.elapsed().as_secs()),
         };
+        let capture = self
+            .capturing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let text = format!(
-            "host {}\ngeneration {}\ntopology {} ({})\nuptime {uptime} s\nworkers {workers}\nlast reload {last}\n",
+            "host {}\ngeneration {}\ntopology {} ({})\nuptime {uptime} s\nworkers {workers}\nlast reload {last}\ncapture {}\n",
             self.opts.host,
             s.generation,
             self.opts.topology.display(),
-            s.topology_hash
+            s.topology_hash,
+            capture.as_deref().unwrap_or("none"),
         );
         let data = json!({
             "host": self.opts.host,
@@ -233,6 +263,7 @@ impl Daemon {
             "topology_hash": s.topology_hash,
             "uptime_s": uptime,
             "workers": workers,
+            "capture": capture,
             "last_reload": s.last_reload.as_ref().map(|(at, r)| json!({
                 "ok": r.is_ok(),
                 "error": r.as_ref().err(),
@@ -243,14 +274,154 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// Starts capturing `point` into `file` for at most (count, seconds): taps in every
+    /// worker, and a writer thread that answers on `back` when the capture is over. One
+    /// capture at a time; an error (nothing started) when it cannot start.
+    fn capture(
+        &mut self,
+        point: &str,
+        file: PathBuf,
+        (count, seconds): (Option<u64>, u64),
+        back: crossbeam_channel::Sender<Reply>,
+    ) -> Result<()> {
+        let point = self.capture_point(point)?;
+        if !file.is_absolute() {
+            bail!("{}: the file must be an absolute path", file.display());
+        }
+        let lanes = self.lanes.clone().ok_or_else(|| anyhow!("no workers"))?;
+        let mut busy = self.capturing.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(other) = &*busy {
+            bail!("a capture of {other} is running on this daemon: one at a time");
+        }
+        let opened = std::fs::File::create(&file).with_context(|| file.display().to_string())?;
+        *busy = Some(point.name().to_string());
+        drop(busy);
+        let (tx, rx) = crossbeam_channel::bounded(tap::QUEUE);
+        let lost = Arc::new(AtomicU64::new(0));
+        let udp = self.topo.underlay.transport == Transport::GreUdp;
+        let address = self.topo.host(self.host).address;
+        let tap = Tap::new(point.clone(), address, udp, tx, lost.clone());
+        let c = tap::Capture {
+            point,
+            file: opened,
+            path: file,
+            count,
+            duration: Duration::from_secs(seconds),
+            host: self.opts.host.clone(),
+        };
+        for lane in lanes.iter() {
+            lane.send_blocking(Msg::Capture(Some(tap.clone())));
+        }
+        info!(point = c.point.name(), file = %c.path.display(), "capture started");
+        let busy = self.capturing.clone();
+        let spawned = std::thread::Builder::new()
+            .name("vpcd-capture".into())
+            .spawn(move || {
+                let (name, path) = (c.point.name().to_string(), c.path.clone());
+                let outcome = tap::write(c, rx, &lost, &lanes, &busy);
+                let _ = back.send(capture_reply(&name, &path, outcome));
+            });
+        if let Err(e) = spawned {
+            for lane in self.lanes.iter().flat_map(|l| l.iter()) {
+                lane.send_blocking(Msg::Capture(None));
+            }
+            *self.capturing.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            return Err(e).context("capture thread");
+        }
+        Ok(())
+    }
+
+    /// Gives a capture running when the daemon stops a moment (at most 2 s) to finish its
+    /// file: its taps went with the workers, so its writer sees the end of its records.
+    pub(super) fn wait_for_capture(&self) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let running = || {
+            let c = self.capturing.lock();
+            c.unwrap_or_else(|p| p.into_inner()).is_some()
+        };
+        while running() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// What `vpcd ctl capture POINT` names on this host.
+    fn capture_point(&self, word: &str) -> Result<Point> {
+        match word {
+            "underlay" => return Ok(Point::Underlay),
+            "drops" => return Ok(Point::Drops),
+            "internet" if self.internet.is_some() => return Ok(Point::Internet),
+            "internet" => bail!("host {} is not the internet gateway", self.opts.host),
+            _ => {}
+        }
+        let t = &self.topo;
+        match t.instance_named(word) {
+            Some(id) if t.instance(id).host == self.host => Ok(Point::Instance {
+                name: word.to_string(),
+                id: Some(id),
+            }),
+            _ => {
+                let here: Vec<&str> = t
+                    .instances_on(self.host)
+                    .map(|id| t.instance(id).name.as_str())
+                    .collect();
+                bail!(
+                    "no instance \"{word}\" on host {}: say underlay, drops{}, or one of: {}",
+                    self.opts.host,
+                    if self.internet.is_some() {
+                        ", internet"
+                    } else {
+                        ""
+                    },
+                    here.join(", ")
+                )
+            }
+        }
+    }
+}
+
+/// The answer to a capture, once it is over.
+fn capture_reply(point: &str, path: &Path, outcome: std::io::Result<tap::Outcome>) -> Reply {
+    let o = match outcome {
+        Ok(o) => o,
+        Err(e) => return Reply::error(format!("capture: writing {}: {e}", path.display())),
+    };
+    info!(point, packets = o.written, lost = o.lost, "capture over");
+    let mut text = format!(
+        "{} packets captured on {point} in {:.1} s, written to {}",
+        o.written,
+        o.elapsed.as_secs_f64(),
+        path.display()
+    );
+    if o.lost > 0 {
+        text += &format!(
+            "\n{} more lost: the writer fell behind (queue of {})",
+            o.lost,
+            tap::QUEUE
+        );
+    }
+    let data = json!({
+        "point": point,
+        "file": path.display().to_string(),
+        "packets": o.written,
+        "lost": o.lost,
+        "seconds": o.elapsed.as_secs_f64(),
+    });
+    Reply::ok(text, data)
+}
+
 /// Hands a request to the control loop and waits for its answer (a daemon that does not
-/// answer within 20 s is reported as such).
+/// answer within [`Request::answer_within`] is reported as such).
 fn relay(tx: &mpsc::Sender<Asked>, request: Request) -> Reply {
+    let within = request.answer_within();
     let (back, answer) = crossbeam_channel::bounded(1);
     if tx.blocking_send((request, back)).is_err() {
         return Reply::error("the daemon is stopping");
     }
-    answer
-        .recv_timeout(Duration::from_secs(20))
-        .unwrap_or_else(|_| Reply::error("the daemon did not answer within 20 s"))
+    answer.recv_timeout(within).unwrap_or_else(|_| {
+        Reply::error(format!(
+            "the daemon did not answer within {} s",
+            within.as_secs()
+        ))
+    })
 }

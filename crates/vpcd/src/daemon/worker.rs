@@ -27,11 +27,13 @@ use tracing::warn;
 
 use super::Affinity;
 use super::pool::Pool;
+use super::tap::Tap;
+use crate::capture::Direction;
 use crate::clock::MonotonicClock;
 use crate::io::tun::Tun;
 use crate::io::underlay::{BATCH, CutFrames, Received, UnderlayRx, UnderlayTx};
 use crate::pipeline::trace::Hop;
-use crate::pipeline::{Action, Counters, Egress, Ingress, Pipeline};
+use crate::pipeline::{Action, Counters, Decision, Dropped, Egress, Ingress, Pipeline};
 use crate::reason::DropReason;
 use crate::time::Timestamp;
 use crate::topology::{InstanceId, Topology, Transport};
@@ -73,6 +75,16 @@ enum Port {
     Internet,
 }
 
+impl Port {
+    /// The port packets read from the same device come from.
+    fn ingress(self) -> Ingress {
+        match self {
+            Port::Instance(id) => Ingress::Instance(id),
+            Port::Internet => Ingress::Internet,
+        }
+    }
+}
+
 /// What a worker is told.
 pub enum Msg {
     /// Packets of flows it owns, read by another worker under that topology (instance ids
@@ -87,6 +99,8 @@ pub enum Msg {
     /// Trace a packet through this worker's tables if its flow is this worker's (`vpcd ctl
     /// trace`); the others answer `None`.
     Trace(TraceAsk),
+    /// Start copying packets to a capture (`Some`), or stop (`None`).
+    Capture(Option<Tap>),
     /// Stop.
     Stop,
 }
@@ -262,6 +276,13 @@ fn spans(len: usize, stride: usize) -> impl Iterator<Item = (usize, usize)> {
         .map(move |at| (at, (at + stride.max(1)).min(len)))
 }
 
+/// The datagrams of what one underlay read brought, `len` bytes: the whole of it for a single
+/// datagram (`stride` 0), a GRO train's datagrams otherwise.
+fn datagrams(len: usize, stride: usize) -> impl Iterator<Item = (usize, usize)> {
+    let stride = if stride == 0 { len } else { stride };
+    spans(len, stride)
+}
+
 /// The worker that owns every datagram of a GRO train, or `None` when its datagrams have
 /// different owners (or there are none).
 fn sole_owner(train: &[u8], stride: usize, owner_of: impl Fn(&[u8]) -> usize) -> Option<usize> {
@@ -322,6 +343,8 @@ pub struct Worker {
     pieces: Vec<Piece>,
     transmits: Vec<(PacketBuf, Ipv4Addr, u32)>,
     runs: Vec<(usize, usize)>,
+    /// A capture's tap; `None` (no capture) costs one branch per packet or batch.
+    tap: Option<Tap>,
 }
 
 impl Worker {
@@ -353,6 +376,7 @@ impl Worker {
             pieces: Vec::new(),
             transmits: Vec::new(),
             runs: Vec::new(),
+            tap: None,
         }
     }
 
@@ -435,6 +459,12 @@ impl Worker {
                 Msg::Trace(ask) => {
                     let _ = ask.reply.send(self.trace(&ask.packet, ask.from));
                 }
+                Msg::Capture(tap) => {
+                    self.tap = tap.map(|mut t| {
+                        t.follow(self.pipeline.topology());
+                        t
+                    });
+                }
                 Msg::Stop => return false,
             }
         }
@@ -475,6 +505,9 @@ impl Worker {
             self.handle(batch);
         }
         self.tx_errors.renumber(self.pipeline.topology(), &t);
+        if let Some(tap) = &mut self.tap {
+            tap.follow(&t);
+        }
         self.pipeline.set_topology(t);
         self.mine = assign(&devices, self.wiring.me, self.wiring.lanes.len());
         self.devices = devices;
@@ -500,6 +533,10 @@ impl Worker {
                     Some(n) => p.from = Ingress::Instance(n),
                     None => {
                         self.pipeline.count_drop(DropReason::UnknownPort);
+                        if let Some(tap) = self.tap.as_ref().filter(|x| x.drops()) {
+                            let why = DropReason::UnknownPort.into();
+                            tap.dropped(p.buf.as_slice(), p.from, why, t);
+                        }
                         self.pool.put(p.buf);
                         continue;
                     }
@@ -537,6 +574,11 @@ impl Worker {
                 Transport::Gre => Ingress::UnderlayIp,
                 Transport::GreUdp => Ingress::UnderlayUdp { from: r.from },
             };
+            if let Some(tap) = self.tap.as_ref().filter(|t| t.underlay()) {
+                for (at, end) in datagrams(r.buf.len(), r.stride) {
+                    tap.datagram(Direction::In, r.from, &[&r.buf.as_slice()[at..end]]);
+                }
+            }
             self.sort_received(r, from, &owner_of);
         }
         self.received = received;
@@ -576,6 +618,9 @@ impl Worker {
             let mut buf = self.pool.take();
             match dev.read(&mut buf) {
                 Ok(Some(vnet)) => {
+                    if let Some(tap) = self.tap.as_ref().filter(|t| t.device() == Some(from)) {
+                        tap.packet(Direction::In, buf.as_slice());
+                    }
                     let t = self.pipeline.topology();
                     let owner = self.wiring.affinity.owner(t, buf.as_slice());
                     let stride = 0;
@@ -658,13 +703,31 @@ impl Worker {
         }
     }
 
-    /// Queues an inner packet for the underlay, `encap` prepended.
-    fn encapsulate(&mut self, mut buf: PacketBuf, to: Ipv4Addr, encap: Encap, flow_hash: u32) {
+    /// Shows a dropped packet to a capture of drops.
+    fn tap_drop(&self, bytes: &[u8], from: Ingress, dropped: Dropped) {
+        if let Some(tap) = self.tap.as_ref().filter(|t| t.drops()) {
+            tap.dropped(bytes, from, dropped, self.pipeline.topology());
+        }
+    }
+
+    /// Queues an inner packet for the underlay, `encap` prepended; false (counted) when
+    /// there is no room for it.
+    fn encapsulate(
+        &mut self,
+        mut buf: PacketBuf,
+        to: Ipv4Addr,
+        encap: Encap,
+        flow_hash: u32,
+    ) -> bool {
         match encap.prepend(&mut buf) {
-            Ok(()) => self.transmits.push((buf, to, flow_hash)),
+            Ok(()) => {
+                self.transmits.push((buf, to, flow_hash));
+                true
+            }
             Err(_) => {
                 self.pipeline.count_drop(DropReason::NoHeadroom);
                 self.pool.put(buf);
+                false
             }
         }
     }
@@ -680,6 +743,9 @@ impl Worker {
             );
         }
         let action = self.pipeline.process(&mut p.buf, p.from, now);
+        if let Action::Drop(why) = action {
+            self.tap_drop(p.buf.as_slice(), p.from, why);
+        }
         self.route(p.buf, action);
     }
 
@@ -691,6 +757,9 @@ impl Worker {
             let d = self
                 .pipeline
                 .decide(&p.buf.as_slice()[at..end], p.from, now);
+            if let Decision::Drop(why) = d {
+                self.tap_drop(&p.buf.as_slice()[at..end], p.from, why);
+            }
             let dgram = &mut p.buf.as_mut_slice()[at..end];
             let Some(plan) = self.pipeline.transmit_plan(&d, dgram, false) else {
                 continue;
@@ -706,7 +775,10 @@ impl Worker {
                     flow_hash,
                 } => {
                     let inner = copied(&self.pool, &p.buf.as_slice()[start..end]);
-                    self.encapsulate(inner, to, encap, flow_hash);
+                    if !self.encapsulate(inner, to, encap, flow_hash) {
+                        let why = DropReason::NoHeadroom.into();
+                        self.tap_drop(&p.buf.as_slice()[at..end], p.from, why);
+                    }
                     continue;
                 }
             };
@@ -728,6 +800,9 @@ impl Worker {
         let d = self
             .pipeline
             .decide_offloaded(p.buf.as_slice(), p.from, true, now);
+        if let Decision::Drop(why) = d {
+            self.tap_drop(p.buf.as_slice(), p.from, why);
+        }
         if let Some(plan) = self
             .pipeline
             .transmit_plan(&d, p.buf.as_mut_slice(), partial)
@@ -748,6 +823,13 @@ impl Worker {
 
     /// Writes a super-packet whole, with its GSO header: the instance's kernel takes it.
     fn write_whole(&mut self, port: Port, p: &mut Packet) {
+        if let Some(tap) = self
+            .tap
+            .as_ref()
+            .filter(|t| t.device() == Some(port.ingress()))
+        {
+            tap.packet(Direction::Out, p.buf.as_slice());
+        }
         if let Some(dev) = self.device(port)
             && dev.write_with(&mut p.buf, &p.vnet).is_err()
         {
@@ -773,6 +855,12 @@ impl Worker {
             head_stride,
             head_len,
         };
+        if let Some(tap) = self.tap.as_ref().filter(|t| t.underlay()) {
+            for i in 0..cut.count {
+                let head = &self.heads[i * head_stride..i * head_stride + head_len];
+                tap.datagram(Direction::Out, to, &[head, &pkt[cut.payload(i)]]);
+            }
+        }
         let failed = self.tx.send_cut(&frames, to, flow_hash);
         self.tx_errors.underlay += failed as u64;
     }
@@ -784,6 +872,11 @@ impl Worker {
                 .iter()
                 .map(|(b, to, h)| (b.as_slice(), *to, *h))
                 .collect();
+            if let Some(tap) = self.tap.as_ref().filter(|t| t.underlay()) {
+                for (bytes, to, _) in &msgs {
+                    tap.datagram(Direction::Out, *to, &[bytes]);
+                }
+            }
             let failed = self.tx.send(&msgs);
             self.tx_errors.underlay += failed as u64;
             for (b, _, _) in self.transmits.drain(..) {
@@ -794,7 +887,7 @@ impl Worker {
         let mut pieces = std::mem::take(&mut self.pieces);
         for (to, run) in by_port(&mut pieces) {
             if let Some(dev) = self.device(to) {
-                let failed = self.write_device(&dev, run);
+                let failed = self.write_device(&dev, to, run);
                 self.tx_errors.count(to, failed);
             }
         }
@@ -807,12 +900,21 @@ impl Worker {
 
     /// Writes `pieces` to `dev`, consecutive TCP segments of a flow coalesced; returns how
     /// many packets the device refused.
-    fn write_device(&mut self, dev: &Tun, pieces: &[Piece]) -> u64 {
+    fn write_device(&mut self, dev: &Tun, to: Port, pieces: &[Piece]) -> u64 {
         let held = &self.held;
         let pkts: Vec<&[u8]> = pieces
             .iter()
             .map(|p| &held[p.buf as usize].as_slice()[p.start as usize..p.end as usize])
             .collect();
+        if let Some(tap) = self
+            .tap
+            .as_ref()
+            .filter(|t| t.device() == Some(to.ingress()))
+        {
+            for pkt in &pkts {
+                tap.packet(Direction::Out, pkt);
+            }
+        }
         gro::plan(&pkts, &mut self.runs);
         let mut head = [0u8; gro::MAX_HEADER];
         let mut failed = 0;
@@ -854,6 +956,14 @@ mod tests {
         assert_eq!(cut(0, 4), []);
         // A stride of 0 (never a train) cuts bytes one by one rather than looping or panicking.
         assert_eq!(cut(2, 0), [(0, 1), (1, 2)]);
+    }
+
+    #[test]
+    fn a_read_is_one_datagram_or_a_trains_datagrams() {
+        let cut = |len, stride| datagrams(len, stride).collect::<Vec<_>>();
+        assert_eq!(cut(10, 0), [(0, 10)]);
+        assert_eq!(cut(10, 4), [(0, 4), (4, 8), (8, 10)]);
+        assert_eq!(cut(0, 0), []);
     }
 
     #[test]
