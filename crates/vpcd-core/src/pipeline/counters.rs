@@ -2,8 +2,9 @@
 
 use std::collections::BTreeMap;
 
-use super::{Decision, Ingress, RuleRef};
+use super::{Decision, Dropped, Ingress, RuleRef};
 use crate::reason::DropReason;
+use crate::topology::InstanceId;
 
 /// What happened to one instance's traffic on this host.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -14,8 +15,35 @@ pub struct PortCounters {
     pub sent_dropped: u64,
     /// Packets delivered to the instance.
     pub received: u64,
-    /// Packets for the instance that were dropped here.
+    /// Packets for the instance that were dropped here on its receiving side (its subnet's
+    /// ingress ACL, its groups, its connection table), not by its sender's egress policy.
     pub received_dropped: u64,
+    /// Bytes (IP level) of the packets in `sent`.
+    pub sent_bytes: u64,
+    /// Bytes (IP level, outer headers stripped) of the packets in `received`.
+    pub received_bytes: u64,
+}
+
+impl PortCounters {
+    fn add(&mut self, b: &PortCounters) {
+        self.sent += b.sent;
+        self.sent_dropped += b.sent_dropped;
+        self.received += b.received;
+        self.received_dropped += b.received_dropped;
+        self.sent_bytes += b.sent_bytes;
+        self.received_bytes += b.received_bytes;
+    }
+}
+
+/// What [`Counters::count`] needs to know of a packet beyond its decision.
+#[derive(Debug, Clone, Copy)]
+pub struct Counted {
+    /// Where it came from.
+    pub from: Ingress,
+    /// Its length, outer headers included (the decision's `strip` says how many).
+    pub len: usize,
+    /// The local instance it was for, when the decision got that far.
+    pub receiver: Option<InstanceId>,
 }
 
 /// All counters of one pipeline.
@@ -54,31 +82,28 @@ impl Counters {
         }
     }
 
-    /// Counts a decision taken for a packet from `from`.
-    pub(crate) fn count(&mut self, d: &Decision, from: Ingress) {
-        let sender = match from {
+    /// Counts a decision taken for packet `p`: a handful of additions to counters of this
+    /// pipeline's own (the bench `count_decision` measures it).
+    #[inline]
+    pub fn count(&mut self, d: &Decision, p: Counted) {
+        let sender = match p.from {
             Ingress::Instance(id) => Some(id.index()),
             _ => None,
         };
         let forwarded = match *d {
             Decision::Drop(x) => {
-                self.drop(x.reason);
-                if let Some(rule) = x.rule {
-                    self.rule_drop(x.reason, rule);
-                }
-                if let Some(p) = sender.and_then(|s| self.ports.get_mut(s)) {
-                    p.sent_dropped += 1;
-                }
+                self.count_drop(x, sender, p.receiver);
                 return;
             }
             Decision::FragNeeded { .. } => {
                 self.replied += 1;
                 return;
             }
-            Decision::Deliver { to, .. } => {
+            Decision::Deliver { to, strip, .. } => {
                 self.delivered += 1;
-                if let Some(p) = self.ports.get_mut(to.index()) {
-                    p.received += 1;
+                if let Some(port) = self.ports.get_mut(to.index()) {
+                    port.received += 1;
+                    port.received_bytes += p.len.saturating_sub(usize::from(strip)) as u64;
                 }
                 true
             }
@@ -91,8 +116,23 @@ impl Counters {
                 true
             }
         };
-        if forwarded && let Some(p) = sender.and_then(|s| self.ports.get_mut(s)) {
-            p.sent += 1;
+        if forwarded && let Some(port) = sender.and_then(|s| self.ports.get_mut(s)) {
+            port.sent += 1;
+            port.sent_bytes += p.len as u64;
+        }
+    }
+
+    fn count_drop(&mut self, x: Dropped, sender: Option<usize>, receiver: Option<InstanceId>) {
+        self.drop(x.reason);
+        if let Some(rule) = x.rule {
+            self.rule_drop(x.reason, rule);
+        }
+        if let Some(p) = sender.and_then(|s| self.ports.get_mut(s)) {
+            p.sent_dropped += 1;
+        }
+        let egress_policy = matches!(x.reason, DropReason::AclEgress | DropReason::SgEgress);
+        if !egress_policy && let Some(p) = receiver.and_then(|r| self.ports.get_mut(r.index())) {
+            p.received_dropped += 1;
         }
     }
 
@@ -155,10 +195,7 @@ impl Counters {
                 .resize(other.ports.len(), PortCounters::default());
         }
         for (a, b) in self.ports.iter_mut().zip(other.ports.iter()) {
-            a.sent += b.sent;
-            a.sent_dropped += b.sent_dropped;
-            a.received += b.received;
-            a.received_dropped += b.received_dropped;
+            a.add(b);
         }
         for (k, v) in &other.rules {
             *self.rules.entry(*k).or_default() += v;

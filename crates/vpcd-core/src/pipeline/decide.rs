@@ -4,7 +4,7 @@
 
 use std::net::Ipv4Addr;
 
-use super::flow::{FROM_INTERNET, FROM_UNDERLAY, FlowKey};
+use super::flow::{FROM_INTERNET, FROM_UNDERLAY, FlowKey, Hit};
 use super::{Decision, Dropped, HostView, RuleRef, State};
 use crate::policy::conntrack::{ConnRef, Endpoint, Zone};
 use crate::reason::DropReason;
@@ -91,6 +91,8 @@ pub(super) struct Decider<'a> {
     /// False once the decision read something the flow key does not hold (the absence of a
     /// connection), so that it must be taken again for the next packet.
     pub cacheable: bool,
+    /// The local instance the packet is for, once the decision knows it (its counters).
+    pub receiver: Option<InstanceId>,
 }
 
 /// What the full path found: the decision, the connections behind it (the sending side's and
@@ -158,7 +160,7 @@ impl Decider<'_> {
         }
         let icmp_error = matches!(ip.l4, L4::Icmp { kind, .. } if icmp_type::is_error(kind));
         // ICMP errors are decided by the connection they quote, which the key does not hold.
-        if !icmp_error && let Some(d) = self.cached(&key, &ip.l4) {
+        if !icmp_error && let Some(d) = self.cached(&key, &ip.l4, pkt.len()) {
             if ip.fragment == Fragment::First && d.forwards() {
                 self.state.frags.admit(&key, ip.ident, generation, d, now);
             }
@@ -168,9 +170,15 @@ impl Decider<'_> {
         let out = self.full_path(origin, zone, ip, pkt);
         if out.cacheable && self.cacheable {
             let state = &mut *self.state;
-            state
-                .flows
-                .insert(key, generation, out.decision, out.conns, out.sources);
+            let receiver = self.receiver;
+            let hit = Hit {
+                decision: out.decision,
+                conns: out.conns,
+                egress_src: out.sources[0],
+                ingress_src: out.sources[1],
+                receiver,
+            };
+            state.flows.insert(key, generation, hit);
         }
         if ip.fragment == Fragment::First && out.decision.forwards() {
             self.state
@@ -196,6 +204,9 @@ impl Decider<'_> {
             Ok(p) => p,
             Err(d) => return d.into(),
         };
+        if plan.target_local {
+            self.receiver = plan.target;
+        }
         if !plan.policy {
             return plan.forward.into();
         }

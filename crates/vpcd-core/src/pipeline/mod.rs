@@ -39,14 +39,16 @@ mod entry;
 mod fast;
 mod filter;
 mod flow;
+mod flows;
 mod frag;
 mod plan;
 mod related;
 mod route;
 
 pub use crate::wire::nat::Nat;
-pub use counters::{Counters, PortCounters};
+pub use counters::{Counted, Counters, PortCounters};
 pub use flow::FlowKey;
+pub use flows::FlowEntry;
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -478,9 +480,15 @@ impl Pipeline {
             state: &mut self.state,
             now,
             cacheable: true,
+            receiver: None,
         };
         let d = decider.decide(packet, from, segmented);
-        self.state.counters.count(&d, from);
+        let counted = Counted {
+            from,
+            len: packet.len(),
+            receiver: decider.receiver,
+        };
+        self.state.counters.count(&d, counted);
         d
     }
 
@@ -642,3 +650,5 @@ impl std::fmt::Debug for Pipeline {
 mod tests;
 #[cfg(test)]
 mod tests_cloud;
+#[cfg(test)]
+mod tests_flows;
