@@ -58,7 +58,7 @@ enum Command {
         #[arg(long, value_name = "ADDR:PORT")]
         metrics: Option<std::net::SocketAddr>,
     },
-    /// Ask a running daemon (its control socket): status, reload, stats, clear-counters.
+    /// Ask a running daemon (its control socket): status, reload, stats, clear-counters, flows.
     Ctl {
         /// The daemon's host name (its socket is /run/vpcd/HOST.sock).
         #[arg(long, conflicts_with = "control")]
@@ -93,6 +93,16 @@ enum CtlCommand {
     },
     /// Zero every counter.
     ClearCounters,
+    /// The tracked connections: network, 5-tuple, state, age, time left, packets and bytes
+    /// each way, cached verdict; or (`--flush`) remove them, as `conntrack -F` does.
+    Flows {
+        /// Only this instance's connections.
+        #[arg(long, value_name = "NAME")]
+        instance: Option<String>,
+        /// Remove them (and the cached decisions that relied on them).
+        #[arg(long)]
+        flush: bool,
+    },
 }
 
 impl CtlCommand {
@@ -103,6 +113,7 @@ impl CtlCommand {
             CtlCommand::Reload => Request::Reload {},
             CtlCommand::Stats { prometheus } => Request::Stats { prometheus },
             CtlCommand::ClearCounters => Request::ClearCounters {},
+            CtlCommand::Flows { instance, flush } => Request::Flows { instance, flush },
         }
     }
 }

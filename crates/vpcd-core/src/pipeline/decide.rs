@@ -14,9 +14,9 @@ use crate::wire::ipv4::{Fragment, Ipv4Packet, L4, icmp_type};
 
 /// The conntrack zone of the basic network (one address space for every tenant), above every
 /// GRE key.
-pub(crate) const BASIC: Zone = Zone(1 << 32);
+pub const BASIC: Zone = Zone(1 << 32);
 /// The conntrack zone of the internet (public addresses).
-pub(crate) const INTERNET: Zone = Zone(2 << 32);
+pub const INTERNET: Zone = Zone(2 << 32);
 /// [`FlowKey::gre_key`] of an underlay packet without a GRE key (the basic network): above
 /// every 32-bit key.
 pub(crate) const NO_GRE_KEY: u64 = 1 << 32;

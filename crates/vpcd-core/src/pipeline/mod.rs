@@ -47,6 +47,7 @@ mod route;
 
 pub use crate::wire::nat::Nat;
 pub use counters::{Counted, Counters, PortCounters};
+pub use decide::{BASIC as BASIC_ZONE, INTERNET as INTERNET_ZONE};
 pub use flow::FlowKey;
 pub use flows::FlowEntry;
 
