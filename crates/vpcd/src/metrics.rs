@@ -18,7 +18,7 @@ use vpcd_core::topology::HostId;
 use vpcd_core::{DropReason, Topology};
 
 use crate::daemon::rule_label;
-use vpcd_core::pipeline::Counters;
+use vpcd_core::pipeline::{Counters, Way};
 
 /// A metric's type, as `# TYPE` states it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -219,8 +219,25 @@ fn instances(s: &Snapshot<'_>) -> Vec<Family> {
             "Bytes (IP level) of the packets delivered to an instance.",
         ),
     ];
+    let mut drops = Family::new(
+        "vpcd_instance_drops_total",
+        Kind::Counter,
+        "An instance's dropped packets by way (tx: it sent them; rx: they were for it) and reason; only reasons that happened.",
+    );
     for id in s.topology.instances_on(s.host) {
         let (i, inst) = (id.index(), s.topology.instance(id));
+        for (way, reason, n) in s.counters.port_drops(i) {
+            let way = match way {
+                Way::Sent => "tx",
+                Way::Received => "rx",
+            };
+            let labels = vec![
+                ("instance", inst.name.clone()),
+                ("way", way.to_string()),
+                ("reason", reason.name().to_string()),
+            ];
+            drops.samples.push((labels, n));
+        }
         let p = s.counters.port(i);
         let values = [
             p.sent,
@@ -234,7 +251,9 @@ fn instances(s: &Snapshot<'_>) -> Vec<Family> {
             f.samples.push((vec![("instance", inst.name.clone())], v));
         }
     }
-    fams.into()
+    let mut out: Vec<Family> = fams.into();
+    out.push(drops);
+    out
 }
 
 /// The underlay sockets' traffic: datagrams and bytes each way, receive errors (transmit

@@ -416,6 +416,17 @@ fn ctl_flows_and_traffic_counters() {
     let text = String::from_utf8_lossy(&ctl(&lab, &["stats", "--prometheus"]).stdout).to_string();
     let dropped = scrape(&text, "vpcd_instance_rx_dropped_packets");
     assert!(value(&dropped, "instance", "flb") >= 1.0, "{dropped:?}");
+    assert!(
+        m["instance.flb.received_drop.SgIngress"].as_u64().unwrap() >= 1,
+        "{m:#}"
+    );
+    let by_reason = scrape(&text, "vpcd_instance_drops");
+    let sg: f64 = by_reason
+        .iter()
+        .filter(|(l, _)| l["instance"] == "flb" && l["way"] == "rx" && l["reason"] == "SgIngress")
+        .map(|(_, v)| *v)
+        .sum();
+    assert!(sg >= 1.0, "{by_reason:?}");
 
     // To the other host: through the underlay, counted on both.
     assert_eq!(ping_with(&a, ip_c, 3, &["-s", "200"]), 3);

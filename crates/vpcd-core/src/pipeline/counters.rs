@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 
+use hashbrown::HashMap;
+
 use super::{Decision, Dropped, Ingress, RuleRef};
 use crate::reason::DropReason;
 use crate::topology::InstanceId;
@@ -46,11 +48,22 @@ pub struct Counted {
     pub receiver: Option<InstanceId>,
 }
 
+/// Which of an instance's traffic a drop was: what it sent, or what was for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Way {
+    /// A packet the instance sent (`sent_dropped`).
+    Sent,
+    /// A packet for the instance (`received_dropped`).
+    Received,
+}
+
 /// All counters of one pipeline.
 #[derive(Debug, Clone)]
 pub struct Counters {
     drops: [u64; DropReason::COUNT],
     ports: Vec<PortCounters>,
+    /// Drops by instance (index), way and reason: only those that happened are held.
+    port_drops: HashMap<(usize, Way, DropReason), u64>,
     rules: BTreeMap<(DropReason, RuleRef), u64>,
     /// Decisions served from the flow cache.
     pub cache_hits: u64,
@@ -72,6 +85,7 @@ impl Counters {
         Counters {
             drops: [0; DropReason::COUNT],
             ports: vec![PortCounters::default(); instances],
+            port_drops: HashMap::new(),
             rules: BTreeMap::new(),
             cache_hits: 0,
             cache_misses: 0,
@@ -127,13 +141,35 @@ impl Counters {
         if let Some(rule) = x.rule {
             self.rule_drop(x.reason, rule);
         }
-        if let Some(p) = sender.and_then(|s| self.ports.get_mut(s)) {
+        if let Some(s) = sender
+            && let Some(p) = self.ports.get_mut(s)
+        {
             p.sent_dropped += 1;
+            *self.port_drops.entry((s, Way::Sent, x.reason)).or_default() += 1;
         }
         let egress_policy = matches!(x.reason, DropReason::AclEgress | DropReason::SgEgress);
-        if !egress_policy && let Some(p) = receiver.and_then(|r| self.ports.get_mut(r.index())) {
+        if !egress_policy
+            && let Some(r) = receiver.map(|r| r.index())
+            && let Some(p) = self.ports.get_mut(r)
+        {
             p.received_dropped += 1;
+            *self
+                .port_drops
+                .entry((r, Way::Received, x.reason))
+                .or_default() += 1;
         }
+    }
+
+    /// One instance's drops (by instance index) that happened, by way and reason, in order.
+    pub fn port_drops(&self, instance: usize) -> Vec<(Way, DropReason, u64)> {
+        let mut v: Vec<(Way, DropReason, u64)> = self
+            .port_drops
+            .iter()
+            .filter(|((i, ..), _)| *i == instance)
+            .map(|((_, w, r), n)| (*w, *r, *n))
+            .collect();
+        v.sort_by_key(|(w, r, _)| (*w, r.index()));
+        v
     }
 
     /// Packets dropped for `reason`.
@@ -178,6 +214,10 @@ impl Counters {
             }
         }
         self.ports = ports;
+        self.port_drops = std::mem::take(&mut self.port_drops)
+            .into_iter()
+            .filter_map(|((i, w, r), n)| Some(((new_index(i)?, w, r), n)))
+            .collect();
     }
 
     /// Rule ids belong to one topology: forget them when it changes.
@@ -199,6 +239,9 @@ impl Counters {
         }
         for (k, v) in &other.rules {
             *self.rules.entry(*k).or_default() += v;
+        }
+        for (k, v) in &other.port_drops {
+            *self.port_drops.entry(*k).or_default() += v;
         }
         self.cache_hits += other.cache_hits;
         self.cache_misses += other.cache_misses;

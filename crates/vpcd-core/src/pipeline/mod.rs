@@ -46,7 +46,7 @@ mod related;
 mod route;
 
 pub use crate::wire::nat::Nat;
-pub use counters::{Counted, Counters, PortCounters};
+pub use counters::{Counted, Counters, PortCounters, Way};
 pub use decide::{BASIC as BASIC_ZONE, INTERNET as INTERNET_ZONE};
 pub use flow::FlowKey;
 pub use flows::FlowEntry;

@@ -171,6 +171,19 @@ fn instances_count_bytes_and_received_drops() {
     assert_eq!((server.received, server.received_bytes), (3, 3 * 128));
     assert_eq!((client.sent_dropped, client.received_dropped), (1, 0));
     assert_eq!((server.sent_dropped, server.received_dropped), (0, 1));
+    let by_reason = |name| c.port_drops(l.id(name).index());
+    assert_eq!(by_reason("client"), [(Way::Sent, DropReason::SgIngress, 1)]);
+    assert_eq!(
+        by_reason("server"),
+        [(Way::Received, DropReason::SgIngress, 1)]
+    );
+    let mut sum = Counters::new(2);
+    sum.merge(c);
+    sum.merge(c);
+    assert_eq!(
+        sum.port_drops(l.id("server").index()),
+        [(Way::Received, DropReason::SgIngress, 2)]
+    );
 }
 
 /// A flush removes the connections of one instance, or all, and the cached decisions that

@@ -40,7 +40,7 @@ use crate::clock::MonotonicClock;
 use crate::io::netns;
 use crate::io::tun::{Tun, TunConfig};
 use crate::io::underlay::{UnderlayRx, UnderlayTx};
-use crate::pipeline::{Counters, Pipeline, RuleRef};
+use crate::pipeline::{Counters, Pipeline, RuleRef, Way};
 use crate::reason::DropReason;
 use crate::topology::{HostId, InstanceId, Topology, Transport, live_refusals};
 use crate::wire::ipv4;
@@ -738,6 +738,18 @@ pub fn stats_text(t: &Topology, host: &str, seq: u64, c: &Counters, connections:
                 p.received_dropped,
                 p.sent_bytes,
                 p.received_bytes
+            );
+        }
+        for (way, reason, count) in c.port_drops(i) {
+            let way = match way {
+                Way::Sent => "sent",
+                Way::Received => "received",
+            };
+            let _ = writeln!(
+                s,
+                "instance.{}.{way}_drop.{} {count}",
+                inst.name,
+                reason.name()
             );
         }
     }
