@@ -219,6 +219,28 @@ fn instances(s: &Snapshot<'_>) -> Vec<Family> {
             "Bytes (IP level) of the packets delivered to an instance.",
         ),
     ];
+    for id in s.topology.instances_on(s.host) {
+        let (i, inst) = (id.index(), s.topology.instance(id));
+        let p = s.counters.port(i);
+        let values = [
+            p.sent,
+            p.sent_dropped,
+            p.received,
+            p.received_dropped,
+            p.sent_bytes,
+            p.received_bytes,
+        ];
+        for (f, v) in fams.iter_mut().zip(values) {
+            f.samples.push((vec![("instance", inst.name.clone())], v));
+        }
+    }
+    let mut out: Vec<Family> = fams.into();
+    out.push(instance_drops(s));
+    out
+}
+
+/// Each instance's drops by way and reason (only those that happened).
+fn instance_drops(s: &Snapshot<'_>) -> Family {
     let mut drops = Family::new(
         "vpcd_instance_drops_total",
         Kind::Counter,
@@ -238,22 +260,8 @@ fn instances(s: &Snapshot<'_>) -> Vec<Family> {
             ];
             drops.samples.push((labels, n));
         }
-        let p = s.counters.port(i);
-        let values = [
-            p.sent,
-            p.sent_dropped,
-            p.received,
-            p.received_dropped,
-            p.sent_bytes,
-            p.received_bytes,
-        ];
-        for (f, v) in fams.iter_mut().zip(values) {
-            f.samples.push((vec![("instance", inst.name.clone())], v));
-        }
     }
-    let mut out: Vec<Family> = fams.into();
-    out.push(drops);
-    out
+    drops
 }
 
 /// The underlay sockets' traffic: datagrams and bytes each way, receive errors (transmit
