@@ -749,7 +749,9 @@ fn counting(c: &mut Criterion) {
     g.finish();
 }
 
+// `counting` first: `slow_path`'s setup check fails at the base commit too (6,000 entries
+// for 3,000 flows, not mine to fix here), and would stop the run before `counting`.
 criterion_group!(
-    benches, fast_path, slow_path, gre_encap, gre_decap, counting
+    benches, counting, fast_path, slow_path, gre_encap, gre_decap
 );
 criterion_main!(benches);

@@ -2,8 +2,6 @@
 
 use std::collections::BTreeMap;
 
-use hashbrown::HashMap;
-
 use super::{Decision, Dropped, Ingress, RuleRef};
 use crate::reason::DropReason;
 use crate::topology::InstanceId;
@@ -57,13 +55,19 @@ pub enum Way {
     Received,
 }
 
+/// One instance's drops: by [`Way`], then by reason.
+type WayDrops = [[u64; DropReason::COUNT]; 2];
+
+const NO_DROPS: WayDrops = [[0; DropReason::COUNT]; 2];
+
 /// All counters of one pipeline.
 #[derive(Debug, Clone)]
 pub struct Counters {
     drops: [u64; DropReason::COUNT],
     ports: Vec<PortCounters>,
-    /// Drops by instance (index), way and reason: only those that happened are held.
-    port_drops: HashMap<(usize, Way, DropReason), u64>,
+    /// Drops by instance (index), way and reason; an instance's table is made at its first
+    /// drop (an index and an addition afterwards: no hashing on the drop path).
+    port_drops: Vec<Option<Box<WayDrops>>>,
     rules: BTreeMap<(DropReason, RuleRef), u64>,
     /// Decisions served from the flow cache.
     pub cache_hits: u64,
@@ -85,7 +89,7 @@ impl Counters {
         Counters {
             drops: [0; DropReason::COUNT],
             ports: vec![PortCounters::default(); instances],
-            port_drops: HashMap::new(),
+            port_drops: vec![None; instances],
             rules: BTreeMap::new(),
             cache_hits: 0,
             cache_misses: 0,
@@ -97,7 +101,8 @@ impl Counters {
     }
 
     /// Counts a decision taken for packet `p`: a handful of additions to counters of this
-    /// pipeline's own (the bench `count_decision` measures it).
+    /// pipeline's own (the bench `counting/count_deliver` measures it). A TSO super-packet
+    /// counts once, with all its bytes.
     #[inline]
     pub fn count(&mut self, d: &Decision, p: Counted) {
         let sender = match p.from {
@@ -145,7 +150,7 @@ impl Counters {
             && let Some(p) = self.ports.get_mut(s)
         {
             p.sent_dropped += 1;
-            *self.port_drops.entry((s, Way::Sent, x.reason)).or_default() += 1;
+            self.port_drop(s, Way::Sent, x.reason);
         }
         let egress_policy = matches!(x.reason, DropReason::AclEgress | DropReason::SgEgress);
         if !egress_policy
@@ -153,23 +158,29 @@ impl Counters {
             && let Some(p) = self.ports.get_mut(r)
         {
             p.received_dropped += 1;
-            *self
-                .port_drops
-                .entry((r, Way::Received, x.reason))
-                .or_default() += 1;
+            self.port_drop(r, Way::Received, x.reason);
+        }
+    }
+
+    fn port_drop(&mut self, instance: usize, way: Way, reason: DropReason) {
+        if let Some(slot) = self.port_drops.get_mut(instance) {
+            slot.get_or_insert_with(|| Box::new(NO_DROPS))[way as usize][reason.index()] += 1;
         }
     }
 
     /// One instance's drops (by instance index) that happened, by way and reason, in order.
     pub fn port_drops(&self, instance: usize) -> Vec<(Way, DropReason, u64)> {
-        let mut v: Vec<(Way, DropReason, u64)> = self
-            .port_drops
-            .iter()
-            .filter(|((i, ..), _)| *i == instance)
-            .map(|((_, w, r), n)| (*w, *r, *n))
-            .collect();
-        v.sort_by_key(|(w, r, _)| (*w, r.index()));
-        v
+        let Some(Some(t)) = self.port_drops.get(instance) else {
+            return Vec::new();
+        };
+        let ways = [Way::Sent, Way::Received].into_iter();
+        ways.flat_map(|w| {
+            DropReason::ALL
+                .iter()
+                .map(move |r| (w, *r, t[w as usize][r.index()]))
+        })
+        .filter(|(.., n)| *n > 0)
+        .collect()
     }
 
     /// Packets dropped for `reason`.
@@ -214,10 +225,13 @@ impl Counters {
             }
         }
         self.ports = ports;
-        self.port_drops = std::mem::take(&mut self.port_drops)
-            .into_iter()
-            .filter_map(|((i, w, r), n)| Some(((new_index(i)?, w, r), n)))
-            .collect();
+        let mut drops = vec![None; instances];
+        for (i, t) in std::mem::take(&mut self.port_drops).into_iter().enumerate() {
+            if let Some(slot) = new_index(i).and_then(|j| drops.get_mut(j)) {
+                *slot = t;
+            }
+        }
+        self.port_drops = drops;
     }
 
     /// Rule ids belong to one topology: forget them when it changes.
@@ -240,8 +254,15 @@ impl Counters {
         for (k, v) in &other.rules {
             *self.rules.entry(*k).or_default() += v;
         }
-        for (k, v) in &other.port_drops {
-            *self.port_drops.entry(*k).or_default() += v;
+        if self.port_drops.len() < other.port_drops.len() {
+            self.port_drops.resize(other.port_drops.len(), None);
+        }
+        for (a, b) in self.port_drops.iter_mut().zip(&other.port_drops) {
+            let Some(b) = b else { continue };
+            let a = a.get_or_insert_with(|| Box::new(NO_DROPS));
+            for (x, y) in a.iter_mut().flatten().zip(b.iter().flatten()) {
+                *x += y;
+            }
         }
         self.cache_hits += other.cache_hits;
         self.cache_misses += other.cache_misses;

@@ -222,3 +222,32 @@ fn a_flush_removes_connections_and_their_cached_decisions() {
         "{d:?}"
     );
 }
+
+/// An instance's drops by reason follow it by name when a reload moves its id.
+#[test]
+fn instance_drops_by_reason_follow_their_instance() {
+    let mut l = Lab::new();
+    let refused = l.send("client", &udp(C, 5000, S, 54, 10), 0);
+    assert!(matches!(refused, Decision::Drop(_)));
+    // The same topology with the two instances the other way round.
+    let at = TOPOLOGY.find("[[instance]]").unwrap();
+    let (head, instances) = TOPOLOGY.split_at(at);
+    let second = instances.rfind("[[instance]]").unwrap();
+    let swapped = format!("{head}{}\n{}", &instances[second..], &instances[..second]);
+    let t = Arc::new(Topology::parse(&swapped, "t.toml").unwrap());
+    l.p.set_topology(t.clone());
+    let (client, server) = (
+        t.instance_named("client").unwrap(),
+        t.instance_named("server").unwrap(),
+    );
+    assert_eq!(server.index(), 0);
+    let c = l.p.counters();
+    assert_eq!(
+        c.port_drops(server.index()),
+        [(Way::Received, DropReason::SgIngress, 1)]
+    );
+    assert_eq!(
+        c.port_drops(client.index()),
+        [(Way::Sent, DropReason::SgIngress, 1)]
+    );
+}
