@@ -59,7 +59,7 @@ enum Command {
         metrics: Option<std::net::SocketAddr>,
     },
     /// Ask a running daemon (its control socket): status, reload, stats, clear-counters,
-    /// trace, capture.
+    /// flows, trace, capture.
     Ctl {
         /// The daemon's host name (its socket is /run/vpcd/HOST.sock).
         #[arg(long, conflicts_with = "control")]
@@ -156,6 +156,16 @@ enum CtlCommand {
         #[arg(long, value_name = "S")]
         seconds: Option<u64>,
     },
+    /// The tracked connections: network, 5-tuple, state, age, time left, packets and bytes
+    /// each way, cached verdict; or (`--flush`) remove them, as `conntrack -F` does.
+    Flows {
+        /// Only this instance's connections.
+        #[arg(long, value_name = "NAME")]
+        instance: Option<String>,
+        /// Remove them (and the cached decisions that relied on them).
+        #[arg(long)]
+        flush: bool,
+    },
 }
 
 impl CtlCommand {
@@ -168,6 +178,7 @@ impl CtlCommand {
             CtlCommand::Reload => Request::Reload {},
             CtlCommand::Stats { prometheus } => Request::Stats { prometheus },
             CtlCommand::ClearCounters => Request::ClearCounters {},
+            CtlCommand::Flows { instance, flush } => Request::Flows { instance, flush },
             CtlCommand::Trace { what } => Request::Trace(what.args()),
             CtlCommand::Capture {
                 point,

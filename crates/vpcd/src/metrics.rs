@@ -18,7 +18,7 @@ use vpcd_core::topology::HostId;
 use vpcd_core::{DropReason, Topology};
 
 use crate::pipeline::trace::rule_label;
-use vpcd_core::pipeline::Counters;
+use vpcd_core::pipeline::{Counters, Way};
 
 /// A metric's type, as `# TYPE` states it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,18 +206,100 @@ fn instances(s: &Snapshot<'_>) -> Vec<Family> {
         Family::new(
             "vpcd_instance_rx_dropped_packets_total",
             Kind::Counter,
-            "Packets for an instance that were dropped on this host.",
+            "Packets for an instance that were dropped on this host on its receiving side.",
+        ),
+        Family::new(
+            "vpcd_instance_tx_bytes_total",
+            Kind::Counter,
+            "Bytes (IP level) of the packets an instance sent that were forwarded.",
+        ),
+        Family::new(
+            "vpcd_instance_rx_bytes_total",
+            Kind::Counter,
+            "Bytes (IP level) of the packets delivered to an instance.",
         ),
     ];
     for id in s.topology.instances_on(s.host) {
         let (i, inst) = (id.index(), s.topology.instance(id));
         let p = s.counters.port(i);
-        let values = [p.sent, p.sent_dropped, p.received, p.received_dropped];
+        let values = [
+            p.sent,
+            p.sent_dropped,
+            p.received,
+            p.received_dropped,
+            p.sent_bytes,
+            p.received_bytes,
+        ];
         for (f, v) in fams.iter_mut().zip(values) {
             f.samples.push((vec![("instance", inst.name.clone())], v));
         }
     }
-    fams.into()
+    let mut out: Vec<Family> = fams.into();
+    out.push(instance_drops(s));
+    out
+}
+
+/// Each instance's drops by way and reason (only those that happened).
+fn instance_drops(s: &Snapshot<'_>) -> Family {
+    let mut drops = Family::new(
+        "vpcd_instance_drops_total",
+        Kind::Counter,
+        "An instance's dropped packets by way (tx: it sent them; rx: they were for it) and reason; only reasons that happened.",
+    );
+    for id in s.topology.instances_on(s.host) {
+        let (i, inst) = (id.index(), s.topology.instance(id));
+        for (way, reason, n) in s.counters.port_drops(i) {
+            let way = match way {
+                Way::Sent => "tx",
+                Way::Received => "rx",
+            };
+            let labels = vec![
+                ("instance", inst.name.clone()),
+                ("way", way.to_string()),
+                ("reason", reason.name().to_string()),
+            ];
+            drops.samples.push((labels, n));
+        }
+    }
+    drops
+}
+
+/// The underlay sockets' traffic: datagrams and bytes each way, receive errors (transmit
+/// errors are `vpcd_tx_errors_total{port="underlay"}`).
+pub fn underlay(u: &crate::daemon::UnderlayCounters) -> Vec<Family> {
+    let c = Kind::Counter;
+    vec![
+        Family::one(
+            "vpcd_underlay_rx_packets_total",
+            c,
+            "Datagrams received from the underlay.",
+            u.rx_packets,
+        ),
+        Family::one(
+            "vpcd_underlay_rx_bytes_total",
+            c,
+            "Bytes of the datagrams received from the underlay, as the socket delivers them.",
+            u.rx_bytes,
+        ),
+        Family::one(
+            "vpcd_underlay_rx_errors_total",
+            c,
+            "Underlay receive calls that failed.",
+            u.rx_errors,
+        ),
+        Family::one(
+            "vpcd_underlay_tx_packets_total",
+            c,
+            "Datagrams handed to the underlay socket to send.",
+            u.tx_packets,
+        ),
+        Family::one(
+            "vpcd_underlay_tx_bytes_total",
+            c,
+            "Bytes of the datagrams handed to the underlay socket, as sent.",
+            u.tx_bytes,
+        ),
+    ]
 }
 
 /// The text exposition of `families`, every sample labelled with `host`.

@@ -4,7 +4,7 @@
 
 use std::net::Ipv4Addr;
 
-use super::flow::{FROM_INTERNET, FROM_UNDERLAY, FlowKey};
+use super::flow::{FROM_INTERNET, FROM_UNDERLAY, FlowKey, Hit};
 use super::trace::{self, Stage};
 use super::{Decision, Dropped, HostView, RuleRef, State};
 use crate::policy::conntrack::{ConnRef, Endpoint, Zone};
@@ -15,9 +15,9 @@ use crate::wire::ipv4::{Fragment, Ipv4Packet, L4, icmp_type};
 
 /// The conntrack zone of the basic network (one address space for every tenant), above every
 /// GRE key.
-pub(crate) const BASIC: Zone = Zone(1 << 32);
+pub const BASIC: Zone = Zone(1 << 32);
 /// The conntrack zone of the internet (public addresses).
-pub(crate) const INTERNET: Zone = Zone(2 << 32);
+pub const INTERNET: Zone = Zone(2 << 32);
 /// [`FlowKey::gre_key`] of an underlay packet without a GRE key (the basic network): above
 /// every 32-bit key.
 pub(crate) const NO_GRE_KEY: u64 = 1 << 32;
@@ -96,6 +96,8 @@ pub(super) struct Decider<'a> {
     pub trace: Option<super::trace::Sink<'a>>,
     /// The route the decision took, for the trace.
     pub via: super::route::Via,
+    /// The local instance the packet is for, once the decision knows it (its counters).
+    pub receiver: Option<InstanceId>,
 }
 
 /// What the full path found: the decision, the connections behind it (the sending side's and
@@ -164,7 +166,7 @@ impl Decider<'_> {
         }
         let icmp_error = matches!(ip.l4, L4::Icmp { kind, .. } if icmp_type::is_error(kind));
         // ICMP errors are decided by the connection they quote, which the key does not hold.
-        if !icmp_error && let Some(d) = self.cached(&key, &ip.l4) {
+        if !icmp_error && let Some(d) = self.cached(&key, &ip.l4, pkt.len()) {
             if ip.fragment == Fragment::First && d.forwards() {
                 self.state.frags.admit(&key, ip.ident, generation, d, now);
             }
@@ -174,9 +176,15 @@ impl Decider<'_> {
         let out = self.full_path(origin, zone, ip, pkt);
         if out.cacheable && self.cacheable {
             let state = &mut *self.state;
-            state
-                .flows
-                .insert(key, generation, out.decision, out.conns, out.sources);
+            let receiver = self.receiver;
+            let hit = Hit {
+                decision: out.decision,
+                conns: out.conns,
+                egress_src: out.sources[0],
+                ingress_src: out.sources[1],
+                receiver,
+            };
+            state.flows.insert(key, generation, hit);
         }
         if ip.fragment == Fragment::First && out.decision.forwards() {
             self.state
@@ -204,6 +212,9 @@ impl Decider<'_> {
             Ok(p) => p,
             Err(d) => return d.into(),
         };
+        if plan.target_local {
+            self.receiver = plan.target;
+        }
         if !plan.policy {
             return plan.forward.into();
         }

@@ -10,9 +10,10 @@ use crate::wire::ipv4::{self, L4};
 
 impl Decider<'_> {
     /// The cached decision for `key`, with the connections behind it updated by this packet's
-    /// flags; `None` to take the full path (nothing cached, or a connection is gone).
+    /// flags and counted with its `len` bytes; `None` to take the full path (nothing cached,
+    /// or a connection is gone).
     #[inline]
-    pub fn cached(&mut self, key: &FlowKey, l4: &L4) -> Option<Decision> {
+    pub fn cached(&mut self, key: &FlowKey, l4: &L4, len: usize) -> Option<Decision> {
         if let Some(sink) = &self.trace {
             let hit = sink.cache.peek(key, self.host.generation);
             self.note(Stage::Cache, |t| cache_fields(t, hit.map(|h| h.decision)));
@@ -32,12 +33,14 @@ impl Decider<'_> {
         }
         for (r, src) in sides {
             match state.conntrack.track(r, &src, l4, self.now) {
-                Track::Accepted(_) | Track::Ended => {}
+                Track::Accepted(dir) => state.conntrack.account(r, dir, len),
+                Track::Ended => {}
                 Track::Invalid(reason) => return Some(Decision::drop(reason)),
                 Track::Reopen | Track::Gone => return None,
             }
         }
         state.counters.cache_hits += 1;
+        self.receiver = hit.receiver;
         Some(hit.decision)
     }
 
@@ -57,6 +60,6 @@ impl Decider<'_> {
         }
         let (fields, l4) = ipv4::quick_key(pkt)?;
         let key = FlowKey::from_fields(ingress, gre_key, fields);
-        self.cached(&key, &l4)
+        self.cached(&key, &l4, pkt.len())
     }
 }

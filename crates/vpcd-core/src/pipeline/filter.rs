@@ -13,7 +13,7 @@ use super::plan::Plan;
 use super::trace::{self, Stage};
 use super::{Decision, RuleRef};
 use crate::policy::conntrack::{
-    ConnKey, ConnRef, Endpoint, Open, Owner, Track, Zone, icmp_query, tcp,
+    ConnKey, ConnRef, Direction, Endpoint, Open, Owner, Track, Zone, icmp_query, tcp,
 };
 use crate::policy::rules::{Outcome, RuleList, Subject};
 use crate::reason::DropReason;
@@ -232,14 +232,15 @@ impl Decider<'_> {
         [egress, ingress]
     }
 
-    /// The tracked connections of the sides that have one, updated by this packet; the error
-    /// is the reason of an invalid packet.
+    /// The tracked connections of the sides that have one, updated and counted by this
+    /// packet of `len` bytes; the error is the reason of an invalid packet.
     fn track_found(
         &mut self,
         sides: &[Option<Side>; 2],
         keys: [Option<ConnKey>; 2],
         merged: bool,
         ip: &Ipv4Packet,
+        len: usize,
     ) -> Result<Tracked, DropReason> {
         let Tracked {
             mut found,
@@ -267,7 +268,10 @@ impl Decider<'_> {
                 trace::tracked_fields(t, &side, before, Some(&tracked))
             });
             match tracked {
-                Track::Accepted(_) => (found[n], conns[n]) = (true, Some(r)),
+                Track::Accepted(dir) => {
+                    self.state.conntrack.account(r, dir, len);
+                    (found[n], conns[n]) = (true, Some(r));
+                }
                 Track::Ended => (found[n], ended) = (true, true),
                 Track::Invalid(reason) => return Err(reason),
                 Track::Reopen | Track::Gone => {}
@@ -320,7 +324,7 @@ impl Decider<'_> {
             found,
             mut conns,
             ended,
-        } = match self.track_found(&sides, keys, merged, ip) {
+        } = match self.track_found(&sides, keys, merged, ip, pkt.len()) {
             Ok(topo) => topo,
             Err(reason) => return FullDecision::uncached(Decision::drop(reason)),
         };
@@ -336,7 +340,7 @@ impl Decider<'_> {
             });
         }
         if need.contains(&true)
-            && let Err(d) = self.open(&sides, keys, need, merged, &mut conns, ip)
+            && let Err(d) = self.open(&sides, keys, need, merged, &mut conns, ip, pkt.len())
         {
             return FullDecision::uncached(d);
         }
@@ -349,7 +353,8 @@ impl Decider<'_> {
     }
 
     /// New traffic (2.7, "New traffic"): what may open, the groups (the other way round for a
-    /// TCP pickup they refuse), then the entries.
+    /// TCP pickup they refuse), then the entries, which count the packet (`len` bytes).
+    #[allow(clippy::too_many_arguments)]
     fn open(
         &mut self,
         sides: &[Option<Side>; 2],
@@ -358,6 +363,7 @@ impl Decider<'_> {
         merged: bool,
         conns: &mut [Option<ConnRef>; 2],
         ip: &Ipv4Packet,
+        len: usize,
     ) -> Result<(), Decision> {
         let pickup = match ip.l4 {
             L4::Tcp { flags, .. } if !tcp::valid_flags(flags) => {
@@ -400,7 +406,14 @@ impl Decider<'_> {
                 };
                 vec![("side", trace::side_name(t, &side)), ("entry", what)]
             });
-            conns[n] = Some(opened.map_err(Decision::drop)?);
+            let r = opened.map_err(Decision::drop)?;
+            let dir = if reverse {
+                Direction::Reply
+            } else {
+                Direction::Original
+            };
+            self.state.conntrack.account(r, dir, len);
+            conns[n] = Some(r);
         }
         Ok(())
     }

@@ -10,6 +10,7 @@ use std::hash::{BuildHasher, Hash};
 
 use super::Decision;
 use crate::policy::conntrack::{ConnRef, Endpoint};
+use crate::topology::InstanceId;
 use crate::wire::ipv4::{Ipv4Packet, L4};
 
 /// Everything the decision reads from a packet and its arrival.
@@ -125,6 +126,8 @@ pub struct Hit {
     pub egress_src: Endpoint,
     /// The packet's source as the receiving side's connection knows it.
     pub ingress_src: Endpoint,
+    /// The local instance the packets are for, if any (its counters).
+    pub receiver: Option<InstanceId>,
 }
 
 impl FlowCache {
@@ -173,14 +176,7 @@ impl FlowCache {
     }
 
     /// Caches a decision, replacing the least recently used entry of the set.
-    pub fn insert(
-        &mut self,
-        key: FlowKey,
-        generation: u64,
-        decision: Decision,
-        conns: [Option<ConnRef>; 2],
-        sources: [Endpoint; 2],
-    ) {
+    pub fn insert(&mut self, key: FlowKey, generation: u64, mut hit: Hit) {
         let i = self.set(&key);
         let pair = &mut self.slots[i..i + 2];
         let victim = match (&pair[0], &pair[1]) {
@@ -200,22 +196,36 @@ impl FlowCache {
         };
         self.clock = self.clock.wrapping_add(1);
         // One connection serving both sides is updated once per packet.
-        let conns = if conns[0].is_some() && conns[0] == conns[1] {
-            [conns[0], None]
-        } else {
-            conns
-        };
+        if hit.conns[0].is_some() && hit.conns[0] == hit.conns[1] {
+            hit.conns[1] = None;
+        }
         pair[victim] = Some(Slot {
             key,
             generation,
-            hit: Hit {
-                decision,
-                conns,
-                egress_src: sources[0],
-                ingress_src: sources[1],
-            },
+            hit,
             stamp: self.clock,
         });
+    }
+
+    /// The hits cached in `generation`.
+    pub fn hits(&self, generation: u64) -> impl Iterator<Item = &Hit> {
+        self.slots
+            .iter()
+            .flatten()
+            .filter(move |s| s.generation == generation)
+            .map(|s| &s.hit)
+    }
+
+    /// Forgets every entry whose hit `doomed` selects; returns how many.
+    pub fn forget(&mut self, mut doomed: impl FnMut(&Hit) -> bool) -> usize {
+        let mut n = 0;
+        for s in self.slots.iter_mut() {
+            if s.as_ref().is_some_and(|x| doomed(&x.hit)) {
+                *s = None;
+                n += 1;
+            }
+        }
+        n
     }
 }
 

@@ -39,6 +39,7 @@ mod entry;
 mod fast;
 mod filter;
 mod flow;
+mod flows;
 mod frag;
 mod plan;
 mod related;
@@ -46,8 +47,10 @@ mod route;
 pub mod trace;
 
 pub use crate::wire::nat::Nat;
-pub use counters::{Counters, PortCounters};
+pub use counters::{Counted, Counters, PortCounters, Way};
+pub use decide::{BASIC as BASIC_ZONE, INTERNET as INTERNET_ZONE};
 pub use flow::FlowKey;
+pub use flows::FlowEntry;
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -481,9 +484,15 @@ impl Pipeline {
             cacheable: true,
             trace: None,
             via: Default::default(),
+            receiver: None,
         };
         let d = decider.decide(packet, from, segmented);
-        self.state.counters.count(&d, from);
+        let counted = Counted {
+            from,
+            len: packet.len(),
+            receiver: decider.receiver,
+        };
+        self.state.counters.count(&d, counted);
         d
     }
 
@@ -645,3 +654,5 @@ impl std::fmt::Debug for Pipeline {
 mod tests;
 #[cfg(test)]
 mod tests_cloud;
+#[cfg(test)]
+mod tests_flows;

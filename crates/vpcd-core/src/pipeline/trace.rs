@@ -205,6 +205,7 @@ impl Pipeline {
             now,
             cacheable: true,
             trace: Some(sink),
+            receiver: None,
             via: Default::default(),
         };
         let decision = decider.decide(packet, from, false);

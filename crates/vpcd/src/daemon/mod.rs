@@ -17,6 +17,7 @@
 //! inbox in a batch; with one worker nothing crosses threads. The control thread runs on tokio
 //! (signals and timers); the data path runs on plain threads.
 
+mod flows;
 mod ops;
 mod pool;
 pub mod tap;
@@ -41,13 +42,16 @@ use crate::io::netns;
 use crate::io::tun::{Tun, TunConfig};
 use crate::io::underlay::{UnderlayRx, UnderlayTx};
 use crate::pipeline::trace::rule_label;
-use crate::pipeline::{Counters, Pipeline};
+use crate::pipeline::{Counters, Pipeline, Way};
 use crate::reason::DropReason;
 use crate::topology::{HostId, InstanceId, Topology, Transport, live_refusals};
 use crate::wire::ipv4;
 use ops::topo_text;
 pub use pool::Pool;
-pub use worker::{DeviceTable, Devices, Lane, Msg, Packet, TxErrors, Wiring, Worker, WorkerReport};
+pub use worker::{
+    DeviceTable, Devices, Lane, Msg, Packet, TxErrors, UnderlayCounters, Wiring, Worker,
+    WorkerReport,
+};
 
 /// Where daemons keep their lock files and, by default, their statistics.
 pub const RUN_DIR: &str = "/run/vpcd";
@@ -639,6 +643,8 @@ struct Totals {
     connections: usize,
     conntrack: crate::policy::conntrack::ConntrackStats,
     handoff_drops: u64,
+    handoffs: u64,
+    underlay: UnderlayCounters,
     tx_errors: TxErrors,
 }
 
@@ -649,6 +655,8 @@ impl Totals {
             connections: 0,
             conntrack: Default::default(),
             handoff_drops: 0,
+            handoffs: 0,
+            underlay: UnderlayCounters::default(),
             tx_errors: TxErrors::new(t.instances.len()),
         }
     }
@@ -657,6 +665,8 @@ impl Totals {
         self.counters.merge(&r.counters);
         self.connections += r.connections;
         self.handoff_drops += r.handoff_drops;
+        self.handoffs += r.handoffs;
+        self.underlay.merge(&r.underlay);
         self.conntrack.created += r.conntrack.created;
         self.conntrack.expired += r.conntrack.expired;
         self.conntrack.evicted += r.conntrack.evicted;
@@ -673,6 +683,12 @@ impl Totals {
             s,
             "conntrack_evicted {}\nconntrack_refused_full {}\nconntrack_refused_instance {}\nhandoff_drops {}\n",
             c.evicted, c.refused_full, c.refused_instance, self.handoff_drops
+        );
+        let u = &self.underlay;
+        let _ = write!(
+            s,
+            "handoffs {}\nunderlay.rx_packets {}\nunderlay.rx_bytes {}\nunderlay.rx_errors {}\nunderlay.tx_packets {}\nunderlay.tx_bytes {}\n",
+            self.handoffs, u.rx_packets, u.rx_bytes, u.rx_errors, u.tx_packets, u.tx_bytes
         );
         s.push_str(&tx_errors_text(t, host, &self.tx_errors));
         s
@@ -720,10 +736,29 @@ pub fn stats_text(t: &Topology, host: &str, seq: u64, c: &Counters, connections:
     for (i, inst) in t.instances.iter().enumerate() {
         let p = c.port(i);
         if p != Default::default() {
+            let n = &inst.name;
             let _ = writeln!(
                 s,
-                "instance.{}.sent {}\ninstance.{}.sent_dropped {}\ninstance.{}.received {}",
-                inst.name, p.sent, inst.name, p.sent_dropped, inst.name, p.received
+                "instance.{n}.sent {}\ninstance.{n}.sent_dropped {}\ninstance.{n}.received {}\n\
+                 instance.{n}.received_dropped {}\ninstance.{n}.sent_bytes {}\ninstance.{n}.received_bytes {}",
+                p.sent,
+                p.sent_dropped,
+                p.received,
+                p.received_dropped,
+                p.sent_bytes,
+                p.received_bytes
+            );
+        }
+        for (way, reason, count) in c.port_drops(i) {
+            let way = match way {
+                Way::Sent => "sent",
+                Way::Received => "received",
+            };
+            let _ = writeln!(
+                s,
+                "instance.{}.{way}_drop.{} {count}",
+                inst.name,
+                reason.name()
             );
         }
     }

@@ -11,6 +11,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::info;
 
+use super::flows::{self, FlowsAnswer};
 use super::tap::{self, Point, Tap};
 use super::worker::{Msg, TraceAsk};
 use super::{Daemon, Totals};
@@ -107,6 +108,13 @@ impl Totals {
             kind: metrics::Kind::Counter,
             samples: vec![(Vec::new(), self.handoff_drops)],
         });
+        families.push(metrics::Family {
+            name: "vpcd_handoff_packets_total",
+            help: "Packets a worker handed to the worker owning their flow.",
+            kind: metrics::Kind::Counter,
+            samples: vec![(Vec::new(), self.handoffs)],
+        });
+        families.extend(metrics::underlay(&self.underlay));
         families.push(tx);
         metrics::render(name, &families)
     }
@@ -190,7 +198,7 @@ impl Daemon {
                 self.write_stats(&totals);
                 Reply::ok("counters cleared", json!(null))
             }
-            Request::Flows { .. } => Reply::error("flows: not served by this daemon yet"),
+            Request::Flows { instance, flush } => self.flows_reply(instance, flush),
             Request::Trace(args) => self.trace_reply(&args),
             Request::Capture { .. } => Reply::error("capture: answered by its writer"),
         }
@@ -232,6 +240,48 @@ impl Daemon {
             }
         }
         trace::fresh(&self.topo, host, packet, from, now)
+    }
+
+    /// `vpcd ctl flows`: every worker's connections (of one instance of this host, or all),
+    /// or (`flush`) how many they removed.
+    fn flows_reply(&self, instance: Option<String>, flush: bool) -> Reply {
+        if let Some(name) = &instance {
+            let here = self.topo.instance_named(name);
+            if here.is_none_or(|id| self.topo.instance(id).host != self.host) {
+                return Reply::error(format!("no instance \"{name}\" on this host"));
+            }
+        }
+        let lanes = self.lanes.clone().unwrap_or_else(|| Arc::from(Vec::new()));
+        let (tx, rx) = crossbeam_channel::bounded(lanes.len());
+        for lane in lanes.iter() {
+            let reply = tx.clone();
+            let instance = instance.clone();
+            lane.send_blocking(Msg::Flows {
+                instance,
+                flush,
+                reply,
+            });
+        }
+        let (mut rows, mut flushed) = (Vec::new(), 0);
+        for _ in 0..lanes.len() {
+            match rx.recv_timeout(Duration::from_millis(500)) {
+                Ok(FlowsAnswer::Listed(r)) => rows.extend(r),
+                Ok(FlowsAnswer::Flushed(n)) => flushed += n,
+                Err(_) => return Reply::error("a worker did not answer within 500 ms"),
+            }
+        }
+        if flush {
+            let text = format!("flushed {flushed} connection{}", plural(flushed));
+            return Reply::ok(text, json!({"flushed": flushed}));
+        }
+        rows.sort_by_key(|r| {
+            (
+                r["instance"].to_string(),
+                r["src"].to_string(),
+                r["sport"].as_u64(),
+            )
+        });
+        Reply::ok(flows::text(&rows), json!({"flows": rows}))
     }
 
     fn status_reply(&self) -> Reply {
@@ -424,4 +474,8 @@ fn relay(tx: &mpsc::Sender<Asked>, request: Request) -> Reply {
             within.as_secs()
         ))
     })
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
 }

@@ -26,6 +26,7 @@ use nix::sys::eventfd::EventFd;
 use tracing::warn;
 
 use super::Affinity;
+use super::flows::{self, FlowsAnswer};
 use super::pool::Pool;
 use super::tap::Tap;
 use crate::capture::Direction;
@@ -101,6 +102,15 @@ pub enum Msg {
     Trace(TraceAsk),
     /// Start copying packets to a capture (`Some`), or stop (`None`).
     Capture(Option<Tap>),
+    /// List the tracked connections (of the instance named, or all), or remove them.
+    Flows {
+        /// Only this instance's (by name, in the worker's topology).
+        instance: Option<String>,
+        /// Remove them rather than list them.
+        flush: bool,
+        /// Where the answer goes.
+        reply: Sender<FlowsAnswer>,
+    },
     /// Stop.
     Stop,
 }
@@ -185,6 +195,37 @@ pub struct WorkerReport {
     pub handoff_drops: u64,
     /// Packets the kernel refused to take, by port.
     pub tx_errors: TxErrors,
+    /// What went through its underlay sockets.
+    pub underlay: UnderlayCounters,
+    /// Packets it handed to the worker owning their flow.
+    pub handoffs: u64,
+}
+
+/// What went through a worker's underlay sockets: datagrams as the socket carries them
+/// (`gre`: outer IPv4 header included; `gre-udp`: the UDP payload, GRE header first).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UnderlayCounters {
+    /// Datagrams received.
+    pub rx_packets: u64,
+    /// Their bytes.
+    pub rx_bytes: u64,
+    /// Receive calls that failed.
+    pub rx_errors: u64,
+    /// Datagrams handed to the socket to send (those it refused are also transmit errors).
+    pub tx_packets: u64,
+    /// Their bytes.
+    pub tx_bytes: u64,
+}
+
+impl UnderlayCounters {
+    /// Adds another worker's.
+    pub fn merge(&mut self, o: &UnderlayCounters) {
+        self.rx_packets += o.rx_packets;
+        self.rx_bytes += o.rx_bytes;
+        self.rx_errors += o.rx_errors;
+        self.tx_packets += o.tx_packets;
+        self.tx_bytes += o.tx_bytes;
+    }
 }
 
 /// Packets the kernel refused to take (a write or send that failed), by port: a local
@@ -332,6 +373,8 @@ pub struct Worker {
     received: Vec<Received>,
     /// Batches lost because an owner's inbox was full.
     pub handoff_drops: u64,
+    handoffs: u64,
+    underlay: UnderlayCounters,
     tx_errors: TxErrors,
     pipeline: Pipeline,
     devices: Devices,
@@ -365,6 +408,8 @@ impl Worker {
             outgoing: (0..n).map(|_| Vec::new()).collect(),
             received: Vec::with_capacity(BATCH),
             handoff_drops: 0,
+            handoffs: 0,
+            underlay: UnderlayCounters::default(),
             tx_errors: TxErrors::new(pipeline.topology().instances.len()),
             pipeline,
             devices,
@@ -453,6 +498,8 @@ impl Worker {
                 Msg::ClearCounters(reply) => {
                     self.pipeline.clear_counters();
                     self.handoff_drops = 0;
+                    self.handoffs = 0;
+                    self.underlay = UnderlayCounters::default();
                     self.tx_errors = TxErrors::new(self.pipeline.topology().instances.len());
                     let _ = reply.send(self.report());
                 }
@@ -464,6 +511,13 @@ impl Worker {
                         t.follow(self.pipeline.topology());
                         t
                     });
+                }
+                Msg::Flows {
+                    instance,
+                    flush,
+                    reply,
+                } => {
+                    let _ = reply.send(self.flows(instance.as_deref(), flush));
                 }
                 Msg::Stop => return false,
             }
@@ -494,7 +548,33 @@ impl Worker {
             conntrack: self.pipeline.conntrack().stats(),
             handoff_drops: self.handoff_drops,
             tx_errors: self.tx_errors.clone(),
+            underlay: self.underlay,
+            handoffs: self.handoffs,
         }
+    }
+
+    /// Its connections (of `instance`, by name, or all) as rows, or (`flush`) how many it
+    /// removed. An instance this worker's topology does not have on the host has none.
+    fn flows(&mut self, instance: Option<&str>, flush: bool) -> FlowsAnswer {
+        let t = self.pipeline.topology().clone();
+        let host = self.pipeline.host();
+        let id = match instance {
+            None => None,
+            Some(name) => match t
+                .instance_named(name)
+                .filter(|&i| t.instance(i).host == host)
+            {
+                Some(id) => Some(id),
+                None if flush => return FlowsAnswer::Flushed(0),
+                None => return FlowsAnswer::Listed(Vec::new()),
+            },
+        };
+        if flush {
+            return FlowsAnswer::Flushed(self.pipeline.flush_flows(id));
+        }
+        let now = self.clock.now();
+        let entries = self.pipeline.flows(now, id);
+        FlowsAnswer::Listed(entries.iter().map(|f| flows::row(&t, f)).collect())
     }
 
     /// Moves to a new topology and its devices. What was read under the old topology is
@@ -562,7 +642,16 @@ impl Worker {
         let transport = *transport;
         let pool = &self.pool;
         if let Err(e) = rx.recv(&mut || pool.take(), &mut self.received) {
+            self.underlay.rx_errors += 1;
             warn!(error = %e, "underlay receive");
+        }
+        for r in &self.received {
+            let datagrams = match r.stride {
+                0 => 1,
+                stride => spans(r.buf.len(), stride).count(),
+            };
+            self.underlay.rx_packets += datagrams as u64;
+            self.underlay.rx_bytes += r.buf.len() as u64;
         }
         // Taken out for the loop (which sorts into `self`) and put back, capacity kept.
         let mut received = std::mem::take(&mut self.received);
@@ -655,7 +744,10 @@ impl Worker {
             }
             let batch = std::mem::take(&mut self.outgoing[k]);
             let t = self.pipeline.topology().clone();
-            if !self.wiring.lanes[k].send(Msg::Packets(t, batch)) {
+            let n = batch.len() as u64;
+            if self.wiring.lanes[k].send(Msg::Packets(t, batch)) {
+                self.handoffs += n;
+            } else {
                 self.handoff_drops += 1;
             }
         }
@@ -863,6 +955,9 @@ impl Worker {
         }
         let failed = self.tx.send_cut(&frames, to, flow_hash);
         self.tx_errors.underlay += failed as u64;
+        self.underlay.tx_packets += cut.count as u64;
+        let payload: usize = (0..cut.count).map(|i| cut.payload(i).len()).sum();
+        self.underlay.tx_bytes += (cut.count * head_len + payload) as u64;
     }
 
     fn flush(&mut self) {
@@ -879,6 +974,8 @@ impl Worker {
             }
             let failed = self.tx.send(&msgs);
             self.tx_errors.underlay += failed as u64;
+            self.underlay.tx_packets += msgs.len() as u64;
+            self.underlay.tx_bytes += msgs.iter().map(|m| m.0.len() as u64).sum::<u64>();
             for (b, _, _) in self.transmits.drain(..) {
                 self.pool.put(b);
             }

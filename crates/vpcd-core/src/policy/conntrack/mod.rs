@@ -205,6 +205,10 @@ pub struct Conn {
     pub created: Timestamp,
     /// How long it lives from `last_seen` without traffic, in milliseconds.
     pub timeout_ms: u64,
+    /// Packets seen, by [`Direction`] (original, reply).
+    pub packets: [u64; 2],
+    /// Bytes seen at the IP level, by [`Direction`].
+    pub bytes: [u64; 2],
     serial: u32,
     live: bool,
 }
@@ -230,8 +234,29 @@ impl Conn {
         }
     }
 
-    fn expired(&self, now: Timestamp) -> bool {
+    /// True when it has outlived its timeout at `now` (a sweep or a lookup removes it).
+    pub fn expired(&self, now: Timestamp) -> bool {
         now.millis().saturating_sub(self.last_seen.millis()) > self.timeout_ms
+    }
+
+    /// Milliseconds it has left to live at `now` without more traffic (0 once expired).
+    pub fn left_ms(&self, now: Timestamp) -> u64 {
+        let idle = now.millis().saturating_sub(self.last_seen.millis());
+        self.timeout_ms.saturating_sub(idle)
+    }
+
+    /// Milliseconds since it was created.
+    pub fn age_ms(&self, now: Timestamp) -> u64 {
+        now.millis().saturating_sub(self.created.millis())
+    }
+
+    /// The end that did not open it.
+    pub fn peer(&self) -> Endpoint {
+        if self.opener == self.key.low {
+            self.key.high
+        } else {
+            self.key.low
+        }
     }
 }
 
@@ -455,6 +480,21 @@ impl Conntrack {
         Track::Accepted(dir)
     }
 
+    /// Counts a packet of `len` bytes going `dir` on the entry behind `r` (what
+    /// [`Conntrack::track`] accepted, or the packet that opened it); a stale handle counts
+    /// nothing. Two additions: cheap enough for every packet.
+    #[inline]
+    pub fn account(&mut self, r: ConnRef, dir: Direction, len: usize) {
+        if let Some(c) = self
+            .slots
+            .get_mut(r.slot as usize)
+            .filter(|c| c.live && c.serial == r.serial)
+        {
+            c.packets[dir as usize] += 1;
+            c.bytes[dir as usize] += len as u64;
+        }
+    }
+
     /// Opens the entry `key`, opened by `opener` and counted against `owner`. Makes room as
     /// docs/semantics.md 2.7 says: the owner at its share evicts its own oldest unprotected
     /// entry; a full table evicts the owner's own, or, when the owner holds fewer entries than
@@ -499,6 +539,8 @@ impl Conntrack {
             last_seen: now,
             created: now,
             timeout_ms: timeout * 1000,
+            packets: [0; 2],
+            bytes: [0; 2],
             serial: 0,
             live: true,
         };
@@ -590,6 +632,18 @@ impl Conntrack {
     /// Iterates over live entries.
     pub fn iter(&self) -> impl Iterator<Item = &Conn> {
         self.map.values().map(|&s| &self.slots[s as usize])
+    }
+
+    /// Iterates over live entries with their handles.
+    pub fn iter_refs(&self) -> impl Iterator<Item = (ConnRef, &Conn)> {
+        self.map.values().map(|&slot| {
+            let c = &self.slots[slot as usize];
+            let r = ConnRef {
+                slot,
+                serial: c.serial,
+            };
+            (r, c)
+        })
     }
 
     fn remove_slot(&mut self, slot: u32) {

@@ -401,3 +401,31 @@ fn syn_after_time_wait_reopens() {
     assert!(ct.get(r).is_none());
     assert!(ct.is_empty());
 }
+
+/// `account` counts packets and bytes by direction on a live entry; a handle to an entry
+/// that went (and whose slot was reused) counts nothing; the times left and the age follow
+/// the clock.
+#[test]
+fn entries_count_packets_and_bytes_each_way() {
+    let mut ct = Conntrack::new(16, 16, 0);
+    let r = open(&mut ct, proto::UDP, &UDP, A, B, 0).unwrap();
+    ct.account(r, Direction::Original, 100);
+    ct.account(r, Direction::Original, 60);
+    ct.account(r, Direction::Reply, 1500);
+    let c = ct.get(r).unwrap();
+    assert_eq!((c.packets, c.bytes), ([2, 1], [160, 1500]));
+    assert_eq!((c.opener, c.peer()), (A, B));
+    assert_eq!(c.age_ms(t(10)), 10_000);
+    assert_eq!(c.left_ms(t(10)), (UDP_TIMEOUT - 10) * 1000);
+    assert_eq!(c.left_ms(t(UDP_TIMEOUT + 5)), 0);
+    assert_eq!(ct.iter_refs().map(|(x, _)| x).collect::<Vec<_>>(), [r]);
+    assert_eq!(ct.remove_if(|_| true), 1);
+    let again = open(&mut ct, proto::UDP, &UDP, A, B, 1).unwrap();
+    ct.account(r, Direction::Original, 9);
+    let c = ct.get(again).unwrap();
+    assert_eq!(
+        (c.packets, c.bytes),
+        ([0, 0], [0, 0]),
+        "a stale handle counts nothing"
+    );
+}
