@@ -67,7 +67,7 @@ pub fn fresh(
 }
 
 /// The verdict in one line: `delivered to db-1 on host-b`, `dropped at security-group by
-/// sg-db:ingress#no-match on host-b (SgIngress)`.
+/// [sg-db]:ingress#no-match on host-b (SgIngress)`.
 pub fn verdict_line(t: &Topology, v: &Verdict) -> String {
     let host = |h: vpcd_core::topology::HostId| t.host(h).name.clone();
     match *v {
@@ -93,7 +93,7 @@ pub fn verdict_line(t: &Topology, v: &Verdict) -> String {
                 "dropped at {}{by} on {} ({})",
                 stage.name(),
                 host(h),
-                dropped.reason
+                dropped.reason.name()
             )
         }
     }
@@ -115,6 +115,9 @@ pub fn text(t: &Topology, tr: &Trace) -> String {
         }
     }
     out.push_str(&format!("verdict: {}\n", verdict_line(t, &tr.verdict)));
+    if let Verdict::Dropped { dropped, .. } = tr.verdict {
+        out.push_str(&format!("  {}\n", dropped.reason));
+    }
     out
 }
 
