@@ -19,7 +19,7 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --release -- -D warnings
 echo "== cargo test --release"
 set +e
-cargo test --workspace --release -- --test-threads="${VPCD_TEST_THREADS:-2}" 2>&1 | tee "$output"
+cargo test --workspace --release --no-fail-fast -- --test-threads="${VPCD_TEST_THREADS:-2}" 2>&1 | tee "$output"
 status=${PIPESTATUS[0]}
 set -e
 # One line: cargo's "test result:" lines summed, and the skips by reason.

@@ -1673,14 +1673,14 @@ fn lab_check_probes_from_the_internet() {
         "{out}"
     );
     assert!(
-        row("203.0.113.99", "tcp:80").contains("NoSuchEip on host-a"),
+        row("203.0.113.99", "tcp:80").contains("on host-a (NoSuchEip)"),
         "{out}"
     );
     let dark = out
         .lines()
         .find(|l| l.starts_with("dark "))
         .unwrap_or_else(|| panic!("no row from dark:\n{out}"));
-    assert!(dark.contains("NoRoute on host-b"), "{dark}");
+    assert!(dark.contains("dropped at route on host-b (NoRoute)"), "{dark}");
 
     // The check is no rubber stamp: a wrong expectation fails it.
     let wrong = std::fs::read_to_string(lab.lab.topology_path()).unwrap()
