@@ -1680,7 +1680,10 @@ fn lab_check_probes_from_the_internet() {
         .lines()
         .find(|l| l.starts_with("dark "))
         .unwrap_or_else(|| panic!("no row from dark:\n{out}"));
-    assert!(dark.contains("dropped at route on host-b (NoRoute)"), "{dark}");
+    assert!(
+        dark.contains("dropped at route on host-b (NoRoute)"),
+        "{dark}"
+    );
 
     // The check is no rubber stamp: a wrong expectation fails it.
     let wrong = std::fs::read_to_string(lab.lab.topology_path()).unwrap()
