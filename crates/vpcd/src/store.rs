@@ -224,7 +224,7 @@ async fn send(stored: Option<Stored>, last: &mut i64, tx: &mpsc::Sender<Stored>)
     tx.send(s).await.map_err(|_| anyhow!("the daemon stopped"))
 }
 
-/// Exponential backoff (0.5 s doubling to 30 s); the outage logged once, and its end.
+/// Exponential backoff (0.5 s doubling to 10 s); the outage logged once, and its end.
 #[derive(Default)]
 struct Backoff {
     delay: Option<Duration>,
@@ -237,7 +237,7 @@ impl Backoff {
                 warn!(store = %o.url, error = %format!("{e:#}"), "store unreachable: forwarding goes on with the last applied state; retrying");
                 Duration::from_millis(500)
             }
-            Some(d) => (d * 2).min(Duration::from_secs(30)),
+            Some(d) => (d * 2).min(Duration::from_secs(10)),
         };
         self.delay = Some(delay);
         tokio::time::sleep(delay).await;

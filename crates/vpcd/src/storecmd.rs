@@ -7,7 +7,6 @@ use std::process::ExitCode;
 use vpcd::desired::StoreOpts;
 
 /// What a build without the feature says.
-#[cfg_attr(feature = "store", allow(dead_code))]
 pub const NO_STORE: &str = "this vpcd was built without store support: build it with `cargo build --release --features vpcd/store` (needs protoc: apt-get install protobuf-compiler)";
 
 /// Prints `e` (a topology's errors) as `vpcd check` does, with their count.
