@@ -357,3 +357,47 @@ fn a_dry_run_lists_the_changes_and_writes_nothing() {
     );
     assert_eq!(state(&e), before);
 }
+
+#[test]
+fn a_follower_reads_the_whole_state_after_compaction_then_watches() {
+    let Some(e) = etcd("a_follower_reads_the_whole_state_after_compaction_then_watches") else {
+        return;
+    };
+    let s = Scratch::new("follow");
+    let file = s.file("lab.toml", LAB);
+    assert!(apply(&e, &file, &[]).status.success());
+    let first = state(&e).0;
+    for extra in [CAROL, "\n# a comment\n"] {
+        let file = s.file("lab.toml", &format!("{LAB}{extra}"));
+        assert!(apply(&e, &file, &[]).status.success());
+    }
+    let latest = state(&e).0;
+    let o = StoreOpts {
+        url: e.url.clone(),
+        ..StoreOpts::default()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut c = rt.block_on(vpcd::store::connect(&o)).unwrap();
+    rt.block_on(c.compact(latest, None)).expect("compaction");
+    // A daemon that applied `first` and was away while the history was compacted.
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    rt.spawn(vpcd::store::follow(o, first + 1, first, tx));
+    let next = |rx: &mut tokio::sync::mpsc::Receiver<vpcd::desired::Stored>| {
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), rx.recv()).await })
+            .expect("a state within 10 s")
+            .expect("the follower runs")
+    };
+    let got = next(&mut rx);
+    assert_eq!(got.revision, latest);
+    assert!(got.topology.ends_with("# a comment\n"));
+    // Then it watches: the next apply arrives, once.
+    let file = s.file("lab.toml", &format!("{LAB}{CAROL}"));
+    assert!(apply(&e, &file, &[]).status.success());
+    let got = next(&mut rx);
+    assert_eq!(got.revision, state(&e).0);
+    assert!(got.topology.contains("vpc-carol"));
+    assert!(got.topology().is_ok());
+}
