@@ -25,6 +25,8 @@ struct Etcd {
     child: Child,
     dir: PathBuf,
     url: String,
+    /// What `vpcd apply` and `vpcd get` add to reach it (https: the CA and a client's pair).
+    flags: Vec<String>,
 }
 
 impl Drop for Etcd {
@@ -42,13 +44,19 @@ fn free_port() -> u16 {
 
 /// Starts etcd, or skips (`None`) when it is not installed.
 fn etcd(test: &str) -> Option<Etcd> {
-    if !Path::new("/usr/bin/etcd").exists() && which("etcd").is_none() {
+    etcd_with(test, "http", &[], Vec::new())
+}
+
+/// [`etcd`] with `scheme` for its clients, `extra` arguments, and the `flags` that its
+/// clients need.
+fn etcd_with(test: &str, scheme: &str, extra: &[String], flags: Vec<String>) -> Option<Etcd> {
+    if which("etcd").is_none() {
         skip(test, "etcd is not installed", "apt-get install etcd-server");
         return None;
     }
     let (client, peer) = (free_port(), free_port());
     let dir = std::env::temp_dir().join(format!("vpcd-etcd-{}-{client}", std::process::id()));
-    let url = format!("http://127.0.0.1:{client}");
+    let url = format!("{scheme}://127.0.0.1:{client}");
     let peer_url = format!("http://127.0.0.1:{peer}");
     let child = Command::new(which("etcd").unwrap_or_else(|| "/usr/bin/etcd".into()))
         .args(["--name", "vpcd-test", "--data-dir"])
@@ -66,11 +74,17 @@ fn etcd(test: &str) -> Option<Etcd> {
             &peer_url,
         ])
         .args(["--initial-cluster", &format!("vpcd-test={peer_url}")])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("etcd starts");
-    let e = Etcd { child, dir, url };
+    let e = Etcd {
+        child,
+        dir,
+        url,
+        flags,
+    };
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(("127.0.0.1", client)).is_err() {
         assert!(Instant::now() < deadline, "etcd did not listen on {client}");
@@ -142,12 +156,14 @@ fn vpcd(args: &[&str]) -> Output {
 fn apply(e: &Etcd, file: &Path, extra: &[&str]) -> Output {
     let f = file.to_str().expect("utf-8 path");
     let mut args = vec!["apply", f, "--store", &e.url];
+    args.extend(e.flags.iter().map(String::as_str));
     args.extend_from_slice(extra);
     vpcd(&args)
 }
 
 fn get(e: &Etcd, extra: &[&str]) -> Output {
     let mut args = vec!["get", "--store", &e.url];
+    args.extend(e.flags.iter().map(String::as_str));
     args.extend_from_slice(extra);
     vpcd(&args)
 }
@@ -400,4 +416,133 @@ fn a_follower_reads_the_whole_state_after_compaction_then_watches() {
     assert_eq!(got.revision, state(&e).0);
     assert!(got.topology.contains("vpc-carol"));
     assert!(got.topology().is_ok());
+}
+
+#[test]
+fn credentials_come_from_the_flag_and_the_environment() {
+    let Some(e) = etcd("credentials_come_from_the_flag_and_the_environment") else {
+        return;
+    };
+    let etcdctl = |args: &[&str]| {
+        let o = Command::new(which("etcdctl").unwrap_or_else(|| "/usr/bin/etcdctl".into()))
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &e.url])
+            .args(args)
+            .output()
+            .expect("etcdctl runs");
+        assert!(o.status.success(), "etcdctl {args:?}: {}", text(&o));
+    };
+    etcdctl(&["user", "add", "root:s3cret"]);
+    etcdctl(&["user", "grant-role", "root", "root"]);
+    etcdctl(&["auth", "enable"]);
+    let s = Scratch::new("auth");
+    let file = s.file("lab.toml", LAB);
+    let f = file.to_str().unwrap();
+    let o = vpcd(&["apply", f, "--store", &e.url]);
+    assert!(!o.status.success(), "no credentials: refused");
+    assert!(text(&o).contains("vpcd apply: "), "{}", text(&o));
+    let with = |password: &str, args: &[&str]| {
+        Command::new(VPCD)
+            .args(args)
+            .env_remove("VPCD_STORE")
+            .env("VPCD_STORE_USER", "root")
+            .env("VPCD_STORE_PASSWORD", password)
+            .output()
+            .expect("vpcd runs")
+    };
+    assert!(
+        !with("wrong", &["apply", f, "--store", &e.url])
+            .status
+            .success()
+    );
+    let o = with("s3cret", &["apply", f, "--store", &e.url]);
+    assert!(o.status.success(), "{}", text(&o));
+    // The flag names the user as well as the environment does.
+    let o = Command::new(VPCD)
+        .args(["get", "--json", "--store", &e.url, "--store-user", "root"])
+        .env("VPCD_STORE_PASSWORD", "s3cret")
+        .output()
+        .expect("vpcd runs");
+    assert!(o.status.success(), "{}", text(&o));
+    // And the address from $VPCD_STORE.
+    let o = Command::new(VPCD)
+        .args(["get", "--json"])
+        .env("VPCD_STORE", &e.url)
+        .env("VPCD_STORE_USER", "root")
+        .env("VPCD_STORE_PASSWORD", "s3cret")
+        .output()
+        .expect("vpcd runs");
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+/// A CA, and a server and a client certificate it signed (for 127.0.0.1), made by openssl.
+fn certificates(dir: &Path) -> bool {
+    let sh = format!(
+        "set -e; cd {}\n\
+         openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=vpcd-test-ca -keyout ca.key -out ca.pem\n\
+         for who in server client; do\n\
+           openssl req -newkey rsa:2048 -nodes -subj /CN=$who -keyout $who.key -out $who.csr\n\
+           printf 'subjectAltName=IP:127.0.0.1\\nextendedKeyUsage=serverAuth,clientAuth\\n' > $who.ext\n\
+           openssl x509 -req -in $who.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile $who.ext -out $who.pem\n\
+         done",
+        dir.display()
+    );
+    let o = Command::new("sh").args(["-c", &sh]).output();
+    o.is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn https_with_a_client_certificate() {
+    let test = "https_with_a_client_certificate";
+    if which("openssl").is_none() {
+        skip(test, "openssl is not installed", "apt-get install openssl");
+        return;
+    }
+    let certs = Scratch::new("tls");
+    assert!(certificates(&certs.0), "openssl made the certificates");
+    let p = |name: &str| certs.0.join(name).display().to_string();
+    let server = [
+        "--cert-file",
+        &p("server.pem"),
+        "--key-file",
+        &p("server.key"),
+        "--trusted-ca-file",
+        &p("ca.pem"),
+        "--client-cert-auth",
+    ]
+    .map(String::from);
+    let client = [
+        "--store-ca",
+        &p("ca.pem"),
+        "--store-cert",
+        &p("client.pem"),
+        "--store-key",
+        &p("client.key"),
+    ]
+    .map(String::from);
+    let Some(e) = etcd_with(test, "https", &server, client.to_vec()) else {
+        return;
+    };
+    let s = Scratch::new("tls-apply");
+    let file = s.file("lab.toml", LAB);
+    let o = apply(&e, &file, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(state(&e).1, LAB);
+    // Without the client's certificate the store refuses.
+    let o = vpcd(&["get", "--store", &e.url, "--store-ca", &p("ca.pem")]);
+    assert!(!o.status.success(), "{}", text(&o));
+    let o = vpcd(&[
+        "get",
+        "--store",
+        &e.url,
+        "--store-ca",
+        &p("ca.pem"),
+        "--store-cert",
+        &p("client.pem"),
+    ]);
+    assert!(
+        text(&o).contains("--store-cert and --store-key go together"),
+        "{}",
+        text(&o)
+    );
 }
