@@ -145,6 +145,8 @@ fn hosts_follow_the_store_and_ride_out_its_outage() {
     let (a, b) = (lab.ns("sta"), lab.ip("stb"));
     assert_eq!(ping(&a, b, 3), 3, "the first state forwards");
     assert!(revision(&lab, "host-a") > 0);
+    let o = vpcd(&["lab", "status", "--name", lab.name()]);
+    assert!(o.status.success(), "lab status knows its store daemons: {}", show(&o));
 
     // A change reaches every host, and traffic follows it.
     let rev = apply(&lab, false);
