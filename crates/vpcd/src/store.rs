@@ -145,21 +145,19 @@ pub async fn write(c: &mut Client, plan: &Plan) -> Result<i64, WriteError> {
 pub async fn first_read(o: &StoreOpts) -> Read {
     let mut backoff = Backoff::default();
     loop {
-        match connect(o).await.map(|c| (c,)) {
-            Ok((mut c,)) => match read(&mut c, 0).await {
-                Ok(r) => {
-                    backoff.recovered(o);
-                    return r;
-                }
-                Err(e) => backoff.failed(o, &e).await,
-            },
+        let attempt = async { read(&mut connect(o).await?, 0).await };
+        match attempt.await {
+            Ok(r) => {
+                backoff.recovered(o);
+                return r;
+            }
             Err(e) => backoff.failed(o, &e).await,
         }
     }
 }
 
-/// Follows the store from revision `next` and sends each new state (a revision whose
-/// topology differs from the last sent) to `tx`, until `tx` closes. An outage is logged
+/// Follows the store from revision `next` and sends each new state (a revision other than
+/// `last`, the one applied) to `tx`, until `tx` closes. An outage is logged
 /// once and retried with backoff; afterwards the watch resumes at the last revision seen,
 /// or the state is read whole again when that revision was compacted.
 pub async fn follow(o: StoreOpts, mut next: i64, mut last: i64, tx: mpsc::Sender<Stored>) {

@@ -133,6 +133,43 @@ fn store_pid(lab: &LabUp) -> u32 {
         .expect("the store's pid in the journal")
 }
 
+/// Stops the lab's etcd (SIGTERM, by its pid), waiting until it is gone.
+fn stop_store(lab: &LabUp) {
+    let pid = store_pid(lab);
+    let _ = Command::new("kill").arg(pid.to_string()).status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Starts the lab's etcd again (its data kept) and applies a change (icmp no longer
+/// admitted) as soon as it answers: before the hosts, still backing off, reconnect.
+fn restart_store_and_apply(lab: &LabUp) -> (Restarted, i64) {
+    let etcd = Restarted(
+        Command::new("ip")
+            .args(["netns", "exec", &lab.ns("underlay")])
+            .args(lab.lab.etcd_args())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd restarts"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let o = try_apply(lab, false);
+        if o.status.success() {
+            return (etcd, applied_revision(&String::from_utf8_lossy(&o.stdout)));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "etcd did not come back: {}",
+            show(&o)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 #[test]
 fn hosts_follow_the_store_and_ride_out_its_outage() {
     if !can_run(
@@ -146,7 +183,11 @@ fn hosts_follow_the_store_and_ride_out_its_outage() {
     assert_eq!(ping(&a, b, 3), 3, "the first state forwards");
     assert!(revision(&lab, "host-a") > 0);
     let o = vpcd(&["lab", "status", "--name", lab.name()]);
-    assert!(o.status.success(), "lab status knows its store daemons: {}", show(&o));
+    assert!(
+        o.status.success(),
+        "lab status knows its store daemons: {}",
+        show(&o)
+    );
 
     // A change reaches every host, and traffic follows it.
     let rev = apply(&lab, false);
@@ -158,12 +199,7 @@ fn hosts_follow_the_store_and_ride_out_its_outage() {
     assert_eq!(ping(&a, b, 3), 3);
 
     // The store goes away: forwarding goes on with the last applied state.
-    let pid = store_pid(&lab);
-    let _ = Command::new("kill").arg(pid.to_string()).status();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::path::Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    stop_store(&lab);
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(ping(&a, b, 3), 3, "traffic goes on without the store");
     assert_eq!(revision(&lab, "host-a"), rev);
@@ -175,28 +211,7 @@ fn hosts_follow_the_store_and_ride_out_its_outage() {
     );
 
     // Back, with a change made before the hosts reconnect: they catch up.
-    let etcd = Restarted(
-        Command::new("ip")
-            .args(["netns", "exec", &lab.ns("underlay")])
-            .args(lab.lab.etcd_args())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("etcd restarts"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let rev = loop {
-        let o = try_apply(&lab, false);
-        if o.status.success() {
-            break applied_revision(&String::from_utf8_lossy(&o.stdout));
-        }
-        assert!(
-            Instant::now() < deadline,
-            "etcd did not come back: {}",
-            show(&o)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let (etcd, rev) = restart_store_and_apply(&lab);
     let took = converge(&lab, rev, 30);
     eprintln!("caught up with store revision {rev} {took:?} after the store came back");
     assert_eq!(ping(&a, b, 3), 0, "the change made meanwhile is in force");
