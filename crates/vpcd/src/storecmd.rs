@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use vpcd::desired::StoreOpts;
 
 /// What a build without the feature says.
-pub const NO_STORE: &str = "this vpcd was built without store support: build it with `cargo build --release --features vpcd/store` (needs protoc: apt-get install protobuf-compiler)";
+pub const NO_STORE: &str = "this vpcd was built without store support: build it with `cargo build --release --features vpcd/store` (needs protoc: apt-get install protobuf-compiler libprotobuf-dev)";
 
 /// Prints `e` (a topology's errors) as `vpcd check` does, with their count.
 fn print_load_error(e: &vpcd::topology::LoadError) {
@@ -80,6 +80,7 @@ mod imp {
 #[cfg(feature = "store")]
 mod imp {
     use super::*;
+    use anyhow::Context as _;
     use vpcd::desired::{PlanError, plan};
     use vpcd::store;
 
@@ -99,7 +100,9 @@ mod imp {
         match runtime().map_err(anyhow::Error::from).and_then(|rt| {
             rt.block_on(async {
                 let mut c = store::connect(o).await?;
-                let read = store::read(&mut c, 0).await?;
+                let read = store::read(&mut c, 0)
+                    .await
+                    .with_context(|| format!("store {}", o.url))?;
                 let p = match plan(text, name, lock, read.stored.as_ref()) {
                     Ok(p) => p,
                     Err(PlanError::Invalid(e)) => {
@@ -149,6 +152,7 @@ mod imp {
     pub fn get(o: &StoreOpts, json: bool, out: Option<&Path>) -> ExitCode {
         let read = runtime().map_err(anyhow::Error::from).and_then(|rt| {
             rt.block_on(async { store::read(&mut store::connect(o).await?, 0).await })
+                .with_context(|| format!("store {}", o.url))
         });
         let stored = match read {
             Ok(r) => match r.stored {
