@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: formatting, lints, then every test in release mode (unit, property,
-# GRE vectors, and the end-to-end lab tests, which need root and the tools .ci/run installs).
+# GRE vectors, and the end-to-end lab tests, which need root and the tools .ci/run installs),
+# with the `store` feature (protoc to build, etcd to test: .ci/run installs them).
 #
 # An end-to-end test that cannot run here (not root, a tool missing) skips, and records
 # `test: reason` in $CARGO_TARGET_DIR/tmp/vpcd-skips.txt (emptied first); the last line
@@ -17,9 +18,11 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --release -- -D warnings
+# The store feature (vpcd apply/get, run --store) builds only with protoc: .ci/run installs it.
+cargo clippy --workspace --all-targets --release --features vpcd/store -- -D warnings
 echo "== cargo test --release"
 set +e
-cargo test --workspace --release --no-fail-fast -- --test-threads="${VPCD_TEST_THREADS:-2}" 2>&1 | tee "$output"
+cargo test --workspace --release --no-fail-fast --features vpcd/store -- --test-threads="${VPCD_TEST_THREADS:-2}" 2>&1 | tee "$output"
 status=${PIPESTATUS[0]}
 set -e
 # One line: cargo's "test result:" lines summed, and the skips by reason.

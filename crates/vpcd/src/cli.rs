@@ -455,6 +455,10 @@ pub enum LabCommand {
         /// Worker threads per daemon (default: the cores shared among the hosts, at least 1).
         #[arg(long)]
         workers: Option<usize>,
+        /// Run an etcd in the lab's underlay namespace, apply the topology to it, and have
+        /// the daemons follow it (`vpcd run --store`); a build with the feature `store`.
+        #[arg(long)]
+        store: bool,
     },
     /// Remove everything the lab made (idempotent; works after a crash).
     Down {
@@ -562,9 +566,12 @@ pub fn lab(cmd: LabCommand) -> ExitCode {
         return fail(e);
     }
     let r = match cmd {
-        LabCommand::Up { file, lab, workers } => {
-            Lab::new(&lab.name).and_then(|l| up(&l, file, workers))
-        }
+        LabCommand::Up {
+            file,
+            lab,
+            workers,
+            store,
+        } => Lab::new(&lab.name).and_then(|l| up(&l, file, workers, store)),
         LabCommand::Down { lab } => Lab::new(&lab.name).and_then(|l| down(&l)),
         LabCommand::Exec {
             lab,
@@ -611,7 +618,15 @@ fn lab_ctl(
 }
 
 /// `vpcd lab up`: every hint it prints names the lab.
-fn up(lab: &Lab, file: Option<PathBuf>, workers: Option<usize>) -> anyhow::Result<ExitCode> {
+fn up(
+    lab: &Lab,
+    file: Option<PathBuf>,
+    workers: Option<usize>,
+    store: bool,
+) -> anyhow::Result<ExitCode> {
+    if store && !cfg!(feature = "store") {
+        anyhow::bail!("vpcd lab up --store: {}", crate::storecmd::NO_STORE);
+    }
     let (text, source) = match &file {
         Some(f) => (
             std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?,
@@ -622,7 +637,14 @@ fn up(lab: &Lab, file: Option<PathBuf>, workers: Option<usize>) -> anyhow::Resul
             "(embedded lab topology)".to_string(),
         ),
     };
-    lab.up(&text, &source, workers, &mut say)?;
+    lab.up_with(&text, &source, workers, store, &mut say)?;
+    if store {
+        say(&format!(
+            "the lab follows its store: change it with `{} underlay -- vpcd apply FILE --store {}`",
+            lab.cmd("exec"),
+            lab.store_url()
+        ));
+    }
     say(&format!(
         "lab \"{}\" is up: `{}`, `{} INSTANCE -- CMD`, `{}`, `{}`",
         lab.name,

@@ -5,6 +5,8 @@
 //! - [`daemon`]: `vpcd run`, its workers, reloads and counters;
 //! - [`lab`]: the namespace lab (`vpcd lab`);
 //! - [`files`]: reading a topology and its lock file from disk;
+//! - [`desired`]: the region's desired state in the store: what an apply writes, changes
+//!   and refuses; `store` (feature `store`): its reads, writes and watch on etcd;
 //! - [`capture`]: packet capture to pcapng;
 //! - [`clock`]: the monotonic clock that stamps packets;
 //! - [`control`]: the control socket (`vpcd ctl`);
@@ -18,10 +20,13 @@ pub mod capture;
 pub mod clock;
 pub mod control;
 pub mod daemon;
+pub mod desired;
 pub mod files;
 pub mod io;
 pub mod lab;
 pub mod metrics;
+#[cfg(feature = "store")]
+pub mod store;
 pub mod trace;
 
 pub use vpcd_core::{Action, Decision, DropReason, Dropped, Ingress, Pipeline, RuleRef};

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 #[macro_use]
 mod cli;
 mod ctl;
+mod storecmd;
 
 /// vpcd: a userspace VPC data plane.
 #[derive(Parser)]
@@ -33,11 +34,36 @@ enum Command {
         #[arg(long)]
         full: bool,
     },
+    /// Validate a topology file as `vpcd check` does and write it, with the provider's
+    /// allocations, to the store in one transaction: the region's new desired state.
+    Apply {
+        /// The topology file (its lock file, if any, seeds a first apply's allocations).
+        file: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Print what would change, item by item, and write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Print the store's desired state as a topology file (the allocations as comments).
+    Get {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Answer in JSON (revision, topology, allocations).
+        #[arg(long)]
+        json: bool,
+        /// Write the topology to FILE and the allocations to its lock file instead.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
     /// Run one host's data plane: a TUN device per local instance, the underlay, the workers.
     Run {
         /// The topology file (every host reads the same one).
-        #[arg(long, short)]
-        topology: PathBuf,
+        #[arg(long, short, conflicts_with = "store")]
+        topology: Option<PathBuf>,
+        /// Follow the region's desired state in the store instead of a file.
+        #[command(flatten)]
+        store: StoreArgs,
         /// This host's name in the topology.
         #[arg(long)]
         host: String,
@@ -89,6 +115,42 @@ enum Command {
         #[command(subcommand)]
         command: cli::LabCommand,
     },
+}
+
+/// The store and its credentials (never from the topology).
+#[derive(clap::Args, Debug, Clone)]
+struct StoreArgs {
+    /// The store: http://ADDR:2379, or https://ADDR:2379 (default: $VPCD_STORE).
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
+    /// Log in as this user (default: $VPCD_STORE_USER); the password is $VPCD_STORE_PASSWORD.
+    #[arg(long, value_name = "NAME")]
+    store_user: Option<String>,
+    /// https: the CA certificate (PEM) the store's certificate is checked against.
+    #[arg(long, value_name = "FILE")]
+    store_ca: Option<PathBuf>,
+    /// https: this client's certificate (PEM), with --store-key.
+    #[arg(long, value_name = "FILE")]
+    store_cert: Option<PathBuf>,
+    /// https: this client's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    store_key: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    /// The store's options; `None` when no store is named (flag or $VPCD_STORE).
+    fn opts(self) -> Option<vpcd::desired::StoreOpts> {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let url = self.store.or_else(|| env("VPCD_STORE"))?;
+        Some(vpcd::desired::StoreOpts {
+            url,
+            user: self.store_user.or_else(|| env("VPCD_STORE_USER")),
+            password: env("VPCD_STORE_PASSWORD"),
+            ca: self.store_ca,
+            cert: self.store_cert,
+            key: self.store_key,
+        })
+    }
 }
 
 /// The packet to trace.
@@ -249,6 +311,12 @@ fn main() -> ExitCode {
         .init();
     match args.command {
         Command::Check { file, locked, full } => cli::check(&file, locked, full),
+        Command::Apply {
+            file,
+            store,
+            dry_run,
+        } => storecmd::apply(&file, store.opts(), dry_run),
+        Command::Get { store, json, out } => storecmd::get(store.opts(), json, out.as_deref()),
         Command::Lab { command } => cli::lab(command),
         Command::Trace { file, what, json } => cli::trace(&file, what.args(), json),
         Command::Ctl {
@@ -259,6 +327,7 @@ fn main() -> ExitCode {
         } => ctl_command(host, control, json, command),
         Command::Run {
             topology,
+            store,
             host,
             workers,
             stats,
@@ -274,8 +343,21 @@ fn main() -> ExitCode {
             if closed > 0 {
                 tracing::info!(closed, "closed inherited file descriptors");
             }
+            let source = match (topology, store.opts()) {
+                (Some(file), _) => vpcd::daemon::Source::File(file),
+                (None, Some(store)) => vpcd::daemon::Source::Store(store),
+                (None, None) => {
+                    errln!("vpcd run: say where the topology is: --topology FILE or --store URL");
+                    return ExitCode::from(2);
+                }
+            };
+            #[cfg(not(feature = "store"))]
+            if matches!(source, vpcd::daemon::Source::Store(_)) {
+                errln!("vpcd run --store: {}", storecmd::NO_STORE);
+                return ExitCode::from(2);
+            }
             let opts = vpcd::daemon::Options {
-                topology,
+                source,
                 host,
                 workers: workers.unwrap_or_else(vpcd::daemon::default_workers),
                 control: control

@@ -38,6 +38,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use tracing::{error, info, warn};
 
 use crate::clock::MonotonicClock;
+use crate::desired::Stored;
 use crate::io::netns;
 use crate::io::tun::{Tun, TunConfig};
 use crate::io::underlay::{UnderlayRx, UnderlayTx};
@@ -52,6 +53,9 @@ pub use worker::{
     DeviceTable, Devices, Lane, Msg, Packet, TxErrors, UnderlayCounters, Wiring, Worker,
     WorkerReport,
 };
+
+/// The sender of the store's new states to the control loop.
+type StoredTx = tokio::sync::mpsc::Sender<Stored>;
 
 /// Where daemons keep their lock files and, by default, their statistics.
 pub const RUN_DIR: &str = "/run/vpcd";
@@ -87,11 +91,31 @@ impl Affinity {
     }
 }
 
+/// Where a daemon's topology comes from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A topology file and its lock file (`--topology`): reloaded on SIGHUP or `ctl reload`.
+    File(PathBuf),
+    /// The region's desired state in the store (`--store`): followed, each new revision
+    /// applied as a reload is (docs/control-plane.md).
+    Store(crate::desired::StoreOpts),
+}
+
+impl Source {
+    /// The topology's name in logs and `ctl status`: the file, or the store's address.
+    pub fn name(&self) -> String {
+        match self {
+            Source::File(p) => p.display().to_string(),
+            Source::Store(o) => format!("store {}", o.url),
+        }
+    }
+}
+
 /// `vpcd run` options.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// The topology file.
-    pub topology: PathBuf,
+    /// The topology's source.
+    pub source: Source,
     /// This host's name in it.
     pub host: String,
     /// Worker threads.
@@ -138,6 +162,55 @@ struct Daemon {
     status: ops::Status,
     /// The point of the capture running, if one is (its writer thread clears it).
     capturing: tap::Busy,
+    /// With `--store`: where the store's watch resumes (revision), taken by the control loop.
+    follow: Option<(i64, i64)>,
+}
+
+/// A daemon's first topology, its text (for the status hash) and, from the store, its
+/// revision and where to watch from.
+struct First {
+    topology: Arc<Topology>,
+    text: String,
+    revision: Option<i64>,
+    follow: Option<(i64, i64)>,
+}
+
+fn first_load(source: &Source) -> Result<First> {
+    match source {
+        Source::File(path) => Ok(First {
+            topology: Arc::new(load(path)?),
+            text: topo_text(path),
+            revision: None,
+            follow: None,
+        }),
+        #[cfg(feature = "store")]
+        Source::Store(o) => store_first_load(o),
+        #[cfg(not(feature = "store"))]
+        Source::Store(_) => bail!("this vpcd was built without store support (feature `store`)"),
+    }
+}
+
+/// From the store: waits for it (an outage logged once), then for a first state.
+#[cfg(feature = "store")]
+fn store_first_load(o: &crate::desired::StoreOpts) -> Result<First> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    loop {
+        let read = rt.block_on(crate::store::first_read(o));
+        if let Some(s) = read.stored {
+            let t = s.topology()?;
+            info!(store = %o.url, revision = s.revision, "topology read from the store");
+            return Ok(First {
+                topology: Arc::new(t),
+                text: s.topology.clone(),
+                revision: Some(s.revision),
+                follow: Some((read.revision + 1, s.revision)),
+            });
+        }
+        warn!(store = %o.url, "the store holds no state yet (`vpcd apply`): waiting");
+        std::thread::sleep(Duration::from_secs(2));
+    }
 }
 
 /// Closes every descriptor this process inherited beyond stdin, stdout and stderr; returns
@@ -179,14 +252,11 @@ pub fn run(opts: Options) -> Result<()> {
     if let Some(ns) = &opts.netns {
         netns::enter_for_good(ns)?;
     }
-    let topo = Arc::new(load(&opts.topology)?);
-    let host = topo.host_named(&opts.host).ok_or_else(|| {
-        anyhow!(
-            "{}: no host named \"{}\"",
-            opts.topology.display(),
-            opts.host
-        )
-    })?;
+    let first = first_load(&opts.source)?;
+    let topo = first.topology.clone();
+    let host = topo
+        .host_named(&opts.host)
+        .ok_or_else(|| anyhow!("{}: no host named \"{}\"", topo.file, opts.host))?;
     let _lock = lock(&opts.host)?;
     let address = topo.host(host).address;
     let transport = topo.underlay.transport;
@@ -196,7 +266,6 @@ pub fn run(opts: Options) -> Result<()> {
         instances = topo.instances_on(host).count(), "starting"
     );
     let seed = rand_seed();
-    let topology_path = opts.topology.clone();
     let stats_path = opts
         .stats
         .clone()
@@ -217,7 +286,8 @@ pub fn run(opts: Options) -> Result<()> {
         created_netns: Vec::new(),
         stats_path,
         stats_seq: 0,
-        status: ops::Status::new(&topo_text(&topology_path)),
+        status: ops::Status::new(&first.text, first.revision),
+        follow: first.follow,
         capturing: Arc::default(),
     };
     let result = d.start(workers).and_then(|()| d.control());
@@ -362,8 +432,10 @@ impl Daemon {
             let mut usr1 = signal(SignalKind::user_defined1())?;
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             let (mut asked, _servers) = self.open_control()?;
+            let (_kept, mut updates) = self.follow_store();
             loop {
                 tokio::select! {
+                    Some(stored) = updates.recv() => self.apply_stored(stored),
                     _ = term.recv() => { info!("SIGTERM: stopping"); break; }
                     _ = int.recv() => { info!("SIGINT: stopping"); break; }
                     _ = hup.recv() => { let _ = self.reload(); }
@@ -378,23 +450,61 @@ impl Daemon {
         })
     }
 
+    /// With `--store`: the task that follows the store, and the channel of its new states.
+    /// With a file, the channel's sender comes back to be kept, so that the channel never
+    /// closes (`recv` waits for ever rather than returning None at once).
+    fn follow_store(&mut self) -> (Option<StoredTx>, tokio::sync::mpsc::Receiver<Stored>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let follow = self.follow.take();
+        #[cfg(feature = "store")]
+        if let (Source::Store(o), Some((next, last))) = (&self.opts.source, follow) {
+            tokio::spawn(crate::store::follow(o.clone(), next, last, tx));
+            return (None, rx);
+        }
+        #[cfg(not(feature = "store"))]
+        let _ = follow;
+        (Some(tx), rx)
+    }
+
+    /// A new revision of the store's desired state, applied as a reload is: all or nothing.
+    fn apply_stored(&mut self, stored: Stored) {
+        let result = stored
+            .topology()
+            .and_then(|t| self.replace(Arc::new(t)))
+            .map_err(|e| format!("{e:#}"));
+        match &result {
+            Ok(()) => info!(revision = stored.revision, "store revision applied"),
+            Err(e) => error!(
+                revision = stored.revision,
+                "store revision refused, the running topology stays:\n{e}"
+            ),
+        }
+        let revision = result.is_ok().then_some(stored.revision);
+        self.status.reloaded(&result, &stored.topology, revision);
+    }
+
     /// Re-reads the topology (SIGHUP). An invalid file, or one that changes what every host
     /// must agree on while running, changes nothing.
     fn reload(&mut self) -> Result<(), String> {
-        let result = self.try_reload().map_err(|e| format!("{e:#}"));
+        let Source::File(path) = &self.opts.source else {
+            let e = "this daemon follows the store: change it with `vpcd apply`".to_string();
+            return Err(e);
+        };
+        let path = path.clone();
+        let result = load(&path)
+            .and_then(|t| self.replace(Arc::new(t)))
+            .map_err(|e| format!("{e:#}"));
         match &result {
             Ok(()) => info!("topology reloaded"),
             Err(e) => error!("reload refused, the running topology stays:\n{e}"),
         }
-        self.status
-            .reloaded(&result, &topo_text(&self.opts.topology));
+        self.status.reloaded(&result, &topo_text(&path), None);
         result
     }
 
     /// The reload as a transaction: the new topology is checked and the new devices opened
     /// before anything of the running state changes; then it is committed whole.
-    fn try_reload(&mut self) -> Result<()> {
-        let t = Arc::new(load(&self.opts.topology)?);
+    fn replace(&mut self, t: Arc<Topology>) -> Result<()> {
         let host = t
             .host_named(&self.opts.host)
             .ok_or_else(|| anyhow!("the new topology has no host named \"{}\"", self.opts.host))?;

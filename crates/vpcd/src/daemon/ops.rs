@@ -33,23 +33,33 @@ pub(super) struct Status {
     /// A hash of the topology text in force (FNV-1a 64, hex).
     topology_hash: String,
     last_reload: Option<(Instant, Result<(), String>)>,
+    /// With `--store`: the store revision in force.
+    store_revision: Option<i64>,
 }
 
 impl Status {
-    pub(super) fn new(text: &str) -> Status {
+    pub(super) fn new(text: &str, store_revision: Option<i64>) -> Status {
         Status {
             started: Instant::now(),
             generation: 1,
             topology_hash: fnv64(text),
             last_reload: None,
+            store_revision,
         }
     }
 
-    /// Records a reload's result; `text` is the file as it is now.
-    pub(super) fn reloaded(&mut self, result: &Result<(), String>, text: &str) {
+    /// Records a reload's result; `text` is the topology as it is now, `store_revision` the
+    /// store revision it came from.
+    pub(super) fn reloaded(
+        &mut self,
+        result: &Result<(), String>,
+        text: &str,
+        store_revision: Option<i64>,
+    ) {
         if result.is_ok() {
             self.generation += 1;
             self.topology_hash = fnv64(text);
+            self.store_revision = store_revision.or(self.store_revision);
         }
         self.last_reload = Some((Instant::now(), result.clone()));
     }
@@ -298,18 +308,22 @@ impl Daemon {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        let store = s
+            .store_revision
+            .map_or(String::new(), |r| format!("store revision {r}\n"));
         let text = format!(
-            "host {}\ngeneration {}\ntopology {} ({})\nuptime {uptime} s\nworkers {workers}\nlast reload {last}\ncapture {}\n",
+            "host {}\ngeneration {}\ntopology {} ({})\n{store}uptime {uptime} s\nworkers {workers}\nlast reload {last}\ncapture {}\n",
             self.opts.host,
             s.generation,
-            self.opts.topology.display(),
+            self.opts.source.name(),
             s.topology_hash,
             capture.as_deref().unwrap_or("none"),
         );
         let data = json!({
             "host": self.opts.host,
             "generation": s.generation,
-            "topology": self.opts.topology.display().to_string(),
+            "topology": self.opts.source.name(),
+            "store_revision": s.store_revision,
             "topology_hash": s.topology_hash,
             "uptime_s": uptime,
             "workers": workers,

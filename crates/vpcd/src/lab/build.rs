@@ -38,6 +38,19 @@ impl Lab {
         workers: Option<usize>,
         log: &mut dyn FnMut(&str),
     ) -> Result<()> {
+        self.up_with(topology_text, source, workers, false, log)
+    }
+
+    /// [`Lab::up`]; with `store`, the lab runs an etcd in its underlay namespace, applies the
+    /// topology to it and its daemons follow it (`vpcd run --store`; see `lab::store`).
+    pub fn up_with(
+        &self,
+        topology_text: &str,
+        source: &str,
+        workers: Option<usize>,
+        store: bool,
+        log: &mut dyn FnMut(&str),
+    ) -> Result<()> {
         Topology::parse(topology_text, source)?;
         let text = super::prefixed_topology(topology_text, source, &self.prefix())?;
         let topo = Topology::parse(&text, source)?;
@@ -51,7 +64,7 @@ impl Lab {
             );
         }
         fs::create_dir_all(self.dir())?;
-        let r = self.build(&topo, &text, workers, log);
+        let r = self.build(&topo, &text, workers, store, log);
         if r.is_err() {
             log("failed: removing what was made");
             let _ = self.down(&mut |_| {});
@@ -64,6 +77,7 @@ impl Lab {
         topo: &Topology,
         text: &str,
         workers: Option<usize>,
+        store: bool,
         log: &mut dyn FnMut(&str),
     ) -> Result<()> {
         fs::write(self.topology_path(), text)?;
@@ -89,10 +103,14 @@ impl Lab {
                 topo.host(inet.gateway).name
             ));
         }
+        if store {
+            self.start_store(topo, log)?;
+            self.apply_to_store(log)?;
+        }
         // Every host's daemon runs on this one machine: they share its cores.
         let workers = workers.unwrap_or_else(|| lab_workers(topo.hosts.len()));
         for h in &topo.hosts {
-            self.start_daemon(&h.name, workers, log)?;
+            self.start_daemon(&h.name, workers, store, log)?;
         }
         self.wait_started(topo)?;
         log("all hosts running");
@@ -129,15 +147,29 @@ impl Lab {
     }
 
     /// Starts `vpcd run` for `host` in its namespace; its pid goes to the journal.
-    fn start_daemon(&self, host: &str, workers: usize, log: &mut dyn FnMut(&str)) -> Result<()> {
+    fn start_daemon(
+        &self,
+        host: &str,
+        workers: usize,
+        store: bool,
+        log: &mut dyn FnMut(&str),
+    ) -> Result<()> {
         let logf = File::create(self.log_path(host))?;
+        let source = if store {
+            ["--store".to_string(), self.store_url()]
+        } else {
+            [
+                "--topology".to_string(),
+                self.topology_path().display().to_string(),
+            ]
+        };
         // This very executable, even if a rebuild replaced the file meanwhile. It shows as
         // `vpcd` (argv[0]; the daemon names its process so too), for ps and pidof, not as
         // `exe`.
         let child = Command::new("/proc/self/exe")
             .arg0("vpcd")
-            .args(["run", "--netns", &self.host_ns(host), "--topology"])
-            .arg(self.topology_path())
+            .args(["run", "--netns", &self.host_ns(host)])
+            .args(source)
             .args(["--host", host, "--stats"])
             .arg(self.stats_path(host))
             .args(["--workers", &workers.to_string()])

@@ -21,6 +21,9 @@ mod check;
 mod health;
 mod names;
 mod preflight;
+mod store;
+
+pub use store::STORE_ADDRESS;
 
 pub use check::{CheckReport, Row, check};
 pub use health::{ANSWER, DaemonHealth, DaemonState, RELOAD_ANSWER, ReloadOutcome, ReloadResult};
@@ -244,8 +247,9 @@ fn cmdline(pid: u32) -> Option<Vec<String>> {
     (!args.is_empty()).then_some(args)
 }
 
-/// True when `pid` is alive and is `vpcd run --topology TOPOLOGY --host HOST` (a pid reused by
-/// another program, or a daemon of another lab or host, is never signalled).
+/// True when `pid` is alive and is `vpcd run --topology TOPOLOGY --host HOST`, or (`lab up
+/// --store`) `vpcd run --store URL --host HOST --stats` in TOPOLOGY's directory (a pid reused
+/// by another program, or a daemon of another lab or host, is never signalled).
 fn is_daemon_of(pid: u32, topology: &Path, host: &str) -> bool {
     let Some(args) = cmdline(pid) else {
         return false;
@@ -257,7 +261,9 @@ fn is_daemon_of(pid: u32, topology: &Path, host: &str) -> bool {
     };
     args.get(1).is_some_and(|a| a == "run")
         && after("--host").is_some_and(|h| h == host)
-        && after("--topology").is_some_and(|t| Path::new(t) == topology)
+        && (after("--topology").is_some_and(|t| Path::new(t) == topology)
+            || after("--store").is_some()
+                && after("--stats").is_some_and(|s| Path::new(s).parent() == topology.parent()))
 }
 
 /// True when `pid` is alive and its command line mentions `dir` (a pid reused by another

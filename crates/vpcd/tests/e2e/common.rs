@@ -39,6 +39,8 @@ pub enum Tool {
     Nft,
     /// conntrack (conntrack-tools): the kernel referee's tables.
     Conntrack,
+    /// etcd (etcd-server): the store of `vpcd lab up --store`.
+    Etcd,
 }
 
 impl Tool {
@@ -51,6 +53,7 @@ impl Tool {
             Tool::Scapy => find_python().is_some(),
             Tool::Nft => on_path("nft").is_some(),
             Tool::Conntrack => on_path("conntrack").is_some(),
+            Tool::Etcd => on_path("etcd").is_some(),
         }
     }
 
@@ -66,6 +69,7 @@ impl Tool {
             ),
             Tool::Nft => ("nft", "nftables"),
             Tool::Conntrack => ("conntrack", "conntrack"),
+            Tool::Etcd => ("etcd", "etcd-server"),
         }
     }
 }
@@ -236,6 +240,15 @@ impl LabUp {
     /// [`LabUp::start`] with `workers` worker threads per daemon (2 by default, whatever the
     /// number of cores, so that flows are spread over workers everywhere).
     pub fn start_with(name: &str, toml: &str, workers: usize) -> LabUp {
+        LabUp::start_args(name, toml, workers, &[])
+    }
+
+    /// [`LabUp::start`] with `vpcd lab up --store`: the lab's etcd, its daemons following it.
+    pub fn start_store(name: &str, toml: &str) -> LabUp {
+        LabUp::start_args(name, toml, 1, &["--store"])
+    }
+
+    fn start_args(name: &str, toml: &str, workers: usize, extra: &[&str]) -> LabUp {
         let topo = Topology::parse(toml, name).unwrap_or_else(|e| panic!("topology: {e}"));
         let lab = Lab::new(name).expect("lab name");
         // The names are this test's own: whatever carries them is a leftover of ours.
@@ -250,15 +263,18 @@ impl LabUp {
         std::fs::write(&file, toml).expect("writing the topology");
         // From here on, dropping the guard removes whatever `up` made, even half of it.
         let up = LabUp { lab, topo, file };
-        let o = vpcd(&[
+        let workers = workers.to_string();
+        let mut args = vec![
             "lab",
             "up",
             up.file.to_str().unwrap(),
             "--name",
             name,
             "--workers",
-            &workers.to_string(),
-        ]);
+            &workers,
+        ];
+        args.extend_from_slice(extra);
+        let o = vpcd(&args);
         assert!(o.status.success(), "vpcd lab up {name}: {}", show(&o));
         up
     }
