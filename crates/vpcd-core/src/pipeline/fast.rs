@@ -14,10 +14,8 @@ impl Decider<'_> {
     /// or a connection is gone).
     #[inline]
     pub fn cached(&mut self, key: &FlowKey, l4: &L4, len: usize) -> Option<Decision> {
-        if let Some(sink) = &self.trace {
-            let hit = sink.cache.peek(key, self.host.generation);
-            self.note(Stage::Cache, |t| cache_fields(t, hit.map(|h| h.decision)));
-            return None;
+        if self.trace.is_some() {
+            return self.trace_cache(key);
         }
         let state = &mut *self.state;
         let hit = state.flows.get(key, self.host.generation)?;
@@ -42,6 +40,16 @@ impl Decider<'_> {
         state.counters.cache_hits += 1;
         self.receiver = hit.receiver;
         Some(hit.decision)
+    }
+
+    /// A trace notes what the cache holds for the flow, then takes the full path. Out of the
+    /// fast lane's way: it must stay small enough to inline.
+    #[cold]
+    #[inline(never)]
+    fn trace_cache(&mut self, key: &FlowKey) -> Option<Decision> {
+        let hit = self.trace.as_ref()?.cache.peek(key, self.host.generation);
+        self.note(Stage::Cache, |t| cache_fields(t, hit.map(|h| h.decision)));
+        None
     }
 
     /// The fast lane of a packet whose flow is cached: the key is read straight from the

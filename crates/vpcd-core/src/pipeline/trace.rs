@@ -169,9 +169,18 @@ impl Decider<'_> {
         self.trace.is_some()
     }
 
-    /// Notes what a stage found, if a trace is being taken: `fields` runs only then.
-    #[inline]
+    /// Notes what a stage found, if a trace is being taken: `fields` runs only then. The
+    /// decision's own code sees one branch; the note is made out of line.
+    #[inline(always)]
     pub fn note(&mut self, stage: Stage, fields: impl FnOnce(&Topology) -> Fields) {
+        if self.trace.is_some() {
+            self.note_cold(stage, fields);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn note_cold(&mut self, stage: Stage, fields: impl FnOnce(&Topology) -> Fields) {
         if let Some(t) = self.trace.as_mut() {
             t.steps.push(Step {
                 host: self.host.host,
