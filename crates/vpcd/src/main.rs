@@ -57,33 +57,7 @@ enum Command {
         out: Option<PathBuf>,
     },
     /// Run one host's data plane: a TUN device per local instance, the underlay, the workers.
-    Run {
-        /// The topology file (every host reads the same one).
-        #[arg(long, short, conflicts_with = "store")]
-        topology: Option<PathBuf>,
-        /// Follow the region's desired state in the store instead of a file.
-        #[command(flatten)]
-        store: StoreArgs,
-        /// This host's name in the topology.
-        #[arg(long)]
-        host: String,
-        /// Worker threads (default: one per core, at most 4).
-        #[arg(long)]
-        workers: Option<usize>,
-        /// Statistics file, rewritten every second (default /run/vpcd/HOST.stats).
-        #[arg(long)]
-        stats: Option<PathBuf>,
-        /// Enter this network namespace first.
-        #[arg(long)]
-        netns: Option<String>,
-        /// The control socket `vpcd ctl` talks to (default /run/vpcd/HOST.sock, or
-        /// /run/vpcd/NETNS.sock with --netns).
-        #[arg(long)]
-        control: Option<PathBuf>,
-        /// Serve Prometheus metrics at http://ADDR:PORT/metrics.
-        #[arg(long, value_name = "ADDR:PORT")]
-        metrics: Option<std::net::SocketAddr>,
-    },
+    Run(RunArgs),
     /// Ask a running daemon (its control socket): status, reload, stats, clear-counters,
     /// flows, trace, capture.
     Ctl {
@@ -151,6 +125,36 @@ impl StoreArgs {
             key: self.store_key,
         })
     }
+}
+
+/// `vpcd run`'s options.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The topology file (every host reads the same one).
+    #[arg(long, short, conflicts_with = "store")]
+    topology: Option<PathBuf>,
+    /// Follow the region's desired state in the store instead of a file.
+    #[command(flatten)]
+    store: StoreArgs,
+    /// This host's name in the topology.
+    #[arg(long)]
+    host: String,
+    /// Worker threads (default: one per core, at most 4).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Statistics file, rewritten every second (default /run/vpcd/HOST.stats).
+    #[arg(long)]
+    stats: Option<PathBuf>,
+    /// Enter this network namespace first.
+    #[arg(long)]
+    netns: Option<String>,
+    /// The control socket `vpcd ctl` talks to (default /run/vpcd/HOST.sock, or
+    /// /run/vpcd/NETNS.sock with --netns).
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 /// The packet to trace.
@@ -290,7 +294,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     // Before anything is opened, so that every descriptor above stderr is an inherited one.
     let closed = match &args.command {
-        Command::Run { .. } => match vpcd::daemon::close_inherited_descriptors() {
+        Command::Run(_) => match vpcd::daemon::close_inherited_descriptors() {
             Ok(n) => n,
             Err(e) => {
                 errln!("vpcd: {e:#}");
@@ -299,16 +303,7 @@ fn main() -> ExitCode {
         },
         _ => 0,
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        // Colours for a person at a terminal, none in a log file or a pipe.
-        .with_ansi(std::io::stderr().is_terminal())
-        // A log whose reader has gone is not worth a message about it (on that same stderr).
-        .log_internal_errors(false)
-        .init();
+    init_logging();
     match args.command {
         Command::Check { file, locked, full } => cli::check(&file, locked, full),
         Command::Apply {
@@ -325,54 +320,65 @@ fn main() -> ExitCode {
             json,
             command,
         } => ctl_command(host, control, json, command),
-        Command::Run {
-            topology,
-            store,
-            host,
-            workers,
-            stats,
-            netns,
-            control,
-            metrics,
-        } => {
-            // The process's name (/proc/PID/comm, what ps and pidof show): `vpcd`, also when
-            // it was started as /proc/self/exe (the lab), which would make it `exe`.
-            if let Err(e) = nix::sys::prctl::set_name(c"vpcd") {
-                tracing::warn!(error = %e, "cannot name the process");
-            }
-            if closed > 0 {
-                tracing::info!(closed, "closed inherited file descriptors");
-            }
-            let source = match (topology, store.opts()) {
-                (Some(file), _) => vpcd::daemon::Source::File(file),
-                (None, Some(store)) => vpcd::daemon::Source::Store(store),
-                (None, None) => {
-                    errln!("vpcd run: say where the topology is: --topology FILE or --store URL");
-                    return ExitCode::from(2);
-                }
-            };
-            #[cfg(not(feature = "store"))]
-            if matches!(source, vpcd::daemon::Source::Store(_)) {
-                errln!("vpcd run --store: {}", storecmd::NO_STORE);
-                return ExitCode::from(2);
-            }
-            let opts = vpcd::daemon::Options {
-                source,
-                host,
-                workers: workers.unwrap_or_else(vpcd::daemon::default_workers),
-                control: control
-                    .or_else(|| netns.as_ref().map(|ns| vpcd::control::default_path(ns))),
-                stats,
-                netns,
-                metrics,
-            };
-            match vpcd::daemon::run(opts) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    errln!("vpcd: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+        Command::Run(args) => run(closed, args),
+    }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        // Colours for a person at a terminal, none in a log file or a pipe.
+        .with_ansi(std::io::stderr().is_terminal())
+        // A log whose reader has gone is not worth a message about it (on that same stderr).
+        .log_internal_errors(false)
+        .init();
+}
+
+/// `vpcd run`: one host's data plane until SIGINT or SIGTERM; `closed` inherited descriptors
+/// were closed first.
+fn run(closed: usize, args: RunArgs) -> ExitCode {
+    // The process's name (/proc/PID/comm, what ps and pidof show): `vpcd`, also when it was
+    // started as /proc/self/exe (the lab), which would make it `exe`.
+    if let Err(e) = nix::sys::prctl::set_name(c"vpcd") {
+        tracing::warn!(error = %e, "cannot name the process");
+    }
+    if closed > 0 {
+        tracing::info!(closed, "closed inherited file descriptors");
+    }
+    let source = match (args.topology, args.store.opts()) {
+        (Some(file), _) => vpcd::daemon::Source::File(file),
+        (None, Some(store)) => vpcd::daemon::Source::Store(store),
+        (None, None) => {
+            errln!("vpcd run: say where the topology is: --topology FILE or --store URL");
+            return ExitCode::from(2);
+        }
+    };
+    #[cfg(not(feature = "store"))]
+    if matches!(source, vpcd::daemon::Source::Store(_)) {
+        errln!("vpcd run --store: {}", storecmd::NO_STORE);
+        return ExitCode::from(2);
+    }
+    let netns = args.netns;
+    let opts = vpcd::daemon::Options {
+        source,
+        host: args.host,
+        workers: args.workers.unwrap_or_else(vpcd::daemon::default_workers),
+        control: args
+            .control
+            .or_else(|| netns.as_ref().map(|ns| vpcd::control::default_path(ns))),
+        stats: args.stats,
+        netns,
+        metrics: args.metrics,
+    };
+    match vpcd::daemon::run(opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            errln!("vpcd: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }
