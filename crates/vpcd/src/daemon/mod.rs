@@ -557,19 +557,29 @@ impl Daemon {
 
     /// Every worker's report to `ask` (a tick, or clearing the counters), summed.
     fn collect(&self, ask: fn(crossbeam_channel::Sender<WorkerReport>) -> Msg) -> Totals {
+        let mut totals = Totals::new(&self.topo);
+        for r in self.ask_workers(ask) {
+            totals.add(&r);
+        }
+        totals
+    }
+
+    /// Every worker's answer to `ask` (a message carrying the way back), in the order they
+    /// arrive; the gathering stops at the first answer that takes over 500 ms.
+    fn ask_workers<T>(&self, ask: impl Fn(crossbeam_channel::Sender<T>) -> Msg) -> Vec<T> {
         let lanes = self.lanes.clone().unwrap_or_else(|| Arc::from(Vec::new()));
         let (tx, rx) = bounded(lanes.len());
         for lane in lanes.iter() {
             lane.send_blocking(ask(tx.clone()));
         }
-        let mut totals = Totals::new(&self.topo);
-        for _ in 0..lanes.len() {
-            match rx.recv_timeout(Duration::from_millis(500)) {
-                Ok(r) => totals.add(&r),
-                Err(_) => break,
-            }
-        }
-        totals
+        (0..lanes.len())
+            .map_while(|_| rx.recv_timeout(Duration::from_millis(500)).ok())
+            .collect()
+    }
+
+    /// The number of workers.
+    fn workers(&self) -> usize {
+        self.lanes.as_ref().map_or(0, |l| l.len())
     }
 
     /// Writes the statistics file (atomically: a temporary file renamed over it).

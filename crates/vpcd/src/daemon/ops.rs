@@ -233,23 +233,15 @@ impl Daemon {
         if host != self.host {
             return trace::fresh(&self.topo, host, packet, from, now);
         }
-        let lanes = self.lanes.clone().unwrap_or_else(|| Arc::from(Vec::new()));
-        let (tx, rx) = crossbeam_channel::bounded(lanes.len());
-        for lane in lanes.iter() {
-            lane.send_blocking(Msg::Trace(TraceAsk {
+        let ask = |reply| {
+            Msg::Trace(TraceAsk {
                 packet: packet.to_vec(),
                 from,
-                reply: tx.clone(),
-            }));
-        }
-        for _ in 0..lanes.len() {
-            match rx.recv_timeout(Duration::from_millis(500)) {
-                Ok(Some(hop)) => return hop,
-                Ok(None) => {}
-                Err(_) => break,
-            }
-        }
-        trace::fresh(&self.topo, host, packet, from, now)
+                reply,
+            })
+        };
+        let owner = self.ask_workers(ask).into_iter().flatten().next();
+        owner.unwrap_or_else(|| trace::fresh(&self.topo, host, packet, from, now))
     }
 
     /// `vpcd ctl flows`: every worker's connections (of one instance of this host, or all),
@@ -261,23 +253,19 @@ impl Daemon {
                 return Reply::error(format!("no instance \"{name}\" on this host"));
             }
         }
-        let lanes = self.lanes.clone().unwrap_or_else(|| Arc::from(Vec::new()));
-        let (tx, rx) = crossbeam_channel::bounded(lanes.len());
-        for lane in lanes.iter() {
-            let reply = tx.clone();
-            let instance = instance.clone();
-            lane.send_blocking(Msg::Flows {
-                instance,
-                flush,
-                reply,
-            });
+        let answers = self.ask_workers(|reply| Msg::Flows {
+            instance: instance.clone(),
+            flush,
+            reply,
+        });
+        if answers.len() < self.workers() {
+            return Reply::error("a worker did not answer within 500 ms");
         }
         let (mut rows, mut flushed) = (Vec::new(), 0);
-        for _ in 0..lanes.len() {
-            match rx.recv_timeout(Duration::from_millis(500)) {
-                Ok(FlowsAnswer::Listed(r)) => rows.extend(r),
-                Ok(FlowsAnswer::Flushed(n)) => flushed += n,
-                Err(_) => return Reply::error("a worker did not answer within 500 ms"),
+        for answer in answers {
+            match answer {
+                FlowsAnswer::Listed(r) => rows.extend(r),
+                FlowsAnswer::Flushed(n) => flushed += n,
             }
         }
         if flush {
@@ -296,7 +284,7 @@ impl Daemon {
 
     fn status_reply(&self) -> Reply {
         let s = &self.status;
-        let workers = self.lanes.as_ref().map_or(0, |l| l.len());
+        let workers = self.workers();
         let uptime = s.started.elapsed().as_secs();
         let last = match &s.last_reload {
             None => "none".to_string(),
