@@ -1,5 +1,5 @@
 //! The region's desired state as the control plane keeps it (docs/control-plane.md): the
-//! topology text as applied and the provider's allocations (in the lock file's format),
+//! topology's items and the provider's allocations, cut into scopes ([`crate::layout`]),
 //! written together. What to write, what changes and what is refused are decided here, in
 //! pure functions; `store` (feature `store`) only reads and writes the keys.
 
@@ -8,12 +8,7 @@ use std::collections::BTreeMap;
 use vpcd_core::Topology;
 use vpcd_core::topology::{Allocations, LoadError, live_refusals};
 
-/// The key of the topology text as applied.
-pub const TOPOLOGY_KEY: &str = "/vpcd/v1/topology";
-/// The key of the allocations (the lock file's text).
-pub const ALLOCATIONS_KEY: &str = "/vpcd/v1/allocations";
-/// The prefix of every key of this layout.
-pub const PREFIX: &str = "/vpcd/v1/";
+use crate::layout::{self, Writes};
 
 /// Where the store is and how to log in: from flags or the environment, never from the
 /// topology.
@@ -33,27 +28,44 @@ pub struct StoreOpts {
     pub key: Option<std::path::PathBuf>,
 }
 
-/// What the store holds, as read at one revision.
+/// What the store holds (the whole region, or a host's share), as read at one revision.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stored {
-    /// The topology text.
+    /// The topology text the items make ([`layout::assemble`]).
     pub topology: String,
     /// The allocations, in the lock file's format.
     pub allocations: String,
-    /// The topology key's mod revision: the generation of this state (the apply that wrote
-    /// it; both keys are written in one transaction, so they share it).
+    /// The whole region: the generation (the revision of the apply that wrote it). A host's
+    /// share: the revision it was read at (every change to the share up to it is in it).
     pub revision: i64,
+    /// The items and shares as read, by key (what the next apply compares with).
+    pub keys: BTreeMap<String, String>,
 }
 
 impl Stored {
+    /// The state the stored `keys` make (`revision`: as [`Stored::revision`]).
+    pub fn from_keys(keys: BTreeMap<String, String>, revision: i64) -> Stored {
+        let items = keys
+            .iter()
+            .filter(|(k, _)| k.starts_with(layout::ITEM_PREFIX))
+            .map(|(k, v)| (k.as_str(), v.as_str()));
+        let (topology, allocations) = layout::assemble(items);
+        Stored {
+            topology,
+            allocations,
+            revision,
+            keys,
+        }
+    }
+
     /// The name errors in the stored topology carry.
     pub fn topology_name(&self) -> String {
-        format!("store:{TOPOLOGY_KEY}@{}", self.revision)
+        format!("store:{}@{}", layout::PREFIX, self.revision)
     }
 
     /// The stored allocations, parsed.
     pub fn allocations(&self) -> Result<Allocations, LoadError> {
-        let name = format!("store:{ALLOCATIONS_KEY}@{}", self.revision);
+        let name = format!("store:{}allocations@{}", layout::PREFIX, self.revision);
         Allocations::parse(&self.allocations, &name).map_err(LoadError::Invalid)
     }
 
@@ -73,6 +85,18 @@ impl Stored {
     }
 }
 
+/// Where a daemon's watch of its share resumes: after revision `next - 1`, the state it
+/// applied being `last`, over `scopes`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FollowFrom {
+    /// The first revision to watch.
+    pub next: i64,
+    /// The revision of the state applied (not sent again).
+    pub last: i64,
+    /// The scopes of the share read.
+    pub scopes: std::collections::BTreeSet<String>,
+}
+
 /// What an apply would write, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
@@ -81,11 +105,13 @@ pub struct Plan {
     /// The allocations to store (the lock file's text).
     pub allocations: String,
     /// The revision the plan was made from (0: the store was empty); the write succeeds only
-    /// if the topology key still has it.
+    /// if the generation key still has it.
     pub base: i64,
     /// What changes, one line per item (`+ vpc "a"`, `- instance "b"`, `~ host "h1": address`)
     /// and per new allocation; empty when the store already holds this state.
     pub changes: Vec<String>,
+    /// The keys to write and delete, and the scopes they touch.
+    pub writes: Writes,
 }
 
 /// Why an apply cannot go ahead.
@@ -100,6 +126,9 @@ pub enum PlanError {
     /// The change cannot be made while the region runs (the same as a refused reload).
     #[error("refused, the stored state stays:\n{}", .0.join("\n"))]
     Refused(Vec<String>),
+    /// The file cannot be cut into items (a table split over two places).
+    #[error("{0}")]
+    Cut(String),
 }
 
 /// The apply of `text` (named `file` in errors) over `current`. The allocations come from
@@ -124,14 +153,23 @@ pub fn plan(
             return Err(PlanError::Refused(refusals));
         }
         changes = item_changes(&s.topology, text);
-        if changes.is_empty() && s.topology != text {
-            changes.push("~ the text only (comments or layout): no item changes".into());
-        }
     } else {
         changes.push("the store is empty: the whole topology is new".into());
         changes.extend(item_changes("", text));
     }
     changes.extend(new.unlocked.iter().map(|u| format!("+ allocation: {u}")));
+    let items = layout::items(text, &new.allocations).map_err(PlanError::Cut)?;
+    let empty = BTreeMap::new();
+    let writes = layout::writes(
+        current.map_or(&empty, |s| &s.keys),
+        &layout::desired_keys(&items),
+    );
+    if changes.is_empty() && !writes.is_empty() {
+        changes.push("~ the text only (comments or layout): no item changes".into());
+    }
+    if writes.is_empty() {
+        changes.clear();
+    }
     let name = std::path::Path::new(file)
         .file_name()
         .map_or(String::new(), |n| n.to_string_lossy().into_owned());
@@ -140,6 +178,7 @@ pub fn plan(
         allocations: new.allocations.render(&name),
         base: current.map_or(0, |s| s.revision),
         changes,
+        writes,
     })
 }
 
@@ -256,11 +295,7 @@ cidr = "10.0.0.0/16"
 
     fn stored(text: &str, revision: i64) -> Stored {
         let p = plan(text, "t.toml", &Allocations::none(), None).unwrap();
-        Stored {
-            topology: p.topology,
-            allocations: p.allocations,
-            revision,
-        }
+        Stored::from_keys(p.writes.puts.into_iter().collect(), revision)
     }
 
     #[test]
@@ -312,7 +347,9 @@ cidr = "10.0.0.0/16"
         let s = stored(BASE, 3);
         let p = plan(BASE, "t.toml", &Allocations::none(), Some(&s)).unwrap();
         assert!(p.changes.is_empty(), "{:?}", p.changes);
-        assert_eq!(p.allocations, s.allocations);
+        assert!(p.writes.is_empty(), "{:?}", p.writes);
+        let a = |text: &str| Allocations::parse(text, "t.lock").unwrap();
+        assert_eq!(a(&p.allocations), a(&s.allocations));
         let commented = format!("# a comment\n{BASE}");
         let p = plan(&commented, "t.toml", &Allocations::none(), Some(&s)).unwrap();
         assert_eq!(

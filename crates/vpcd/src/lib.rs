@@ -6,7 +6,8 @@
 //! - [`lab`]: the namespace lab (`vpcd lab`);
 //! - [`files`]: reading a topology and its lock file from disk;
 //! - [`desired`]: the region's desired state in the store: what an apply writes, changes
-//!   and refuses; `store` (feature `store`): its reads, writes and watch on etcd;
+//!   and refuses; [`layout`]: the state cut into items, scopes and each host's share;
+//!   `store` (feature `store`): its reads, writes and watch on etcd;
 //! - [`capture`]: packet capture to pcapng;
 //! - [`clock`]: the monotonic clock that stamps packets;
 //! - [`control`]: the control socket (`vpcd ctl`);
@@ -24,6 +25,7 @@ pub mod desired;
 pub mod files;
 pub mod io;
 pub mod lab;
+pub mod layout;
 pub mod metrics;
 #[cfg(feature = "store")]
 pub mod store;

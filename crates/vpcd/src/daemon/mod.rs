@@ -162,8 +162,8 @@ struct Daemon {
     status: ops::Status,
     /// The point of the capture running, if one is (its writer thread clears it).
     capturing: tap::Busy,
-    /// With `--store`: where the store's watch resumes (revision), taken by the control loop.
-    follow: Option<(i64, i64)>,
+    /// With `--store`: where the store's watch resumes, taken by the control loop.
+    follow: Option<crate::desired::FollowFrom>,
 }
 
 /// A daemon's first topology, its text (for the status hash) and, from the store, its
@@ -172,10 +172,10 @@ struct First {
     topology: Arc<Topology>,
     text: String,
     revision: Option<i64>,
-    follow: Option<(i64, i64)>,
+    follow: Option<crate::desired::FollowFrom>,
 }
 
-fn first_load(source: &Source) -> Result<First> {
+fn first_load(source: &Source, host: &str) -> Result<First> {
     match source {
         Source::File(path) => Ok(First {
             topology: Arc::new(load(path)?),
@@ -184,31 +184,41 @@ fn first_load(source: &Source) -> Result<First> {
             follow: None,
         }),
         #[cfg(feature = "store")]
-        Source::Store(o) => store_first_load(o),
+        Source::Store(o) => store_first_load(o, host),
         #[cfg(not(feature = "store"))]
-        Source::Store(_) => bail!("this vpcd was built without store support (feature `store`)"),
+        Source::Store(_) => {
+            let _ = host;
+            bail!("this vpcd was built without store support (feature `store`)")
+        }
     }
 }
 
-/// From the store: waits for it (an outage logged once), then for a first state.
+/// From the store: waits for it (an outage logged once), then for a first state: this
+/// host's share.
 #[cfg(feature = "store")]
-fn store_first_load(o: &crate::desired::StoreOpts) -> Result<First> {
+fn store_first_load(o: &crate::desired::StoreOpts, host: &str) -> Result<First> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     loop {
-        let read = rt.block_on(crate::store::first_read(o));
-        if let Some(s) = read.stored {
+        let read = rt.block_on(crate::store::first_read(o, host));
+        if let Some(s) = &read.stored {
             let t = s.topology()?;
-            info!(store = %o.url, revision = s.revision, "topology read from the store");
+            let scopes = read.scopes.len();
+            info!(store = %o.url, revision = s.revision, scopes, "topology read from the store (this host's share)");
+            rt.block_on(crate::store::report(
+                o.clone(),
+                host.to_string(),
+                s.revision,
+            ));
             return Ok(First {
                 topology: Arc::new(t),
                 text: s.topology.clone(),
                 revision: Some(s.revision),
-                follow: Some((read.revision + 1, s.revision)),
+                follow: Some(read.follow_from()),
             });
         }
-        warn!(store = %o.url, "the store holds no state yet (`vpcd apply`): waiting");
+        warn!(store = %o.url, host, "the store holds no share for this host yet (`vpcd apply`): waiting");
         std::thread::sleep(Duration::from_secs(2));
     }
 }
@@ -252,7 +262,7 @@ pub fn run(opts: Options) -> Result<()> {
     if let Some(ns) = &opts.netns {
         netns::enter_for_good(ns)?;
     }
-    let first = first_load(&opts.source)?;
+    let first = first_load(&opts.source, &opts.host)?;
     let topo = first.topology.clone();
     let host = topo
         .host_named(&opts.host)
@@ -457,8 +467,9 @@ impl Daemon {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let follow = self.follow.take();
         #[cfg(feature = "store")]
-        if let (Source::Store(o), Some((next, last))) = (&self.opts.source, follow) {
-            tokio::spawn(crate::store::follow(o.clone(), next, last, tx));
+        if let (Source::Store(o), Some(from)) = (&self.opts.source, follow) {
+            let host = self.opts.host.clone();
+            tokio::spawn(crate::store::follow(o.clone(), host, from, tx));
             return (None, rx);
         }
         #[cfg(not(feature = "store"))]
@@ -480,6 +491,10 @@ impl Daemon {
             ),
         }
         let revision = result.is_ok().then_some(stored.revision);
+        #[cfg(feature = "store")]
+        if let (Source::Store(o), Some(r)) = (&self.opts.source, revision) {
+            tokio::spawn(crate::store::report(o.clone(), self.opts.host.clone(), r));
+        }
         self.status.reloaded(&result, &stored.topology, revision);
     }
 

@@ -80,6 +80,12 @@ impl Lab {
             &peer,
             "--initial-cluster",
             &format!("lab={peer}"),
+            // One apply is one transaction: a first apply of a large file has one operation
+            // per item (etcd's default allows 128).
+            "--max-txn-ops",
+            "1000000",
+            "--max-request-bytes",
+            "67108864",
         ]
         .map(String::from)
         .to_vec()
