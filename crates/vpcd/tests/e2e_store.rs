@@ -1,7 +1,10 @@
 //! End to end, `vpcd run --store` (`vpcd lab up --store`): a change applied to the store
 //! reaches every host (`ctl status`: the store revision) and traffic follows it; with etcd
 //! stopped traffic goes on as last applied; etcd back, the hosts catch up with a change made
-//! while they were away.
+//! while they were away. A host's daemon killed and restarted (`vpcd lab restart`) comes back
+//! at the store's revision and a TCP connection held across it carries data both ways. A
+//! rollout of 100 revisions (`vpcd lab reload`, which is `vpcd apply` in a store lab) while
+//! traffic runs: nothing crosses tenants, nothing denied is delivered, nothing is lost.
 
 #![cfg(feature = "store")]
 
