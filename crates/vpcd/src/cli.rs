@@ -487,12 +487,22 @@ pub enum LabCommand {
         lab: LabName,
     },
     /// Re-read the topology on every host (SIGHUP) and report each host's answer; with FILE,
-    /// put FILE in force first. Exit 1 unless every host reloaded.
+    /// put FILE in force first. Exit 1 unless every host reloaded. In a store lab (`lab up
+    /// --store`): `vpcd apply` FILE (or the lab's topology) to the lab's store and print
+    /// apply's answer; a refusal or a lost race exits non-zero.
     Reload {
         /// A new topology for the lab.
         file: Option<PathBuf>,
         #[command(flatten)]
         lab: LabName,
+    },
+    /// Stop one host's daemon if it runs and start it again as `up` did (a store lab's reads
+    /// its state from the store).
+    Restart {
+        #[command(flatten)]
+        lab: LabName,
+        /// The host whose daemon to restart.
+        host: String,
     },
     /// Ask one of the lab's daemons, as `vpcd ctl` does: status, reload, stats, clear-counters,
     /// trace.
@@ -554,6 +564,7 @@ fn needs(cmd: &LabCommand) -> (&'static str, Needs) {
         LabCommand::Check { .. } => ("check", Needs::default()),
         LabCommand::Status { .. } => ("status", Needs::default()),
         LabCommand::Reload { .. } => ("reload", Needs::default()),
+        LabCommand::Restart { .. } => ("restart", tun),
         LabCommand::List => ("list", Needs::default()),
         LabCommand::Ctl { .. } => ("ctl", Needs::default()),
     }
@@ -585,6 +596,11 @@ pub fn lab(cmd: LabCommand) -> ExitCode {
             .map(|r| status_of(r.failures() == 0)),
         LabCommand::Status { lab } => Lab::new(&lab.name).and_then(|l| status(&l)),
         LabCommand::Reload { file, lab } => Lab::new(&lab.name).and_then(|l| reload(&l, file)),
+        LabCommand::Restart { lab, host } => Lab::new(&lab.name).and_then(|l| {
+            let pid = l.restart(&host, &mut say)?;
+            say(&format!("host {host}: vpcd running again (pid {pid})"));
+            Ok(ExitCode::SUCCESS)
+        }),
         LabCommand::List => Ok(list()),
         LabCommand::Demo { workers } => Ok(demo(workers)),
         LabCommand::Ctl {
@@ -640,9 +656,9 @@ fn up(
     lab.up_with(&text, &source, workers, store, &mut say)?;
     if store {
         say(&format!(
-            "the lab follows its store: change it with `{} underlay -- vpcd apply FILE --store {}`",
-            lab.cmd("exec"),
-            lab.store_url()
+            "the lab follows its store {}: `{}` applies FILE to it (vpcd apply)",
+            lab.store_url(),
+            lab.cmd("reload FILE")
         ));
     }
     say(&format!(
@@ -694,9 +710,37 @@ fn status(lab: &Lab) -> anyhow::Result<ExitCode> {
     Ok(status_of(bad == 0))
 }
 
+/// `vpcd lab reload [FILE]` in a store lab: apply's answer, as `vpcd apply` prints it.
+fn store_reload(lab: &Lab, file: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let new = match &file {
+        Some(f) => Some((
+            std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?,
+            f.display().to_string(),
+        )),
+        None => None,
+    };
+    let new = new.as_ref().map(|(t, s)| (t.as_str(), s.as_str()));
+    let o = lab.apply_to_lab_store(new, &mut say)?;
+    out!("{}", String::from_utf8_lossy(&o.stdout));
+    let err = String::from_utf8_lossy(&o.stderr);
+    if !err.trim().is_empty() {
+        errln!("{}", err.trim_end());
+    }
+    if !o.status.success() {
+        errln!("vpcd lab: the lab's store was not changed");
+        return Ok(ExitCode::from(
+            o.status.code().unwrap_or(1).clamp(1, 255) as u8
+        ));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `vpcd lab reload [FILE]`: every host's answer, read from its log.
 fn reload(lab: &Lab, file: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     lab.topology()?;
+    if lab.follows_store() {
+        return store_reload(lab, file);
+    }
     let previous = match &file {
         Some(f) => {
             let text =

@@ -203,7 +203,7 @@ fn a_stale_daemon_is_reported() {
 /// A pid in the journal that is not the lab's daemon (its daemon died, the pid went to
 /// another program that even names the lab's directory) is never signalled: the decoy
 /// survives `lab status`, `lab check`, `lab list` and `lab reload`, which all say the host is
-/// dead.
+/// dead, and `lab restart`, which starts the host's daemon again.
 #[test]
 fn status_never_signals_a_pid_that_is_not_its_daemon() {
     if !can_run(
@@ -243,6 +243,16 @@ fn status_never_signals_a_pid_that_is_not_its_daemon() {
             assert!(text(&o).contains("host-b: DEAD"), "lab {cmd}: {}", text(&o));
         }
     }
+    // `lab restart` leaves it alone too, and starts host-b's daemon again.
+    let o = vpcd(&["lab", "restart", "--name", "decoy", "host-b"]);
+    assert!(o.status.success(), "lab restart: {}", text(&o));
+    assert!(
+        decoy.try_wait().unwrap().is_none(),
+        "lab restart signalled the decoy: {}",
+        text(&o)
+    );
+    let o = vpcd(&["lab", "status", "--name", "decoy"]);
+    assert!(o.status.success(), "host-b runs again: {}", text(&o));
     let _ = decoy.kill();
     let _ = decoy.wait();
 }

@@ -1,6 +1,6 @@
 //! `lab up` and `lab down`: namespaces, the underlay, the daemons, and their removal.
 
-use std::fs::{self, File};
+use std::fs;
 use std::os::unix::process::CommandExt as _;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -109,10 +109,13 @@ impl Lab {
         }
         // Every host's daemon runs on this one machine: they share its cores.
         let workers = workers.unwrap_or_else(|| lab_workers(topo.hosts.len()));
+        self.note(&format!("workers {workers}"))?;
         for h in &topo.hosts {
             self.start_daemon(&h.name, workers, store, log)?;
         }
-        self.wait_started(topo)?;
+        for h in &topo.hosts {
+            self.wait_started(&h.name)?;
+        }
         log("all hosts running");
         Ok(())
     }
@@ -146,6 +149,42 @@ impl Lab {
         Ok(())
     }
 
+    /// `vpcd lab restart HOST`: stops the host's daemon if it runs (SIGTERM, SIGKILL after
+    /// 5 s; only the pid [`Lab::verified_pid`] gives), then starts it again as `up` did: the
+    /// same command line (a store lab's daemon reads its state from the store), its log
+    /// appended to. Returns the new daemon's pid once it forwards (its statistics exist).
+    pub fn restart(&self, host: &str, log: &mut dyn FnMut(&str)) -> Result<u32> {
+        let topo = self.topology()?;
+        if topo.host_named(host).is_none() {
+            let hosts: Vec<&str> = topo.hosts.iter().map(|h| h.name.as_str()).collect();
+            bail!(
+                "lab \"{}\" has no host \"{host}\"; its hosts: {}",
+                self.name,
+                hosts.join(", ")
+            );
+        }
+        if let Some(pid) = self.verified_pid(host) {
+            stop_pid(pid, |p| self.verified_pid(host) == Some(p))?;
+            log(&format!("host {host}: vpcd (pid {pid}) stopped"));
+        }
+        // The old statistics would say the new daemon runs before it does.
+        let _ = fs::remove_file(self.stats_path(host));
+        let workers = self
+            .journaled("workers")
+            .last()
+            .and_then(|w| w.parse().ok())
+            .unwrap_or_else(|| lab_workers(topo.hosts.len()));
+        self.start_daemon(host, workers, self.follows_store(), log)?;
+        self.wait_started(host)?;
+        self.daemon_pid(host)
+            .context("the restarted daemon's pid is not in the journal")
+    }
+
+    /// True for a lab made by `lab up --store` (the journal records its store).
+    pub fn follows_store(&self) -> bool {
+        !self.journaled("store ").is_empty()
+    }
+
     /// Starts `vpcd run` for `host` in its namespace; its pid goes to the journal.
     fn start_daemon(
         &self,
@@ -154,7 +193,11 @@ impl Lab {
         store: bool,
         log: &mut dyn FnMut(&str),
     ) -> Result<()> {
-        let logf = File::create(self.log_path(host))?;
+        // Appended to: a restarted daemon's log follows its predecessor's.
+        let logf = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(host))?;
         let source = if store {
             ["--store".to_string(), self.store_url()]
         } else {
@@ -187,21 +230,18 @@ impl Lab {
         Ok(())
     }
 
-    /// Waits until every daemon has written its statistics (it is forwarding then).
-    fn wait_started(&self, topo: &Topology) -> Result<()> {
+    /// Waits until `host`'s daemon has written its statistics (it is forwarding then).
+    fn wait_started(&self, host: &str) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(15);
-        for h in &topo.hosts {
-            while !self.stats_path(&h.name).exists() {
-                if Instant::now() > deadline || self.verified_pid(&h.name).is_none() {
-                    let tail = fs::read_to_string(self.log_path(&h.name)).unwrap_or_default();
-                    bail!(
-                        "vpcd for host {} did not start; its log says:\n{}",
-                        h.name,
-                        tail.trim_end()
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(50));
+        while !self.stats_path(host).exists() {
+            if Instant::now() > deadline || self.verified_pid(host).is_none() {
+                let tail = fs::read_to_string(self.log_path(host)).unwrap_or_default();
+                bail!(
+                    "vpcd for host {host} did not start; its log says:\n{}",
+                    tail.trim_end()
+                );
             }
+            std::thread::sleep(Duration::from_millis(50));
         }
         Ok(())
     }
@@ -285,4 +325,26 @@ impl Lab {
         }
         Ok(removed)
     }
+}
+
+/// Stops process `pid` (SIGTERM, SIGKILL after 5 s) while `ours(pid)` says it is the process
+/// meant (a pid reused meanwhile is never signalled); fails when it survives SIGKILL.
+fn stop_pid(pid: u32, ours: impl Fn(u32) -> bool) -> Result<()> {
+    for (signal, wait) in [(Signal::SIGTERM, 5000), (Signal::SIGKILL, 2000)] {
+        if !ours(pid) {
+            return Ok(());
+        }
+        match kill(Pid::from_raw(pid as i32), signal) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+            Err(e) => bail!("cannot stop process {pid} ({signal}): {e}"),
+        }
+        let deadline = Instant::now() + Duration::from_millis(wait);
+        while ours(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    if ours(pid) {
+        bail!("process {pid} survived SIGKILL");
+    }
+    Ok(())
 }

@@ -6,7 +6,8 @@
 
 use std::fs::{self, File};
 use std::net::Ipv4Addr;
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -91,19 +92,34 @@ impl Lab {
         .to_vec()
     }
 
+    /// `vpcd ARGS...` (this executable) in the lab's underlay namespace, where the store is.
+    fn vpcd_in_underlay(&self, args: &[&std::ffi::OsStr]) -> Result<Output> {
+        let me = std::env::current_exe().context("this executable")?;
+        Ok(Command::new("ip")
+            .args(["netns", "exec", &self.underlay_ns()])
+            .arg(&me)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()?)
+    }
+
+    /// `vpcd apply FILE --store URL` from the underlay namespace: apply's own output.
+    fn apply_path(&self, file: &Path) -> Result<Output> {
+        let url = self.store_url();
+        self.vpcd_in_underlay(&[
+            "apply".as_ref(),
+            file.as_os_str(),
+            "--store".as_ref(),
+            url.as_ref(),
+        ])
+    }
+
     /// `vpcd apply` of the lab's topology from the underlay namespace, retried while etcd
     /// starts (at most 20 s).
     pub(super) fn apply_to_store(&self, log: &mut dyn FnMut(&str)) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
-        let me = std::env::current_exe().context("this executable")?;
         loop {
-            let o = Command::new("ip")
-                .args(["netns", "exec", &self.underlay_ns()])
-                .arg(&me)
-                .arg("apply")
-                .arg(self.topology_path())
-                .args(["--store", &self.store_url()])
-                .output()?;
+            let o = self.apply_path(&self.topology_path())?;
             if o.status.success() {
                 let first = String::from_utf8_lossy(&o.stdout);
                 log(&format!(
@@ -122,5 +138,72 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// `vpcd lab reload [FILE]` in a store lab: `vpcd apply` of `new` (its text and where it
+    /// came from; its namespaces prefixed as `up` does) or, without it, of the lab's topology
+    /// as it is, against the lab's store from its underlay namespace. Returns apply's output
+    /// (a refusal or a lost race: a failure, nothing written). Once applied, the lab's copy of
+    /// the topology and its lock become the store's (`vpcd get --out`), so that `lab exec`
+    /// and `lab check` know what the hosts run.
+    pub fn apply_to_lab_store(
+        &self,
+        new: Option<(&str, &str)>,
+        log: &mut dyn FnMut(&str),
+    ) -> Result<Output> {
+        let file = match new {
+            Some((text, source)) => {
+                Topology::parse(text, source)?;
+                let text = super::prefixed_topology(text, source, &self.prefix())?;
+                self.validate(&Topology::parse(&text, source)?, source)?;
+                let file = self
+                    .dir()
+                    .join(format!("apply-{}.toml", std::process::id()));
+                fs::write(&file, text)?;
+                Some(file)
+            }
+            None => None,
+        };
+        let o = self.apply_path(file.as_deref().unwrap_or(&self.topology_path()));
+        if let Some(f) = &file {
+            let _ = fs::remove_file(f);
+        }
+        let o = o?;
+        if o.status.success()
+            && let Err(e) = self.copy_from_store()
+        {
+            log(&format!(
+                "applied, but the lab's copy of the topology was not updated: {e:#}"
+            ));
+        }
+        Ok(o)
+    }
+
+    /// The store's topology and allocations (`vpcd get --out`) as the lab's copy of them.
+    fn copy_from_store(&self) -> Result<()> {
+        let got = self.dir().join(format!("got-{}.toml", std::process::id()));
+        let lock = crate::topology::lock_path(&got);
+        let url = self.store_url();
+        let o = self.vpcd_in_underlay(&[
+            "get".as_ref(),
+            "--store".as_ref(),
+            url.as_ref(),
+            "--out".as_ref(),
+            got.as_os_str(),
+        ])?;
+        let read = || -> Result<(String, String)> {
+            if !o.status.success() {
+                bail!(
+                    "vpcd get: {}",
+                    String::from_utf8_lossy(&o.stderr).trim_end()
+                );
+            }
+            Ok((fs::read_to_string(&got)?, fs::read_to_string(&lock)?))
+        };
+        let r = read();
+        let _ = fs::remove_file(&got);
+        let _ = fs::remove_file(&lock);
+        let (text, lock) = r?;
+        self.write_topology(&text, &lock)
     }
 }
