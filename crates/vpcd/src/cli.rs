@@ -698,10 +698,17 @@ fn status(lab: &Lab) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    let bad = health.iter().filter(|d| !d.ok()).count();
+    let mut bad = health.iter().filter(|d| !d.ok()).count();
+    if lab.follows_store() {
+        let o = lab.store_convergence()?;
+        outln!("== store {}", lab.store_url());
+        out!("{}", String::from_utf8_lossy(&o.stdout));
+        errln!("{}", String::from_utf8_lossy(&o.stderr).trim_end());
+        bad += usize::from(!o.status.success());
+    }
     if bad > 0 {
         errln!(
-            "vpcd lab: {bad} of {} daemons not running: `{}` and `{}` restart the lab",
+            "vpcd lab: {bad} of {} daemons not running (or the store not converged): `{}` and `{}` restart the lab",
             health.len(),
             lab.cmd("down"),
             lab.cmd("up")

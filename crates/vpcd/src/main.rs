@@ -55,6 +55,10 @@ enum Command {
         /// Write the topology to FILE and the allocations to its lock file instead.
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
+        /// Print each host's convergence instead: the revision its daemon applied and the
+        /// newest change to its share.
+        #[arg(long, conflicts_with = "out")]
+        hosts: bool,
     },
     /// Run one host's data plane: a TUN device per local instance, the underlay, the workers.
     Run(RunArgs),
@@ -311,7 +315,15 @@ fn main() -> ExitCode {
             store,
             dry_run,
         } => storecmd::apply(&file, store.opts(), dry_run),
-        Command::Get { store, json, out } => storecmd::get(store.opts(), json, out.as_deref()),
+        Command::Get {
+            store,
+            json,
+            hosts: true,
+            ..
+        } => storecmd::hosts(store.opts(), json),
+        Command::Get {
+            store, json, out, ..
+        } => storecmd::get(store.opts(), json, out.as_deref()),
         Command::Lab { command } => cli::lab(command),
         Command::Trace { file, what, json } => cli::trace(&file, what.args(), json),
         Command::Ctl {

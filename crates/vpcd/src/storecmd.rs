@@ -56,9 +56,23 @@ pub fn get(store: Option<StoreOpts>, json: bool, out: Option<&Path>) -> ExitCode
     imp::get(&store, json, out)
 }
 
+/// `vpcd get --store URL --hosts [--json]`.
+pub fn hosts(store: Option<StoreOpts>, json: bool) -> ExitCode {
+    let Some(store) = store else {
+        errln!("vpcd get: say where the store is: --store URL (or VPCD_STORE)");
+        return ExitCode::from(2);
+    };
+    imp::hosts(&store, json)
+}
+
 #[cfg(not(feature = "store"))]
 mod imp {
     use super::*;
+
+    pub fn hosts(_: &StoreOpts, _: bool) -> ExitCode {
+        errln!("vpcd get: {NO_STORE}");
+        ExitCode::from(2)
+    }
 
     pub fn apply(
         _: &str,
@@ -147,6 +161,56 @@ mod imp {
             outln!("  {line}");
         }
         Ok(ExitCode::SUCCESS)
+    }
+
+    /// Each host: the revision its daemon applied, the newest change to its share, and
+    /// whether it is current; then whether the region has converged. Exit 1 when not.
+    pub fn hosts(o: &StoreOpts, json: bool) -> ExitCode {
+        let got = runtime().map_err(anyhow::Error::from).and_then(|rt| {
+            rt.block_on(async { store::convergence(&store::connect(o).await?).await })
+        });
+        let (hosts, generation) = match got {
+            Ok(g) => g,
+            Err(e) => {
+                errln!("vpcd get: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let converged = hosts.iter().all(|h| h.current());
+        if json {
+            let list: Vec<serde_json::Value> = hosts
+                .iter()
+                .map(|h| serde_json::json!({"host": h.host, "applied": h.applied, "needs": h.needs, "current": h.current()}))
+                .collect();
+            let v = serde_json::json!({"generation": generation, "converged": converged, "hosts": list});
+            outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        } else {
+            outln!("generation {generation}");
+            for h in &hosts {
+                let applied = h.applied.map_or("-".to_string(), |a| a.to_string());
+                let state = if h.current() { "current" } else { "behind" };
+                outln!(
+                    "  {:<16} applied {applied:>8}  share changed at {:>8}  {state}",
+                    h.host,
+                    h.needs
+                );
+            }
+            let n = hosts.iter().filter(|h| h.current()).count();
+            outln!(
+                "{}: {n} of {} hosts current",
+                if converged {
+                    "converged"
+                } else {
+                    "not converged"
+                },
+                hosts.len()
+            );
+        }
+        if converged {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
     }
 
     pub fn get(o: &StoreOpts, json: bool, out: Option<&Path>) -> ExitCode {

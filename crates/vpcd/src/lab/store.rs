@@ -93,6 +93,14 @@ impl Lab {
     }
 
     /// `vpcd ARGS...` (this executable) in the lab's underlay namespace, where the store is.
+    /// `vpcd get --hosts` against the lab's store: each host's convergence (`lab status`).
+    pub fn store_convergence(&self) -> Result<Output> {
+        let url = self.store_url();
+        let args = ["get", "--hosts", "--store", url.as_str()];
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+        self.vpcd_in_underlay(&args)
+    }
+
     fn vpcd_in_underlay(&self, args: &[&std::ffi::OsStr]) -> Result<Output> {
         let me = std::env::current_exe().context("this executable")?;
         Ok(Command::new("ip")
