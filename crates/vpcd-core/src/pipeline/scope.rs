@@ -3,8 +3,11 @@
 //! A cached decision was taken in the address space (a VPC, the basic network) its origin
 //! names: a local sender's, a remote sender's, the space the internet gateway relayed a
 //! packet into, or for a packet from the internet's device the space of the Elastic IP's
-//! owner and the Elastic IPs themselves (the "internet" space). Each flow-cache entry records
-//! those spaces ([`Deps`], space indexes of the topology it was taken in).
+//! owner. A decision for a public destination, or from the internet's device, also read the
+//! Elastic IPs (the "internet" space: each address with its owner, the owner's space, address
+//! and host, and the internet channels' keys), since the gateway relays a packet for an
+//! Elastic IP back in. Each flow-cache entry records those spaces ([`Deps`], space indexes
+//! of the topology it was taken in).
 //!
 //! A decision reads more than its own space: the spaces its space is linked to (peerings,
 //! interconnects, a route to an instance elsewhere), which with it form its *component*. On a
@@ -23,7 +26,7 @@ use std::net::Ipv4Addr;
 
 use hashbrown::HashMap;
 
-use super::decide::Origin;
+use super::decide::{Origin, is_public};
 use super::flow::{FROM_INTERNET, FROM_UNDERLAY, FlowKey, Hit};
 use super::{Decision, Dropped, RuleRef};
 use crate::policy::route::NextHop;
@@ -51,16 +54,24 @@ fn internet_index(topo: &Topology) -> u32 {
 }
 
 impl Deps {
-    /// The spaces a decision for a packet from `origin` to `dst` depends on.
+    /// The spaces a decision for a packet from `origin` to `dst` depends on: the origin's,
+    /// and for a public destination (which may be an Elastic IP, the gateway relaying it back
+    /// in) the internet's.
     pub fn of(topo: &Topology, origin: Origin, dst: Ipv4Addr) -> Deps {
         let of = |id: InstanceId| space_index(topo, topo.instance(id).space());
+        let public = is_public(dst) || topo.eip_owner(dst).is_some();
+        let internet = if public {
+            internet_index(topo)
+        } else {
+            NO_SPACE
+        };
         match origin {
             Origin::Local { id, .. } | Origin::Remote { source: id, .. } => {
-                Deps([of(id), NO_SPACE])
+                Deps([of(id), internet])
             }
             Origin::Internet {
                 relayed: Some((_, space)),
-            } => Deps([space_index(topo, space), NO_SPACE]),
+            } => Deps([space_index(topo, space), internet]),
             Origin::Internet { relayed: None } => {
                 let owner = topo.eip_owner(dst).map_or(NO_SPACE, of);
                 Deps([internet_index(topo), owner])
@@ -256,7 +267,8 @@ impl<'t> Lines<'t> {
                 self.group(space, g);
             }
             if let Some(eip) = i.eip {
-                let line = format!("eip {eip} {}", i.name);
+                let (host, space) = (&t.host(i.host).name, self.space_name(i.space()));
+                let line = format!("eip {eip} {} {space} {} host {host}", i.name, i.ip);
                 self.push(internet_index(t), line);
             }
         }
@@ -308,7 +320,7 @@ fn channel_spaces(t: &Topology, c: crate::topology::Channel) -> Vec<u32> {
         Channel::Vpc(v) => vec![v.0],
         Channel::Peering { peering, .. } => t.peerings[peering.index()].vpcs.map(|v| v.0).to_vec(),
         Channel::Interconnect { vpc, .. } => vec![vpc.0, basic],
-        Channel::Internet { space, .. } => vec![space_index(t, space)],
+        Channel::Internet { space, .. } => vec![space_index(t, space), internet_index(t)],
         Channel::Appliance(x) => vec![space_index(t, t.instance(x).space())],
         Channel::Basic => vec![basic],
     }
