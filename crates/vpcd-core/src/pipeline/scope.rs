@@ -33,12 +33,16 @@ use crate::policy::route::NextHop;
 use crate::policy::rules::{Peer, Rule};
 use crate::topology::{AclId, HostId, InstanceId, SgId, Space, Topology};
 
-/// No space (the second slot of [`Deps`] when one space is enough).
-pub(super) const NO_SPACE: u32 = u32::MAX;
+/// No space (a packet from the internet for an address no instance owns).
+pub(super) const NO_SPACE: u32 = ELASTIC_IPS - 1;
+/// The bit of [`Deps`] that says the decision read the Elastic IPs.
+const ELASTIC_IPS: u32 = 1 << 31;
 
-/// The spaces a cached decision depended on: indexes of [`space_index`], or [`NO_SPACE`].
+/// The spaces a cached decision depended on, in one word (it fits the padding of a cache
+/// slot): a space index of [`space_index`] (or [`NO_SPACE`]), and [`ELASTIC_IPS`] when it
+/// also read the Elastic IPs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Deps(pub [u32; 2]);
+pub(super) struct Deps(u32);
 
 /// The index of a space: a VPC's id, then the basic network, then the internet (its Elastic
 /// IPs).
@@ -54,29 +58,21 @@ fn internet_index(topo: &Topology) -> u32 {
 }
 
 impl Deps {
-    /// The spaces a decision for a packet from `origin` to `dst` depends on: the origin's,
-    /// and for a public destination (which may be an Elastic IP, the gateway relaying it back
-    /// in) the internet's.
+    /// The spaces a decision for a packet from `origin` to `dst` depends on: the origin's
+    /// (for a packet from the internet's device, the Elastic IP owner's), and for a public
+    /// destination (which may be an Elastic IP, the gateway relaying it back in) or a packet
+    /// from the internet's device, the Elastic IPs.
     pub fn of(topo: &Topology, origin: Origin, dst: Ipv4Addr) -> Deps {
         let of = |id: InstanceId| space_index(topo, topo.instance(id).space());
         let public = is_public(dst) || topo.eip_owner(dst).is_some();
-        let internet = if public {
-            internet_index(topo)
-        } else {
-            NO_SPACE
-        };
-        match origin {
-            Origin::Local { id, .. } | Origin::Remote { source: id, .. } => {
-                Deps([of(id), internet])
-            }
+        let (space, eips) = match origin {
+            Origin::Local { id, .. } | Origin::Remote { source: id, .. } => (of(id), public),
             Origin::Internet {
                 relayed: Some((_, space)),
-            } => Deps([space_index(topo, space), internet]),
-            Origin::Internet { relayed: None } => {
-                let owner = topo.eip_owner(dst).map_or(NO_SPACE, of);
-                Deps([internet_index(topo), owner])
-            }
-        }
+            } => (space_index(topo, space), public),
+            Origin::Internet { relayed: None } => (topo.eip_owner(dst).map_or(NO_SPACE, of), true),
+        };
+        Deps(space | if eips { ELASTIC_IPS } else { 0 })
     }
 }
 
@@ -379,6 +375,8 @@ impl Prints {
 #[derive(Debug)]
 pub(super) struct Carry {
     space: Vec<u32>,
+    /// The Elastic IPs are kept.
+    eips: bool,
     instance: Vec<u32>,
     host: Vec<u32>,
     acl: Vec<u32>,
@@ -411,7 +409,7 @@ impl Carry {
             .filter(|&s| !same(s))
             .map(|s| a.component[s])
             .collect();
-        let space = (0..a.prints.len())
+        let space: Vec<u32> = (0..a.prints.len())
             .map(|s| match dirty.contains(&a.component[s]) {
                 true => u32::MAX,
                 false => renamed[s],
@@ -422,8 +420,10 @@ impl Carry {
                 .map(|x| format!("{}/{}", t.vpc(x.vpc).name, x.name))
                 .collect()
         };
+        let eips = Carry::map(&space, internet_index(old)).is_some();
         Some(Carry {
             space,
+            eips,
             instance: by_name(
                 old.instances.iter().map(|i| i.name.clone()),
                 new.instances.iter().map(|i| i.name.clone()),
@@ -446,11 +446,14 @@ impl Carry {
 
     /// The entry's spaces in the new topology, if all of them are kept.
     pub fn deps(&self, d: Deps) -> Option<Deps> {
-        let one = |s: u32| match s {
-            NO_SPACE => Some(NO_SPACE),
-            s => Carry::map(&self.space, s),
+        if d.0 & ELASTIC_IPS != 0 && !self.eips {
+            return None;
+        }
+        let space = match d.0 & !ELASTIC_IPS {
+            NO_SPACE => NO_SPACE,
+            s => Carry::map(&self.space, s)?,
         };
-        Some(Deps([one(d.0[0])?, one(d.0[1])?]))
+        Some(Deps(space | (d.0 & ELASTIC_IPS)))
     }
 
     fn instance(&self, id: InstanceId) -> Option<InstanceId> {
