@@ -163,7 +163,7 @@ fn add_instance(b: &mut Vec<String>, a: usize, n: usize) -> bool {
         .collect();
     let mut block = new.join("\n");
     block = block.replacen("[[instance]]", "[[instance]]\nname = \"added\"", 1);
-    let place = if n % 2 == 0 { at[0] } else { b.len() };
+    let place = if n.is_multiple_of(2) { at[0] } else { b.len() };
     b.insert(place, block);
     true
 }
@@ -173,54 +173,64 @@ fn add_instance(b: &mut Vec<String>, a: usize, n: usize) -> bool {
 fn edit(text: &str, kind: usize, a: usize, n: usize) -> Option<(String, &'static str)> {
     let mut b = blocks(text);
     let name = match kind % 20 {
-        0 => permute(&mut b, "[[instance]]", a).then_some("reorder instances"),
-        1 => permute(&mut b, "[[security_group]]", a).then_some("reorder security groups"),
-        2 => permute(&mut b, "[[host]]", a).then_some("reorder hosts"),
-        3 => permute(&mut b, "[[vpc]]", a).then_some("reorder VPCs"),
+        k @ 0..=8 => edit_order_or_rule(&mut b, k, a, n)?,
+        k => edit_item(&mut b, k, a, n)?,
+    };
+    Some((b.join("\n\n"), name))
+}
+
+/// Edits 0 to 8: items reordered, a rule flipped or added.
+fn edit_order_or_rule(b: &mut [String], kind: usize, a: usize, n: usize) -> Option<&'static str> {
+    match kind {
+        0 => permute(b, "[[instance]]", a).then_some("reorder instances"),
+        1 => permute(b, "[[security_group]]", a).then_some("reorder security groups"),
+        2 => permute(b, "[[host]]", a).then_some("reorder hosts"),
+        3 => permute(b, "[[vpc]]", a).then_some("reorder VPCs"),
         4 => {
-            let s = permute(&mut b, "[[subnet]]", a);
-            let r = permute(&mut b, "[[route_table]]", n);
+            let s = permute(b, "[[subnet]]", a);
+            let r = permute(b, "[[route_table]]", n);
             (s || r).then_some("reorder subnets and route tables")
         }
-        5 => edit_line(&mut b, "[[acl]]", (a, n), |l| l.contains("action = "), flip)
+        5 => edit_line(b, "[[acl]]", (a, n), |l| l.contains("action = "), flip)
             .then_some("flip an ACL rule"),
         6 => edit_line(
-            &mut b,
+            b,
             "[[security_group]]",
             (a, n),
             |l| l.contains("action = "),
             flip,
         )
         .then_some("flip a security-group rule"),
-        7 => add_rule(&mut b, "[[acl]]", "cidr", a, n).then_some("add an ACL rule"),
-        8 => add_rule(&mut b, "[[security_group]]", "source", a, n)
-            .then_some("add a security-group rule"),
+        7 => add_rule(b, "[[acl]]", "cidr", a, n).then_some("add an ACL rule"),
+        8 => {
+            add_rule(b, "[[security_group]]", "source", a, n).then_some("add a security-group rule")
+        }
+        _ => None,
+    }
+}
+
+/// Edits 9 to 14: an instance removed, added, moved or regrouped, a route or a peering added.
+fn edit_item(b: &mut Vec<String>, kind: usize, a: usize, n: usize) -> Option<&'static str> {
+    match kind {
         9 => {
-            let at = of_kind(&b, "[[instance]]");
+            let at = of_kind(b, "[[instance]]");
             (!at.is_empty()).then(|| b.remove(at[a % at.len()]));
             (!at.is_empty()).then_some("remove an instance")
         }
-        10 => add_instance(&mut b, a, n).then_some("add an instance"),
+        10 => add_instance(b, a, n).then_some("add an instance"),
         11 => {
-            let hosts = names(&b, "[[host]]");
+            let hosts = names(b, "[[host]]");
             let h = hosts[n % hosts.len()].clone();
             let to = move |_: &str| Some(format!("host = \"{h}\""));
-            edit_line(
-                &mut b,
-                "[[instance]]",
-                (a, 0),
-                |l| l.starts_with("host = "),
-                to,
-            )
-            .then_some("move an instance")
+            edit_line(b, "[[instance]]", (a, 0), |l| l.starts_with("host = "), to)
+                .then_some("move an instance")
         }
         12 => {
-            let sgs = names(&b, "[[security_group]]");
+            let sgs = names(b, "[[security_group]]");
             let g = sgs.get(n % sgs.len().max(1)).cloned()?;
             let to = move |_: &str| Some(format!("security_groups = [\"{g}\"]"));
             let pick = |l: &str| l.starts_with("security_groups = ");
-            edit_line(&mut b, "[[instance]]", (a, 0), pick, to)
-                .then_some("change an instance's groups")
+            edit_line(b, "[[instance]]", (a, 0), pick, to).then_some("change an instance's groups")
         }
         13 => {
             let dest = [
@@ -233,7 +243,7 @@ fn edit(text: &str, kind: usize, a: usize, n: usize) -> Option<(String, &'static
             let route = format!("  {{ destination = \"{dest}\", next_hop = \"{hop}\" }},");
             let to = move |l: &str| Some(format!("{l}\n{route}"));
             edit_line(
-                &mut b,
+                b,
                 "[[route_table]]",
                 (a, 0),
                 |l| l.starts_with("routes = ["),
@@ -242,7 +252,7 @@ fn edit(text: &str, kind: usize, a: usize, n: usize) -> Option<(String, &'static
             .then_some("add a route")
         }
         14 => {
-            let vpcs = names(&b, "[[vpc]]");
+            let vpcs = names(b, "[[vpc]]");
             if vpcs.len() < 2 {
                 return None;
             }
@@ -254,8 +264,16 @@ fn edit(text: &str, kind: usize, a: usize, n: usize) -> Option<(String, &'static
             b.insert(b.len() - 1, p);
             Some("add a peering")
         }
+        k => edit_setting(b, k, a, n),
+    }
+}
+
+/// Edits 15 to 19: an Elastic IP or a subnet's ACL removed, a key or a global setting
+/// changed, nothing.
+fn edit_setting(b: &mut [String], kind: usize, a: usize, n: usize) -> Option<&'static str> {
+    match kind {
         15 => edit_line(
-            &mut b,
+            b,
             "[[instance]]",
             (a, 0),
             |l| l.starts_with("eip = "),
@@ -263,7 +281,7 @@ fn edit(text: &str, kind: usize, a: usize, n: usize) -> Option<(String, &'static
         )
         .then_some("remove an Elastic IP"),
         16 => edit_line(
-            &mut b,
+            b,
             "[[subnet]]",
             (a, 0),
             |l| l.starts_with("acl = "),
@@ -275,14 +293,14 @@ fn edit(text: &str, kind: usize, a: usize, n: usize) -> Option<(String, &'static
                 let k: u64 = l.trim_start_matches("key = ").parse().ok()?;
                 Some(format!("key = {}", k + 1 + (n % 3) as u64))
             };
-            edit_line(&mut b, "[[vpc]]", (a, 0), |l| l.starts_with("key = "), to)
+            edit_line(b, "[[vpc]]", (a, 0), |l| l.starts_with("key = "), to)
                 .then_some("change a VPC's key")
         }
         18 => {
             let to = |l: &str| Some(l.replace("true", "FALSE").replace("false", "true"));
             let to = move |l: &str| to(l).map(|x| x.replace("FALSE", "false"));
             edit_line(
-                &mut b,
+                b,
                 "[underlay]",
                 (0, 0),
                 |l| l.starts_with("checksum = "),
@@ -291,8 +309,7 @@ fn edit(text: &str, kind: usize, a: usize, n: usize) -> Option<(String, &'static
             .then_some("change a global setting")
         }
         _ => Some("nothing"),
-    }?;
-    Some((b.join("\n\n"), name))
+    }
 }
 
 /// One case's two phases and edit.

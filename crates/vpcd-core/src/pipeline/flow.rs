@@ -116,6 +116,10 @@ struct Slot {
     deps: Deps,
 }
 
+// What an entry records of the spaces its decision depended on fits the slot's padding: a
+// slot is as large as it was without it.
+const _: () = assert!(std::mem::size_of::<Option<Slot>>() == 136);
+
 /// The cache.
 pub struct FlowCache {
     slots: Box<[Option<Slot>]>,

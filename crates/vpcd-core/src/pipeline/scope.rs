@@ -384,7 +384,7 @@ pub(super) struct Carry {
 }
 
 /// Old index to new of items named by `old_names` and `new_names`.
-fn by_name<'a>(
+fn by_name(
     old_names: impl Iterator<Item = String>,
     new_names: impl Iterator<Item = String>,
 ) -> Vec<u32> {
