@@ -24,7 +24,7 @@
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
-use hashbrown::HashMap;
+use hashbrown::{HashMap, HashSet};
 
 use super::decide::{Origin, is_public};
 use super::flow::{FROM_INTERNET, FROM_UNDERLAY, FlowKey, Hit};
@@ -91,6 +91,10 @@ struct Lines<'t> {
     lines: Vec<Vec<String>>,
     /// Union-find parents, by space index.
     parent: Vec<u32>,
+    /// The groups already described in a space: (space, group).
+    described: HashSet<(u32, u32)>,
+    /// Each group's members line, once made.
+    members: HashMap<u32, String>,
 }
 
 impl<'t> Lines<'t> {
@@ -135,24 +139,37 @@ impl<'t> Lines<'t> {
 
     /// The members of every group an `sg:` peer of `rules` names, wherever they are.
     fn members_of(&mut self, space: u32, rules: &[Rule]) {
-        let t = self.topo;
         for r in rules {
             if let Peer::Group(g) = r.peer {
-                let mut m: Vec<String> = (t.instances.iter())
-                    .filter(|i| i.security_groups.contains(&g))
-                    .map(|i| format!("{} {} {}", self.space_name(i.space()), i.name, i.ip))
-                    .collect();
-                m.sort();
-                let name = &t.security_groups[g.index()].name;
-                let line = format!("members sg:{name} = {}", m.join(", "));
+                let line = match self.members.get(&g.0) {
+                    Some(line) => line.clone(),
+                    None => self.members_line(g),
+                };
                 self.push(space, line);
             }
         }
     }
 
+    /// The line of group `g`'s members (made once per topology).
+    fn members_line(&mut self, g: SgId) -> String {
+        let t = self.topo;
+        let mut m: Vec<String> = (t.instances.iter())
+            .filter(|i| i.security_groups.contains(&g))
+            .map(|i| format!("{} {} {}", self.space_name(i.space()), i.name, i.ip))
+            .collect();
+        m.sort();
+        let name = &t.security_groups[g.index()].name;
+        let line = format!("members sg:{name} = {}", m.join(", "));
+        self.members.insert(g.0, line.clone());
+        line
+    }
+
     /// A security group an instance of `space` is in: its rules, and the members of the
-    /// groups they name.
+    /// groups they name (once per space).
     fn group(&mut self, space: u32, g: SgId) {
+        if !self.described.insert((space, g.0)) {
+            return;
+        }
         let t = self.topo;
         let sg = &t.security_groups[g.index()];
         let line = format!(
@@ -174,6 +191,8 @@ impl<'t> Lines<'t> {
             topo,
             lines: vec![Vec::new(); n],
             parent: (0..n as u32).collect(),
+            described: HashSet::new(),
+            members: HashMap::new(),
         }
     }
 
