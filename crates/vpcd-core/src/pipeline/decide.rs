@@ -5,6 +5,7 @@
 use std::net::Ipv4Addr;
 
 use super::flow::{FROM_INTERNET, FROM_UNDERLAY, FlowKey, Hit};
+use super::scope::Deps;
 use super::trace::{self, Stage};
 use super::{Decision, Dropped, HostView, RuleRef, State};
 use crate::policy::conntrack::{ConnRef, Endpoint, Zone};
@@ -184,7 +185,8 @@ impl Decider<'_> {
                 ingress_src: out.sources[1],
                 receiver,
             };
-            state.flows.insert(key, generation, hit);
+            let deps = Deps::of(self.topo, origin, ip.dst);
+            state.flows.insert(key, generation, deps, hit);
         }
         if ip.fragment == Fragment::First && out.decision.forwards() {
             self.state

@@ -2,13 +2,20 @@
 //! decision.
 //!
 //! A 2-way set-associative table of fixed size, indexed by a seeded hash of the flow
-//! key: bounded memory, no allocation per packet, no eviction logic. A topology change bumps
-//! the generation and so invalidates every entry at once. The key holds every field the
-//! decision read, so two packets that differ in any of them never share a decision.
+//! key: bounded memory, no allocation per packet, no eviction logic. The key holds every field
+//! the decision read, so two packets that differ in any of them never share a decision.
+//!
+//! An entry is valid in the topology generation it is tagged with: a hit is one key compare
+//! and one generation compare. A topology change bumps the generation; the entries whose
+//! decision it cannot affect are carried into the new one ([`FlowCache::carry`]), ids
+//! renumbered, before the first packet: each entry records the address spaces its decision
+//! depended on ([`Deps`]), and only the entries of the spaces the change touched are left
+//! behind (the rule is [`super::scope`]'s).
 
 use std::hash::{BuildHasher, Hash};
 
 use super::Decision;
+use super::scope::Deps;
 use crate::policy::conntrack::{ConnRef, Endpoint};
 use crate::topology::InstanceId;
 use crate::wire::ipv4::{Ipv4Packet, L4};
@@ -104,7 +111,14 @@ struct Slot {
     generation: u64,
     hit: Hit,
     stamp: u32,
+    /// The spaces the decision depended on (what a topology change must leave untouched for
+    /// the entry to be carried).
+    deps: Deps,
 }
+
+// What an entry records of the spaces its decision depended on fits the slot's padding: a
+// slot is as large as it was without it.
+const _: () = assert!(std::mem::size_of::<Option<Slot>>() == 136);
 
 /// The cache.
 pub struct FlowCache {
@@ -175,8 +189,28 @@ impl FlowCache {
             .next()
     }
 
-    /// Caches a decision, replacing the least recently used entry of the set.
-    pub fn insert(&mut self, key: FlowKey, generation: u64, mut hit: Hit) {
+    /// Caches a decision that depended on the spaces `deps`, replacing the least recently
+    /// used entry of the set.
+    pub fn insert(&mut self, key: FlowKey, generation: u64, deps: Deps, mut hit: Hit) {
+        self.clock = self.clock.wrapping_add(1);
+        // One connection serving both sides is updated once per packet.
+        if hit.conns[0].is_some() && hit.conns[0] == hit.conns[1] {
+            hit.conns[1] = None;
+        }
+        let stamp = self.clock;
+        self.place(Slot {
+            key,
+            generation,
+            hit,
+            stamp,
+            deps,
+        });
+    }
+
+    /// Puts `slot` in its set: over the entry of the same key, in a free slot, or over the
+    /// entry of another generation or else the least recently used one.
+    fn place(&mut self, slot: Slot) {
+        let (key, generation) = (slot.key, slot.generation);
         let i = self.set(&key);
         let pair = &mut self.slots[i..i + 2];
         let victim = match (&pair[0], &pair[1]) {
@@ -194,17 +228,50 @@ impl FlowCache {
                 }
             }
         };
-        self.clock = self.clock.wrapping_add(1);
-        // One connection serving both sides is updated once per packet.
-        if hit.conns[0].is_some() && hit.conns[0] == hit.conns[1] {
-            hit.conns[1] = None;
+        pair[victim] = Some(slot);
+    }
+
+    /// Carries the entries of generation `from` into generation `to` (a topology change):
+    /// `carry` says what each entry's key, spaces and hit become in the new topology (ids
+    /// renumbered), or `None` to leave it behind. An entry whose key is unchanged stays in
+    /// its slot; the others are placed again, oldest first. Returns how many were carried.
+    pub fn carry(
+        &mut self,
+        from: u64,
+        to: u64,
+        mut carry: impl FnMut(FlowKey, Deps, Hit) -> Option<(FlowKey, Deps, Hit)>,
+    ) -> usize {
+        let mut moved = Vec::new();
+        for s in self.slots.iter_mut() {
+            let Some(old) = s.take_if(|x| x.generation == from) else {
+                continue;
+            };
+            let Some((key, deps, hit)) = carry(old.key, old.deps, old.hit) else {
+                continue;
+            };
+            let new = Slot {
+                key,
+                generation: to,
+                hit,
+                stamp: old.stamp,
+                deps,
+            };
+            if key == old.key {
+                *s = Some(new);
+            } else {
+                moved.push(new);
+            }
         }
-        pair[victim] = Some(Slot {
-            key,
-            generation,
-            hit,
-            stamp: self.clock,
-        });
+        let clock = self.clock;
+        moved.sort_by_key(|s| std::cmp::Reverse(clock.wrapping_sub(s.stamp)));
+        for s in moved {
+            self.place(s);
+        }
+        self.slots
+            .iter()
+            .flatten()
+            .filter(|s| s.generation == to)
+            .count()
     }
 
     /// The hits cached in `generation`.

@@ -44,6 +44,7 @@ mod frag;
 mod plan;
 mod related;
 mod route;
+mod scope;
 pub mod trace;
 
 pub use crate::wire::nat::Nat;
@@ -411,21 +412,40 @@ impl Pipeline {
         (self.seed ^ (self.seed >> 32)) as u32
     }
 
-    /// Installs a new topology: a new generation, so every cached decision is retaken.
-    /// Tracked connections survive (docs/semantics.md 2.9: rules take effect for new traffic),
-    /// except those of a port (a local instance) that left this host or its address space.
-    /// New connection-table bounds and flow-cache size apply at once.
+    /// Installs a new topology, in a new generation. A change invalidates only what it can
+    /// affect: the cached decisions of the address spaces it leaves untouched are carried into
+    /// the new generation, their ids renumbered by name, and the others are retaken (every one
+    /// when something global changed: [`scope`], docs/control-plane.md "What a change
+    /// invalidates"). The later fragments of datagrams in flight are dropped (the table of
+    /// first fragments' decisions is not carried). Tracked connections survive
+    /// (docs/semantics.md 2.9: rules take effect for new traffic), except those of a port (a
+    /// local instance) that left this host or its address space. New connection-table bounds
+    /// and flow-cache size apply at once.
     pub fn set_topology(&mut self, topo: Arc<Topology>) {
         let host_name = &self.topo.host(self.view.host).name;
         let host = topo.host_named(host_name).unwrap_or(self.view.host);
+        self.forget_connections(&topo, host);
+        let (entries, per_owner) = shard_limits(&topo, self.shards);
+        self.state.conntrack.set_limits(entries, per_owner);
+        let generation = self.view.generation + 1;
+        self.carry_decisions(&topo, generation);
+        self.view = HostView::new(&topo, host, generation);
+        self.renumber_counters(&topo);
+        self.state.counters.forget_rules();
+        self.topo = topo;
+    }
+
+    /// Removes the connections of ports that left `host` (`host` in `topo`) and of addresses
+    /// that stop being the same instance's.
+    fn forget_connections(&mut self, topo: &Topology, host: HostId) {
         let before = local_ports(&self.topo, self.view.host);
         let after = if host.index() < topo.hosts.len() {
-            local_ports(&topo, host)
+            local_ports(topo, host)
         } else {
             HashSet::new()
         };
         let ports_gone: HashSet<Owner> = before.difference(&after).copied().collect();
-        let renamed = changed_addresses(&self.topo, &topo);
+        let renamed = changed_addresses(&self.topo, topo);
         if !ports_gone.is_empty() || !renamed.is_empty() {
             self.state.conntrack.remove_if(|c| {
                 ports_gone.contains(&c.key.port)
@@ -433,13 +453,26 @@ impl Pipeline {
                     || renamed.contains(&c.key.high.owner())
             });
         }
-        let (entries, per_owner) = shard_limits(&topo, self.shards);
-        self.state.conntrack.set_limits(entries, per_owner);
+    }
+
+    /// Carries the cached decisions `topo` cannot affect into `generation`; returns how many.
+    /// A new flow-cache size starts an empty cache.
+    fn carry_decisions(&mut self, topo: &Topology, generation: u64) -> usize {
         if topo.conntrack.flow_cache != self.topo.conntrack.flow_cache {
             self.state.flows = FlowCache::new(topo.conntrack.flow_cache as usize, self.seed);
+            return 0;
         }
-        self.view = HostView::new(&topo, host, self.view.generation + 1);
-        // Counters follow instances by name: ids move when the file's order changes.
+        let Some(carry) = scope::Carry::between(&self.topo, topo) else {
+            return 0;
+        };
+        let from = self.view.generation;
+        self.state.flows.carry(from, generation, |key, deps, hit| {
+            Some((carry.key(key)?, carry.deps(deps)?, carry.hit(hit)?))
+        })
+    }
+
+    /// Counters follow instances by name: ids move when the file's order changes.
+    fn renumber_counters(&mut self, topo: &Topology) {
         let by_name: HashMap<&str, usize> = topo
             .instances
             .iter()
@@ -450,9 +483,18 @@ impl Pipeline {
         self.state.counters.renumber(topo.instances.len(), |i| {
             by_name.get(old.instances[i].name.as_str()).copied()
         });
-        drop(by_name);
-        self.state.counters.forget_rules();
-        self.topo = topo;
+    }
+
+    /// The cached decisions valid in this generation (the flow cache's live entries).
+    pub fn cached_decisions(&self) -> usize {
+        self.state.flows.hits(self.view.generation).count()
+    }
+
+    /// Forgets every cached decision, so that every flow's next packet takes the full path
+    /// (what a topology change did before it kept what it cannot affect; a measure's
+    /// baseline).
+    pub fn forget_cached_decisions(&mut self) -> usize {
+        self.state.flows.forget(|_| true)
     }
 
     /// Expires old connections; call about once a second.
