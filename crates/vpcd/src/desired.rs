@@ -95,6 +95,8 @@ pub struct FollowFrom {
     pub last: i64,
     /// The scopes of the share read.
     pub scopes: std::collections::BTreeSet<String>,
+    /// The share's items as read (a change re-reads only the scopes it touched).
+    pub keys: BTreeMap<String, String>,
 }
 
 /// What an apply would write, and why.

@@ -43,6 +43,7 @@ impl Read {
             next: self.revision + 1,
             last: self.stored.as_ref().map_or(0, |s| s.revision),
             scopes: self.scopes.clone(),
+            keys: self.stored.as_ref().map(|s| s.keys.clone()).unwrap_or_default(),
         }
     }
 }

@@ -1,12 +1,12 @@
 //! A daemon's side: its share read once at start, then followed.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Context, Result, anyhow};
 use etcd_client::{Client, WatchOptions, WatchStream};
 use tokio::sync::mpsc;
 
-use super::{Backoff, MAX_MESSAGE, Read, connect, read_share};
+use super::{Backoff, MAX_MESSAGE, Read, connect, range, read_share};
 use crate::desired::{FollowFrom, StoreOpts, Stored};
 use crate::layout;
 
@@ -40,6 +40,7 @@ pub async fn follow(o: StoreOpts, host: String, from: FollowFrom, tx: mpsc::Send
         next: from.next,
         last: from.last,
         scopes: from.scopes,
+        keys: from.keys,
         o,
         host,
         tx,
@@ -63,6 +64,8 @@ struct Follower {
     last: i64,
     /// The scopes watched.
     scopes: BTreeSet<String>,
+    /// The share's items as last read.
+    keys: BTreeMap<String, String>,
     tx: mpsc::Sender<Stored>,
 }
 
@@ -85,16 +88,24 @@ impl Follower {
                 let r = read_share(&c, &self.host, 0).await?;
                 return self.take(r).await.map(|()| Session::Restart);
             }
-            let at = m
-                .events()
-                .iter()
-                .filter_map(|e| e.kv())
-                .map(|kv| kv.mod_revision())
-                .max();
+            let kvs: Vec<_> = m.events().iter().filter_map(|e| e.kv()).collect();
+            let at = kvs.iter().map(|kv| kv.mod_revision()).max();
             let Some(at) = at.filter(|at| *at >= self.next) else {
                 continue;
             };
-            let r = read_share(&c, &self.host, at).await?;
+            // Only scopes' marks moved: read those scopes again. Else the share itself
+            // changed: read it whole, and watch its new scopes.
+            let marks: Option<BTreeSet<String>> = kvs
+                .iter()
+                .map(|kv| {
+                    let key = String::from_utf8_lossy(kv.key());
+                    key.strip_prefix(layout::MARK_PREFIX).map(layout::unescape)
+                })
+                .collect();
+            let r = match &marks {
+                Some(scopes) => self.reread(&c, scopes, at).await?,
+                None => read_share(&c, &self.host, at).await?,
+            };
             let moved = r.scopes != self.scopes;
             self.take(r).await?;
             if moved {
@@ -124,10 +135,30 @@ impl Follower {
         Ok(stream)
     }
 
+    /// The share at revision `at`, reading again only the `changed` scopes (their marks
+    /// moved): one range read per changed scope, whatever the share's size.
+    async fn reread(&self, c: &Client, changed: &BTreeSet<String>, at: i64) -> Result<Read> {
+        let mut keys = self.keys.clone();
+        for scope in changed.intersection(&self.scopes) {
+            let prefix = layout::scope_prefix(scope);
+            keys.retain(|k, _| !k.starts_with(&prefix));
+            let (items, _) = range(c, &prefix, at).await?;
+            keys.extend(items.into_iter().map(|(k, (v, _))| (k, v)));
+        }
+        Ok(Read {
+            stored: Some(Stored::from_keys(keys, at)),
+            revision: at,
+            scopes: self.scopes.clone(),
+        })
+    }
+
     /// Takes what a read found: watches go on after it, and a new state goes to the daemon.
     async fn take(&mut self, r: Read) -> Result<()> {
         self.next = r.revision + 1;
         self.scopes = r.scopes;
+        if let Some(s) = &r.stored {
+            self.keys = s.keys.clone();
+        }
         let Some(s) = r.stored.filter(|s| s.revision != self.last) else {
             return Ok(());
         };
