@@ -218,7 +218,10 @@ async fn measure(what: &str, url: &str) -> Result<()> {
     let kb = |field: &str| -> usize {
         let s = status();
         let line = s.lines().find(|l| l.starts_with(field)).unwrap_or("");
-        line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0)
+        line.split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
     };
     let o = StoreOpts {
         url: url.into(),
@@ -233,7 +236,11 @@ async fn measure(what: &str, url: &str) -> Result<()> {
     };
     let stored = read.stored.context("nothing stored")?;
     let topo = stored.topology()?;
-    println!("{} {}", kb("VmHWM:").saturating_sub(base) * 1024, topo.instances.len());
+    println!(
+        "{} {}",
+        kb("VmHWM:").saturating_sub(base) * 1024,
+        topo.instances.len()
+    );
     Ok(())
 }
 
@@ -252,11 +259,19 @@ fn report_memory(url: &str, hosts: &[Host]) -> Result<()> {
     by_size.sort_by_key(|h| h.instances);
     let typical = by_size.get(by_size.len() / 2).map(|h| h.name.clone());
     let largest = by_size.last().map(|h| h.name.clone());
-    let picks = [("typical host", typical), ("largest host", largest), ("gateway", Some("h0".into())), ("whole region", Some("whole".into()))];
+    let picks = [
+        ("typical host", typical),
+        ("largest host", largest),
+        ("gateway", Some("h0".into())),
+        ("whole region", Some("whole".into())),
+    ];
     for (label, what) in picks {
         let Some(what) = what else { continue };
         let (bytes, instances) = measured(&what, url)?;
-        println!("  memory, {label} ({what}): {:.1} MB for {instances} instances (read + compiled, peak RSS)", mb(bytes));
+        println!(
+            "  memory, {label} ({what}): {:.1} MB for {instances} instances (read + compiled, peak RSS)",
+            mb(bytes)
+        );
     }
     Ok(())
 }

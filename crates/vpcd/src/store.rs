@@ -43,7 +43,11 @@ impl Read {
             next: self.revision + 1,
             last: self.stored.as_ref().map_or(0, |s| s.revision),
             scopes: self.scopes.clone(),
-            keys: self.stored.as_ref().map(|s| s.keys.clone()).unwrap_or_default(),
+            keys: self
+                .stored
+                .as_ref()
+                .map(|s| s.keys.clone())
+                .unwrap_or_default(),
         }
     }
 }

@@ -863,6 +863,14 @@ fn a_rollout_of_100_revisions_crosses_nothing_and_loses_nothing() {
     let generation = generations(&lab);
     let r = roll_out(&lab);
     let converged = converged_since(&lab, r.last, r.done);
+    // `lab status` (`vpcd get --hosts`): every host has applied every change to its share.
+    let o = vpcd(&["lab", "status", "--name", lab.name()]);
+    assert!(o.status.success(), "lab status: {}", show(&o));
+    let status = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        status.contains("converged: 2 of 2 hosts current"),
+        "{status}"
+    );
     let applied_by: Vec<i64> = generations(&lab)
         .iter()
         .zip(&generation)

@@ -108,14 +108,14 @@ fn tenant(out: &mut String, s: &Shape, k: usize, eips: &mut usize) {
             place(s, k, s.per_vpc + j)
         );
     }
-    if k % 10 == 0 && (k + 1) < s.tenants() {
+    if k.is_multiple_of(10) && (k + 1) < s.tenants() {
         let _ = write!(
             out,
             "[[peering]]\nname = \"peer-{k}\"\nvpcs = [\"vpc-{k}\", \"vpc-{}\"]\n\n",
             k + 1
         );
     }
-    if k % 7 == 0 && s.per_basic > 0 {
+    if k.is_multiple_of(7) && s.per_basic > 0 {
         let _ = write!(
             out,
             "[[interconnect]]\ninstance = \"b{k}-0\"\nvpc = \"vpc-{k}\"\n\n"

@@ -365,7 +365,7 @@ fn allocation_items<'a>(
 ) -> impl Iterator<Item = Item> + 'a {
     allocations.basic.iter().map(move |(name, a)| {
         let one = Allocations {
-            basic: BTreeMap::from([(name.clone(), a.clone())]),
+            basic: BTreeMap::from([(name.clone(), *a)]),
         };
         let text = one.render("");
         let entry = text.find("[[basic]]").map_or("", |at| &text[at..]);
