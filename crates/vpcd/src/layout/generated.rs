@@ -62,6 +62,13 @@ pub fn region(s: &Shape) -> String {
 }
 
 fn tenant(out: &mut String, s: &Shape, k: usize, eips: &mut usize) {
+    network(out, k);
+    instances(out, s, k, eips);
+    links(out, s, k);
+}
+
+/// Tenant `k`'s VPC, subnets, ACL and security groups.
+fn network(out: &mut String, k: usize) {
     let net = k % 128;
     let _ = write!(
         out,
@@ -80,6 +87,11 @@ fn tenant(out: &mut String, s: &Shape, k: usize, eips: &mut usize) {
          ingress = [ {{ action = \"accept\", protocol = \"tcp\", port = \"5432\", source = \"sg:sg-web-{k}\" }} ]\n\
          egress = [ {{ action = \"accept\", protocol = \"all\", destination = \"0.0.0.0/0\" }} ]\n\n"
     );
+}
+
+/// Tenant `k`'s instances: in its VPC, then in the basic network.
+fn instances(out: &mut String, s: &Shape, k: usize, eips: &mut usize) {
+    let net = k % 128;
     for j in 0..s.per_vpc {
         let (subnet, sg, third) = if j % 2 == 0 {
             ("web", "web", 1)
@@ -108,6 +120,10 @@ fn tenant(out: &mut String, s: &Shape, k: usize, eips: &mut usize) {
             place(s, k, s.per_vpc + j)
         );
     }
+}
+
+/// Tenant `k`'s peering (with the next tenant) and interconnect, for some tenants.
+fn links(out: &mut String, s: &Shape, k: usize) {
     if k.is_multiple_of(10) && (k + 1) < s.tenants() {
         let _ = write!(
             out,
