@@ -102,8 +102,6 @@ pub struct FollowFrom {
 /// What an apply would write, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
-    /// The topology text to store.
-    pub topology: String,
     /// The allocations to store (the lock file's text).
     pub allocations: String,
     /// The revision the plan was made from (0: the store was empty); the write succeeds only
@@ -176,7 +174,6 @@ pub fn plan(
         .file_name()
         .map_or(String::new(), |n| n.to_string_lossy().into_owned());
     Ok(Plan {
-        topology: text.to_string(),
         allocations: new.allocations.render(&name),
         base: current.map_or(0, |s| s.revision),
         changes,
