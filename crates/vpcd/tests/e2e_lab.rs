@@ -34,15 +34,6 @@ fn signal(pid: u32, s: Signal) {
     kill(Pid::from_raw(pid as i32), s).unwrap_or_else(|e| panic!("{s} to {pid}: {e}"));
 }
 
-/// Alive and not a zombie.
-fn running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit(')')
-            .next()
-            .is_some_and(|r| !r.trim_start().starts_with('Z'))
-    })
-}
-
 fn kill9_and_wait(pid: u32) {
     signal(pid, Signal::SIGKILL);
     let deadline = Instant::now() + Duration::from_secs(5);

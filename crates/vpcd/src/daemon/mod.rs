@@ -30,7 +30,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use crossbeam_channel::{Receiver, bounded};
@@ -734,15 +734,22 @@ pub fn lock_path(host: &str) -> PathBuf {
     Path::new(RUN_DIR).join(format!("{host}-{digits}.lock"))
 }
 
-/// Refuses a second daemon for the same host in the same network namespace.
+/// How long [`lock`] waits for a held lock: a daemon just killed holds it until its last
+/// thread has exited and closed its descriptors, which can come after its pid already
+/// looks dead (a zombie group leader); a restart right after a kill must not fail on that.
+pub const LOCK_WAIT: Duration = Duration::from_secs(3);
+
+/// Refuses a second daemon for the same host in the same network namespace (after waiting
+/// up to [`LOCK_WAIT`] for the first to let go).
 pub fn lock(host: &str) -> Result<LockFile> {
     use std::os::unix::fs::MetadataExt;
     std::fs::create_dir_all(RUN_DIR).with_context(|| format!("creating {RUN_DIR}"))?;
     let path = lock_path(host);
+    let deadline = Instant::now() + LOCK_WAIT;
     // A daemon that stops removes its file while holding its lock: one that opened the file
     // just before may lock it after, a file no longer at the path. So the lock counts only
     // if the path still names the locked file; otherwise try again with the new one.
-    for _ in 0..100 {
+    for _ in 0..1000 {
         let f = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -750,6 +757,10 @@ pub fn lock(host: &str) -> Result<LockFile> {
             .open(&path)
             .with_context(|| format!("creating {}", path.display()))?;
         if f.try_lock().is_err() {
+            if Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
             bail!(
                 "another vpcd is already running for host \"{host}\" in this network namespace (lock {})",
                 path.display()

@@ -2,7 +2,7 @@
 
 use std::fs;
 use std::os::unix::process::CommandExt as _;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -110,11 +110,12 @@ impl Lab {
         // Every host's daemon runs on this one machine: they share its cores.
         let workers = workers.unwrap_or_else(|| lab_workers(topo.hosts.len()));
         self.note(&format!("workers {workers}"))?;
+        let mut started = Vec::new();
         for h in &topo.hosts {
-            self.start_daemon(&h.name, workers, store, log)?;
+            started.push(self.start_daemon(&h.name, workers, store, log)?);
         }
-        for h in &topo.hosts {
-            self.wait_started(&h.name)?;
+        for (h, child) in topo.hosts.iter().zip(&mut started) {
+            self.wait_started(&h.name, child)?;
         }
         log("all hosts running");
         Ok(())
@@ -174,8 +175,8 @@ impl Lab {
             .last()
             .and_then(|w| w.parse().ok())
             .unwrap_or_else(|| lab_workers(topo.hosts.len()));
-        self.start_daemon(host, workers, self.follows_store(), log)?;
-        self.wait_started(host)?;
+        let mut child = self.start_daemon(host, workers, self.follows_store(), log)?;
+        self.wait_started(host, &mut child)?;
         self.daemon_pid(host)
             .context("the restarted daemon's pid is not in the journal")
     }
@@ -185,14 +186,16 @@ impl Lab {
         !self.journaled("store ").is_empty()
     }
 
-    /// Starts `vpcd run` for `host` in its namespace; its pid goes to the journal.
+    /// Starts `vpcd run` for `host` in its namespace; its pid goes to the journal. The child
+    /// is returned so that [`Lab::wait_started`] can tell how it ended if it does not start
+    /// (dropping it neither waits nor signals: the daemon outlives `lab up`).
     fn start_daemon(
         &self,
         host: &str,
         workers: usize,
         store: bool,
         log: &mut dyn FnMut(&str),
-    ) -> Result<()> {
+    ) -> Result<Child> {
         // Appended to: a restarted daemon's log follows its predecessor's.
         let logf = fs::OpenOptions::new()
             .create(true)
@@ -227,21 +230,28 @@ impl Lab {
             child.id(),
             self.log_path(host).display()
         ));
-        Ok(())
+        Ok(child)
     }
 
-    /// Waits until `host`'s daemon has written its statistics (it is forwarding then).
-    fn wait_started(&self, host: &str) -> Result<()> {
+    /// Waits until `host`'s daemon has written its statistics (it is forwarding then); fails
+    /// saying how it ended (its exit status, or still running after 15 s) and its log.
+    fn wait_started(&self, host: &str, child: &mut Child) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(15);
         while !self.stats_path(host).exists() {
-            if Instant::now() > deadline || self.verified_pid(host).is_none() {
-                let tail = fs::read_to_string(self.log_path(host)).unwrap_or_default();
-                bail!(
-                    "vpcd for host {host} did not start; its log says:\n{}",
-                    tail.trim_end()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
+            let ended = match child.try_wait() {
+                Ok(Some(status)) => format!("ended ({status})"),
+                Ok(None) if Instant::now() > deadline => "still starting after 15 s".into(),
+                Ok(None) => {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+                Err(e) => format!("cannot be waited for ({e})"),
+            };
+            let tail = fs::read_to_string(self.log_path(host)).unwrap_or_default();
+            bail!(
+                "vpcd for host {host} did not start: {ended}; its log says:\n{}",
+                tail.trim_end()
+            );
         }
         Ok(())
     }

@@ -891,12 +891,19 @@ pub fn python_in(ns: &str, args: &[&str]) -> Output {
     o
 }
 
-/// True when `pid` runs and is not a zombie.
+/// True when `pid` runs: some thread of it is not a zombie.
 pub fn running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit(')')
-            .next()
-            .is_some_and(|r| !r.trim_start().starts_with('Z'))
+    // A killed group leader is a zombie while its other threads still exit (and hold the
+    // process's descriptors, its lock among them): alive while any thread is not a zombie.
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|t| {
+        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| !matches!(r.trim_start().chars().next(), Some('Z' | 'X')))
+        })
     })
 }
 
