@@ -7,8 +7,8 @@
 //! segments coalesced into one gathered TUN write), but decides nothing: every packet of the
 //! local instance goes to the one other host of the topology in GRE with the VPC's key, and
 //! every GRE packet from the underlay is stripped and written to the local instance. No route
-//! table, ACL, security group, connection tracking or flow cache; one thread; two packet
-//! counts, printed at the end.
+//! table, ACL, security group, connection tracking or flow cache; one thread; packet
+//! counts (sent, written, refused), printed at the end.
 //!
 //! Why: the difference between it and `vpcd run` on the same lab is what the decision costs;
 //! what it moves itself is the ceiling of the design (TUN plus userspace sockets) on the
@@ -178,6 +178,8 @@ struct Forwarder {
     runs: Vec<(usize, usize)>,
     to_underlay: u64,
     to_device: u64,
+    /// Of those, the packets the kernel refused (a send or write that failed).
+    refused: u64,
 }
 
 impl Forwarder {
@@ -261,7 +263,7 @@ impl Forwarder {
             .iter()
             .map(|(b, h)| (b.as_slice(), self.peer, *h))
             .collect();
-        let _refused = self.tx.send(&msgs);
+        self.refused += self.tx.send(&msgs) as u64;
         self.to_underlay += msgs.len() as u64;
         for (b, _) in self.transmits.drain(..) {
             self.pool.put(b);
@@ -271,7 +273,9 @@ impl Forwarder {
     /// Cuts a super-packet into segments, the encapsulation in front of each, and sends them
     /// with their payloads gathered where they lie.
     fn send_cut(&mut self, pkt: &[u8], vnet: &VnetHdr) {
+        // A virtio-net header that disagrees with the packet: counted as refused.
         let Ok(cut) = Cut::new(pkt, vnet) else {
+            self.refused += 1;
             return;
         };
         let (head_stride, head_len) = segment_heads(pkt, &cut, &self.encap, &mut self.heads);
@@ -283,7 +287,7 @@ impl Forwarder {
             head_len,
         };
         let hash = ipv4::flow_hash(pkt, 0);
-        let _refused = self.tx.send_cut(&frames, self.peer, hash);
+        self.refused += self.tx.send_cut(&frames, self.peer, hash) as u64;
         self.to_underlay += cut.count as u64;
     }
 
@@ -325,7 +329,7 @@ impl Forwarder {
         let mut head = [0u8; gro::MAX_HEADER];
         for &(first, count) in &self.runs {
             let run = &pkts[first..first + count];
-            let _refused = if count == 1 {
+            let written = if count == 1 {
                 self.tun
                     .write_gathered(&[IoSlice::new(&PLAIN), IoSlice::new(run[0])])
             } else {
@@ -338,6 +342,9 @@ impl Forwarder {
                 );
                 self.tun.write_gathered(&parts)
             };
+            if written.is_err() {
+                self.refused += count as u64;
+            }
         }
         self.to_device += pkts.len() as u64;
     }
@@ -408,6 +415,7 @@ fn main() -> Result<()> {
         runs: Vec::new(),
         to_underlay: 0,
         to_device: 0,
+        refused: 0,
     };
     let (transport, key) = (p.transport.word(), p.encap.key);
     eprintln!(
@@ -416,8 +424,8 @@ fn main() -> Result<()> {
     );
     let result = f.run(&signals);
     eprintln!(
-        "null-forwarder: stopping; {} packets to the underlay, {} to {name}",
-        f.to_underlay, f.to_device
+        "null-forwarder: stopping; {} packets to the underlay, {} to {name}, {} of them refused",
+        f.to_underlay, f.to_device, f.refused
     );
     result
 }
