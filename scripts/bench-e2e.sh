@@ -106,13 +106,13 @@ ovs_stop() { # the OVS daemons of every run directory, by their pidfiles
 }
 
 cleanup() {
-  local pid comm
+  local pid comm f
   if [ -f "$STATE/pids" ]; then
     while read -r pid comm; do stop_pid "$pid" "$comm"; done <"$STATE/pids"
   fi
   ovs_stop
-  for d in "$OVSRUN"/*/; do
-    if [ -d "$d" ]; then cp "$d"/*.log "$LOGDIR/" 2>/dev/null || true; fi
+  for f in "$OVSRUN"/*/*.log; do # kept: hA-ovs-vswitchd.log and so on
+    if [ -f "$f" ]; then cp "$f" "$LOGDIR/$(basename "$(dirname "$f")")-$(basename "$f")"; fi
   done
   rm -rf "$OVSRUN" "$STATE"
   for n in ul hA hB iA iB; do ip netns del $P-$n 2>/dev/null || true; done
@@ -120,6 +120,7 @@ cleanup() {
   mkdir -p "$STATE"
 }
 trap 'cleanup; rm -rf "$STATE"' EXIT
+trap 'exit 130' INT TERM # through the EXIT trap
 mkdir -p "$LOGDIR"; rm -f "$LOGDIR"/*.log
 cleanup
 
