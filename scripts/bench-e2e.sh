@@ -111,6 +111,9 @@ cleanup() {
     while read -r pid comm; do stop_pid "$pid" "$comm"; done <"$STATE/pids"
   fi
   ovs_stop
+  for f in "$STATE"/iperf3-*.pid; do
+    if [ -f "$f" ]; then stop_pid "$(cat "$f")" iperf3; fi
+  done
   for f in "$OVSRUN"/*/*.log; do # kept: hA-ovs-vswitchd.log and so on
     if [ -f "$f" ]; then cp "$f" "$LOGDIR/$(basename "$(dirname "$f")")-$(basename "$f")"; fi
   done
@@ -124,16 +127,22 @@ trap 'exit 130' INT TERM # through the EXIT trap
 mkdir -p "$LOGDIR"; rm -f "$LOGDIR"/*.log
 cleanup
 
+# iperf_server NS PORT: a one-connection iperf3 server in NS, detached; its pidfile lets
+# cleanup stop it if no client ever came
+iperf_server() {
+  ip netns exec "$1" iperf3 -s -D -1 -p "$2" -I "$STATE/iperf3-$2.pid" >/dev/null; sleep 0.3
+}
+
 json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 
 # measure SRC_NS DST_NS DST_ADDR -> prints "tcp1 tcp4 udp_pps rtt"
 measure() {
   local src=$1 dst=$2 addr=$3
-  ip netns exec "$dst" iperf3 -s -D -1 -p 5201 >/dev/null; sleep 0.3
+  iperf_server "$dst" 5201
   local t1; t1=$(ip netns exec "$src" iperf3 -c "$addr" -p 5201 -t "$DURATION" -J | json 'd["end"]["sum_received"]["bits_per_second"]/1e9')
-  ip netns exec "$dst" iperf3 -s -D -1 -p 5202 >/dev/null; sleep 0.3
+  iperf_server "$dst" 5202
   local t4; t4=$(ip netns exec "$src" iperf3 -c "$addr" -p 5202 -t "$DURATION" -P 4 -J | json 'd["end"]["sum_received"]["bits_per_second"]/1e9')
-  ip netns exec "$dst" iperf3 -s -D -1 -p 5203 >/dev/null; sleep 0.3
+  iperf_server "$dst" 5203
   local pps; pps=$(ip netns exec "$src" iperf3 -c "$addr" -p 5203 -u -l 64 -b 0 -t "$DURATION" -J |
     json '(d["end"]["sum"]["packets"]-d["end"]["sum"]["lost_packets"])/d["end"]["sum"]["seconds"]')
   local rtt; rtt=$(ip netns exec "$src" ping -c 40 -i 0.05 -q -n "$addr" >/dev/null; \
@@ -159,7 +168,7 @@ cpu_per_gbit() {
   local src=$1 dst=$2 addr=$3; shift 3
   local hz c0 c1 bits
   hz=$(getconf CLK_TCK)
-  ip netns exec "$dst" iperf3 -s -D -1 -p 5300 >/dev/null; sleep 0.3
+  iperf_server "$dst" 5300
   c0=$(cpu_ticks "$@")
   bits=$(ip netns exec "$src" iperf3 -c "$addr" -p 5300 -t "$DURATION" -J | json 'd["end"]["sum_received"]["bytes"]*8')
   c1=$(cpu_ticks "$@")
@@ -390,6 +399,7 @@ null_row() {
   for h in "${HOSTS[@]}"; do
     pid=$(lab_pid "$h")
     [ -n "$pid" ] || { echo "no pid for $h in the lab's journal" >&2; return 1; }
+    [ "$(cat /proc/"$pid"/comm 2>/dev/null)" = vpcd ] || { echo "pid $pid of $h is not vpcd" >&2; return 1; }
     kill "$pid"
     for i in $(seq 100); do gone "$pid" && break; sleep 0.1; done
     gone "$pid" || { echo "vpcd $pid of $h does not stop" >&2; return 1; }
@@ -435,7 +445,7 @@ run_row() {
     R[$name]=$out
   else
     R[$name]="n/a $(grep -v '^$' "$LOGDIR/$name.err" | tail -n 1 | tr -d '|')"
-    [ "${R[$name]}" = "n/a " ] && R[$name]="n/a (failed, exit $rc)"
+    if [ "${R[$name]}" = "n/a " ]; then R[$name]="n/a failed, exit $rc"; fi
     echo "bench-e2e: $name: ${R[$name]}" >&2
   fi
   cleanup
