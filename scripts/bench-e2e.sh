@@ -14,6 +14,9 @@
 # Linux bridge br0; per host namespace a veth ul0 (192.0.2.N/32, a /32 route to the other
 # host via ul0) whose peer pN is a port of br0. The kernel and OVS rows build that shape
 # themselves (namespaces vbench-*), the vpcd rows get it from the lab (vpcd-bench-*).
+# ovs-gre differs where OVS's userspace tunneling needs it to: the host's address moves from
+# ul0 to OVS's bridge br-phy, as a /24, and the instances send without checksum offload
+# (docs/bench-ovs.md says why).
 #
 # Measures iperf3 TCP with 1 and 4 streams (Gbit/s), iperf3 UDP with 64-byte payloads
 # (received packets/s), ping round-trip (median, ms), and for the userspace rows the
