@@ -1042,6 +1042,21 @@ fn spec_example_underlay() {
         build::ipv4(&h, &udp)
     };
     let inner = |src: u8, dst: u8| inner_len(src, dst, 3);
+    // A TCP segment of 3,000 bytes from 10.0.1.11 to 10.0.1.10: a super-segment (ACK) that
+    // the underlay may carry beyond the instance MTU, or not (a SYN).
+    let tcp_len = |flags: u8| {
+        let tcp = build::tcp(40000, 80, flags, &[9; 3000]);
+        let h = Ip4 {
+            src: ip(11),
+            dst: ip(10),
+            proto: 6,
+            id: 4,
+            df: true,
+            mf: false,
+            offset: 0,
+        };
+        build::ipv4(&h, &tcp)
+    };
     let gre = |key: u32, checksum: bool, seq: bool, payload: &[u8]| {
         let o = GreOpts {
             checksum,
@@ -1064,6 +1079,8 @@ fn spec_example_underlay() {
     let not_here = gre(1001, false, false, &inner(11, 11));
     let mtu = gre(1001, false, false, &inner_len(11, 10, 1464 - 28));
     let too_big = gre(1001, false, false, &inner_len(11, 10, 1465 - 28));
+    let super_segment = gre(1001, false, false, &tcp_len(0x10));
+    let big_syn = gre(1001, false, false, &tcp_len(0x02));
     let local = inner(10, 11);
     let udp = |n| Ingress::UnderlayUdp { from: host(n) };
     let packets = [
@@ -1075,6 +1092,8 @@ fn spec_example_underlay() {
         (0, udp(2), hex(&not_here)),
         (0, udp(2), hex(&mtu)),
         (0, udp(2), hex(&too_big)),
+        (0, udp(2), hex(&super_segment)),
+        (0, udp(2), hex(&big_syn)),
         (0, i0(), hex(&local)),
     ];
     let packets: Vec<(u64, Ingress, &str)> = packets
@@ -1100,6 +1119,8 @@ fn spec_example_underlay() {
             drop_reason(GreUnknownKey),
             drop_reason(InnerSourceNotOnSender),
             drop_reason(NotLocalDestination),
+            deliver_gre(0),
+            drop_reason(UnderlayTooBig),
             deliver_gre(0),
             drop_reason(UnderlayTooBig),
             Decision::Encapsulate {

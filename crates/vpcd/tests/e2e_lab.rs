@@ -292,7 +292,7 @@ fn reload_reports_each_host() {
         "{out}"
     );
     assert!(
-        out.contains("the underlay (transport, mtu, checksum) cannot change"),
+        out.contains("the underlay (transport, mtu, instance_mtu, checksum) cannot change"),
         "{out}"
     );
     assert!(out.contains("0 of 2 hosts reloaded"), "{out}");

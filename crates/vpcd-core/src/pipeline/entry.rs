@@ -9,8 +9,8 @@ use super::flow::{FROM_INTERNET, FROM_UNDERLAY};
 use super::{Decision, Ingress};
 use crate::reason::DropReason;
 use crate::topology::{Channel, HostId, InstanceId, Space};
-use crate::wire::gre;
 use crate::wire::ipv4::{self, Ipv4Packet, L4, proto};
+use crate::wire::{gre, gro};
 
 impl Decider<'_> {
     pub fn decide(&mut self, packet: &[u8], from: Ingress, segmented: bool) -> Decision {
@@ -105,8 +105,12 @@ impl Decider<'_> {
             Err(r) => return Decision::drop(r),
         };
         // The kernel reassembles outer fragments before vpcd reads them: an inner packet
-        // that does not fit the instance MTU stops here, never written to a device.
-        if inner.len() > usize::from(self.host.instance_mtu) {
+        // that does not fit the instance MTU stops here, never written to a device, unless
+        // it is a TCP super-segment (the underlay kernel's GRO merged segments, or a jumbo
+        // underlay carried several), which the instance's kernel takes as a super-packet and
+        // cuts at its MTU.
+        let mtu = usize::from(self.host.instance_mtu);
+        if inner.len() > mtu && !gro::is_super_segment(inner, mtu) {
             return Decision::drop(DropReason::UnderlayTooBig);
         }
         let gre_key = g.key.map_or(NO_GRE_KEY, u64::from);

@@ -69,6 +69,8 @@ pub struct Underlay {
     pub transport: Option<Text>,
     /// Underlay MTU in bytes.
     pub mtu: Option<Spanned<i64>>,
+    /// The instances' MTU; by default the smaller of 1500 and `mtu`, less the overhead.
+    pub instance_mtu: Option<Spanned<i64>>,
     /// Emit GRE checksums (they are always verified when present).
     pub checksum: Option<bool>,
 }

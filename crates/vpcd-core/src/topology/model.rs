@@ -38,6 +38,8 @@ pub struct Underlay {
     pub mtu: u16,
     /// Emit GRE checksums.
     pub checksum: bool,
+    /// The instances' MTU (at most `mtu` less the overhead).
+    pub instance_mtu: u16,
 }
 
 impl Underlay {
@@ -50,9 +52,19 @@ impl Underlay {
         20 + udp + 8 + if self.checksum { 4 } else { 0 }
     }
 
-    /// The MTU every instance gets: the underlay MTU minus the overhead.
+    /// The MTU every instance gets. By default an Ethernet instance's, 1500 less the
+    /// overhead (less if the underlay's is smaller), whatever the underlay's: a jumbo underlay
+    /// carries several of an instance's segments in each packet instead (the sender cuts
+    /// super-packets at the underlay MTU, the receiver hands them to the instance whole with
+    /// a GSO header), as a cloud's 1500-byte instances ride its 9000-byte fabric.
     pub const fn instance_mtu(&self) -> u16 {
-        self.mtu - self.overhead()
+        self.instance_mtu
+    }
+
+    /// The default [`Underlay::instance_mtu`] for an underlay MTU.
+    pub const fn default_instance_mtu(&self) -> u16 {
+        let mtu = if self.mtu < 1500 { self.mtu } else { 1500 };
+        mtu - self.overhead()
     }
 }
 

@@ -15,7 +15,10 @@ use super::Topology;
 pub fn live_refusals(old: &Topology, new: &Topology) -> Vec<String> {
     let mut out = Vec::new();
     if old.underlay != new.underlay {
-        out.push("the underlay (transport, mtu, checksum) cannot change while running".into());
+        out.push(
+            "the underlay (transport, mtu, instance_mtu, checksum) cannot change while running"
+                .into(),
+        );
     }
     hosts(old, new, &mut out);
     if old.basic.map(|b| b.cidr) != new.basic.map(|b| b.cidr) && old.basic.is_some() {

@@ -1655,6 +1655,19 @@ fn underlay() {
             "[underlay]",
             "mtu 65536 is out of range",
         ),
+        // The instances' MTU fits the underlay's, their overhead added.
+        case(
+            &[Append("[underlay]\nmtu = 9000\ninstance_mtu = 8973\n")],
+            (END + 3, 16),
+            "[underlay]",
+            "instance_mtu 8973 is out of range 576..=8972",
+        ),
+        case(
+            &[Append("[underlay]\ninstance_mtu = 575\n")],
+            (END + 2, 16),
+            "[underlay]",
+            "instance_mtu 575 is out of range 576..=1472",
+        ),
     ]);
     let u = |extra: &str| valid(&format!("{BASE}{extra}")).underlay;
     let d = u("");
@@ -1674,7 +1687,19 @@ fn underlay() {
             1500,
             1460,
         ),
-        ("mtu = 9000\n", Transport::Gre, 9000, 8972),
+        ("mtu = 9000\n", Transport::Gre, 9000, 1472),
+        (
+            "mtu = 9000\ninstance_mtu = 8972\n",
+            Transport::Gre,
+            9000,
+            8972,
+        ),
+        (
+            "mtu = 1400\ninstance_mtu = 576\n",
+            Transport::Gre,
+            1400,
+            576,
+        ),
         ("mtu = 604\n", Transport::Gre, 604, 576),
         (
             "transport = \"gre-udp\"\nmtu = 612\n",
@@ -1682,7 +1707,13 @@ fn underlay() {
             612,
             576,
         ),
-        ("mtu = 65535\n", Transport::Gre, 65535, 65507),
+        ("mtu = 65535\n", Transport::Gre, 65535, 1472),
+        (
+            "transport = \"gre-udp\"\nmtu = 9000\n",
+            Transport::GreUdp,
+            9000,
+            1464,
+        ),
     ] {
         let got = u(&format!("[underlay]\n{extra}"));
         assert_eq!(

@@ -363,9 +363,11 @@ impl Model {
         let gre = wire::parse_gre(g).map_err(drop)?;
         // 4.
         let channel = self.underlay_channel(gre.key)?;
-        // 5. SPEC: the inner packet's length is the bytes after the GRE header.
+        // 5. SPEC: the inner packet's length is the bytes after the GRE header; a longer one
+        // passes only as a TCP super-segment.
         let inner_bytes = &g[gre.hlen..];
-        if inner_bytes.len() > usize::from(instance_mtu(&topo)) {
+        let mtu = usize::from(instance_mtu(&topo));
+        if inner_bytes.len() > mtu && !wire::super_segment(inner_bytes, mtu) {
             return Err(drop(DropReason::UnderlayTooBig));
         }
         // 6.

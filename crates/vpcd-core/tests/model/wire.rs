@@ -97,6 +97,22 @@ impl Inner<'_> {
     }
 }
 
+/// docs/semantics.md 2.3 step 5: a TCP super-segment, which may be longer than `mtu`: IPv4
+/// without options, whole, not a fragment, TCP with ACK and at most PSH and FIN besides, some
+/// payload, its headers shorter than `mtu`.
+pub fn super_segment(b: &[u8], mtu: usize) -> bool {
+    if b.len() < 40 || b[0] != 0x45 || b[9] != TCP || be16(b, 6) & 0x3fff != 0 {
+        return false;
+    }
+    let headers = 20 + usize::from(b[32] >> 4) * 4;
+    let only_ack = matches!(b[33], 0x10 | 0x11 | 0x18 | 0x19);
+    usize::from(be16(b, 2)) == b.len()
+        && headers >= 40
+        && headers < b.len()
+        && headers < mtu
+        && only_ack
+}
+
 /// Minimum transport header of a protocol, for the fragment overlap check.
 pub fn min_transport(proto: u8) -> usize {
     match proto {

@@ -333,6 +333,23 @@ impl Netlink {
         .map_err(|e| self.fail(&format!("link {name}: setting it up"), e))
     }
 
+    /// `ip link set NAME mtu MTU`.
+    pub fn set_mtu(&self, name: &str, mtu: u16) -> io::Result<()> {
+        let index = self.link_index(name)?;
+        let h = self.handle.clone();
+        self.run(async move {
+            h.link()
+                .set(
+                    LinkUnspec::new_with_index(index)
+                        .mtu(u32::from(mtu))
+                        .build(),
+                )
+                .execute()
+                .await
+        })
+        .map_err(|e| self.fail(&format!("link {name}: mtu {mtu}"), e))
+    }
+
     /// `ip addr add IP/PREFIX dev DEV`.
     pub fn add_address(&self, dev: &str, ip: Ipv4Addr, prefix: u8) -> io::Result<()> {
         let index = self.link_index(dev)?;

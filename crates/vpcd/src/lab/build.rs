@@ -121,7 +121,8 @@ impl Lab {
         Ok(())
     }
 
-    /// The bridge in its namespace, and each host's namespace with a veth on it.
+    /// The bridge in its namespace, and each host's namespace with a veth on it; every
+    /// underlay link has the topology's underlay MTU.
     fn build_underlay(&self, topo: &Topology, log: &mut dyn FnMut(&str)) -> Result<()> {
         let ul = self.underlay_ns();
         log(&format!("underlay: namespace {ul}, bridge br0"));
@@ -139,8 +140,10 @@ impl Lab {
             let port = format!("p{n}");
             bridge.add_veth_pair("ul0", Some(&ns), &port, None)?;
             bridge.set_master(&port, "br0")?;
+            bridge.set_mtu(&port, topo.underlay.mtu)?;
             bridge.link_up(&port)?;
             let host = Netlink::open_in(Some(&ns))?;
+            host.set_mtu("ul0", topo.underlay.mtu)?;
             host.add_address("ul0", h.address, 32)?;
             host.link_up("ul0")?;
             for other in topo.hosts.iter().filter(|o| o.name != h.name) {

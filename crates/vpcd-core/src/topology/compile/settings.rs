@@ -20,7 +20,9 @@ impl Scope<'_> {
             transport: Transport::Gre,
             mtu: 1500,
             checksum: false,
+            instance_mtu: 0,
         };
+        u.instance_mtu = u.default_instance_mtu();
         let Some(raw) = &self.f.underlay else {
             return Some(u);
         };
@@ -44,6 +46,11 @@ impl Scope<'_> {
         if let Some(m) = &raw.mtu {
             let min = i64::from(u.overhead()) + 576;
             u.mtu = d.int_in(m, item, "mtu", min..65_536)? as u16;
+        }
+        u.instance_mtu = u.default_instance_mtu();
+        if let Some(m) = &raw.instance_mtu {
+            let max = i64::from(u.mtu - u.overhead());
+            u.instance_mtu = d.int_in(m, item, "instance_mtu", 576..max + 1)? as u16;
         }
         Some(u)
     }
