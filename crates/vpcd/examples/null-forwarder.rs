@@ -28,7 +28,6 @@
 //! `scripts/bench-e2e.sh` has a `null` row made so. SIGTERM or SIGINT stops it; its devices
 //! go when their descriptor closes (so even after SIGKILL).
 
-use std::io::IoSlice;
 use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
@@ -43,8 +42,8 @@ use vpcd::io::tun::{Tun, TunConfig};
 use vpcd::io::underlay::{self, BATCH, CutFrames, Received, UnderlayRx, UnderlayTx};
 use vpcd::topology::{Channel, Topology, Transport};
 use vpcd::wire::gre::{self, Encap};
-use vpcd::wire::gso::{self, Cut, F_NEEDS_CSUM, VNET_HDR_LEN, VnetHdr};
-use vpcd::wire::{PacketBuf, gro, ipv4};
+use vpcd::wire::gso::{self, Cut, F_NEEDS_CSUM, VnetHdr};
+use vpcd::wire::{PacketBuf, ipv4};
 
 /// The command line, as the lab writes it for `vpcd run`.
 struct Args {
@@ -156,15 +155,16 @@ fn make_netns(ns: Option<&str>) -> Result<MadeNetns> {
     }
 }
 
-/// The virtio-net header of a plain packet (no offload, checksums complete).
-const PLAIN: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
-
 /// The one loop, and what it keeps between rounds.
 struct Forwarder {
     tun: Tun,
     rx: UnderlayRx,
     tx: UnderlayTx,
     outer_ip: bool,
+    /// The instance MTU, at which the kernel cuts what is written whole.
+    mtu: usize,
+    /// The underlay MTU less the encapsulation: how much one underlay packet carries.
+    room: usize,
     peer: Ipv4Addr,
     encap: Encap,
     pool: Pool,
@@ -278,7 +278,8 @@ impl Forwarder {
             self.refused += 1;
             return;
         };
-        let (head_stride, head_len) = segment_heads(pkt, &cut, &self.encap, &mut self.heads);
+        let cut = cut.widened(self.room);
+        let (head_stride, head_len) = gre::segment_heads(pkt, &cut, &self.encap, &mut self.heads);
         let frames = CutFrames {
             pkt,
             cut: &cut,
@@ -325,48 +326,9 @@ impl Forwarder {
             .iter()
             .map(|&(b, start, end)| &held[b].as_slice()[start..end])
             .collect();
-        gro::plan(&pkts, &mut self.runs);
-        let mut head = [0u8; gro::MAX_HEADER];
-        for &(first, count) in &self.runs {
-            let run = &pkts[first..first + count];
-            let written = if count == 1 {
-                self.tun
-                    .write_gathered(&[IoSlice::new(&PLAIN), IoSlice::new(run[0])])
-            } else {
-                let n = gro::super_header(run, &mut head);
-                let mut parts = Vec::with_capacity(count + 1);
-                parts.push(IoSlice::new(&head[..n]));
-                parts.extend(
-                    run.iter()
-                        .map(|s| IoSlice::new(&s[gro::payload_offset(s)..])),
-                );
-                self.tun.write_gathered(&parts)
-            };
-            if written.is_err() {
-                self.refused += count as u64;
-            }
-        }
+        self.refused += self.tun.write_runs(&pkts, self.mtu, &mut self.runs);
         self.to_device += pkts.len() as u64;
     }
-}
-
-/// The headers of every segment of the super-packet `pkt`, cut as `cut`, into `heads`:
-/// `encap`, then the segment's own IPv4 and transport headers. Returns (the distance between
-/// two segments' headers, their length). As the daemon's worker does (`segment_heads`).
-fn segment_heads(pkt: &[u8], cut: &Cut, encap: &Encap, heads: &mut Vec<u8>) -> (usize, usize) {
-    let prefix = encap.overhead();
-    let head_len = prefix + cut.headers;
-    let stride = head_len.next_multiple_of(8);
-    if heads.len() < cut.count * stride {
-        heads.resize(cut.count * stride, 0);
-    }
-    for i in 0..cut.count {
-        let chunk = &pkt[cut.payload(i)];
-        let h = &mut heads[i * stride..i * stride + head_len];
-        cut.write_header(pkt, i, chunk, &mut h[prefix..]);
-        encap.write(h, chunk);
-    }
-    (stride, head_len)
 }
 
 /// SIGTERM and SIGINT, blocked and read from a descriptor the loop polls.
@@ -404,6 +366,8 @@ fn main() -> Result<()> {
         rx: UnderlayRx::open(p.transport, p.local).context("underlay, receiving")?,
         tx: UnderlayTx::open(p.transport, p.local).context("underlay, sending")?,
         outer_ip: p.transport == Transport::Gre,
+        mtu: usize::from(t.underlay.instance_mtu()),
+        room: usize::from(t.underlay.mtu - t.underlay.overhead()),
         peer: p.peer,
         encap: p.encap,
         pool: Pool::new(),

@@ -17,6 +17,7 @@
 use std::net::Ipv4Addr;
 
 use super::buf::{NoHeadroom, PacketBuf};
+use super::gso::Cut;
 use super::ipv4;
 use crate::reason::DropReason;
 
@@ -162,6 +163,26 @@ pub fn write_encap_gathered(
         let total = (head.len() + tail.len()) as u16;
         ipv4::emit_header(head, src, dst, ipv4::proto::GRE, tos, total);
     }
+}
+
+/// Writes the headers of every segment of the super-packet `pkt`, cut as `cut`, into
+/// `heads`: `encap` followed by the segment's own IPv4 and transport headers (checksums over
+/// the payload where it lies). Returns (the distance between two segments' headers, their
+/// length); `heads` grows as needed.
+pub fn segment_heads(pkt: &[u8], cut: &Cut, encap: &Encap, heads: &mut Vec<u8>) -> (usize, usize) {
+    let prefix = encap.overhead();
+    let head_len = prefix + cut.headers;
+    let stride = head_len.next_multiple_of(8);
+    if heads.len() < cut.count * stride {
+        heads.resize(cut.count * stride, 0);
+    }
+    for i in 0..cut.count {
+        let chunk = &pkt[cut.payload(i)];
+        let h = &mut heads[i * stride..i * stride + head_len];
+        cut.write_header(pkt, i, chunk, &mut h[prefix..]);
+        encap.write(h, chunk);
+    }
+    (stride, head_len)
 }
 
 /// Where the inner packet of an underlay frame starts, if its headers are plausible: after

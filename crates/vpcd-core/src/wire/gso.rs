@@ -154,6 +154,20 @@ impl Cut {
         })
     }
 
+    /// The same TCP super-packet cut into fewer, larger segments: as many of the instance's
+    /// segments in each as fit `room` bytes (the underlay MTU less the encapsulation), so a
+    /// jumbo underlay carries several per packet. The receiver writes such a super-segment to
+    /// its instance with a GSO header, which its kernel cuts at the instance MTU. UDP keeps
+    /// its cut: there, each segment is a datagram of its own.
+    pub fn widened(mut self, room: usize) -> Cut {
+        if self.protocol != proto::TCP || room <= self.headers + self.mss {
+            return self;
+        }
+        self.mss *= (room - self.headers) / self.mss;
+        self.count = (self.len - self.headers).div_ceil(self.mss).max(1);
+        self
+    }
+
     /// Where segment `i`'s payload lies in the super-packet.
     pub fn payload(&self, i: usize) -> std::ops::Range<usize> {
         let start = (self.headers + i * self.mss).min(self.len);
@@ -313,6 +327,52 @@ pub(crate) mod tests {
             payload.extend_from_slice(&seg[40..40 + n]);
         }
         assert_eq!(payload, pkt[40..]);
+    }
+
+    /// On a jumbo underlay a TCP super-packet is cut into as many whole instance segments per
+    /// underlay packet as fit, each a valid TCP segment of its own; with no room for two, and
+    /// for UDP, the cut stays.
+    #[test]
+    fn a_widened_cut_fills_the_underlay_with_whole_segments() {
+        let pkt = super_tcp(20_000, 0x18);
+        let hdr = VnetHdr {
+            gso_type: gso_type::TCPV4,
+            gso_size: 1400,
+            ..Default::default()
+        };
+        let cut = Cut::new(&pkt, &hdr).unwrap();
+        assert_eq!(cut.widened(1500), cut, "no room for two");
+        let wide = cut.widened(9000 - 28);
+        assert_eq!((wide.count, wide.mss), (3, 6 * 1400));
+        let mut payload = Vec::new();
+        for i in 0..wide.count {
+            let chunk = &pkt[wide.payload(i)];
+            let mut seg = vec![0u8; wide.headers];
+            wide.write_header(&pkt, i, chunk, &mut seg);
+            seg.extend_from_slice(chunk);
+            assert!(seg.len() <= 9000 - 28, "segment {i}: {} bytes", seg.len());
+            let (seq, flags, n) = verify_tcp(&seg);
+            assert_eq!(seq, 1000 + 8400 * i as u32);
+            assert_eq!(
+                flags & 0x08 != 0,
+                i + 1 == wide.count,
+                "PSH only on the last"
+            );
+            payload.extend_from_slice(&seg[40..40 + n]);
+        }
+        assert_eq!(payload, pkt[40..]);
+        let mut udp = vec![0u8; 8 + 3000];
+        udp[..2].copy_from_slice(&5000u16.to_be_bytes());
+        udp[2..4].copy_from_slice(&53u16.to_be_bytes());
+        udp[4..6].copy_from_slice(&3008u16.to_be_bytes());
+        let udp_pkt = ipv4::tests::packet([10, 0, 1, 10], [10, 0, 2, 20], proto::UDP, &udp);
+        let uhdr = VnetHdr {
+            gso_type: gso_type::UDP_L4,
+            gso_size: 1000,
+            ..Default::default()
+        };
+        let ucut = Cut::new(&udp_pkt, &uhdr).unwrap();
+        assert_eq!(ucut.widened(9000), ucut, "UDP datagrams keep their size");
     }
 
     #[test]

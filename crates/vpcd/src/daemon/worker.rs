@@ -15,7 +15,6 @@
 //! consecutive TCP segments are written as one super-packet, headers rebuilt, payloads
 //! gathered (`writev`).
 
-use std::io::IoSlice;
 use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
 use std::sync::Arc;
@@ -38,9 +37,9 @@ use crate::pipeline::{Action, Counters, Decision, Dropped, Egress, Ingress, Pipe
 use crate::reason::DropReason;
 use crate::time::Timestamp;
 use crate::topology::{InstanceId, Topology, Transport};
+use crate::wire::PacketBuf;
 use crate::wire::gre::{self, Encap};
-use crate::wire::gso::{self, Cut, F_NEEDS_CSUM, VNET_HDR_LEN, VnetHdr};
-use crate::wire::{PacketBuf, gro};
+use crate::wire::gso::{self, Cut, F_NEEDS_CSUM, VnetHdr};
 
 /// A packet in flight between threads.
 pub struct Packet {
@@ -340,29 +339,6 @@ fn by_port(pieces: &mut [Piece]) -> impl Iterator<Item = (Port, &[Piece])> {
         .chunk_by(|a, b| a.to == b.to)
         .map(|run| (run[0].to, run))
 }
-
-/// Writes the headers of every segment of the super-packet `pkt`, cut as `cut`, into
-/// `heads`: `encap` followed by the segment's own IPv4 and transport headers (checksums over
-/// the payload where it lies). Returns (the distance between two segments' headers, their
-/// length); `heads` grows as needed.
-fn segment_heads(pkt: &[u8], cut: &Cut, encap: &Encap, heads: &mut Vec<u8>) -> (usize, usize) {
-    let prefix = encap.overhead();
-    let head_len = prefix + cut.headers;
-    let stride = head_len.next_multiple_of(8);
-    if heads.len() < cut.count * stride {
-        heads.resize(cut.count * stride, 0);
-    }
-    for i in 0..cut.count {
-        let chunk = &pkt[cut.payload(i)];
-        let h = &mut heads[i * stride..i * stride + head_len];
-        cut.write_header(pkt, i, chunk, &mut h[prefix..]);
-        encap.write(h, chunk);
-    }
-    (stride, head_len)
-}
-
-/// The virtio-net header of a plain packet (no offload, checksums complete).
-const PLAIN: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
 
 /// One worker.
 pub struct Worker {
@@ -939,7 +915,9 @@ impl Worker {
             self.tx_errors.underlay += 1;
             return;
         };
-        let (head_stride, head_len) = segment_heads(pkt, &cut, encap, &mut self.heads);
+        let underlay = self.pipeline.topology().underlay;
+        let cut = cut.widened(usize::from(underlay.mtu - underlay.overhead()));
+        let (head_stride, head_len) = gre::segment_heads(pkt, &cut, encap, &mut self.heads);
         let frames = CutFrames {
             pkt,
             cut: &cut,
@@ -1012,28 +990,8 @@ impl Worker {
                 tap.packet(Direction::Out, pkt);
             }
         }
-        gro::plan(&pkts, &mut self.runs);
-        let mut head = [0u8; gro::MAX_HEADER];
-        let mut failed = 0;
-        for &(first, count) in &self.runs {
-            let run = &pkts[first..first + count];
-            let written = if count == 1 {
-                dev.write_gathered(&[IoSlice::new(&PLAIN), IoSlice::new(run[0])])
-            } else {
-                let n = gro::super_header(run, &mut head);
-                let mut parts = Vec::with_capacity(count + 1);
-                parts.push(IoSlice::new(&head[..n]));
-                parts.extend(
-                    run.iter()
-                        .map(|s| IoSlice::new(&s[gro::payload_offset(s)..])),
-                );
-                dev.write_gathered(&parts)
-            };
-            if written.is_err() {
-                failed += count as u64;
-            }
-        }
-        failed
+        let mtu = usize::from(self.pipeline.topology().underlay.instance_mtu());
+        dev.write_runs(&pkts, mtu, &mut self.runs)
     }
 }
 
@@ -1151,7 +1109,7 @@ mod tests {
             checksum: true,
         };
         let mut heads = Vec::new();
-        let (stride, head_len) = segment_heads(&pkt, &cut, &encap, &mut heads);
+        let (stride, head_len) = gre::segment_heads(&pkt, &cut, &encap, &mut heads);
         assert_eq!((cut.count, head_len), (3, 20 + 12 + 40));
         assert!(stride >= head_len && stride.is_multiple_of(8));
         let mut payload = Vec::new();

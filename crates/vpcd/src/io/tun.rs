@@ -5,16 +5,19 @@
 //! are gathered (`writev`): a coalesced super-packet (`wire::gro`) is written as its new
 //! headers followed by the payloads where they lie.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, BorrowedFd};
 
 use tun_rs::{DeviceBuilder, SyncDevice};
 
 use super::netns;
-use crate::wire::PacketBuf;
 use crate::wire::buf::HEADROOM;
 use crate::wire::gso::{VNET_HDR_LEN, VnetHdr};
+use crate::wire::{PacketBuf, gro};
+
+/// The virtio-net header of a plain packet (no offload, checksums complete).
+pub const PLAIN: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
 
 /// How to set up an instance's device.
 #[derive(Debug, Clone)]
@@ -119,8 +122,37 @@ impl Tun {
         r
     }
 
+    /// Writes `pkts` (IPv4 packets, in order) to the device, consecutive TCP segments of a
+    /// flow coalesced into super-packets ([`gro::plan`]) and a TCP segment longer than `mtu`
+    /// (a super-segment) as one, each cut by the kernel at `mtu`; the rest as they are.
+    /// Returns how many packets the device refused. `runs` is scratch space.
+    pub fn write_runs(&self, pkts: &[&[u8]], mtu: usize, runs: &mut Vec<(usize, usize)>) -> u64 {
+        gro::plan(pkts, runs);
+        let mut head = [0u8; gro::MAX_HEADER];
+        let mut failed = 0;
+        for &(first, count) in runs.iter() {
+            let run = &pkts[first..first + count];
+            let written = if !gro::needs_gso(run, mtu) {
+                self.write_gathered(&[IoSlice::new(&PLAIN), IoSlice::new(run[0])])
+            } else {
+                let n = gro::super_header(run, mtu, &mut head);
+                let mut parts = Vec::with_capacity(count + 1);
+                parts.push(IoSlice::new(&head[..n]));
+                parts.extend(
+                    run.iter()
+                        .map(|s| IoSlice::new(&s[gro::payload_offset(s)..])),
+                );
+                self.write_gathered(&parts)
+            };
+            if written.is_err() {
+                failed += count as u64;
+            }
+        }
+        failed
+    }
+
     /// Writes one packet gathered from `parts`: the first starts with the virtio-net header.
-    pub fn write_gathered(&self, parts: &[std::io::IoSlice<'_>]) -> io::Result<()> {
+    pub fn write_gathered(&self, parts: &[IoSlice<'_>]) -> io::Result<()> {
         nix::sys::uio::writev(self.dev.as_fd(), parts)
             .map(|_| ())
             .map_err(io::Error::from)
