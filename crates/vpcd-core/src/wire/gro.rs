@@ -424,8 +424,12 @@ mod tests {
         u[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
         u.extend_from_slice(payload);
         let mut p = ipv4::tests::packet([10, 0, 1, 10], [10, 0, 2, 20], proto::UDP, &u);
-        let ip = etherparse::Ipv4HeaderSlice::from_slice(&p).unwrap().to_header();
-        let udp = etherparse::UdpHeaderSlice::from_slice(&p[20..]).unwrap().to_header();
+        let ip = etherparse::Ipv4HeaderSlice::from_slice(&p)
+            .unwrap()
+            .to_header();
+        let udp = etherparse::UdpHeaderSlice::from_slice(&p[20..])
+            .unwrap()
+            .to_header();
         let c = udp.calc_checksum_ipv4(&ip, payload).unwrap();
         p[26..28].copy_from_slice(&c.to_be_bytes());
         p
@@ -447,7 +451,13 @@ mod tests {
         let n = super_header(&views, 1500, &mut hdr);
         let v = VnetHdr::parse(&hdr).unwrap();
         assert_eq!(
-            (v.gso_type, v.gso_size, v.hdr_len, v.csum_start, v.csum_offset),
+            (
+                v.gso_type,
+                v.gso_size,
+                v.hdr_len,
+                v.csum_start,
+                v.csum_offset
+            ),
             (gso_type::UDP_L4, 64, 28, 20, 6)
         );
         let mut big = hdr[VNET_HDR_LEN..n].to_vec();

@@ -63,8 +63,9 @@ pub const RUN_DIR: &str = "/run/vpcd";
 pub const INTERNET_DEVICE: &str = "vpcd-internet";
 /// TUN transmit queue length (the kernel's default of 500 drops bursts of super-packets).
 pub const TXQUEUELEN: u32 = 4096;
-/// Messages (batches) queued per worker; a worker handing over to a full inbox drops the
-/// batch and counts it (`handoff_drops`) rather than wait on a worker that may be waiting on it.
+/// Messages (batches) queued per worker; a worker handing over to a full inbox keeps the batch,
+/// reads nothing new and takes its own inbox until there is room (`handoff_waits` counts
+/// it): never a drop, and never a block on a worker that may be waiting on it.
 const INBOX: usize = 64;
 
 /// How readers pick the worker that owns a packet: a hash of its address pair (see
@@ -788,7 +789,7 @@ struct Totals {
     counters: Counters,
     connections: usize,
     conntrack: crate::policy::conntrack::ConntrackStats,
-    handoff_drops: u64,
+    handoff_waits: u64,
     handoffs: u64,
     underlay: UnderlayCounters,
     tx_errors: TxErrors,
@@ -800,7 +801,7 @@ impl Totals {
             counters: Counters::new(t.instances.len()),
             connections: 0,
             conntrack: Default::default(),
-            handoff_drops: 0,
+            handoff_waits: 0,
             handoffs: 0,
             underlay: UnderlayCounters::default(),
             tx_errors: TxErrors::new(t.instances.len()),
@@ -810,7 +811,7 @@ impl Totals {
     fn add(&mut self, r: &WorkerReport) {
         self.counters.merge(&r.counters);
         self.connections += r.connections;
-        self.handoff_drops += r.handoff_drops;
+        self.handoff_waits += r.handoff_waits;
         self.handoffs += r.handoffs;
         self.underlay.merge(&r.underlay);
         self.conntrack.created += r.conntrack.created;
@@ -827,8 +828,8 @@ impl Totals {
         let mut s = stats_text(t, name, seq, &self.counters, self.connections);
         let _ = write!(
             s,
-            "conntrack_evicted {}\nconntrack_refused_full {}\nconntrack_refused_instance {}\nhandoff_drops {}\n",
-            c.evicted, c.refused_full, c.refused_instance, self.handoff_drops
+            "conntrack_evicted {}\nconntrack_refused_full {}\nconntrack_refused_instance {}\nhandoff_waits {}\n",
+            c.evicted, c.refused_full, c.refused_instance, self.handoff_waits
         );
         let u = &self.underlay;
         let _ = write!(

@@ -113,10 +113,10 @@ impl Totals {
         };
         let mut families = metrics::families(&snapshot);
         families.push(metrics::Family {
-            name: "vpcd_handoff_drops_total",
-            help: "Batches of packets a worker could not hand to the worker owning their flow.",
+            name: "vpcd_handoff_waits_total",
+            help: "Hand-offs that found the owning worker's inbox full and waited for room (nothing is dropped).",
             kind: metrics::Kind::Counter,
-            samples: vec![(Vec::new(), self.handoff_drops)],
+            samples: vec![(Vec::new(), self.handoff_waits)],
         });
         families.push(metrics::Family {
             name: "vpcd_handoff_packets_total",

@@ -133,12 +133,13 @@ pub struct Lane {
 }
 
 impl Lane {
-    /// Puts a message in the inbox and wakes the worker. A full inbox refuses it (false):
-    /// blocking here could deadlock two workers handing packets to each other.
-    pub fn send(&self, m: Msg) -> bool {
-        let ok = self.tx.try_send(m).is_ok();
+    /// Puts a message in the inbox and wakes the worker. A full inbox gives it back:
+    /// blocking here could deadlock two workers handing packets to each other, so the
+    /// sender keeps it and tries again (see `Worker::hand_off`).
+    pub fn send(&self, m: Msg) -> Result<(), Msg> {
+        let r = self.tx.try_send(m).map_err(|e| e.into_inner());
         let _ = self.wake.write(1);
-        ok
+        r
     }
 
     /// Like [`Lane::send`], but waits for room (the control thread's messages must arrive).
@@ -190,8 +191,8 @@ pub struct WorkerReport {
     pub connections: usize,
     /// Its connection table's counts (evictions, refusals).
     pub conntrack: crate::policy::conntrack::ConntrackStats,
-    /// Batches it could not hand over (an owner's inbox was full).
-    pub handoff_drops: u64,
+    /// Hand-offs that found an owner's inbox full and waited for room.
+    pub handoff_waits: u64,
     /// Packets the kernel refused to take, by port.
     pub tx_errors: TxErrors,
     /// What went through its underlay sockets.
@@ -347,8 +348,8 @@ pub struct Worker {
     local: Vec<Packet>,
     outgoing: Vec<Vec<Packet>>,
     received: Vec<Received>,
-    /// Batches lost because an owner's inbox was full.
-    pub handoff_drops: u64,
+    /// Hand-offs that found the owner's inbox full and waited.
+    pub handoff_waits: u64,
     handoffs: u64,
     underlay: UnderlayCounters,
     tx_errors: TxErrors,
@@ -383,7 +384,7 @@ impl Worker {
             local: Vec::with_capacity(BATCH),
             outgoing: (0..n).map(|_| Vec::new()).collect(),
             received: Vec::with_capacity(BATCH),
-            handoff_drops: 0,
+            handoff_waits: 0,
             handoffs: 0,
             underlay: UnderlayCounters::default(),
             tx_errors: TxErrors::new(pipeline.topology().instances.len()),
@@ -405,7 +406,8 @@ impl Worker {
     /// reads what is ready, decides, writes.
     pub fn run(mut self) {
         loop {
-            let (woken, rx_ready, ready) = match self.wait() {
+            let waiting = self.backlogged();
+            let (woken, rx_ready, ready) = match self.wait(waiting) {
                 Ok(r) => r,
                 Err(e) => {
                     warn!(error = %e, "poll");
@@ -413,7 +415,7 @@ impl Worker {
                     continue;
                 }
             };
-            if woken && !self.inbox() {
+            if (woken || waiting) && !self.inbox() {
                 return;
             }
             if rx_ready {
@@ -431,24 +433,35 @@ impl Worker {
     }
 
     /// Waits until something is ready: (the wake-up, the underlay socket, devices by index).
-    fn wait(&self) -> nix::Result<(bool, bool, Vec<usize>)> {
+    /// While a hand-off `waiting` for room, only the wake-up counts, for a millisecond at
+    /// most: the worker takes its own inbox (the other worker may be waiting on it) and tries
+    /// again, reading nothing new meanwhile, which is the backpressure.
+    fn wait(&self, waiting: bool) -> nix::Result<(bool, bool, Vec<usize>)> {
         let mut fds = Vec::with_capacity(2 + self.mine.len());
         fds.push(PollFd::new(
             self.wiring.lanes[self.wiring.me].wake.as_fd(),
             PollFlags::POLLIN,
         ));
-        if let Some((rx, _)) = &self.wiring.rx {
+        if let Some((rx, _)) = &self.wiring.rx
+            && !waiting
+        {
             fds.push(PollFd::new(rx.fd(), PollFlags::POLLIN));
         }
-        for (_, d) in &self.mine {
-            fds.push(PollFd::new(d.fd(), PollFlags::POLLIN));
+        if !waiting {
+            for (_, d) in &self.mine {
+                fds.push(PollFd::new(d.fd(), PollFlags::POLLIN));
+            }
         }
-        match poll(&mut fds, PollTimeout::from(1000u16)) {
+        let timeout = if waiting { 1u16 } else { 1000 };
+        match poll(&mut fds, PollTimeout::from(timeout)) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(e),
         }
         let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
         let woken = ready(&fds[0]);
+        if waiting {
+            return Ok((woken, false, Vec::new()));
+        }
         let first_dev = if self.wiring.rx.is_some() { 2 } else { 1 };
         let rx_ready = self.wiring.rx.is_some() && ready(&fds[1]);
         let devs = fds[first_dev..]
@@ -473,7 +486,7 @@ impl Worker {
                 }
                 Msg::ClearCounters(reply) => {
                     self.pipeline.clear_counters();
-                    self.handoff_drops = 0;
+                    self.handoff_waits = 0;
                     self.handoffs = 0;
                     self.underlay = UnderlayCounters::default();
                     self.tx_errors = TxErrors::new(self.pipeline.topology().instances.len());
@@ -522,7 +535,7 @@ impl Worker {
             counters: self.pipeline.counters().clone(),
             connections: self.pipeline.conntrack().len(),
             conntrack: self.pipeline.conntrack().stats(),
-            handoff_drops: self.handoff_drops,
+            handoff_waits: self.handoff_waits,
             tx_errors: self.tx_errors.clone(),
             underlay: self.underlay,
             handoffs: self.handoffs,
@@ -712,7 +725,9 @@ impl Worker {
         }
     }
 
-    /// Hands the packets of other owners over, a batch per owner.
+    /// Hands the packets of other owners over, a batch per owner. A full inbox keeps the
+    /// batch here (counted in `handoff_waits`): until it goes, the worker reads nothing new
+    /// (see [`Worker::run`]), so the kernel's queues hold the rest and nothing is lost here.
     fn hand_off(&mut self) {
         for k in 0..self.outgoing.len() {
             if self.outgoing[k].is_empty() {
@@ -721,12 +736,20 @@ impl Worker {
             let batch = std::mem::take(&mut self.outgoing[k]);
             let t = self.pipeline.topology().clone();
             let n = batch.len() as u64;
-            if self.wiring.lanes[k].send(Msg::Packets(t, batch)) {
-                self.handoffs += n;
-            } else {
-                self.handoff_drops += 1;
+            match self.wiring.lanes[k].send(Msg::Packets(t, batch)) {
+                Ok(()) => self.handoffs += n,
+                Err(Msg::Packets(_, batch)) => {
+                    self.outgoing[k] = batch;
+                    self.handoff_waits += 1;
+                }
+                Err(_) => {}
             }
         }
+    }
+
+    /// Whether a hand-off waits for room in another worker's inbox.
+    fn backlogged(&self) -> bool {
+        self.outgoing.iter().any(|o| !o.is_empty())
     }
 
     fn device(&self, port: Port) -> Option<Arc<Tun>> {
