@@ -188,6 +188,10 @@ underlay_mtu_gro() {
     n=$((n + 1))
   done
   ip -n "$ul" link set br0 mtu "$UNDERLAY_MTU"
+  # A switch, not a firewall: no host netfilter on bridged frames (as `vpcd lab up` does).
+  for k in iptables ip6tables arptables; do
+    ip netns exec "$ul" sh -c "echo 0 > /proc/sys/net/bridge/bridge-nf-call-$k" 2>/dev/null || true
+  done
   if command -v ethtool >/dev/null; then
     for h in "$@"; do ip netns exec "$h" ethtool -K ul0 gro "$GRO_STATE"; done
   fi

@@ -127,6 +127,14 @@ impl Lab {
         let ul = self.underlay_ns();
         log(&format!("underlay: namespace {ul}, bridge br0"));
         self.add_netns(&ul)?;
+        // A switch, not a firewall: with br_netfilter loaded, the host's iptables would see
+        // every bridged frame (best effort: the knobs exist only then).
+        netns::within(Some(&ul), || {
+            for k in ["iptables", "ip6tables", "arptables"] {
+                let _ = fs::write(format!("/proc/sys/net/bridge/bridge-nf-call-{k}"), "0");
+            }
+            Ok(())
+        })?;
         let bridge = Netlink::open_in(Some(&ul))?;
         bridge.add_bridge("br0")?;
         bridge.link_up("br0")?;
