@@ -36,7 +36,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use vpcd::daemon::{Pool, TXQUEUELEN};
+use vpcd::daemon::Pool;
 use vpcd::io::netns;
 use vpcd::io::tun::{Tun, TunConfig};
 use vpcd::io::underlay::{self, BATCH, CutFrames, Received, UnderlayRx, UnderlayTx};
@@ -112,14 +112,7 @@ fn plan(t: &Topology, name: &str) -> Result<Plan> {
         key: t.key_of(Channel::Vpc(vpc)),
         checksum: t.underlay.checksum,
     };
-    let device = TunConfig {
-        name: inst.name.clone(),
-        netns: inst.netns.clone(),
-        address: inst.ip,
-        prefix: inst.prefix,
-        mtu: t.underlay.instance_mtu(),
-        txqueuelen: TXQUEUELEN,
-    };
+    let device = vpcd::daemon::instance_device(t, id);
     Ok(Plan {
         device,
         transport,
@@ -367,7 +360,7 @@ fn main() -> Result<()> {
         tx: UnderlayTx::open(p.transport, p.local).context("underlay, sending")?,
         outer_ip: p.transport == Transport::Gre,
         mtu: usize::from(t.underlay.instance_mtu()),
-        room: usize::from(t.underlay.mtu - t.underlay.overhead()),
+        room: usize::from(t.underlay.room()),
         peer: p.peer,
         encap: p.encap,
         pool: Pool::new(),

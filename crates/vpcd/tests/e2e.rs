@@ -190,7 +190,11 @@ fn jumbo_underlay(test: &str, lab_name: &str, tag: &str, transport: &str, checks
         assert!(shown.contains(&format!(" mtu {mtu} ")), "{name}: {shown}");
     }
     let before = lab.stats();
-    let rows = jumbo_wire(&lab, tag, || {
+    // Frame length, IPv4 lengths (outer,inner), the inner TCP checksum's status as tshark
+    // verifies it.
+    let extra = ["-o", "tcp.check_checksum:TRUE", "-Y", "gre && tcp.len > 0"];
+    let fields = ["frame.len", "ip.len", "tcp.checksum.status"];
+    let rows = gre_read(&lab, tag, &extra, &fields, || {
         transfers_intact(
             test,
             [(&a, &a_ns, lab.ip(&a)), (&b, &b_ns, lab.ip(&b))],
@@ -220,31 +224,6 @@ fn jumbo_underlay(test: &str, lab_name: &str, tag: &str, transport: &str, checks
     for host in ["host-a", "host-b"] {
         no_format_drops(&before, &after, host, transport);
     }
-}
-
-/// The GRE packets on the lab's underlay bridge while `traffic` runs: frame length, IPv4
-/// lengths (outer,inner) and the inner TCP checksum's status, which tshark verifies.
-fn jumbo_wire(lab: &LabUp, tag: &str, traffic: impl FnOnce()) -> Vec<Vec<String>> {
-    let filter = match lab.topo.underlay.transport {
-        vpcd::topology::Transport::Gre => "ip proto 47",
-        vpcd::topology::Transport::GreUdp => "udp port 4754",
-    };
-    let cap = Capture::start(&lab.lab.underlay_ns(), "br0", filter, tag, 60);
-    traffic();
-    let file = cap.stop();
-    let extra = [
-        "-d",
-        "udp.port==4754,gre",
-        "-o",
-        "tcp.check_checksum:TRUE",
-        "-Y",
-        "gre && tcp.len > 0",
-    ];
-    let fields = ["frame.len", "ip.len", "tcp.checksum.status"];
-    let rows = tshark_fields(&file, &extra, &fields);
-    let _ = std::fs::remove_file(&file);
-    eprintln!("{tag}: {} GRE packets with TCP data", rows.len());
-    rows
 }
 
 #[test]

@@ -61,6 +61,13 @@ impl Underlay {
         self.instance_mtu
     }
 
+    /// The most one underlay packet carries inside its encapsulation: the underlay MTU less
+    /// the overhead (the largest [`Underlay::instance_mtu`], and how much of a super-packet
+    /// a jumbo underlay packet takes).
+    pub const fn room(&self) -> u16 {
+        self.mtu - self.overhead()
+    }
+
     /// The default [`Underlay::instance_mtu`] for an underlay MTU.
     pub const fn default_instance_mtu(&self) -> u16 {
         let mtu = if self.mtu < 1500 { self.mtu } else { 1500 };

@@ -368,15 +368,8 @@ impl Daemon {
                 create_netns(ns)?;
                 self.created_netns.push(ns.clone());
             }
-            let cfg = TunConfig {
-                name: inst.name.clone(),
-                netns: inst.netns.clone(),
-                address: inst.ip,
-                prefix: inst.prefix,
-                mtu: t.underlay.instance_mtu(),
-                txqueuelen: TXQUEUELEN,
-            };
-            let tun = Tun::open(cfg).with_context(|| format!("instance {}", inst.name))?;
+            let tun = Tun::open(instance_device(t, id))
+                .with_context(|| format!("instance {}", inst.name))?;
             info!(instance = %inst.name, ip = %inst.ip, netns = inst.netns.as_deref().unwrap_or("-"), "device up");
             opened.push(Device {
                 name: inst.name.clone(),
@@ -725,6 +718,20 @@ impl Drop for LockFile {
         // Removed while still locked (the descriptor closes after this): a daemon starting
         // now either fails to lock the old file, or finds it gone (see `lock`).
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// How instance `id`'s device is set up: named after it, in its namespace, its address and
+/// subnet prefix, the instance MTU, [`TXQUEUELEN`].
+pub fn instance_device(t: &Topology, id: InstanceId) -> TunConfig {
+    let inst = t.instance(id);
+    TunConfig {
+        name: inst.name.clone(),
+        netns: inst.netns.clone(),
+        address: inst.ip,
+        prefix: inst.prefix,
+        mtu: t.underlay.instance_mtu(),
+        txqueuelen: TXQUEUELEN,
     }
 }
 

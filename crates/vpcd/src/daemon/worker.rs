@@ -938,8 +938,7 @@ impl Worker {
             self.tx_errors.underlay += 1;
             return;
         };
-        let underlay = self.pipeline.topology().underlay;
-        let cut = cut.widened(usize::from(underlay.mtu - underlay.overhead()));
+        let cut = cut.widened(usize::from(self.pipeline.topology().underlay.room()));
         let (head_stride, head_len) = gre::segment_heads(pkt, &cut, encap, &mut self.heads);
         let frames = CutFrames {
             pkt,

@@ -1026,19 +1026,34 @@ pub fn gre_on_wire(
     fields: &[&str],
     traffic: impl FnOnce(),
 ) -> Vec<Vec<String>> {
-    let filter = match lab.topo.underlay.transport {
-        vpcd::topology::Transport::Gre => "ip proto 47",
-        vpcd::topology::Transport::GreUdp => "udp port 4754",
-    };
-    let cap = Capture::start(&lab.lab.underlay_ns(), "br0", filter, tag, 40);
-    traffic();
-    let file = cap.stop();
-    let rows = tshark_fields(&file, &["-d", "udp.port==4754,gre", "-Y", "gre"], fields);
-    let _ = std::fs::remove_file(&file);
+    let rows = gre_read(lab, tag, &["-Y", "gre"], fields, traffic);
     eprintln!("{tag} on the wire: {} GRE packets", rows.len());
     for r in rows.iter().take(40) {
         eprintln!("  {}", r.join(" | "));
     }
+    rows
+}
+
+/// The underlay bridge's GRE (or GRE-in-UDP, decoded as GRE) while `traffic` runs, read by
+/// tshark with `extra` options (a display filter among them): the `fields` of each packet.
+pub fn gre_read(
+    lab: &LabUp,
+    tag: &str,
+    extra: &[&str],
+    fields: &[&str],
+    traffic: impl FnOnce(),
+) -> Vec<Vec<String>> {
+    let filter = match lab.topo.underlay.transport {
+        vpcd::topology::Transport::Gre => "ip proto 47",
+        vpcd::topology::Transport::GreUdp => "udp port 4754",
+    };
+    let cap = Capture::start(&lab.lab.underlay_ns(), "br0", filter, tag, 60);
+    traffic();
+    let file = cap.stop();
+    let mut args = vec!["-d", "udp.port==4754,gre"];
+    args.extend_from_slice(extra);
+    let rows = tshark_fields(&file, &args, fields);
+    let _ = std::fs::remove_file(&file);
     rows
 }
 

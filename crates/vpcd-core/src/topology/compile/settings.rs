@@ -49,7 +49,7 @@ impl Scope<'_> {
         }
         u.instance_mtu = u.default_instance_mtu();
         if let Some(m) = &raw.instance_mtu {
-            let max = i64::from(u.mtu - u.overhead());
+            let max = i64::from(u.room());
             u.instance_mtu = d.int_in(m, item, "instance_mtu", 576..max + 1)? as u16;
         }
         Some(u)
