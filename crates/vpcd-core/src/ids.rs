@@ -33,4 +33,6 @@ ids! {
     InstanceId;
     /// Index of a peering in `Topology::peerings`.
     PeeringId;
+    /// Index of a load balancer in `Topology::load_balancers`.
+    LbId;
 }

@@ -165,6 +165,7 @@ fn kind(d: &Decision) -> String {
             format!("ToInternet{relay}{}", nat(n))
         }
         Decision::FragNeeded { .. } => "FragNeeded".into(),
+        Decision::EchoReply { .. } => "EchoReply".into(),
         Decision::Drop(x) => format!("Drop({:?})", x.reason),
     }
 }
@@ -1215,6 +1216,7 @@ fn nat(src: Option<&str>, dst: Option<&str>) -> Nat {
     Nat {
         src: src.map(addr),
         dst: dst.map(addr),
+        ..Nat::NONE
     }
 }
 
@@ -1634,6 +1636,7 @@ security_groups = ["sg0"]
         nat: Nat {
             src: Some(addr(eip)),
             dst: Some(topo.instances[0].ip),
+            ..Nat::NONE
         },
     };
     check_on(

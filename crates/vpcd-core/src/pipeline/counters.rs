@@ -114,7 +114,7 @@ impl Counters {
                 self.count_drop(x, sender, p.receiver);
                 return;
             }
-            Decision::FragNeeded { .. } => {
+            Decision::FragNeeded { .. } | Decision::EchoReply { .. } => {
                 self.replied += 1;
                 return;
             }

@@ -99,6 +99,9 @@ pub(super) struct Decider<'a> {
     pub via: super::route::Via,
     /// The local instance the packet is for, once the decision knows it (its counters).
     pub receiver: Option<InstanceId>,
+    /// The load balancer's translation of this packet (to a backend, or a reply back to
+    /// the VIP), on top of any Elastic IP's ([`super::balance`]).
+    pub lb_nat: crate::wire::nat::Nat,
 }
 
 /// What the full path found: the decision, the connections behind it (the sending side's and

@@ -144,16 +144,21 @@ impl Decider<'_> {
             });
             return Ok(());
         }
-        let subject = |peer| Subject {
+        let subject = |peer, dport: Option<u16>| Subject {
             peer,
             protocol: ip.protocol,
-            dport: rule_port(ip, false),
+            dport,
         };
+        // The target's ACL sees the port the balancer translated to.
+        let in_port = rule_port(ip, false).map(|p| plan.lb.dport.unwrap_or(p));
         let acl_of = |s: Option<crate::topology::SubnetId>| s.and_then(|s| topo.subnet(s).acl);
         if matches!(origin, Origin::Local { .. })
             && let Some(acl) = acl_of(src)
         {
-            let verdict = acl_allows(&topo.acls[acl.index()].egress_list, &subject(ip.dst));
+            let verdict = acl_allows(
+                &topo.acls[acl.index()].egress_list,
+                &subject(ip.dst, rule_port(ip, false)),
+            );
             self.note(Stage::Acl, |t| trace::acl_fields(t, acl, false, verdict));
             if let Err(rule) = verdict {
                 return Err(policy_drop(
@@ -162,11 +167,14 @@ impl Decider<'_> {
                 ));
             }
         }
-        let seen_src = plan.nat.src.unwrap_or(ip.src);
+        let seen_src = plan.lb.src.or(plan.nat.src).unwrap_or(ip.src);
         if plan.target_local
             && let Some(acl) = acl_of(dst)
         {
-            let verdict = acl_allows(&topo.acls[acl.index()].ingress_list, &subject(seen_src));
+            let verdict = acl_allows(
+                &topo.acls[acl.index()].ingress_list,
+                &subject(seen_src, in_port),
+            );
             self.note(Stage::Acl, |t| trace::acl_fields(t, acl, true, verdict));
             if let Err(rule) = verdict {
                 return Err(policy_drop(
@@ -217,15 +225,16 @@ impl Decider<'_> {
                 ingress: true,
                 src: Endpoint {
                     zone: near,
-                    addr: plan.nat.src.unwrap_or(ip.src),
-                    port: sp,
+                    addr: plan.lb.src.or(plan.nat.src).unwrap_or(ip.src),
+                    port: plan.lb.sport.unwrap_or(sp),
                 },
-                // The destination as delivered: the target's address after NAT, else the
-                // packet's (an appliance receives packets for other addresses).
+                // The destination as delivered: the target's address after NAT (and a load
+                // balancer's port), else the packet's (an appliance receives packets for
+                // other addresses).
                 dst: Endpoint {
                     zone: tz,
-                    addr: plan.nat.dst.unwrap_or(ip.dst),
-                    port: dp,
+                    addr: plan.lb.dst.or(plan.nat.dst).unwrap_or(ip.dst),
+                    port: plan.lb.dport.unwrap_or(dp),
                 },
             }
         });
@@ -439,10 +448,12 @@ impl Decider<'_> {
             } else {
                 (&inst.ingress_rules, DropReason::SgIngress)
             };
+            // The port as this side sees it (a load balancer translates it between sides).
+            let side_port = if reverse { s.src.port } else { s.dst.port };
             let subject = Subject {
                 peer,
                 protocol: ip.protocol,
-                dport: rule_port(ip, reverse),
+                dport: rule_port(ip, reverse).map(|_| side_port),
             };
             let verdict = sg_allows(rules, &subject, s.instance);
             self.note(Stage::SecurityGroup, |t| {

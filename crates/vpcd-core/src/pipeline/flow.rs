@@ -116,9 +116,9 @@ struct Slot {
     deps: Deps,
 }
 
-// What an entry records of the spaces its decision depended on fits the slot's padding: a
-// slot is as large as it was without it.
-const _: () = assert!(std::mem::size_of::<Option<Slot>>() == 136);
+// What an entry records of the spaces its decision depended on fits the slot's padding (a
+// slot is as large as it was without it); a load balancer's ports in the NAT took one word.
+const _: () = assert!(std::mem::size_of::<Option<Slot>>() == 144);
 
 /// The cache.
 pub struct FlowCache {

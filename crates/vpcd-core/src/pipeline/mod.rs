@@ -33,6 +33,7 @@
 //! channel ([`plan`]), the filter (network ACLs, connection tracking, security groups:
 //! [`filter`]) and related ICMP errors ([`related`]).
 
+mod balance;
 mod counters;
 mod decide;
 mod entry;
@@ -155,6 +156,11 @@ pub enum Decision {
         strip: u16,
         /// The source NAT (private address to Elastic IP).
         nat: Nat,
+    },
+    /// An ICMP echo request to a load balancer's VIP: answer it (the VIP's echo reply).
+    EchoReply {
+        /// The local instance that asked.
+        to: InstanceId,
     },
     /// Too big for the path with DF set: answer the sender with ICMP "fragmentation needed".
     FragNeeded {
@@ -318,6 +324,7 @@ impl HostView {
 /// What a pipeline changes as packets pass.
 struct State {
     conntrack: Conntrack,
+    balancer: crate::policy::balance::Balancer,
     flows: FlowCache,
     frags: FragTable,
     counters: Counters,
@@ -358,6 +365,7 @@ impl Pipeline {
             view,
             state: State {
                 conntrack: Conntrack::new(entries, per_owner, seed),
+                balancer: balancer_of(&topo, entries, seed),
                 flows: FlowCache::new(topo.conntrack.flow_cache as usize, seed),
                 frags: FragTable::new(seed),
                 counters,
@@ -427,6 +435,7 @@ impl Pipeline {
         self.forget_connections(&topo, host);
         let (entries, per_owner) = shard_limits(&topo, self.shards);
         self.state.conntrack.set_limits(entries, per_owner);
+        self.state.balancer.set_topology(&topo, entries as usize);
         let generation = self.view.generation + 1;
         self.carry_decisions(&topo, generation);
         self.view = HostView::new(&topo, host, generation);
@@ -499,7 +508,19 @@ impl Pipeline {
 
     /// Expires old connections; call about once a second.
     pub fn sweep(&mut self, now: Timestamp) -> usize {
+        self.state.balancer.sweep(now);
         self.state.conntrack.sweep(now)
+    }
+
+    /// New health-check results for the load balancers' backends (the edge's checker and
+    /// the other hosts' reports): new connections go only to healthy backends.
+    pub fn set_health(&mut self, health: crate::policy::balance::Health) {
+        self.state.balancer.set_health(&self.topo, health);
+    }
+
+    /// The load balancers' sessions and health.
+    pub fn balancer(&self) -> &crate::policy::balance::Balancer {
+        &self.state.balancer
     }
 
     /// Decides what to do with `packet`, which arrived from `from` at `now`. Counts the
@@ -527,6 +548,7 @@ impl Pipeline {
             trace: None,
             via: Default::default(),
             receiver: None,
+            lb_nat: Nat::NONE,
         };
         let d = decider.decide(packet, from, segmented);
         let counted = Counted {
@@ -559,7 +581,9 @@ impl Pipeline {
                 key,
                 nat,
             } => (strip, nat, Dest::Host(host, key)),
-            Decision::FragNeeded { .. } | Decision::Drop(_) => return None,
+            Decision::FragNeeded { .. } | Decision::EchoReply { .. } | Decision::Drop(_) => {
+                return None;
+            }
         };
         let start = usize::from(strip).min(pkt.len());
         let inner = &mut pkt[start..];
@@ -592,6 +616,10 @@ impl Pipeline {
         let Some(plan) = self.transmit_plan(&d, buf.as_mut_slice(), partial) else {
             return match d {
                 Decision::FragNeeded { to, mtu } => self.frag_needed(buf, to, mtu),
+                Decision::EchoReply { to } => {
+                    icmp::echo_reply_in_place(buf.as_mut_slice());
+                    Action::Reply(to)
+                }
                 Decision::Drop(x) => Action::Drop(x),
                 // Every other decision forwards, and has a plan.
                 _ => self.count_late_drop(DropReason::NoHeadroom),
@@ -635,6 +663,13 @@ impl Pipeline {
         self.state.counters.drop(reason);
         Action::Drop(reason.into())
     }
+}
+
+/// An empty balancer, its session table as large as the connection table.
+fn balancer_of(topo: &Topology, entries: u32, seed: u64) -> crate::policy::balance::Balancer {
+    let mut b = crate::policy::balance::Balancer::new(entries as usize, seed);
+    b.set_topology(topo, entries as usize);
+    b
 }
 
 /// The connection-table bounds of one of `shards` shards.
@@ -694,6 +729,8 @@ impl std::fmt::Debug for Pipeline {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_balance;
 #[cfg(test)]
 mod tests_cloud;
 #[cfg(test)]

@@ -20,8 +20,10 @@ pub(super) struct Plan {
     pub target_local: bool,
     /// The target is the internet (through the sender's Elastic IP).
     pub to_internet: bool,
-    /// The addresses as NAT rewrites them.
+    /// The addresses as the Elastic IP's NAT rewrites them.
     pub nat: Nat,
+    /// The addresses and ports as a load balancer rewrites them ([`super::balance`]).
+    pub lb: Nat,
     /// False when this host only relays (the gateway between two remote ends).
     pub policy: bool,
 }
@@ -61,6 +63,9 @@ impl Decider<'_> {
     ) -> Result<(Target, Nat), Decision> {
         let topo = self.topo;
         let mut nat = Nat::NONE;
+        if let super::balance::Balanced::To(target, nat) = self.balance(origin, ip)? {
+            return Ok((target, nat));
+        }
         let target = match origin {
             Origin::Local { id, .. } => self.local_route(id, ip, pkt).map_err(Decision::drop)?,
             Origin::Remote {
@@ -97,6 +102,10 @@ impl Decider<'_> {
         };
         if origin.foreign() {
             self.stays_in_vpc(origin, target)?;
+        }
+        if let Some(s) = origin.source() {
+            let inst = topo.instance(s);
+            self.balance_reply(super::decide::zone_of(topo, inst), inst.space(), ip);
         }
         Ok((target, nat))
     }
@@ -159,11 +168,12 @@ impl Decider<'_> {
         if let (Some(p), true) = (peering, target_local) {
             self.peering_returns(origin, id, p)?;
         }
+        let lb = self.lb_nat;
         let forward = if target_local {
             Decision::Deliver {
                 to: id,
                 strip: 0,
-                nat,
+                nat: nat.then(lb),
             }
         } else {
             let channel = match origin.source() {
@@ -179,7 +189,7 @@ impl Decider<'_> {
                 strip: 0,
                 host: dst.host,
                 key: self.topo.key_of(channel),
-                nat,
+                nat: nat.then(lb),
             }
         };
         Ok(Plan {
@@ -188,6 +198,7 @@ impl Decider<'_> {
             target_local,
             to_internet: false,
             nat,
+            lb,
             // The gateway relaying between the internet (or an Elastic IP) and a remote
             // instance runs no policy: the instance's host does.
             policy: local_sender || target_local,
@@ -207,12 +218,14 @@ impl Decider<'_> {
             return Err(Decision::drop(DropReason::NotLocalDestination));
         };
         let local_sender = matches!(origin, Origin::Local { .. });
+        let lb = self.lb_nat;
         let out = |forward, nat| Plan {
             forward,
             target: None,
             target_local: false,
             to_internet: true,
             nat,
+            lb,
             policy: local_sender,
         };
         if !self.host.gateway {
@@ -235,11 +248,15 @@ impl Decider<'_> {
             };
             return Ok(Ok(out(forward, Nat::NONE)));
         }
-        nat.src = Some(
-            topo.instance(sender)
-                .eip
-                .ok_or(Decision::drop(DropReason::NoEip))?,
-        );
+        // A public load balancer's reply leaves from its Elastic IP (the balancer's
+        // translation), any other packet from the sender's own.
+        if lb.src.is_none() {
+            nat.src = Some(
+                topo.instance(sender)
+                    .eip
+                    .ok_or(Decision::drop(DropReason::NoEip))?,
+            );
+        }
         if let Some(owner) = topo.eip_owner(ip.dst) {
             nat.dst = Some(topo.instance(owner).ip);
             return Ok(Err(owner));
@@ -247,7 +264,7 @@ impl Decider<'_> {
         Ok(Ok(out(
             Decision::ToInternet {
                 strip: 0,
-                nat: *nat,
+                nat: nat.then(lb),
             },
             *nat,
         )))

@@ -202,7 +202,10 @@ impl Decider<'_> {
         pkt: &[u8],
     ) -> Result<Target, DropReason> {
         let src = self.topo.instance(id);
-        if src.eip.is_none() || !is_public(ip.dst) {
+        // A public load balancer's backend answers the internet without an Elastic IP of its
+        // own: its connections came in through the balancer's.
+        let backend = self.topo.lb_address(u32::from(src.ip));
+        if (src.eip.is_none() && !backend) || !is_public(ip.dst) {
             return route(self.topo, id, src, ip.dst, &mut self.via);
         }
         if self.came_in_through_eip(id, ip, pkt) {

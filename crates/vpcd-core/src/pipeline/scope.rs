@@ -417,8 +417,10 @@ impl Carry {
     /// The carry from `old` to `new`; `None` when something global changed (every entry is
     /// retaken).
     pub fn between(old: &Topology, new: &Topology) -> Option<Carry> {
+        // A load balancer's change is global: which addresses are VIPs and backends decides
+        // which flows may be cached at all.
         let (a, b) = (Prints::of(old), Prints::of(new));
-        if a.global != b.global {
+        if a.global != b.global || balancers_differ(old, new) {
             return None;
         }
         let renamed = by_name(a.names.iter().cloned(), b.names.iter().cloned());
@@ -522,6 +524,9 @@ impl Carry {
                 key,
                 nat,
             },
+            Decision::EchoReply { to } => Decision::EchoReply {
+                to: self.instance(to)?,
+            },
             Decision::FragNeeded { to, mtu } => Decision::FragNeeded {
                 to: self.instance(to)?,
                 mtu,
@@ -552,4 +557,16 @@ impl Carry {
             },
         })
     }
+}
+
+/// True when the load balancers changed (ids included: conservative).
+fn balancers_differ(old: &Topology, new: &Topology) -> bool {
+    let names = |t: &Topology| -> Vec<String> {
+        t.load_balancers
+            .iter()
+            .flat_map(|lb| lb.listeners.iter().flat_map(|l| l.backends.iter()))
+            .map(|b| t.instance(b.instance).name.clone())
+            .collect()
+    };
+    old.load_balancers != new.load_balancers || names(old) != names(new)
 }

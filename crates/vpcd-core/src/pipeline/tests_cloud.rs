@@ -183,13 +183,13 @@ instance = "classic1"
 vpc = "alice"
 "#;
 
-struct Cloud {
-    t: Arc<Topology>,
-    hosts: Vec<Pipeline>,
+pub(super) struct Cloud {
+    pub t: Arc<Topology>,
+    pub hosts: Vec<Pipeline>,
 }
 
 impl Cloud {
-    fn new(text: &str) -> Cloud {
+    pub(super) fn new(text: &str) -> Cloud {
         let t = Arc::new(Topology::parse(text, "cloud.toml").unwrap());
         let hosts = (0..t.hosts.len())
             .map(|h| Pipeline::new(t.clone(), HostId(h as u32)))
@@ -197,25 +197,25 @@ impl Cloud {
         Cloud { t, hosts }
     }
 
-    fn host(&mut self, name: &str) -> &mut Pipeline {
+    pub(super) fn host(&mut self, name: &str) -> &mut Pipeline {
         let h = self.t.host_named(name).unwrap();
         &mut self.hosts[h.index()]
     }
 
-    fn id(&self, name: &str) -> InstanceId {
+    pub(super) fn id(&self, name: &str) -> InstanceId {
         self.t.instance_named(name).unwrap()
     }
 
-    fn ip(&self, name: &str) -> [u8; 4] {
+    pub(super) fn ip(&self, name: &str) -> [u8; 4] {
         self.t.instance(self.id(name)).ip.octets()
     }
 
-    fn hid(&self, name: &str) -> HostId {
+    pub(super) fn hid(&self, name: &str) -> HostId {
         self.t.host_named(name).unwrap()
     }
 
     /// Sends `pkt` from instance `from`: the decision on its host.
-    fn send(&mut self, from: &str, pkt: &[u8]) -> Decision {
+    pub(super) fn send(&mut self, from: &str, pkt: &[u8]) -> Decision {
         let id = self.id(from);
         let host = self.t.instance(id).host;
         self.hosts[host.index()].decide(pkt, Ingress::Instance(id), now())
@@ -224,7 +224,7 @@ impl Cloud {
     /// The whole trip of a packet sent by `from`: through the underlay (encapsulated and
     /// decapsulated for real), with NAT applied, until it is delivered, leaves for the
     /// internet or is dropped. Returns the last decision and the bytes as they arrive.
-    fn trip(&mut self, from: Ingress, at: &str, pkt: &[u8]) -> (Decision, Vec<u8>) {
+    pub(super) fn trip(&mut self, from: Ingress, at: &str, pkt: &[u8]) -> (Decision, Vec<u8>) {
         let mut host = self.hid(at);
         let mut buf = PacketBuf::from_packet(pkt);
         let mut ingress = from;
@@ -249,11 +249,11 @@ impl Cloud {
     }
 }
 
-fn now() -> Timestamp {
+pub(super) fn now() -> Timestamp {
     Timestamp::from_secs(1)
 }
 
-fn udp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+pub(super) fn udp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
     let mut u = vec![0u8; 12];
     u[0..2].copy_from_slice(&sport.to_be_bytes());
     u[2..4].copy_from_slice(&dport.to_be_bytes());
@@ -261,7 +261,7 @@ fn udp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
     ipv4::tests::packet(src, dst, proto::UDP, &u)
 }
 
-fn syn(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+pub(super) fn syn(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
     ipv4::tests::packet(
         src,
         dst,
@@ -270,7 +270,7 @@ fn syn(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
     )
 }
 
-fn reason(d: Decision) -> Option<DropReason> {
+pub(super) fn reason(d: Decision) -> Option<DropReason> {
     match d {
         Decision::Drop(x) => Some(x.reason),
         _ => None,
@@ -484,7 +484,8 @@ fn an_instance_on_the_gateway_host() {
             strip: 0,
             nat: Nat {
                 src: Some(Ipv4Addr::new(203, 0, 113, 30)),
-                dst: None
+                dst: None,
+                ..Nat::NONE
             }
         }
     );
@@ -510,7 +511,8 @@ fn an_instance_on_the_gateway_host() {
             strip: 0,
             nat: Nat {
                 src: None,
-                dst: Some(Ipv4Addr::from(gw1))
+                dst: Some(Ipv4Addr::from(gw1)),
+                ..Nat::NONE
             }
         }
     );

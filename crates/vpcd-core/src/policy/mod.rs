@@ -2,6 +2,7 @@
 //!
 //! Pure functions and data: no I/O, and the current time is always an argument.
 
+pub mod balance;
 pub mod conntrack;
 pub mod route;
 pub mod rules;

@@ -56,6 +56,9 @@ pub struct File {
     /// `[[expect]]`.
     #[serde(default, rename = "expect")]
     pub expects: Vec<Spanned<Expect>>,
+    /// `[[load_balancer]]`.
+    #[serde(default, rename = "load_balancer")]
+    pub load_balancers: Vec<Spanned<LoadBalancer>>,
 }
 
 /// A string with its span.
@@ -366,4 +369,70 @@ pub struct Expect {
     pub port: Option<Spanned<i64>>,
     /// Whether the traffic must get through.
     pub reach: bool,
+}
+
+/// `[[load_balancer]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadBalancer {
+    /// Unique name.
+    pub name: Text,
+    /// `"vpc"` (default) or `"basic"`.
+    pub network: Option<Text>,
+    /// Its VPC (a VPC load balancer).
+    pub vpc: Option<Text>,
+    /// The subnet of its VIP (a VPC load balancer).
+    pub subnet: Option<Text>,
+    /// Its tenant (a basic-network load balancer).
+    pub tenant: Option<Text>,
+    /// The VIP; allocated when absent.
+    pub vip: Option<Text>,
+    /// An Elastic IP: a public load balancer.
+    pub eip: Option<Text>,
+    /// Listeners.
+    #[serde(default)]
+    pub listeners: Vec<Spanned<Listener>>,
+}
+
+/// One listener of a load balancer.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    /// `tcp` or `udp`.
+    pub protocol: Text,
+    /// The VIP's port.
+    pub port: Spanned<i64>,
+    /// `wrr` (default), `wlc` or `hash`.
+    pub scheduler: Option<Text>,
+    /// Backends.
+    #[serde(default)]
+    pub backends: Vec<Spanned<BackendSpec>>,
+    /// The health check; defaults when absent.
+    pub health: Option<Spanned<Health>>,
+}
+
+/// One backend.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSpec {
+    /// The instance.
+    pub instance: Text,
+    /// Its port; the listener's when absent.
+    pub port: Option<Spanned<i64>>,
+    /// 0-100, default 10.
+    pub weight: Option<Spanned<i64>>,
+}
+
+/// A listener's health check.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    /// Seconds between probes.
+    pub interval: Option<Spanned<i64>>,
+    /// Seconds a probe may take.
+    pub timeout: Option<Spanned<i64>>,
+    /// Successes in a row that make a backend healthy.
+    pub healthy: Option<Spanned<i64>>,
+    /// Failures in a row that make a backend unhealthy.
+    pub unhealthy: Option<Spanned<i64>>,
 }

@@ -37,6 +37,8 @@ pub struct BasicAllocation {
 pub struct Allocations {
     /// Basic-network addresses.
     pub basic: BTreeMap<String, BasicAllocation>,
+    /// The VIPs of load balancers that name none, by load balancer.
+    pub vip: BTreeMap<String, Ipv4Addr>,
 }
 
 #[derive(Deserialize)]
@@ -44,6 +46,15 @@ pub struct Allocations {
 struct LockFile {
     #[serde(default)]
     basic: Vec<Spanned<LockBasic>>,
+    #[serde(default)]
+    vip: Vec<Spanned<LockVip>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LockVip {
+    load_balancer: String,
+    address: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -63,7 +74,7 @@ impl Allocations {
 
     /// True when nothing is recorded.
     pub fn is_empty(&self) -> bool {
-        self.basic.is_empty()
+        self.basic.is_empty() && self.vip.is_empty()
     }
 
     /// Reads a lock file's text; `file` names it in errors.
@@ -110,6 +121,22 @@ impl Allocations {
                 errors.push(err(entry.span(), item, m));
             }
         }
+        for entry in &parsed.vip {
+            let v = entry.get_ref();
+            let item = format!("vip \"{}\"", v.load_balancer);
+            match v.address.get_ref().parse::<Ipv4Addr>() {
+                Ok(a) if out.vip.insert(v.load_balancer.clone(), a).is_none() => {}
+                Ok(_) => errors.push(err(
+                    entry.span(),
+                    item,
+                    "the load balancer is recorded twice".into(),
+                )),
+                Err(_) => {
+                    let m = format!("address \"{}\" is not an IPv4 address", v.address.get_ref());
+                    errors.push(err(v.address.span(), item, m));
+                }
+            }
+        }
         if errors.is_empty() {
             Ok(out)
         } else {
@@ -135,6 +162,13 @@ impl Allocations {
                 s.push_str("migrated = true\n");
             }
         }
+        for (name, a) in &self.vip {
+            let _ = write!(
+                s,
+                "\n[[vip]]\nload_balancer = {}\naddress = \"{a}\"\n",
+                toml_string(name)
+            );
+        }
         s
     }
 
@@ -148,6 +182,11 @@ impl Allocations {
                     "instance {name}: moved from the basic network into a VPC (one-way)"
                 )),
                 Some(_) => {}
+            }
+        }
+        for (name, a) in &self.vip {
+            if before.vip.get(name) != Some(a) {
+                out.push(format!("load balancer {name}: VIP {a}"));
             }
         }
         out

@@ -365,6 +365,140 @@ pub enum Channel {
     Basic,
 }
 
+/// The layer-4 protocol of a load balancer's listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LbProtocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl LbProtocol {
+    /// The IP protocol number.
+    pub const fn number(self) -> u8 {
+        match self {
+            LbProtocol::Tcp => 6,
+            LbProtocol::Udp => 17,
+        }
+    }
+
+    /// The word used in the topology file.
+    pub const fn word(self) -> &'static str {
+        match self {
+            LbProtocol::Tcp => "tcp",
+            LbProtocol::Udp => "udp",
+        }
+    }
+}
+
+/// How a listener picks a backend for a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scheduler {
+    /// Weighted round robin (smooth, as nginx's).
+    Wrr,
+    /// Weighted least connections: the fewest of this host's open connections per weight.
+    Wlc,
+    /// Source hash: the client's address picks, by weight.
+    Hash,
+}
+
+impl Scheduler {
+    /// The word used in the topology file.
+    pub const fn word(self) -> &'static str {
+        match self {
+            Scheduler::Wrr => "wrr",
+            Scheduler::Wlc => "wlc",
+            Scheduler::Hash => "hash",
+        }
+    }
+}
+
+/// A listener's health check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct HealthCheck {
+    /// Seconds between probes.
+    pub interval: u32,
+    /// Seconds a probe may take.
+    pub timeout: u32,
+    /// Successes in a row that make an unhealthy backend healthy.
+    pub healthy: u32,
+    /// Failures in a row that make a healthy backend unhealthy.
+    pub unhealthy: u32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            interval: 5,
+            timeout: 2,
+            healthy: 3,
+            unhealthy: 3,
+        }
+    }
+}
+
+/// One backend of a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Backend {
+    /// The instance.
+    pub instance: InstanceId,
+    /// Its port.
+    pub port: u16,
+    /// 0-100; 0 takes no new connections.
+    pub weight: u8,
+}
+
+/// A listener: a protocol and port of the VIP, and the backends it spreads over.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Listener {
+    /// TCP or UDP.
+    pub protocol: LbProtocol,
+    /// The VIP's port.
+    pub port: u16,
+    /// How a backend is picked.
+    pub scheduler: Scheduler,
+    /// The backends, in the file's order.
+    pub backends: Vec<Backend>,
+    /// The health check.
+    pub health: HealthCheck,
+}
+
+/// A Cloud Load Balancer (layer 4): a VIP in one network, its listeners, and an optional
+/// Elastic IP that makes it public. It serves one network only: its backends are instances
+/// of its VPC, or basic instances of its tenant (docs/semantics.md 2.12).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadBalancer {
+    /// Name.
+    pub name: String,
+    /// Its network: a VPC subnet, or the basic network with a tenant.
+    pub network: Network,
+    /// The virtual IP, in its subnet or the basic pool.
+    pub vip: Ipv4Addr,
+    /// An Elastic IP: a public load balancer.
+    pub eip: Option<Ipv4Addr>,
+    /// Listeners.
+    pub listeners: Vec<Listener>,
+}
+
+impl LoadBalancer {
+    /// The address space its VIP lives in.
+    pub fn space(&self) -> Space {
+        match self.network {
+            Network::Vpc { vpc, .. } => Space::Vpc(vpc),
+            Network::Basic { .. } => Space::Basic,
+        }
+    }
+
+    /// The listener for `protocol` and `port`.
+    pub fn listener(&self, protocol: u8, port: u16) -> Option<(usize, &Listener)> {
+        self.listeners
+            .iter()
+            .enumerate()
+            .find(|(_, l)| l.protocol.number() == protocol && l.port == port)
+    }
+}
+
 /// What an `[[expect]]` sends to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExpectTarget {
@@ -435,6 +569,8 @@ pub struct Topology {
     pub interconnects: Vec<Interconnect>,
     /// Expectations.
     pub expects: Vec<Expect>,
+    /// Load balancers.
+    pub load_balancers: Vec<LoadBalancer>,
     /// The provider's allocations this topology uses: those of its lock file, and any it made
     /// (compare with the lock it was compiled with to know whether the lock must be written).
     pub allocations: super::lock::Allocations,
@@ -456,6 +592,12 @@ pub(crate) struct Index {
     pub instance_by_address: HashMap<(Space, Ipv4Addr), InstanceId>,
     pub instance_by_eip: HashMap<Ipv4Addr, InstanceId>,
     pub linked_vpc: HashMap<InstanceId, VpcId>,
+    pub lb_by_vip: HashMap<(Space, Ipv4Addr), LbId>,
+    pub lb_by_eip: HashMap<Ipv4Addr, LbId>,
+    /// Backend endpoints: (space, protocol, address, port).
+    pub backends: hashbrown::HashSet<(Space, u8, Ipv4Addr, u16)>,
+    /// Every address a load balancer's flows can carry: VIPs, their EIPs, backends'.
+    pub lb_addresses: hashbrown::HashSet<u32>,
 }
 
 impl Topology {
@@ -549,6 +691,39 @@ impl Topology {
     #[inline]
     pub fn eip_owner(&self, eip: Ipv4Addr) -> Option<InstanceId> {
         self.index.instance_by_eip.get(&eip).copied()
+    }
+
+    /// The load balancer whose VIP `vip` is in `space`.
+    #[inline]
+    pub fn lb_at(&self, space: Space, vip: Ipv4Addr) -> Option<LbId> {
+        self.index.lb_by_vip.get(&(space, vip)).copied()
+    }
+
+    /// The public load balancer with Elastic IP `eip`.
+    #[inline]
+    pub fn lb_by_eip(&self, eip: Ipv4Addr) -> Option<LbId> {
+        self.index.lb_by_eip.get(&eip).copied()
+    }
+
+    /// A load balancer.
+    #[inline]
+    pub fn lb(&self, id: LbId) -> &LoadBalancer {
+        &self.load_balancers[id.index()]
+    }
+
+    /// True when `addr:port` of `space` is a backend of some listener for `protocol`.
+    #[inline]
+    pub fn is_backend(&self, space: Space, protocol: u8, addr: Ipv4Addr, port: u16) -> bool {
+        !self.index.backends.is_empty()
+            && self.index.backends.contains(&(space, protocol, addr, port))
+    }
+
+    /// True for an address a load-balanced flow can carry (a VIP, a load balancer's EIP, a
+    /// backend's address, in any space): the daemon's workers send such pairs to one worker,
+    /// where the balancer's sessions are.
+    #[inline]
+    pub fn lb_address(&self, addr: u32) -> bool {
+        !self.index.lb_addresses.is_empty() && self.index.lb_addresses.contains(&addr)
     }
 
     /// The VPC a basic-network instance is linked to.

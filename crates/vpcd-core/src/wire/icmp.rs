@@ -46,6 +46,27 @@ pub fn frag_needed_in_place(
     Ok(())
 }
 
+/// Turns a validated ICMP echo request in place into its reply: addresses swapped, type 0,
+/// a fresh TTL, both checksums recomputed.
+pub fn echo_reply_in_place(p: &mut [u8]) {
+    let header_len = usize::from(p[0] & 0x0f) * 4;
+    if p.len() < header_len + 8 {
+        return;
+    }
+    let (src, dst) = (p[12..16].to_vec(), p[16..20].to_vec());
+    p[12..16].copy_from_slice(&dst);
+    p[16..20].copy_from_slice(&src);
+    p[8] = 64;
+    p[10..12].fill(0);
+    let c = ipv4::checksum(&p[..header_len]);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    let icmp = &mut p[header_len..];
+    icmp[0] = icmp_type::ECHO_REPLY;
+    icmp[2..4].fill(0);
+    let c = ipv4::checksum(icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,4 +1,5 @@
-//! 1:1 NAT: rewriting an IPv4 packet's source or destination address in place, with the
+//! 1:1 NAT, and a load balancer's port translation: rewriting an IPv4 packet's source or
+//! destination address (and TCP or UDP port) in place, with the
 //! checksums it touches updated incrementally (RFC 1624): the IPv4 header's, TCP's and UDP's
 //! (whose pseudo-header holds the addresses), and for an ICMP error, the quoted packet's
 //! matching address, so that the instance recognises its own packet.
@@ -14,6 +15,10 @@ pub struct Nat {
     pub src: Option<Ipv4Addr>,
     /// New destination address.
     pub dst: Option<Ipv4Addr>,
+    /// New TCP or UDP source port (a load balancer's reply: the listener's port).
+    pub sport: Option<u16>,
+    /// New TCP or UDP destination port (to a load balancer's backend).
+    pub dport: Option<u16>,
 }
 
 impl Nat {
@@ -21,11 +26,23 @@ impl Nat {
     pub const NONE: Nat = Nat {
         src: None,
         dst: None,
+        sport: None,
+        dport: None,
     };
 
     /// True when nothing is rewritten.
     pub fn is_none(&self) -> bool {
-        self.src.is_none() && self.dst.is_none()
+        self.src.is_none() && self.dst.is_none() && self.sport.is_none() && self.dport.is_none()
+    }
+
+    /// `self`, with what `over` rewrites taking precedence.
+    pub fn then(self, over: Nat) -> Nat {
+        Nat {
+            src: over.src.or(self.src),
+            dst: over.dst.or(self.dst),
+            sport: over.sport.or(self.sport),
+            dport: over.dport.or(self.dport),
+        }
     }
 }
 
@@ -64,6 +81,7 @@ pub fn apply(p: &mut [u8], nat: &Nat, partial: bool) {
     if p.len() < ipv4::HEADER_LEN {
         return;
     }
+    rewrite_ports(p, nat, partial);
     let ihl = usize::from(p[0] & 0x0f) * 4;
     let later_fragment = field(p, 6) & 0x1fff != 0;
     for (at, new) in [(12usize, nat.src), (16, nat.dst)] {
@@ -114,6 +132,33 @@ pub fn apply(p: &mut [u8], nat: &Nat, partial: bool) {
     }
 }
 
+/// Rewrites the TCP or UDP ports of `p` (not a later fragment: it has no ports). A partial
+/// checksum covers only the pseudo-header, which holds no port: it stays.
+fn rewrite_ports(p: &mut [u8], nat: &Nat, partial: bool) {
+    if nat.sport.is_none() && nat.dport.is_none() || field(p, 6) & 0x1fff != 0 {
+        return;
+    }
+    let ihl = usize::from(p[0] & 0x0f) * 4;
+    let check_at = match p[9] {
+        proto::TCP => ihl + 16,
+        proto::UDP => ihl + 6,
+        _ => return,
+    };
+    if p.len() < check_at + 2 {
+        return;
+    }
+    for (at, new) in [(ihl, nat.sport), (ihl + 2, nat.dport)] {
+        let Some(new) = new else { continue };
+        let old = field(p, at);
+        set(p, at, new);
+        let check = field(p, check_at);
+        let zero_udp = p[9] == proto::UDP && check == 0;
+        if !partial && !zero_udp && old != new {
+            set(p, check_at, !add(add(!check, !old), new));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,6 +195,7 @@ mod tests {
             &Nat {
                 src: Some(Ipv4Addr::new(203, 0, 113, 10)),
                 dst: None,
+                ..Nat::NONE
             },
             false,
         );
@@ -160,6 +206,7 @@ mod tests {
             &Nat {
                 src: None,
                 dst: Some(Ipv4Addr::new(10, 0, 2, 20)),
+                ..Nat::NONE
             },
             false,
         );
@@ -182,6 +229,7 @@ mod tests {
         let nat = Nat {
             src: Some(Ipv4Addr::new(203, 0, 113, 10)),
             dst: None,
+            ..Nat::NONE
         };
         apply(&mut p, &nat, false);
         let ip = Ipv4HeaderSlice::from_slice(&p).unwrap().to_header();
@@ -216,6 +264,7 @@ mod tests {
             &Nat {
                 src: Some(Ipv4Addr::new(203, 0, 113, 10)),
                 dst: None,
+                ..Nat::NONE
             },
             true,
         );
@@ -243,6 +292,7 @@ mod tests {
             &Nat {
                 src: None,
                 dst: Some(Ipv4Addr::new(10, 0, 1, 10)),
+                ..Nat::NONE
             },
             false,
         );

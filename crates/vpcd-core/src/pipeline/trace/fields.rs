@@ -67,6 +67,10 @@ pub(super) fn result_fields(t: &Topology, d: &Decision) -> Vec<(&'static str, St
             ("to", t.host(host).name.clone()),
         ],
         Decision::ToInternet { .. } => vec![("result", "to the internet".into())],
+        Decision::EchoReply { to } => vec![
+            ("result", "echo reply from the VIP".into()),
+            ("to", name(to)),
+        ],
         Decision::FragNeeded { to, mtu } => vec![
             ("result", "fragmentation needed".into()),
             ("to", name(to)),

@@ -47,6 +47,8 @@ pub enum Stage {
     Conntrack,
     /// A security-group list.
     SecurityGroup,
+    /// Load balancing: the session or new pick, or the VIP's own answer.
+    Balance,
     /// 1:1 NAT.
     Nat,
     /// The key and transport on the wire.
@@ -65,6 +67,7 @@ impl Stage {
             Stage::Acl => "acl",
             Stage::Conntrack => "conntrack",
             Stage::SecurityGroup => "security-group",
+            Stage::Balance => "load-balancer",
             Stage::Nat => "nat",
             Stage::Wire => "wire",
             Stage::Result => "result",
@@ -200,6 +203,7 @@ impl Pipeline {
     pub fn trace(&self, packet: &[u8], from: Ingress, now: Timestamp) -> Hop {
         let mut state = super::State {
             conntrack: self.state.conntrack.clone(),
+            balancer: self.state.balancer.clone(),
             flows: FlowCache::new(2, self.seed),
             frags: self.state.frags.clone(),
             counters: Counters::new(self.topo.instances.len()),
@@ -218,6 +222,7 @@ impl Pipeline {
             trace: Some(sink),
             receiver: None,
             via: Default::default(),
+            lb_nat: crate::wire::nat::Nat::NONE,
         };
         let decision = decider.decide(packet, from, false);
         let host = self.view.host;
@@ -317,7 +322,9 @@ fn verdict_of(t: &HostTrace) -> Verdict {
     match t.decision {
         Decision::Deliver { to, .. } => Verdict::Delivered { to, host },
         Decision::ToInternet { .. } => Verdict::ToInternet { host },
-        Decision::FragNeeded { to, .. } => Verdict::Replied { to, host },
+        Decision::FragNeeded { to, .. } | Decision::EchoReply { to } => {
+            Verdict::Replied { to, host }
+        }
         Decision::Drop(dropped) => Verdict::Dropped {
             host,
             stage: deciding_stage(&t.steps),

@@ -376,6 +376,7 @@ impl Scope<'_> {
             .basic
             .values()
             .filter_map(|a| slot_of(a.address))
+            .chain(lock.vip.values().filter_map(|&a| slot_of(a)))
             .collect();
         let mut pending = Vec::new();
         for (raw, inst) in f.instances.iter().zip(instances.iter_mut()) {

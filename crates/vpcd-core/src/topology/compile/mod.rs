@@ -7,6 +7,7 @@
 //! VPCs, peerings, subnets, interconnects, keys), instances, policy (ACLs, groups, route
 //! tables), expectations. Nothing is compiled unless the whole file is valid.
 
+mod balancers;
 mod diagnostics;
 mod expects;
 mod instances;
@@ -60,6 +61,8 @@ struct AllNames {
 
 impl AllNames {
     fn register(f: &file::File, d: &mut Diagnostics) -> AllNames {
+        // Nothing refers to a load balancer: its names are only checked.
+        d.names("load_balancer", &f.load_balancers, |l| &l.name);
         AllNames {
             host: d.names("host", &f.hosts, |h| &h.name),
             vpc: d.names("vpc", &f.vpcs, |v| &v.name),
@@ -99,6 +102,7 @@ struct Scope<'f> {
     tables: Vec<Option<RouteTable>>,
     expects: Vec<Option<Expect>>,
     channels: Vec<(Channel, u32)>,
+    load_balancers: Vec<Option<LoadBalancer>>,
 }
 
 impl<'f> Scope<'f> {
@@ -126,6 +130,7 @@ impl<'f> Scope<'f> {
             tables: Vec::new(),
             expects: Vec::new(),
             channels: Vec::new(),
+            load_balancers: Vec::new(),
         };
         s.underlay = s.check_underlay(d);
         s.conntrack = s.check_conntrack(d);
@@ -142,6 +147,7 @@ impl<'f> Scope<'f> {
         let mut instances = s.check_instances(d);
         s.allocations = s.allocate_basic(d, &mut instances);
         s.instances = instances;
+        s.load_balancers = s.check_load_balancers(d);
         s.interconnects = s.check_interconnects(d);
         s.tables = s.check_route_tables(d);
         s.expects = s.check_expects(d);
@@ -180,7 +186,9 @@ impl<'f> Scope<'f> {
         let mut instances = all(self.instances);
         policy::compile_instance_rules(&mut instances, &security_groups);
         let interconnects = all(self.interconnects);
-        let index = index(&hosts, &vpcs, &instances, &interconnects, &self.channels);
+        let load_balancers = all(self.load_balancers);
+        let mut index = index(&hosts, &vpcs, &instances, &interconnects, &self.channels);
+        index_balancers(&mut index, &load_balancers, &instances);
         Topology {
             file: file.to_string(),
             underlay: self.underlay.expect("valid"),
@@ -198,6 +206,7 @@ impl<'f> Scope<'f> {
             internet: self.internet.flatten(),
             interconnects,
             expects: all(self.expects),
+            load_balancers,
             allocations: self.allocations,
             unlocked: Vec::new(),
             index,
@@ -244,4 +253,26 @@ fn index(
         .map(|ic| (ic.instance, ic.vpc))
         .collect::<HashMap<_, _>>();
     index
+}
+
+/// The load balancers' lookups: VIPs, Elastic IPs, backend endpoints, and every address
+/// their flows carry.
+fn index_balancers(index: &mut Index, lbs: &[LoadBalancer], instances: &[Instance]) {
+    for (i, lb) in lbs.iter().enumerate() {
+        let id = LbId(i as u32);
+        index.lb_by_vip.insert((lb.space(), lb.vip), id);
+        index.lb_addresses.insert(u32::from(lb.vip));
+        if let Some(eip) = lb.eip {
+            index.lb_by_eip.insert(eip, id);
+            index.lb_addresses.insert(u32::from(eip));
+        }
+        for l in &lb.listeners {
+            for b in &l.backends {
+                let inst = &instances[b.instance.index()];
+                let endpoint = (inst.space(), l.protocol.number(), inst.ip, b.port);
+                index.backends.insert(endpoint);
+                index.lb_addresses.insert(u32::from(inst.ip));
+            }
+        }
+    }
 }
