@@ -223,8 +223,33 @@ pub fn summary(t: &Topology, full: bool) -> String {
     summary_networks(&mut s, t);
     summary_instances(&mut s, t, full);
     summary_policy(&mut s, t);
+    summary_balancers(&mut s, t);
     summary_expects(&mut s, t, full);
     s
+}
+
+/// Each load balancer: its network, VIP (and Elastic IP), listeners and backends.
+fn summary_balancers(s: &mut String, t: &Topology) {
+    use std::fmt::Write;
+    if t.load_balancers.is_empty() {
+        return;
+    }
+    let _ = writeln!(s, "load balancers ({}):", t.load_balancers.len());
+    for lb in &t.load_balancers {
+        let network = match &lb.network {
+            Network::Vpc { vpc, .. } => t.vpc(*vpc).name.clone(),
+            Network::Basic { tenant } => format!("basic ({tenant})"),
+        };
+        let eip = lb.eip.map(|e| format!(", public {e}")).unwrap_or_default();
+        let _ = writeln!(s, "  {:<12} {network:<12} vip {}{eip}", lb.name, lb.vip);
+        for l in &lb.listeners {
+            let backends: Vec<String> = (l.backends.iter())
+                .map(|b| format!("{}:{} w{}", t.instance(b.instance).name, b.port, b.weight))
+                .collect();
+            let (p, port, sched) = (l.protocol.word(), l.port, l.scheduler.word());
+            let _ = writeln!(s, "    {p} {port} {sched}: {}", backends.join(", "));
+        }
+    }
 }
 
 fn summary_hosts(s: &mut String, t: &Topology, full: bool) {

@@ -41,6 +41,8 @@ pub enum Request {
     },
     /// Zero every counter.
     ClearCounters {},
+    /// The load balancers' backends: health, who checks them, open sessions.
+    Health {},
     /// The connection table, or (`flush`) empty it.
     Flows {
         /// Only this instance's connections.

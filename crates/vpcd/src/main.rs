@@ -204,6 +204,9 @@ enum CtlCommand {
     },
     /// Zero every counter.
     ClearCounters,
+    /// The load balancers' backends: healthy or not, which host checks them, the last probe
+    /// error, this host's open sessions to each.
+    Health,
     /// Trace a packet: this host with its live tables (connections, flow cache), the hosts
     /// after it with empty ones.
     Trace {
@@ -248,6 +251,7 @@ impl CtlCommand {
             CtlCommand::Reload => Request::Reload {},
             CtlCommand::Stats { prometheus } => Request::Stats { prometheus },
             CtlCommand::ClearCounters => Request::ClearCounters {},
+            CtlCommand::Health => Request::Health {},
             CtlCommand::Flows { instance, flush } => Request::Flows { instance, flush },
             CtlCommand::Trace { what } => Request::Trace(what.args()),
             CtlCommand::Capture {

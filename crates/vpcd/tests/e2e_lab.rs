@@ -77,11 +77,11 @@ fn two_labs_of_one_topology_run_side_by_side() {
         "lab demo beside two labs: {}",
         text(&demo)
     );
-    assert!(stdout(&demo).contains("13 of 13 expectations hold"));
+    assert!(stdout(&demo).contains("16 of 16 expectations hold"));
     for lab in [&first, &second] {
         let o = vpcd(&["lab", "check", "--name", lab.name()]);
         assert!(o.status.success(), "{}", text(&o));
-        assert!(stdout(&o).contains("13 of 13 expectations hold"));
+        assert!(stdout(&o).contains("16 of 16 expectations hold"));
     }
     // The first comes down; the second still forwards, then comes down too.
     lab_down("sidea");

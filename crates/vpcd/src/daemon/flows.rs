@@ -57,6 +57,7 @@ fn verdict(t: &Topology, d: Option<Decision>) -> Value {
         }
         Decision::ToInternet { .. } => "to-internet".into(),
         Decision::FragNeeded { .. } => "frag-needed".into(),
+        Decision::EchoReply { .. } => "echo-reply".into(),
         Decision::Drop(x) => format!("drop {}", x.reason.name()),
     })
 }

@@ -18,6 +18,7 @@
 //! (signals and timers); the data path runs on plain threads.
 
 mod flows;
+mod health;
 mod ops;
 mod pool;
 pub mod tap;
@@ -67,11 +68,17 @@ pub const TXQUEUELEN: u32 = 4096;
 /// reads nothing new and takes its own inbox until there is room (`handoff_waits` counts
 /// it): never a drop, and never a block on a worker that may be waiting on it.
 const INBOX: usize = 64;
+/// What [`Affinity`] counts every load balancer's address as.
+const LB_ADDRESS: u32 = 0;
 
 /// How readers pick the worker that owns a packet: a hash of its address pair (see
 /// [`ipv4::pair_hash`]), Elastic IPs counted as the private addresses they stand for, so that
-/// both sides of a translated flow land on one worker. Each worker asks with the topology it
-/// is in (its pipeline's): no lock, no shared pointer to follow per packet.
+/// both sides of a translated flow land on one worker. A load-balanced connection is
+/// client↔VIP one way and backend↔client the other, and its session is one worker's: every
+/// address a load balancer's flows carry (VIPs, their Elastic IPs, backends') counts as one
+/// and the same, so that the pair's other end (the client) alone picks the worker. Each
+/// worker asks with the topology it is in (its pipeline's): no lock, no shared pointer to
+/// follow per packet.
 #[derive(Debug, Clone, Copy)]
 pub struct Affinity {
     seed: u32,
@@ -85,8 +92,10 @@ impl Affinity {
             return 0;
         }
         let private = |a: u32| {
-            t.eip_owner(Ipv4Addr::from(a))
-                .map_or(a, |id| u32::from(t.instance(id).ip))
+            let a = t
+                .eip_owner(Ipv4Addr::from(a))
+                .map_or(a, |id| u32::from(t.instance(id).ip));
+            if t.lb_address(a) { LB_ADDRESS } else { a }
         };
         ipv4::pair_hash(inner, self.seed, private) as usize % self.workers
     }
@@ -165,6 +174,8 @@ struct Daemon {
     capturing: tap::Busy,
     /// With `--store`: where the store's watch resumes, taken by the control loop.
     follow: Option<crate::desired::FollowFrom>,
+    /// The load balancers' health checks.
+    health: Option<health::Hub>,
 }
 
 /// A daemon's first topology, its text (for the status hash) and, from the store, its
@@ -300,6 +311,7 @@ pub fn run(opts: Options) -> Result<()> {
         status: ops::Status::new(&first.text, first.revision),
         follow: first.follow,
         capturing: Arc::default(),
+        health: None,
     };
     let result = d.start(workers).and_then(|()| d.control());
     d.cleanup();
@@ -348,6 +360,12 @@ impl Daemon {
                 };
                 Ok(move || Worker::new(wiring, p, devices, sock, pool, clock).run())
             })?;
+        }
+        match health::Hub::start(t.clone(), self.host, lanes) {
+            Ok(hub) => self.health = Some(hub),
+            Err(e) => {
+                warn!(error = %e, "health checks not started: every backend counts as healthy")
+            }
         }
         info!(host = %self.opts.host, "running");
         Ok(())
@@ -553,6 +571,9 @@ impl Daemon {
         let devices = self.device_table(&t, host);
         for lane in self.lanes.iter().flat_map(|l| l.iter()) {
             lane.send_blocking(Msg::Topology(t.clone(), devices.clone()));
+        }
+        if let Some(h) = &self.health {
+            h.topology(t.clone());
         }
         self.topo = t;
         Ok(())
@@ -800,6 +821,8 @@ struct Totals {
     handoffs: u64,
     underlay: UnderlayCounters,
     tx_errors: TxErrors,
+    lb_sessions: usize,
+    lb_open: BTreeMap<(Ipv4Addr, u16), u32>,
 }
 
 impl Totals {
@@ -812,6 +835,8 @@ impl Totals {
             handoffs: 0,
             underlay: UnderlayCounters::default(),
             tx_errors: TxErrors::new(t.instances.len()),
+            lb_sessions: 0,
+            lb_open: BTreeMap::new(),
         }
     }
 
@@ -827,6 +852,10 @@ impl Totals {
         self.conntrack.refused_full += r.conntrack.refused_full;
         self.conntrack.refused_instance += r.conntrack.refused_instance;
         self.tx_errors.merge(&r.tx_errors);
+        self.lb_sessions += r.lb_sessions;
+        for &(a, p, n) in &r.lb_open {
+            *self.lb_open.entry((a, p)).or_default() += n;
+        }
     }
 
     /// The statistics file of host `host` (named `name`).
@@ -1039,6 +1068,29 @@ security_groups = ["sg"]
             apart > 16,
             "an address that is no Elastic IP is its own: {apart}/64"
         );
+    }
+
+    /// A load-balanced connection's two directions (client→VIP, backend→client), from the
+    /// cloud and from the internet, land on one worker: the one its session is on.
+    #[test]
+    fn a_load_balanced_connection_keeps_one_worker() {
+        let lb = "\n[[load_balancer]]\nname = \"lb\"\nvpc = \"v\"\nsubnet = \"s\"\nvip = \"10.0.1.100\"\neip = \"203.0.113.50\"\nlisteners = [ { protocol = \"tcp\", port = 80, backends = [ { instance = \"web\" } ] } ]\n";
+        let t = Topology::parse(&format!("{TOPOLOGY}{lb}"), "test.toml")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let db = t.instance(t.instance_named("db").unwrap()).ip.octets();
+        let pairs = [
+            (packet(db, [10, 0, 1, 100]), packet([10, 0, 1, 10], db)),
+            (
+                packet([198, 51, 100, 7], [203, 0, 113, 50]),
+                packet([10, 0, 1, 10], [198, 51, 100, 7]),
+            ),
+        ];
+        for seed in 0..64 {
+            let a = Affinity { seed, workers: 4 };
+            for (to_vip, reply) in &pairs {
+                assert_eq!(a.owner(&t, to_vip), a.owner(&t, reply), "seed {seed}");
+            }
+        }
     }
 
     /// The statistics name every transmit error counter of the host: each of its instances,

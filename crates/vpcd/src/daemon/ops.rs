@@ -21,6 +21,7 @@ use crate::pipeline::{self, trace::Hop};
 use crate::topology::{HostId, Topology, Transport};
 use crate::trace::{self, TraceArgs};
 use crate::{Ingress, Timestamp};
+use vpcd_core::policy::balance::{BackendName, HEALTH_SOURCE, backend_names};
 
 /// A request from the control socket with the way back to its client.
 pub(super) type Asked = (Request, crossbeam_channel::Sender<Reply>);
@@ -78,7 +79,7 @@ fn fnv64(text: &str) -> String {
 }
 
 impl Totals {
-    fn prometheus(&self, t: &Topology, host: HostId, name: &str) -> String {
+    fn prometheus(&self, t: &Topology, host: HostId, name: &str, board: &[BoardRow]) -> String {
         let mut tx = metrics::Family {
             name: "vpcd_tx_errors_total",
             help: "Writes that failed, by port (an instance's device, the internet device, the underlay).",
@@ -126,7 +127,126 @@ impl Totals {
         });
         families.extend(metrics::underlay(&self.underlay));
         families.push(tx);
+        families.extend(self.balancer_families(board));
         metrics::render(name, &families)
+    }
+
+    /// The load balancers' metrics: each backend's health and open sessions here, and the
+    /// sessions this host holds.
+    fn balancer_families(&self, board: &[BoardRow]) -> Vec<metrics::Family> {
+        let labels = |r: &BoardRow| {
+            vec![
+                ("load_balancer", r.name.lb.clone()),
+                (
+                    "listener",
+                    format!("{} {}", r.name.protocol.word(), r.name.port),
+                ),
+                (
+                    "backend",
+                    format!("{}:{}", r.name.instance, r.name.backend_port),
+                ),
+            ]
+        };
+        let healthy = metrics::Family {
+            name: "vpcd_lb_backend_healthy",
+            help: "1 when a load balancer's backend is healthy (its checks, or its host's reports, say so), else 0.",
+            kind: metrics::Kind::Gauge,
+            samples: board
+                .iter()
+                .map(|r| (labels(r), u64::from(r.healthy)))
+                .collect(),
+        };
+        let open = metrics::Family {
+            name: "vpcd_lb_backend_open_sessions",
+            help: "Open load-balanced connections of this host's clients to a backend (what weighted least connections counts).",
+            kind: metrics::Kind::Gauge,
+            samples: board
+                .iter()
+                .map(|r| (labels(r), u64::from(r.open)))
+                .collect(),
+        };
+        let sessions = metrics::Family {
+            name: "vpcd_lb_sessions",
+            help: "Load-balancing sessions this host holds (its clients' connections to VIPs).",
+            kind: metrics::Kind::Gauge,
+            samples: vec![(Vec::new(), self.lb_sessions as u64)],
+        };
+        vec![healthy, open, sessions]
+    }
+}
+
+/// One backend as `vpcd ctl health` and the metrics show it.
+pub(super) struct BoardRow {
+    name: BackendName,
+    healthy: bool,
+    /// The host whose checks (or reports) say so; `None`: not checked yet.
+    checked_by: Option<String>,
+    last_error: Option<String>,
+    /// This host's clients' open sessions to it.
+    open: u32,
+}
+
+impl Daemon {
+    /// Every backend of the topology, with what the health board says of it.
+    pub(super) fn board_rows(&self, totals: &Totals) -> Vec<BoardRow> {
+        let t = &self.topo;
+        let board = self
+            .health
+            .as_ref()
+            .map(|h| h.board.lock().unwrap().clone());
+        backend_names(t)
+            .into_iter()
+            .map(|(lb, li, bi, name)| {
+                let b = t.lb(lb).listeners[li].backends[bi];
+                let open = (totals.lb_open)
+                    .get(&(t.instance(b.instance).ip, b.port))
+                    .copied()
+                    .unwrap_or(0);
+                let e = board.as_ref().and_then(|m| m.get(&name));
+                BoardRow {
+                    healthy: e.is_none_or(|e| e.state.healthy),
+                    checked_by: e.map(|e| e.checked_by.clone()),
+                    last_error: e.and_then(|e| e.last_error.clone()),
+                    open,
+                    name,
+                }
+            })
+            .collect()
+    }
+
+    /// `vpcd ctl health`.
+    fn health_reply(&self) -> Reply {
+        let totals = self.collect(Msg::Tick);
+        let rows = self.board_rows(&totals);
+        let mut text = format!(
+            "{:<16} {:<10} {:<22} {:<10} {:<12} {:>5}  LAST ERROR\n",
+            "LOAD BALANCER", "LISTENER", "BACKEND", "HEALTH", "CHECKED BY", "OPEN"
+        );
+        let mut list = Vec::new();
+        for r in &rows {
+            let listener = format!("{} {}", r.name.protocol.word(), r.name.port);
+            let backend = format!("{}:{}", r.name.instance, r.name.backend_port);
+            let health = if r.healthy { "healthy" } else { "unhealthy" };
+            let by = r.checked_by.clone().unwrap_or_else(|| "-".into());
+            let err = r.last_error.clone().unwrap_or_else(|| "-".into());
+            text.push_str(&format!(
+                "{:<16} {listener:<10} {backend:<22} {health:<10} {by:<12} {:>5}  {err}\n",
+                r.name.lb, r.open
+            ));
+            list.push(json!({
+                "load_balancer": r.name.lb, "listener": listener, "backend": backend,
+                "healthy": r.healthy, "checked_by": r.checked_by, "last_error": r.last_error,
+                "open_sessions": r.open,
+            }));
+        }
+        text.push_str(&format!(
+            "health checks come from {} (admit it on the backend ports); {} sessions here\n",
+            HEALTH_SOURCE, totals.lb_sessions
+        ));
+        Reply::ok(
+            text,
+            json!({"backends": list, "sessions": totals.lb_sessions}),
+        )
     }
 }
 
@@ -194,7 +314,12 @@ impl Daemon {
                 let totals = self.collect(Msg::Tick);
                 if prometheus {
                     Reply::ok(
-                        totals.prometheus(&self.topo, self.host, &self.opts.host),
+                        totals.prometheus(
+                            &self.topo,
+                            self.host,
+                            &self.opts.host,
+                            &self.board_rows(&totals),
+                        ),
                         json!(null),
                     )
                 } else {
@@ -209,6 +334,7 @@ impl Daemon {
                 Reply::ok("counters cleared", json!(null))
             }
             Request::Flows { instance, flush } => self.flows_reply(instance, flush),
+            Request::Health {} => self.health_reply(),
             Request::Trace(args) => self.trace_reply(&args),
             Request::Capture { .. } => Reply::error("capture: answered by its writer"),
         }

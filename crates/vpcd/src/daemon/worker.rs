@@ -110,6 +110,8 @@ pub enum Msg {
         /// Where the answer goes.
         reply: Sender<FlowsAnswer>,
     },
+    /// The load balancers' backends' health ([`super::health`]).
+    Health(crate::policy::balance::Health),
     /// Stop.
     Stop,
 }
@@ -199,6 +201,10 @@ pub struct WorkerReport {
     pub underlay: UnderlayCounters,
     /// Packets it handed to the worker owning their flow.
     pub handoffs: u64,
+    /// Its load balancers' sessions, by backend endpoint: open ones.
+    pub lb_open: Vec<(std::net::Ipv4Addr, u16, u32)>,
+    /// Its load balancers' sessions.
+    pub lb_sessions: usize,
 }
 
 /// What went through a worker's underlay sockets: datagrams as the socket carries them
@@ -508,6 +514,7 @@ impl Worker {
                 } => {
                     let _ = reply.send(self.flows(instance.as_deref(), flush));
                 }
+                Msg::Health(h) => self.pipeline.set_health(h),
                 Msg::Stop => return false,
             }
         }
@@ -539,6 +546,10 @@ impl Worker {
             tx_errors: self.tx_errors.clone(),
             underlay: self.underlay,
             handoffs: self.handoffs,
+            lb_open: (self.pipeline.balancer().open_counts())
+                .map(|((_, _, (a, p)), n)| (*a, *p, *n))
+                .collect(),
+            lb_sessions: self.pipeline.balancer().len(),
         }
     }
 

@@ -101,10 +101,7 @@ pub fn check(lab: &Lab, out: &mut dyn Write) -> Result<CheckReport> {
                 ExpectSource::Instance(id) => t.instance(id).name.clone(),
                 ExpectSource::Internet => "internet".to_string(),
             },
-            to: match &e.to {
-                ExpectTarget::Instance(id) => t.instance(*id).name.clone(),
-                ExpectTarget::Address(a) => a.to_string(),
-            },
+            to: target_label(&t, e),
             what: match e.port {
                 Some(p) => format!("{}:{p}", e.protocol.word()),
                 None => e.protocol.word().to_string(),
@@ -131,6 +128,20 @@ pub fn check(lab: &Lab, out: &mut dyn Write) -> Result<CheckReport> {
         }
     )?;
     Ok(report)
+}
+
+/// The target as the matrix names it: an instance, a load balancer (`lb:NAME`) when the
+/// address is one's VIP in the sender's network or its Elastic IP, or the address.
+fn target_label(t: &Topology, e: &Expect) -> String {
+    let a = match &e.to {
+        ExpectTarget::Instance(id) => return t.instance(*id).name.clone(),
+        ExpectTarget::Address(a) => *a,
+    };
+    let lb = match e.from {
+        ExpectSource::Instance(id) => t.lb_at(t.instance(id).space(), a),
+        ExpectSource::Internet => t.lb_by_eip(a),
+    };
+    lb.map_or_else(|| a.to_string(), |lb| format!("lb:{}", t.lb(lb).name))
 }
 
 fn print_row(out: &mut dyn Write, row: &Row) -> Result<()> {
@@ -194,7 +205,7 @@ fn traced(t: &Arc<Topology>, e: &Expect) -> (String, Option<bool>) {
         Ok(tr) => {
             let reach = match tr.verdict {
                 Verdict::Delivered { to, .. } => {
-                    endpoints(t, e).intended.as_ref() == Some(&t.instance(to).name)
+                    endpoints(t, e).intended.contains(&t.instance(to).name)
                 }
                 Verdict::ToInternet { .. } => true,
                 Verdict::Replied { .. } | Verdict::Dropped { .. } => false,
@@ -206,11 +217,13 @@ fn traced(t: &Arc<Topology>, e: &Expect) -> (String, Option<bool>) {
 }
 
 /// Where a probe starts and goes: the sender's namespace, the destination address and the
-/// instance meant to answer.
+/// instances meant to answer (a load balancer's VIP: any of its listener's backends, each at
+/// its own port).
 struct Endpoints {
     src_ns: String,
     dst: Ipv4Addr,
-    intended: Option<String>,
+    intended: Vec<String>,
+    backends: Vec<(String, String, u16)>,
 }
 
 fn endpoints(t: &Topology, e: &Expect) -> Endpoints {
@@ -236,15 +249,51 @@ fn endpoints(t: &Topology, e: &Expect) -> Endpoints {
             } else {
                 i.ip
             };
-            (addr, Some(i.name.clone()))
+            (addr, vec![i.name.clone()])
         }
-        ExpectTarget::Address(a) => (*a, intended_at(t, src, *a)),
+        ExpectTarget::Address(a) => (*a, intended_at(t, src, *a).into_iter().collect()),
     };
+    let backends = lb_backends(t, src, dst, e);
     Endpoints {
         src_ns,
         dst,
-        intended,
+        intended: if backends.is_empty() {
+            intended
+        } else {
+            backends.iter().map(|(name, ..)| name.clone()).collect()
+        },
+        backends,
     }
+}
+
+/// The backends (name, namespace, port) of the load balancer listener a probe of `e` to
+/// `dst` meets: a VIP of the sender's network, or (from the internet) a public load
+/// balancer's Elastic IP.
+fn lb_backends(
+    t: &Topology,
+    src: Option<&Instance>,
+    dst: Ipv4Addr,
+    e: &Expect,
+) -> Vec<(String, String, u16)> {
+    let lb = match src {
+        Some(i) => t.lb_at(i.space(), dst),
+        None => t.lb_by_eip(dst),
+    };
+    let number = match e.protocol {
+        Protocol::Tcp => 6,
+        Protocol::Udp => 17,
+        _ => return Vec::new(),
+    };
+    let Some((_, l)) = lb.and_then(|lb| t.lb(lb).listener(number, e.port.unwrap_or(0))) else {
+        return Vec::new();
+    };
+    l.backends
+        .iter()
+        .map(|b| {
+            let i = t.instance(b.instance);
+            (i.name.clone(), i.netns.clone().unwrap_or_default(), b.port)
+        })
+        .collect()
 }
 
 /// Sends the probe of `e`; returns whether the intended instance answered, and which
@@ -254,6 +303,7 @@ fn probe(t: &Topology, e: &Expect, n: u16) -> Result<(bool, Vec<String>)> {
         src_ns,
         dst,
         intended,
+        backends,
     } = endpoints(t, e);
     let tries = if e.reach { 3 } else { 1 };
     if e.protocol == Protocol::Icmp {
@@ -266,7 +316,10 @@ fn probe(t: &Topology, e: &Expect, n: u16) -> Result<(bool, Vec<String>)> {
     let port = e.port.unwrap_or(0);
     let tcp = e.protocol == Protocol::Tcp;
     let stop = Arc::new(AtomicBool::new(false));
-    let listeners = listen_everywhere(t, dst, tcp, port, &stop);
+    let mut listeners = listen_everywhere(t, dst, tcp, port, &stop);
+    for (name, ns, port) in backends {
+        listeners.push(listen_at(ns, name, tcp, port, &stop));
+    }
     let token = format!("vpcd-probe-{n}-{}", std::process::id());
     let answer = thread::spawn(move || {
         (0..tries).find_map(|_| {
@@ -284,11 +337,11 @@ fn probe(t: &Topology, e: &Expect, n: u16) -> Result<(bool, Vec<String>)> {
     let mut leaked = Vec::new();
     for (name, h) in listeners {
         let seen = h.join().unwrap_or(false);
-        if seen && Some(&name) != intended.as_ref() {
+        if seen && !intended.contains(&name) {
             leaked.push(name);
         }
     }
-    let reached = matches!((&answer, &intended), (Some(who), Some(want)) if who == want);
+    let reached = answer.is_some_and(|who| intended.contains(&who));
     Ok((reached, leaked))
 }
 
@@ -307,17 +360,25 @@ fn listen_everywhere(
         .iter()
         .filter(|i| i.ip == dst || i.eip == Some(dst))
     {
-        let (ns, name, stop) = (
-            i.netns.clone().unwrap_or_default(),
-            i.name.clone(),
-            stop.clone(),
-        );
-        let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
-        let h = thread::spawn(move || listen(&ns, &name, tcp, port, &stop, ready_tx));
-        let _ = ready_rx.recv_timeout(Duration::from_secs(2));
-        listeners.push((i.name.clone(), h));
+        let ns = i.netns.clone().unwrap_or_default();
+        listeners.push(listen_at(ns, i.name.clone(), tcp, port, stop));
     }
     listeners
+}
+
+/// A listener in `ns` answering as `name`, ready before this returns (at most 2 s).
+fn listen_at(
+    ns: String,
+    name: String,
+    tcp: bool,
+    port: u16,
+    stop: &Arc<AtomicBool>,
+) -> (String, thread::JoinHandle<bool>) {
+    let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+    let (n, stop) = (name.clone(), stop.clone());
+    let h = thread::spawn(move || listen(&ns, &n, tcp, port, &stop, ready_tx));
+    let _ = ready_rx.recv_timeout(Duration::from_secs(2));
+    (name, h)
 }
 
 /// The instance the cloud delivers a packet for `a` to: the owner of an Elastic IP, or the

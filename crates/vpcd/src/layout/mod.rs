@@ -222,6 +222,8 @@ struct Places {
     subnet_vpc: BTreeMap<String, String>,
     /// Instance name → its scope.
     instance: BTreeMap<String, String>,
+    /// Load balancer name → its scope.
+    lb: BTreeMap<String, String>,
 }
 
 fn field<'a>(t: &'a toml::Table, name: &str) -> Option<&'a str> {
@@ -250,7 +252,18 @@ impl Places {
         let mut p = Places {
             subnet_vpc,
             instance: BTreeMap::new(),
+            lb: BTreeMap::new(),
         };
+        for (n, (k, t)) in parsed
+            .iter()
+            .enumerate()
+            .filter(|(_, (k, _))| k == "load_balancer")
+        {
+            let (scope, _, _) = p.place(k, t, n);
+            if let Some(name) = entry(k, t).and_then(|e| field(e, "name")) {
+                p.lb.insert(name.into(), scope);
+            }
+        }
         for i in entries("instance") {
             if let Some(name) = field(i, "name") {
                 let scope = p.instance_scope(i);
@@ -321,6 +334,14 @@ impl Places {
                 links.gateway = get("gateway").map(String::from);
                 REGION.into()
             }
+            "load_balancer" => {
+                links.eip = get("eip").is_some();
+                match (get("vpc"), get("network")) {
+                    (Some(v), _) => format!("vpc:{v}"),
+                    (None, Some("basic")) => format!("basic:{}", get("tenant").unwrap_or("")),
+                    _ => REGION.into(),
+                }
+            }
             "expect" | "preamble" => DOC.into(),
             _ => REGION.into(),
         };
@@ -363,9 +384,10 @@ fn allocation_items<'a>(
     allocations: &'a Allocations,
     places: &'a Places,
 ) -> impl Iterator<Item = Item> + 'a {
-    allocations.basic.iter().map(move |(name, a)| {
+    let basic = allocations.basic.iter().map(move |(name, a)| {
         let one = Allocations {
             basic: BTreeMap::from([(name.clone(), *a)]),
+            ..Allocations::default()
         };
         let text = one.render("");
         let entry = text.find("[[basic]]").map_or("", |at| &text[at..]);
@@ -375,7 +397,22 @@ fn allocation_items<'a>(
             text: entry.to_string(),
             links: Links::default(),
         }
-    })
+    });
+    let vips = allocations.vip.iter().map(move |(name, a)| {
+        let one = Allocations {
+            vip: BTreeMap::from([(name.clone(), *a)]),
+            ..Allocations::default()
+        };
+        let text = one.render("");
+        let entry = text.find("[[vip]]").map_or("", |at| &text[at..]);
+        Item {
+            scope: places.lb.get(name).cloned().unwrap_or(DOC.into()),
+            id: format!("allocation/vip/{}", escape(name)),
+            text: entry.to_string(),
+            links: Links::default(),
+        }
+    });
+    basic.chain(vips)
 }
 
 /// The topology text and the allocations (the lock file's text) that items make, read from
@@ -402,7 +439,7 @@ pub fn assemble<'a>(items: impl IntoIterator<Item = (&'a str, &'a str)>) -> (Str
 
 /// Items in the order a file would have them: the preamble first, then by kind, then by key.
 fn kind_order(key: &str) -> (usize, &str) {
-    const ORDER: [&str; 15] = [
+    const ORDER: [&str; 16] = [
         "preamble",
         "underlay",
         "conntrack",
@@ -418,6 +455,7 @@ fn kind_order(key: &str) -> (usize, &str) {
         "instance",
         "peering",
         "interconnect",
+        "load_balancer",
     ];
     let rest = key.strip_prefix(ITEM_PREFIX).unwrap_or(key);
     let kind = rest.split('/').nth(1).unwrap_or("");
