@@ -94,6 +94,7 @@ drop_reasons! {
     LbNoBackend => "new connection to a listener whose backends all have weight 0 (or none)",
     LbOtherTenant => "basic network: the load balancer belongs to another tenant or region",
     LbSessionsFull => "new connection through a load balancer while its session table is full",
+    LbTupleInUse => "new connection through a load balancer whose every backend already has one from the same client address and port",
     BasicOtherTenant => "basic network: the two instances belong to different tenants",
     BasicOtherRegion => "basic network: the two instances are in different regions",
     ForeignSourceLeavesVpc => "an appliance's packet with a source other than its own may only go to an instance of its own VPC",

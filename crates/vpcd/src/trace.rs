@@ -75,8 +75,13 @@ pub fn verdict_line(t: &Topology, v: &Verdict) -> String {
             format!("delivered to {} on {}", t.instance(to).name, host(h))
         }
         Verdict::ToInternet { host: h } => format!("delivered to the internet by {}", host(h)),
-        Verdict::Replied { to, host: h } => format!(
-            "answered with ICMP fragmentation needed to {} on {}",
+        Verdict::Replied { to, host: h, echo } => format!(
+            "answered with ICMP {} to {} on {}",
+            if echo {
+                "echo reply from the VIP"
+            } else {
+                "fragmentation needed"
+            },
             t.instance(to).name,
             host(h)
         ),
@@ -142,8 +147,14 @@ pub fn json(t: &Topology, tr: &Trace) -> Value {
     let (verdict, host, reason, rule, stage, instance) = match tr.verdict {
         Verdict::Delivered { to, host } => ("delivered", host, None, None, None, Some(to)),
         Verdict::ToInternet { host } => ("delivered", host, None, None, None, None),
+        // The VIP's own echo reply: answered, as a delivery is.
+        Verdict::Replied {
+            to,
+            host,
+            echo: true,
+        } => ("delivered", host, None, None, None, Some(to)),
         // Too big for the path: not delivered; the sender got an ICMP error instead.
-        Verdict::Replied { to, host } => (
+        Verdict::Replied { to, host, .. } => (
             "dropped",
             host,
             Some("FragmentationNeeded".to_string()),

@@ -85,7 +85,7 @@ impl Decider<'_> {
             return Ok(Balanced::No);
         };
         self.cacheable = false;
-        self.new_session(origin, lb, key, is_echo_request(ip))
+        self.new_session(origin, lb, key, (is_echo_request(ip), ends(ip)))
     }
 
     /// The address space of a conntrack zone: a VPC's, or the basic network.
@@ -103,7 +103,7 @@ impl Decider<'_> {
         origin: Origin,
         lb: LbId,
         key: Forward,
-        echo: bool,
+        (echo, ends): (bool, bool),
     ) -> Result<Balanced, Decision> {
         let topo = self.topo;
         let balancer = topo.lb(lb);
@@ -125,11 +125,12 @@ impl Decider<'_> {
         let opened = self
             .state
             .balancer
-            .open(topo, (lb, li), key, backend_zone, self.now);
+            .open(topo, (lb, li), key, (backend_zone, ends), self.now);
         let bi = match opened {
             Ok(bi) => bi,
             Err(Refused::NoBackend) => return Err(Decision::drop(DropReason::LbNoBackend)),
             Err(Refused::Full) => return Err(Decision::drop(DropReason::LbSessionsFull)),
+            Err(Refused::InUse) => return Err(Decision::drop(DropReason::LbTupleInUse)),
         };
         let b = listener.backends[bi];
         let inst = topo.instance(b.instance);

@@ -258,6 +258,9 @@ pub enum Refused {
     NoBackend,
     /// The table is full.
     Full,
+    /// Every backend it may go to already has a connection from this client address and
+    /// port (through another listener or VIP): the backend could not tell the two apart.
+    InUse,
 }
 
 /// One host's (or worker's) sessions and scheduler state.
@@ -349,20 +352,21 @@ impl Balancer {
     }
 
     /// Picks a backend of listener `li` of `lb` for a new connection and opens its session.
-    /// Returns the backend's index in the listener.
+    /// Returns the backend's index in the listener. A first packet that ends its connection
+    /// (a stray TCP FIN or RST) opens a session already closing: it counts for no one.
     pub fn open(
         &mut self,
         topo: &Topology,
         (lb, li): (LbId, usize),
         key: Forward,
-        backend_zone: Zone,
+        (backend_zone, ends): (Zone, bool),
         now: Timestamp,
     ) -> Result<usize, Refused> {
         if self.sessions.len() >= self.max {
             return Err(Refused::Full);
         }
         let l = &topo.lb(lb).listeners[li];
-        let bi = self.pick(topo, (lb, li), l, key.client.0, backend_zone)?;
+        let bi = self.pick(topo, (lb, li), l, key, backend_zone)?;
         let b = l.backends[bi];
         let backend = (topo.instance(b.instance).ip, b.port);
         let reply = Reply {
@@ -371,16 +375,18 @@ impl Balancer {
             backend,
             client: key.client,
         };
-        *self
-            .active
-            .entry((backend_zone, key.protocol, backend))
-            .or_default() += 1;
+        if !ends {
+            *self
+                .active
+                .entry((backend_zone, key.protocol, backend))
+                .or_default() += 1;
+        }
         let session = Session {
             lb: Arc::from(topo.lb(lb).name.as_str()),
             backend,
             reply,
             last: now,
-            closing: false,
+            closing: ends,
         };
         if let Some(old) = self.sessions.insert(key, session) {
             self.forget(&old, key.protocol);
@@ -409,12 +415,27 @@ impl Balancer {
         topo: &Topology,
         (lb, li): (LbId, usize),
         l: &Listener,
-        client: Ipv4Addr,
+        key: Forward,
         zone: Zone,
     ) -> Result<usize, Refused> {
-        let eligible = self.eligible(lb, li, l);
+        let mut eligible = self.eligible(lb, li, l);
         if eligible.is_empty() {
             return Err(Refused::NoBackend);
+        }
+        let client = key.client.0;
+        // Two connections must never meet at the backend as one.
+        eligible.retain(|&b| {
+            let backend = (topo.instance(l.backends[b].instance).ip, l.backends[b].port);
+            let reply = Reply {
+                zone,
+                protocol: key.protocol,
+                backend,
+                client: key.client,
+            };
+            !self.replies.contains_key(&reply)
+        });
+        if eligible.is_empty() {
+            return Err(Refused::InUse);
         }
         let weight = |b: usize| i64::from(l.backends[b].weight);
         Ok(match l.scheduler {

@@ -208,7 +208,9 @@ fn traced(t: &Arc<Topology>, e: &Expect) -> (String, Option<bool>) {
                     endpoints(t, e).intended.contains(&t.instance(to).name)
                 }
                 Verdict::ToInternet { .. } => true,
-                Verdict::Replied { .. } | Verdict::Dropped { .. } => false,
+                // A VIP answers echo itself.
+                Verdict::Replied { echo, .. } => echo,
+                Verdict::Dropped { .. } => false,
             };
             (crate::trace::verdict_line(t, &tr.verdict), Some(reach))
         }

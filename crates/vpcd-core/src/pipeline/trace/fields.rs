@@ -32,6 +32,12 @@ pub(super) fn nat_fields(nat: &Nat) -> Vec<(&'static str, String)> {
     if let Some(d) = nat.dst {
         f.push(("destination", d.to_string()));
     }
+    if let Some(p) = nat.sport {
+        f.push(("source port", p.to_string()));
+    }
+    if let Some(p) = nat.dport {
+        f.push(("destination port", p.to_string()));
+    }
     f
 }
 

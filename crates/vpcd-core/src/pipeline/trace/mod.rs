@@ -126,12 +126,15 @@ pub enum Verdict {
         /// The gateway.
         host: HostId,
     },
-    /// Answered with ICMP "fragmentation needed" to its sender.
+    /// Answered by vpcd itself: ICMP "fragmentation needed" to its sender, or (`echo`) a
+    /// load balancer's VIP answering an echo request.
     Replied {
         /// The sender.
         to: InstanceId,
         /// Its host.
         host: HostId,
+        /// The VIP's echo reply (else fragmentation needed).
+        echo: bool,
     },
     /// Dropped.
     Dropped {
@@ -322,9 +325,16 @@ fn verdict_of(t: &HostTrace) -> Verdict {
     match t.decision {
         Decision::Deliver { to, .. } => Verdict::Delivered { to, host },
         Decision::ToInternet { .. } => Verdict::ToInternet { host },
-        Decision::FragNeeded { to, .. } | Decision::EchoReply { to } => {
-            Verdict::Replied { to, host }
-        }
+        Decision::FragNeeded { to, .. } => Verdict::Replied {
+            to,
+            host,
+            echo: false,
+        },
+        Decision::EchoReply { to } => Verdict::Replied {
+            to,
+            host,
+            echo: true,
+        },
         Decision::Drop(dropped) => Verdict::Dropped {
             host,
             stage: deciding_stage(&t.steps),
