@@ -143,8 +143,11 @@ fn packet(protocol: u8, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8) -
     out
 }
 
+/// A TCP or UDP packet's source and destination (address, port), and whether its checksum holds.
+type Seen = ((Ipv4Addr, u16), (Ipv4Addr, u16), bool);
+
 /// Addresses, ports and checksum validity of a TCP or UDP packet.
-fn seen(p: &[u8]) -> Option<((Ipv4Addr, u16), (Ipv4Addr, u16), bool)> {
+fn seen(p: &[u8]) -> Option<Seen> {
     let s = etherparse::SlicedPacket::from_ip(p).ok()?;
     let Some(etherparse::NetSlice::Ipv4(ip)) = &s.net else {
         return None;

@@ -1,4 +1,4 @@
-//! End-to-end tests of load balancers (docs/semantics.md 2.12) with real traffic between
+//! End-to-end tests of load balancers (docs/semantics.md 2.11) with real traffic between
 //! namespaces: a VPC load balancer spreading TCP connections by weight and a UDP listener,
 //! the VIP's own answers, another tenant with the same addresses seeing nothing; health
 //! checks taking a stopped backend out of the rotation on every host and bringing it back

@@ -1,4 +1,4 @@
-//! The load-balancing stage (docs/semantics.md 2.12), on the client's host: a connection's
+//! The load-balancing stage (docs/semantics.md 2.11), on the client's host: a connection's
 //! first packet to VIP:port picks a backend among the listener's healthy ones and opens a
 //! session; every packet of it is rewritten to that backend (destination address and port),
 //! and its replies back to the VIP (source address and port), so that the client only ever
@@ -79,7 +79,7 @@ impl Decider<'_> {
                 )]
             });
             let internet = matches!(origin, Origin::Internet { .. });
-            return self.to_backend(internet, backend, id);
+            return self.toward_backend(internet, backend, id);
         }
         let Some(lb) = lb else {
             return Ok(Balanced::No);
@@ -150,7 +150,7 @@ impl Decider<'_> {
             ]
         });
         let internet = matches!(origin, Origin::Internet { .. });
-        self.to_backend(internet, (inst.ip, b.port), Some(b.instance))
+        self.toward_backend(internet, (inst.ip, b.port), Some(b.instance))
     }
 
     /// A basic client and a basic load balancer's backends are in one region.
@@ -186,7 +186,7 @@ impl Decider<'_> {
     /// internet the destination address is translated as an Elastic IP's is (the plan then
     /// treats the packet as one), and the port by the balancer; from a client in the cloud
     /// both by the balancer.
-    fn to_backend(
+    fn toward_backend(
         &mut self,
         internet: bool,
         (addr, port): (Ipv4Addr, u16),

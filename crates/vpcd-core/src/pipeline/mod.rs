@@ -6,7 +6,8 @@
 //!                                                ├─► flow cache ──hit──► conntrack update ─► decision
 //!  underlay ──► outer IPv4 ─► GRE ─► key ─► parse ┘        │miss
 //!              (sender known) (network here) (source on sender) ▼
-//!              route: local route, interconnect, longest custom route, Elastic IP
+//!              load balancer: a VIP's session or new pick (destination NAT), replies to the VIP
+//!              ─► route: local route, interconnect, longest custom route, Elastic IP
 //!              ─► 1:1 NAT (at the internet gateway) ─► ACL egress/ingress
 //!              ─► conntrack / security groups ─► deliver | encapsulate | to the internet | drop
 //! ```
@@ -29,7 +30,7 @@
 //!
 //! The stages are methods of one context, [`decide::Decider`] (the topology, this host, the
 //! mutable state and the time), in files of their own: the entry points ([`entry`]), the
-//! fast lane ([`fast`]), route order ([`route`]), the plan of where a packet goes and on which
+//! fast lane ([`fast`]), load balancing ([`balance`]), route order ([`route`]), the plan of where a packet goes and on which
 //! channel ([`plan`]), the filter (network ACLs, connection tracking, security groups:
 //! [`filter`]) and related ICMP errors ([`related`]).
 

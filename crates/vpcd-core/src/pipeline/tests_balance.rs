@@ -1,4 +1,4 @@
-//! Scenario tests of load balancers (docs/semantics.md 2.12): the pick, the translation both
+//! Scenario tests of load balancers (docs/semantics.md 2.11): the pick, the translation both
 //! ways, sessions, health, draining, the VIP's own answers, the other networks, the internet.
 
 use std::net::Ipv4Addr;

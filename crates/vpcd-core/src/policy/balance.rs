@@ -1,4 +1,4 @@
-//! Load balancing (docs/semantics.md 2.12): the sessions that keep a connection on its
+//! Load balancing (docs/semantics.md 2.11): the sessions that keep a connection on its
 //! backend, the schedulers that pick one for a new connection, and the health the edge
 //! reports. Plain data over addresses and time; the pipeline's load-balancing stage
 //! (`pipeline::balance`) reads and writes it.

@@ -466,7 +466,7 @@ pub struct Listener {
 
 /// A Cloud Load Balancer (layer 4): a VIP in one network, its listeners, and an optional
 /// Elastic IP that makes it public. It serves one network only: its backends are instances
-/// of its VPC, or basic instances of its tenant (docs/semantics.md 2.12).
+/// of its VPC, or basic instances of its tenant (docs/semantics.md 2.11).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadBalancer {
     /// Name.

@@ -1,4 +1,4 @@
-//! The reference model's load balancers (docs/semantics.md 2.12), written from the
+//! The reference model's load balancers (docs/semantics.md 2.11), written from the
 //! specification with linear scans: which listener a packet to a VIP meets, the backends a
 //! new connection may go to (healthy ones of nonzero weight, or every one of nonzero weight
 //! when none is healthy), the schedulers' picks, and each host's sessions.

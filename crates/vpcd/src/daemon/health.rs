@@ -1,4 +1,4 @@
-//! Health checks of load balancers' backends (docs/semantics.md 2.12, "Health"), at the
+//! Health checks of load balancers' backends (docs/semantics.md 2.11, "Health"), at the
 //! edge: each host probes its own backends, and tells every other host.
 //!
 //! - **Probes.** One thread per local backend (load balancer, listener, backend) probes at

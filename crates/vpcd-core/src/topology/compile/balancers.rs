@@ -1,4 +1,4 @@
-//! Load balancers (docs/semantics.md 2.12): a VIP in one network, listeners, backends of that
+//! Load balancers (docs/semantics.md 2.11): a VIP in one network, listeners, backends of that
 //! network only, and the VIP's allocation when the file gives none (recorded in the lock file,
 //! as a basic instance's address is).
 
