@@ -456,16 +456,17 @@ fn health_checks_take_a_stopped_backend_out_and_bring_it_back() {
             .all(|l| l.contains("unhealthy") && l.contains("host-b")),
         "host-a learns from host-b: {text}"
     );
-    let metrics = String::from_utf8_lossy(&ctl(&lab, "host-a", &["stats", "--prometheus"]).stdout)
-        .to_string();
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("vpcd_lb_backend_healthy")
-                && l.contains("web2:8080")
-                && l.ends_with(" 0")),
-        "{metrics}"
-    );
+    let metrics = ctl(&lab, "host-a", &["stats", "--prometheus"]);
+    let metrics = String::from_utf8_lossy(&metrics.stdout).to_string();
+    // Read by prometheus_client's own parser.
+    let healthy: BTreeMap<String, f64> = scrape(&metrics, "vpcd_lb_backend_healthy")
+        .into_iter()
+        .filter(|(l, _)| l["listener"] == "tcp 80")
+        .map(|(l, v)| (l["backend"].as_str().unwrap_or("").to_string(), v))
+        .collect();
+    eprintln!("vpcd_lb_backend_healthy on host-a: {healthy:?}");
+    assert_eq!(healthy.get("web2:8080"), Some(&0.0), "{metrics}");
+    assert_eq!(healthy.get("web1:8080"), Some(&1.0), "{metrics}");
     assert!(log_count(&lab, "host-b", "backend unhealthy") >= 1);
     // It listens again: it gets new connections again.
     let _e2 = Echo::start(&lab.ns("web2"), "web2", 8080);

@@ -8,7 +8,6 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::process::Command;
 
 use common::*;
 
@@ -62,35 +61,6 @@ fn ctl(lab: &LabUp, args: &[&str]) -> std::process::Output {
 
 fn json(o: &std::process::Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", show(o)))
-}
-
-/// Samples of a metric family, parsed by prometheus_client's own parser: `labels -> value`.
-fn scrape(text: &str, family: &str) -> Vec<(serde_json::Value, f64)> {
-    let code = format!(
-        "import sys, json\nfrom prometheus_client.parser import text_string_to_metric_families as p\n\
-         out = [[s.labels, s.value] for f in p(sys.stdin.read()) for s in f.samples if f.name == {family:?}]\n\
-         print(json.dumps(out))"
-    );
-    let mut child = Command::new(python())
-        .args(["-c", &code])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
-    assert!(
-        o.status.success(),
-        "the Prometheus parser refused: {}",
-        show(&o)
-    );
-    serde_json::from_slice(&o.stdout).unwrap()
 }
 
 fn value(samples: &[(serde_json::Value, f64)], key: &str, want: &str) -> f64 {

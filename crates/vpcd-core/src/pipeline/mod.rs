@@ -30,9 +30,9 @@
 //!
 //! The stages are methods of one context, [`decide::Decider`] (the topology, this host, the
 //! mutable state and the time), in files of their own: the entry points ([`entry`]), the
-//! fast lane ([`fast`]), load balancing ([`balance`]), route order ([`route`]), the plan of where a packet goes and on which
-//! channel ([`plan`]), the filter (network ACLs, connection tracking, security groups:
-//! [`filter`]) and related ICMP errors ([`related`]).
+//! fast lane ([`fast`]), load balancing ([`balance`]), route order ([`route`]), the plan of
+//! where a packet goes and on which channel ([`plan`]), the filter (network ACLs, connection
+//! tracking, security groups: [`filter`]) and related ICMP errors ([`related`]).
 
 mod balance;
 mod counters;

@@ -1371,3 +1371,32 @@ pub fn assert_no_loss(what: &str, s: Stream, stall: Duration) {
         panic!("{problem}");
     }
 }
+
+/// Samples of a metric family, parsed by prometheus_client's own parser: `labels -> value`.
+pub fn scrape(text: &str, family: &str) -> Vec<(serde_json::Value, f64)> {
+    let code = format!(
+        "import sys, json\nfrom prometheus_client.parser import text_string_to_metric_families as p\n\
+         out = [[s.labels, s.value] for f in p(sys.stdin.read()) for s in f.samples if f.name == {family:?}]\n\
+         print(json.dumps(out))"
+    );
+    let mut child = Command::new(python())
+        .args(["-c", &code])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(
+        o.status.success(),
+        "the Prometheus parser refused: {}",
+        show(&o)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
