@@ -276,13 +276,6 @@ impl Held {
     }
 }
 
-fn ctl(lab: &LabUp, host: &str, args: &[&str]) -> std::process::Output {
-    let sock = format!("/run/vpcd/{}.sock", lab.lab.host_ns(host));
-    let mut all = vec!["ctl", "--control", &sock];
-    all.extend_from_slice(args);
-    vpcd(&all)
-}
-
 /// The backends that answered `n` new connections from `ns` to the VIP, counted.
 fn spread(lab: &LabUp, ns: &str, n: usize) -> BTreeMap<String, usize> {
     let mut out = BTreeMap::new();
@@ -375,7 +368,7 @@ fn a_vpc_load_balancer_spreads_by_weight_and_only_its_tenant_reaches_it() {
     for s in spies {
         assert!(s.finish().is_empty(), "bob's spies see nothing");
     }
-    let o = ctl(&lab, "host-a", &["health"]);
+    let o = ctl_at(&lab, "host-a", &["health"]);
     let text = String::from_utf8_lossy(&o.stdout);
     eprintln!("{text}");
     assert!(
@@ -447,7 +440,7 @@ fn health_checks_take_a_stopped_backend_out_and_bring_it_back() {
         out_after < Duration::from_secs(6),
         "web2 stays in the rotation: {polled:?}"
     );
-    let o = ctl(&lab, "host-a", &["health"]);
+    let o = ctl_at(&lab, "host-a", &["health"]);
     let text = String::from_utf8_lossy(&o.stdout).to_string();
     eprintln!("{text}");
     let web2: Vec<&str> = text.lines().filter(|l| l.contains("web2:8080")).collect();
@@ -456,7 +449,7 @@ fn health_checks_take_a_stopped_backend_out_and_bring_it_back() {
             .all(|l| l.contains("unhealthy") && l.contains("host-b")),
         "host-a learns from host-b: {text}"
     );
-    let metrics = ctl(&lab, "host-a", &["stats", "--prometheus"]);
+    let metrics = ctl_at(&lab, "host-a", &["stats", "--prometheus"]);
     let metrics = String::from_utf8_lossy(&metrics.stdout).to_string();
     // Read by prometheus_client's own parser.
     let healthy: BTreeMap<String, f64> = scrape(&metrics, "vpcd_lb_backend_healthy")

@@ -82,13 +82,6 @@ fn socket(lab: &LabUp, host: &str) -> String {
     format!("/run/vpcd/{}.sock", lab.lab.host_ns(host))
 }
 
-fn ctl(lab: &LabUp, host: &str, args: &[&str]) -> std::process::Output {
-    let sock = socket(lab, host);
-    let mut all = vec!["ctl", "--control", &sock];
-    all.extend_from_slice(args);
-    vpcd(&all)
-}
-
 /// A `vpcd ctl --json capture` running in the background.
 struct Running {
     child: Child,
@@ -116,7 +109,7 @@ impl Running {
             .expect("vpcd ctl capture");
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let o = ctl(lab, host, &["--json", "status"]);
+            let o = ctl_at(lab, host, &["--json", "status"]);
             let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
             if s["data"]["capture"] == point {
                 break;
@@ -185,7 +178,7 @@ fn captures_of_drops_an_instance_and_the_underlay_read_by_tshark() {
     let (a1, a2, b) = (lab.ip("cpa1"), lab.ip("cpa2"), lab.ip("cpb"));
     assert_eq!(ping(&lab.ns("cpa1"), b, 2), 2, "the lab works");
     // cpb is on host-b: host-a's daemon refuses at once, and writes nothing.
-    let o = ctl(
+    let o = ctl_at(
         &lab,
         "host-a",
         &["capture", "cpb", "-w", "/tmp/vpcd-e2e-nothing.pcapng"],
@@ -221,7 +214,7 @@ fn a_capture_of_the_raw_gre_underlay_read_by_tshark() {
 /// are not. A second capture meanwhile is refused.
 fn drops(lab: &LabUp, (a1, a2, b): (Ipv4Addr, Ipv4Addr, Ipv4Addr)) {
     let cap = Running::start(lab, "host-a", "drops", &["--seconds", "6"]);
-    let second = ctl(
+    let second = ctl_at(
         lab,
         "host-a",
         &["capture", "underlay", "-w", "/tmp/x.pcapng"],

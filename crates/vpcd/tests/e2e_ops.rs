@@ -53,10 +53,7 @@ netns = "ops-b"
 }
 
 fn ctl(lab: &LabUp, args: &[&str]) -> std::process::Output {
-    let sock = format!("/run/vpcd/{}.sock", lab.lab.host_ns("host-a"));
-    let mut all = vec!["ctl", "--control", &sock];
-    all.extend_from_slice(args);
-    vpcd(&all)
+    ctl_at(lab, "host-a", args)
 }
 
 fn json(o: &std::process::Output) -> serde_json::Value {

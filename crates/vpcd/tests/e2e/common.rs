@@ -1400,3 +1400,11 @@ pub fn scrape(text: &str, family: &str) -> Vec<(serde_json::Value, f64)> {
     );
     serde_json::from_slice(&o.stdout).unwrap()
 }
+
+/// `vpcd ctl ARGS` on the control socket of `host`'s daemon in `lab`.
+pub fn ctl_at(lab: &LabUp, host: &str, args: &[&str]) -> Output {
+    let sock = format!("/run/vpcd/{}.sock", lab.lab.host_ns(host));
+    let mut all = vec!["ctl", "--control", &sock];
+    all.extend_from_slice(args);
+    vpcd(&all)
+}

@@ -12,6 +12,7 @@ use super::super::file;
 use super::super::model::*;
 use super::Scope;
 use super::diagnostics::{Diagnostics, label};
+use super::instances::eip_problem;
 use super::network::{fnv1a, reserved};
 
 /// The product page's rule, cited by the error that enforces it.
@@ -276,22 +277,8 @@ impl Scope<'_> {
             d.err(t.span(), item, "an Elastic IP needs an [internet] section");
             return None;
         };
-        let problem = if !net.cidr.contains(&addr) {
-            Some(format!(
-                "eip {addr} lies outside [internet] cidr {}",
-                net.cidr
-            ))
-        } else if addr == net.client || addr == net.cidr.network() || addr == net.cidr.broadcast() {
-            Some(format!(
-                "eip {addr} is not a usable Elastic IP of {}",
-                net.cidr
-            ))
-        } else {
-            let me = format!("load balancer \"{}\"", lb.name.get_ref());
-            eips.insert(addr, me)
-                .map(|other| format!("eip {addr} is already bound to {other}"))
-        };
-        match problem {
+        let owner = format!("load balancer \"{}\"", lb.name.get_ref());
+        match eip_problem(net, addr, owner, eips) {
             Some(m) => {
                 d.err(t.span(), item, m);
                 None

@@ -263,25 +263,8 @@ impl Scope<'_> {
             Some(None) => return None,
             Some(Some(net)) => net,
         };
-        let problem = if !net.cidr.contains(&addr) {
-            Some(format!(
-                "eip {addr} lies outside [internet] cidr {}",
-                net.cidr
-            ))
-        } else if addr == net.client {
-            Some(format!(
-                "eip {addr} is the internet's own address ([internet] client)"
-            ))
-        } else if addr == net.cidr.network() || addr == net.cidr.broadcast() {
-            Some(format!(
-                "eip {addr} is the network or broadcast address of {}",
-                net.cidr
-            ))
-        } else {
-            eips.insert(addr, i.name.get_ref().clone())
-                .map(|other| format!("eip {addr} is already bound to instance \"{other}\""))
-        };
-        match problem {
+        let owner = format!("instance \"{}\"", i.name.get_ref());
+        match eip_problem(net, addr, owner, eips) {
             Some(m) => {
                 d.err(t.span(), item, m);
                 None
@@ -425,6 +408,34 @@ impl Scope<'_> {
             out.basic.insert(inst.name.clone(), allocation);
         }
         out
+    }
+}
+
+/// What is wrong with `addr` as the Elastic IP of `owner` (an instance or a load balancer,
+/// as errors name it): outside `[internet] cidr`, the internet's own address, its network or
+/// broadcast address, or already bound (`eips`: each bound address's owner, `owner` added).
+pub(super) fn eip_problem(
+    net: &Internet,
+    addr: Ipv4Addr,
+    owner: String,
+    eips: &mut HashMap<Ipv4Addr, String>,
+) -> Option<String> {
+    if !net.cidr.contains(&addr) {
+        Some(format!(
+            "eip {addr} lies outside [internet] cidr {}",
+            net.cidr
+        ))
+    } else if addr == net.client {
+        Some(format!(
+            "eip {addr} is the internet's own address ([internet] client)"
+        ))
+    } else if addr == net.cidr.network() || addr == net.cidr.broadcast() {
+        Some(format!(
+            "eip {addr} is the network or broadcast address of {}",
+            net.cidr
+        ))
+    } else {
+        (eips.insert(addr, owner)).map(|other| format!("eip {addr} is already bound to {other}"))
     }
 }
 
