@@ -15,6 +15,10 @@
 #[path = "e2e/common.rs"]
 mod common;
 
+/// Load balancers: their own tests, in this binary.
+#[path = "e2e/balance.rs"]
+mod balance;
+
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::process::Command;
 use std::sync::Arc;

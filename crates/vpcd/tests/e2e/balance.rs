@@ -7,10 +7,8 @@
 //!
 //! Every backend runs an echo server that answers each line with its own name and the
 //! address it saw the client at, so each test knows who got each connection and that the
-//! backend saw the client's real address. Root and iproute2 needed.
-
-#[path = "e2e/common.rs"]
-mod common;
+//! backend saw the client's real address. Root and iproute2 needed. A module of the
+//! `e2e_cloud` test binary (one binary less to link).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -20,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::*;
+use super::common::*;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 100);
 const EIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 50);
