@@ -50,6 +50,19 @@ pub struct Entry {
     pub check: HealthCheck,
 }
 
+impl Entry {
+    /// A backend first heard of now, healthy until its checks say otherwise.
+    fn new(checked_by: String, check: HealthCheck) -> Entry {
+        Entry {
+            state: HealthState::default(),
+            checked_by,
+            last_error: None,
+            updated: Instant::now(),
+            check,
+        }
+    }
+}
+
 /// Every backend this host knows about.
 pub type Board = Arc<Mutex<BTreeMap<BackendName, Entry>>>;
 
@@ -206,13 +219,7 @@ impl HubState {
         };
         let me = self.topo.host(self.host).name.clone();
         let mut board = self.board.lock().unwrap();
-        let e = board.entry(name.clone()).or_insert_with(|| Entry {
-            state: HealthState::default(),
-            checked_by: me,
-            last_error: None,
-            updated: Instant::now(),
-            check,
-        });
+        let e = (board.entry(name.clone())).or_insert_with(|| Entry::new(me, check));
         let flipped = e.state.observe(result.is_ok(), &check);
         e.last_error = result.err();
         if flipped {
@@ -237,13 +244,8 @@ impl HubState {
             let Some((_, check)) = theirs.get(&name) else {
                 continue;
             };
-            let e = board.entry(name.clone()).or_insert_with(|| Entry {
-                state: HealthState::default(),
-                checked_by: t.host(sender).name.clone(),
-                last_error: None,
-                updated: Instant::now(),
-                check: *check,
-            });
+            let by = t.host(sender).name.clone();
+            let e = (board.entry(name.clone())).or_insert_with(|| Entry::new(by, *check));
             let flipped = e.state.healthy != up;
             e.state = HealthState {
                 healthy: up,

@@ -281,11 +281,8 @@ fn lb_backends(
         Some(i) => t.lb_at(i.space(), dst),
         None => t.lb_by_eip(dst),
     };
-    let number = match e.protocol {
-        Protocol::Tcp => 6,
-        Protocol::Udp => 17,
-        _ => return Vec::new(),
-    };
+    // Listeners are TCP or UDP: an ICMP probe meets none.
+    let number = e.protocol.number();
     let Some((_, l)) = lb.and_then(|lb| t.lb(lb).listener(number, e.port.unwrap_or(0))) else {
         return Vec::new();
     };

@@ -389,30 +389,41 @@ fn allocation_items<'a>(
             basic: BTreeMap::from([(name.clone(), *a)]),
             ..Allocations::default()
         };
-        let text = one.render("");
-        let entry = text.find("[[basic]]").map_or("", |at| &text[at..]);
-        Item {
-            scope: places.instance.get(name).cloned().unwrap_or(DOC.into()),
-            id: format!("allocation/{}", escape(name)),
-            text: entry.to_string(),
-            links: Links::default(),
-        }
+        let scope = places.instance.get(name).cloned();
+        allocation_item(
+            &one,
+            "[[basic]]",
+            scope,
+            format!("allocation/{}", escape(name)),
+        )
     });
     let vips = allocations.vip.iter().map(move |(name, a)| {
         let one = Allocations {
             vip: BTreeMap::from([(name.clone(), *a)]),
             ..Allocations::default()
         };
-        let text = one.render("");
-        let entry = text.find("[[vip]]").map_or("", |at| &text[at..]);
-        Item {
-            scope: places.lb.get(name).cloned().unwrap_or(DOC.into()),
-            id: format!("allocation/vip/{}", escape(name)),
-            text: entry.to_string(),
-            links: Links::default(),
-        }
+        let scope = places.lb.get(name).cloned();
+        allocation_item(
+            &one,
+            "[[vip]]",
+            scope,
+            format!("allocation/vip/{}", escape(name)),
+        )
     });
     basic.chain(vips)
+}
+
+/// The item of one allocation (`one` holds only it): its lock-file entry from `table` on, in
+/// `scope` (`doc` when its owner is gone).
+fn allocation_item(one: &Allocations, table: &str, scope: Option<String>, id: String) -> Item {
+    let text = one.render("");
+    let entry = text.find(table).map_or("", |at| &text[at..]);
+    Item {
+        scope: scope.unwrap_or(DOC.into()),
+        id,
+        text: entry.to_string(),
+        links: Links::default(),
+    }
 }
 
 /// The topology text and the allocations (the lock file's text) that items make, read from
